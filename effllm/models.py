@@ -292,3 +292,54 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
         auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
         model = auto.from_config(config, dtype=torch.float32)
     return model.eval(), tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------------
+# Small conveniences used by the notebooks
+
+
+def chat_input_ids(tokenizer: PreTrainedTokenizerFast, message: str) -> torch.LongTensor:
+    """Token ids [1, n] of one user ``message`` in the tokenizer's chat format, ready for generation."""
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return encoded["input_ids"]
+
+
+@torch.no_grad()
+def chat(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, message: str, max_new_tokens: int = 64) -> str:
+    """The model's greedy reply to one user ``message`` (HF ``generate``; the reference for decoding)."""
+    input_ids = chat_input_ids(tokenizer, message).to(model.device)
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def describe(model: torch.nn.Module) -> dict[str, Any]:
+    """Architecture facts of a loaded model: family, layers, widths, heads, vocabulary, parameters."""
+    from effllm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    config = adapter.config
+    n_params = sum(p.numel() for p in model.parameters())
+    head = adapter.lm_head.weight
+    tied = head.data_ptr() == adapter.embed_tokens.weight.data_ptr()
+    return {
+        "model_type": config.model_type,
+        "adapter": type(adapter).__name__,
+        "layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "attention_heads": getattr(config, "num_attention_heads", getattr(config, "num_heads", None)),
+        "kv_heads": getattr(config, "num_key_value_heads", None),
+        "mlp_size": getattr(config, "intermediate_size", getattr(config, "ffn_dim", getattr(config, "d_ff", None))),
+        "vocab_size": adapter.vocab_size,
+        "tied_embeddings": tied,
+        "parameters": n_params,
+        "lm_head_share": head.numel() / n_params,  # tied: the share of the one shared matrix
+        "dtype": str(next(model.parameters()).dtype),
+    }
