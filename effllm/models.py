@@ -342,3 +342,36 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
         "lm_head_share": head.numel() / n_params,  # tied: the share of the one shared matrix
         "dtype": str(next(model.parameters()).dtype),
     }
+
+
+def parameter_breakdown(model: torch.nn.Module) -> Any:
+    """Parameters by component (embeddings, attention, MLP, norms, LM head if untied) as a tidy table."""
+    import pandas as pd
+
+    from effllm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    counted: set[int] = set()
+
+    def count(modules: list[torch.nn.Module]) -> int:
+        total = 0
+        for module in modules:
+            for parameter in module.parameters():
+                if id(parameter) not in counted:
+                    counted.add(id(parameter))
+                    total += parameter.numel()
+        return total
+
+    layers = range(adapter.num_layers)
+    rows = [
+        ("embeddings" + (" (tied LM head)" if describe(model)["tied_embeddings"] else ""), count([adapter.embed_tokens])),
+        ("LM head", count([adapter.lm_head])),
+        ("attention", count([m for i in layers for m in adapter.attention_projections(i).values()])),
+        ("MLP", count([m for i in layers for m in adapter.mlp_projections(i).values()])),
+        ("norms", count([m for i in layers for m in adapter.norms(i).values()] + [adapter.final_norm])),
+    ]
+    rows.append(("other", sum(p.numel() for p in model.parameters() if id(p) not in counted)))
+    table = pd.DataFrame(rows, columns=["component", "parameters"])
+    table = table[table.parameters > 0].reset_index(drop=True)
+    table["share"] = table.parameters / table.parameters.sum()
+    return table

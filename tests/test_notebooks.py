@@ -1,0 +1,72 @@
+"""The notebooks: paired with their jupytext twins, parameterised alike, and each one runs in `smoke`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jupytext
+import pytest
+
+import run_all
+
+NOTEBOOKS_DIR = run_all.REPO_ROOT / "notebooks"
+TWINS = run_all.discover_notebooks(NOTEBOOKS_DIR)  # NN_title.py
+IPYNBS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_notebook_00_exists():
+    """The quickstart is the first notebook every reader opens (issue 2)."""
+    assert any(p.stem.startswith("00_") for p in TWINS), (
+        f"no notebooks/00_*.py in {NOTEBOOKS_DIR}; found: {[p.name for p in TWINS]}"
+    )
+
+
+def test_every_notebook_has_its_twin():
+    py_stems = {p.stem for p in TWINS}
+    ipynb_stems = {p.stem for p in IPYNBS}
+    assert py_stems == ipynb_stems, (
+        f".ipynb without .py: {sorted(ipynb_stems - py_stems)}; .py without .ipynb: {sorted(py_stems - ipynb_stems)}"
+        " (pair them with `jupytext --set-formats ipynb,py:percent notebooks/NN_title.ipynb`)"
+    )
+
+
+def cells(path: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Cell type, source and tags: what must agree between twins (outputs and other metadata may not)."""
+    return [
+        (cell.cell_type, cell.source.strip(), tuple(cell.metadata.get("tags", ())))
+        for cell in jupytext.read(path).cells
+    ]
+
+
+@pytest.mark.parametrize("ipynb", IPYNBS, ids=lambda p: p.stem)
+def test_twins_are_in_sync(ipynb):
+    twin = ipynb.with_suffix(".py")
+    if not twin.exists():
+        pytest.fail(f"{twin.name} is missing (see test_every_notebook_has_its_twin)")
+    from_ipynb, from_py = cells(ipynb), cells(twin)
+    hint = f"run `.venv/bin/jupytext --sync notebooks/{ipynb.name}` (the newer file wins)"
+    assert len(from_ipynb) == len(from_py), (
+        f"{ipynb.name} has {len(from_ipynb)} cells, {twin.name} has {len(from_py)}: {hint}"
+    )
+    for index, (a, b) in enumerate(zip(from_ipynb, from_py, strict=True)):
+        assert a == b, f"cell {index} differs between {ipynb.name} and {twin.name}: {hint}\n{a}\n!=\n{b}"
+
+
+@pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
+def test_notebook_declares_the_common_parameters(notebook):
+    nb = run_all.read_notebook(notebook)
+    assert run_all.has_parameters_cell(nb), f'{notebook.name} has no `# %% tags=["parameters"]` cell'
+    declared = run_all.declared_parameters(notebook)
+    missing = [name for name in run_all.COMMON_PARAMETERS if name not in declared]
+    assert not missing, f"{notebook.name} does not declare {missing} (it declares {declared})"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
+def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
+    (job,), _ = run_all.build_jobs([notebook], "smoke", tmp_path / "build", timeout=600)
+    result = run_all.run_job(job)
+    assert result.status == "ok", f"{notebook.name} failed: {result.error} (executed copy: {result.executed})"
+    assert result.figures, f"{notebook.name} wrote no figure into figures_dir"
+    assert all((job.publish_dir / name).is_file() for name in result.figures)
+    assert job.publish_dir.is_relative_to(tmp_path)  # smoke never touches figures/
