@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -120,7 +122,7 @@ fig, ax = plots.new_figure()
 for corpus, group in lens.groupby("corpus", sort=False):
     ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=corpus)
 ax.set_xlabel("layer")
-ax.set_ylabel("agreement with the final layer's argmax")
+ax.set_ylabel("top-1 agreement with last layer")
 ax.set_ylim(0, 1.02)
 ax.legend(title="corpus")
 ax.set_title(
