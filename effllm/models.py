@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from effllm.paths import cache_dir
@@ -146,8 +147,13 @@ def embedded_model_dir(name: str, rebuild: bool = False) -> Path:
     if name not in EMBEDDED_MODELS:
         raise ModelNotAvailableError(f"{name!r} is not an embedded model; embedded: {sorted(EMBEDDED_MODELS)}")
     folder = cache_dir() / "models" / name
-    if rebuild or not cache_is_valid(folder):
-        _convert_embedded(EMBEDDED_MODELS[name], folder)
+    if not rebuild and cache_is_valid(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Notebooks run in parallel (run_all.py --jobs N) may ask for the same conversion at once.
+    with FileLock(str(folder.parent / f".{name}.lock")):
+        if rebuild or not cache_is_valid(folder):
+            _convert_embedded(EMBEDDED_MODELS[name], folder)
     return folder
 
 
