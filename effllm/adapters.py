@@ -175,6 +175,19 @@ class ArchitectureAdapter:
         """Run decoder layer ``i`` on ``hidden`` [batch, q, d], appending its K/V to the context's cache."""
         raise NotImplementedError
 
+    def append_kv(self, i: int, hidden: torch.Tensor, context: LayerContext) -> None:
+        """Append to the cache the K/V that layer ``i`` would compute from ``hidden``, without running the
+        rest of the layer: CALM's state propagation for layers an early exit skipped."""
+        raise UnsupportedArchitectureError(
+            f"K/V-only propagation is not implemented for the {self.family!r} adapter; "
+            "implemented for: llama family (llama, mistral, qwen2, gemma3), opt, gpt2"
+        )
+
+    @staticmethod
+    def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """[batch, q, heads * head_dim] -> [batch, heads, q, head_dim], the layout of the KV cache."""
+        return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
+
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.final_norm(hidden)
 
@@ -300,6 +313,18 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         )
         return out[0] if isinstance(out, tuple) else out
 
+    def append_kv(self, i: int, hidden: torch.Tensor, context: LayerContext) -> None:
+        layer, attn = self.layer(i), self.attention(i)
+        x = layer.input_layernorm(hidden)
+        key = self._heads(attn.k_proj(x), attn.head_dim)
+        value = self._heads(attn.v_proj(x), attn.head_dim)
+        if hasattr(attn, "k_norm"):  # Gemma 3 (and Qwen 3) normalise keys per head before rotary
+            key = attn.k_norm(key)
+        cos, sin = self._rotary(i, context)
+        rotate = inspect.getmodule(type(attn)).apply_rotary_pos_emb
+        _, key = rotate(key, key, cos, sin)
+        context.cache.update(key, value, i)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(self.normed(hidden))
         softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -377,6 +402,11 @@ class OPTAdapter(ArchitectureAdapter):
         )
         return out[0] if isinstance(out, tuple) else out
 
+    def append_kv(self, i, hidden, context):
+        layer, attn = self.layer(i), self.attention(i)
+        x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+        context.cache.update(self._heads(attn.k_proj(x), attn.head_dim), self._heads(attn.v_proj(x), attn.head_dim), i)
+
     def normed(self, hidden):
         if self.decoder.final_layer_norm is not None:
             hidden = self.decoder.final_layer_norm(hidden)
@@ -423,6 +453,11 @@ class GPT2Adapter(ArchitectureAdapter):
     def norms(self, i):
         layer = self.layer(i)
         return {"attention": layer.ln_1, "mlp": layer.ln_2}
+
+    def append_kv(self, i, hidden, context):
+        attn = self.attention(i)
+        _, key, value = attn.c_attn(self.layer(i).ln_1(hidden)).split(attn.split_size, dim=2)
+        context.cache.update(self._heads(key, attn.head_dim), self._heads(value, attn.head_dim), i)
 
     def embed(self, input_ids, position_ids=None, cache=None):
         if position_ids is None:

@@ -84,3 +84,24 @@ def test_layer_index_out_of_range():
 def test_unsupported_architecture_names_the_supported_ones():
     with pytest.raises(UnsupportedArchitectureError, match="supported: gemma3_text, gpt2, llama"):
         get_adapter(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3", "opt", "gpt2"])
+@torch.no_grad()
+def test_append_kv_writes_what_the_layer_would_write(family):
+    """CALM's state propagation: K/V from a state, without the rest of the layer, as the layer computes them."""
+    model, _ = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = torch.randint(3, 250, (1, 9), generator=torch.Generator().manual_seed(4))
+    full, kv_only = adapter.new_cache(), adapter.new_cache()
+    for cache in (full, kv_only):
+        adapter.forward(ids[:, :8], cache=cache)
+    hidden = adapter.embed(ids[:, 8:], cache=full)
+    contexts = [adapter.context(hidden, cache=cache) for cache in (full, kv_only)]  # position 8 for both
+    for i in range(adapter.num_layers):
+        adapter.run_layer(i, hidden, contexts[0])
+        adapter.append_kv(i, hidden, contexts[1])
+        keys = [c.layers[i].keys for c in (full, kv_only)]
+        values = [c.layers[i].values for c in (full, kv_only)]
+        torch.testing.assert_close(keys[0], keys[1])
+        torch.testing.assert_close(values[0], values[1])
