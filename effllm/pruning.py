@@ -1,0 +1,481 @@
+"""Pruning: magnitude, Wanda (Sun et al. 2023) and SparseGPT (Frantar & Alistarh 2023), unstructured or N:M.
+
+    masks = prune(model, "wanda", 0.5, calibration=ids)                 # ids: LongTensor [n_samples, seq_len]
+    masks = prune(model, "sparsegpt", None, pattern="2:4", calibration=ids)
+    sparsity_report(model, masks)                                       # a tidy table, one row per linear
+    save_pruned(model, "out/wanda-code")                                # weights + masks + fingerprint
+    model, masks = load_pruned("out/wanda-code")
+
+Every linear the architecture adapter lists for a decoder layer (attention and MLP projections) is
+pruned; embeddings and the LM head never are. Layers are pruned in order and each is calibrated on the
+outputs of the already pruned layers below it (``LayerByLayer``), as in Wanda's ``prune_wanda`` and
+SparseGPT's sequential mode. Within one layer all linears see the inputs of the unpruned layer (one
+capture pass, then all are pruned), as both reference codes do.
+
+Masks map a linear's qualified module name (as in ``model.named_modules()``) to a bool tensor of the
+module weight's own shape (GPT-2's Conv1D: [in, out]), True where the weight was zeroed.
+
+Selection rules (the ``scores`` are [out, in], higher is kept):
+- unstructured: within each output row, zero the ``int(in * sparsity)`` lowest (Wanda's per-output
+  comparison group). Magnitude uses the same per-row rule by default, so magnitude and Wanda differ only
+  in the score; ``prune(..., "magnitude", ..., per_row=False)`` gives the per-matrix threshold of the
+  magnitude baseline in Wanda's code (``prune_magnitude``).
+- N:M: in every group of M consecutive input columns, zero the N lowest of each row. ``sparsity`` must be
+  None or exactly N/M then (it carries no extra information; a different value is an error).
+- SparseGPT chooses masks as its paper does: adaptively per block of ``blocksize`` columns (unstructured:
+  the ``int(out * block * sparsity)`` lowest of w^2 / [H^-1]_jj^2 across the whole block, so the exact
+  sparsity holds per block, not per row) or per N:M group, and updates the remaining weights of the row
+  to compensate (optimal brain surgeon, H = 2 X^T X / n + 1% of its mean diagonal).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from effllm.adapters import get_adapter
+from effllm.capture import LayerByLayer, capture_inputs
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {  # the **method_kwargs each method accepts, with defaults
+    "magnitude": {"per_row": True},
+    "wanda": {},
+    "sparsegpt": {"blocksize": 128, "percdamp": 0.01},
+}
+MASKS_FILE = "pruning_masks.safetensors"
+INFO_FILE = "pruning.json"
+MASKS_FORMAT = "effllm-masks/1"
+
+
+class MaskMismatchError(ValueError):
+    """Masks that do not fit a model (another architecture, other layer names or weight shapes)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` -> (N, M) with 1 <= N < M. Anything else is a ValueError."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, 'unstructured' or 'N:M' such as '2:4'; got {pattern!r}.")
+    if pattern.strip().lower() == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if match is None:
+        raise ValueError(
+            f"Cannot parse pattern {pattern!r}: allowed are 'unstructured' or 'N:M' with integers 1 <= N < M "
+            "(for example '2:4' or '4:8')."
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise ValueError(
+            f"Pattern {pattern!r} gives N={n}, M={m}; N:M sparsity needs 1 <= N < M (for example '2:4' or '4:8')."
+        )
+    return n, m
+
+
+def _check_arguments(
+    model: nn.Module, method: str, sparsity: float | None, pattern: str, calibration: torch.Tensor | None,
+    method_kwargs: dict[str, Any],
+) -> tuple[float, tuple[int, int] | None, dict[str, Any]]:
+    """Validate everything before the model is touched; return (sparsity, (N, M) or None, method options)."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown pruning method {method!r}; allowed: {', '.join(METHODS)}.")
+    unknown = set(method_kwargs) - set(METHOD_OPTIONS[method])
+    if unknown:
+        allowed = ", ".join(METHOD_OPTIONS[method]) or "none"
+        raise TypeError(f"Unknown option(s) {sorted(unknown)} for method {method!r}; its options: {allowed}.")
+    options = {**METHOD_OPTIONS[method], **method_kwargs}
+    n_m = parse_pattern(pattern)
+    if n_m is not None:
+        n, m = n_m
+        if sparsity is not None and abs(float(sparsity) - n / m) > 1e-9:
+            raise ValueError(
+                f"sparsity={sparsity} does not match pattern {pattern!r}, which zeroes exactly N/M = {n / m:g}; "
+                f"pass sparsity=None (or {n / m:g}) with an N:M pattern."
+            )
+        sparsity = n / m
+    if sparsity is None:
+        raise ValueError("sparsity=None is only allowed with an N:M pattern; give a fraction in [0, 1) such as 0.5.")
+    if not isinstance(sparsity, int | float) or not 0 <= float(sparsity) < 1:
+        raise ValueError(f"sparsity must be a fraction in [0, 1) (the share of weights to zero); got {sparsity!r}.")
+    if method != "magnitude":
+        if calibration is None:
+            raise ValueError(
+                f"Method {method!r} needs calibration token ids (LongTensor [n_samples, seq_len], e.g. from "
+                "effllm.data.calibration(...)); only 'magnitude' prunes without them."
+            )
+        if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+            shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
+            raise ValueError(f"calibration must be integer token ids of shape [n_samples, seq_len]; got {shape}.")
+    if method == "sparsegpt" and n_m is not None and options["blocksize"] % n_m[1]:
+        raise ValueError(f"SparseGPT's blocksize ({options['blocksize']}) must be a multiple of M={n_m[1]}.")
+    if n_m is not None:
+        adapter = get_adapter(model)
+        for i in range(adapter.num_layers):
+            for name, module in adapter.linears(i).items():
+                columns = adapter.weight(module).shape[1]
+                if columns % n_m[1]:
+                    raise ValueError(
+                        f"Pattern {pattern!r} needs every linear's input size to be a multiple of M={n_m[1]}; "
+                        f"{name} has {columns} inputs. Use a pattern whose M divides it, or 'unstructured'."
+                    )
+    return float(sparsity), n_m, options
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores and masks (all on [out, in] weights; True = zero this weight)
+
+
+def lowest_mask(scores: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None) -> torch.Tensor:
+    """Mask of the lowest ``scores`` [out, in]: per row ``int(in * sparsity)`` (unstructured) or N per group
+    of M consecutive columns in every row (N:M)."""
+    rows, columns = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if n_m is None:
+        k = int(columns * sparsity)
+        if k:
+            # A stable sort, as Wanda's code, so ties are broken by column order everywhere.
+            order = torch.sort(scores, dim=1, stable=True)[1]
+            mask.scatter_(1, order[:, :k], True)
+        return mask
+    n, m = n_m
+    groups = scores.reshape(rows, columns // m, m)  # [out, in / M, M]
+    lowest = torch.topk(groups, n, dim=2, largest=False)[1]
+    return mask.reshape(rows, columns // m, m).scatter_(2, lowest, True).reshape(rows, columns)
+
+
+def magnitude_mask(
+    weight: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None, per_row: bool = True
+) -> torch.Tensor:
+    """Magnitude pruning of ``weight`` [out, in]: |W| with the per-row (or N:M) rule of :func:`lowest_mask`;
+    ``per_row=False`` (unstructured only) zeroes the ``int(numel * sparsity)`` lowest of the whole matrix."""
+    scores = weight.detach().abs().float()
+    if per_row or n_m is not None:
+        return lowest_mask(scores, sparsity, n_m)
+    k = int(scores.numel() * sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        mask[torch.sort(scores.flatten(), stable=True)[1][:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's S_ij = |W_ij| * ||X_j||_2 for ``weight`` [out, in] and the per-input-column sums of squares
+    of the calibration inputs [in] (over all tokens)."""
+    return weight.detach().abs().float() * input_sq_norms.sqrt().float().reshape(1, -1)
+
+
+def wanda_mask(
+    weight: torch.Tensor, input_sq_norms: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None
+) -> torch.Tensor:
+    return lowest_mask(wanda_scores(weight, input_sq_norms), sparsity, n_m)
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    n_m: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one linear: ``weight`` [out, in], ``hessian`` = 2 X^T X / n [in, in].
+
+    Returns (pruned weight [out, in] in float32, mask [out, in]). Columns are processed left to right; the
+    error of zeroing column j, scaled by 1/[H^-1]_jj, is spread over the columns to its right through the
+    row j of the upper Cholesky factor of H^-1 (lazily, a block at a time, as in the paper's Algorithm 1).
+    """
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    H = hessian.float().clone()
+    columns = W.shape[1]
+    # Inputs that were always zero carry no information: their weights can go (and H needs a 1 there).
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H_inv = _upper_cholesky_of_inverse(H, percdamp)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone(memory_format=torch.contiguous_format)
+        Err1 = torch.zeros_like(W1)
+        H_inv1 = H_inv[i1:i2, i1:i2]
+        d = torch.diag(H_inv1)  # [block]
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if n_m is None:
+            # Adaptive mask selection: the lowest OBS saliencies w^2 / [H^-1]_jj^2 over the whole block.
+            saliency = (W1**2 / d.reshape(1, -1) ** 2).flatten()
+            k = int(saliency.numel() * sparsity)
+            if k:
+                mask1.view(-1)[torch.topk(saliency, k, largest=False)[1]] = True
+        for i in range(i2 - i1):
+            if n_m is not None and i % n_m[1] == 0:
+                # N:M masks are chosen on the already updated weights of each group, as in the reference.
+                n, m = n_m
+                saliency = W1[:, i : i + m] ** 2 / d[i : i + m].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(saliency, n, dim=1, largest=False)[1], True)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ H_inv1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ H_inv[i1:i2, i2:]  # the block's errors reach the later columns at once
+    mask |= dead.reshape(1, -1)
+    W[mask] = 0
+    return W, mask
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, raising the dampening tenfold if H is too ill-conditioned."""
+    diagonal = torch.arange(H.shape[0], device=H.device)
+    damp = percdamp * torch.mean(torch.diag(H))
+    for _attempt in range(4):
+        damped = H.clone()
+        damped[diagonal, diagonal] += damp
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if info == 0:
+                return U
+        damp = damp * 10
+    raise RuntimeError("SparseGPT: the Hessian is not positive definite even with 1000x the dampening.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pruning a model
+
+
+def _stored_mask(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A mask [out, in] in the module weight's own layout (Conv1D stores [in, out])."""
+    return mask.t().contiguous() if isinstance(module, Conv1D) else mask
+
+
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float | None,
+    pattern: str = "unstructured",
+    calibration: torch.LongTensor | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    **method_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Prune ``model`` in place; return its masks (qualified name -> bool [weight shape], True = zeroed, on CPU).
+
+    ``method``: "magnitude" (no calibration needed; ``calibration`` is ignored), "wanda" or "sparsegpt"
+    (``calibration`` token ids [n_samples, seq_len] required). ``sparsity`` in [0, 1); with an N:M
+    ``pattern`` ("2:4", "4:8") pass None or N/M. Options: magnitude ``per_row=True``; sparsegpt
+    ``blocksize=128, percdamp=0.01``. All arguments are checked before any weight changes.
+    """
+    sparsity, n_m, options = _check_arguments(model, method, sparsity, pattern, calibration, method_kwargs)
+    adapter = get_adapter(model)
+    runner = None if method == "magnitude" else LayerByLayer(model, calibration, batch_size=batch_size)
+    masks: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(adapter.num_layers), desc=f"{method} {pattern}", unit="layer", disable=not progress):
+        linears = adapter.linears(i)
+        if runner is not None:
+            # Input statistics of each linear: Wanda needs sum_t x_tj^2 per column, SparseGPT sum_t x_t x_t^T.
+            statistics: dict[str, torch.Tensor] = {}
+            tokens: dict[str, int] = {}
+
+            def accumulate(name: str, x: torch.Tensor) -> None:
+                x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+                stat = x.pow(2).sum(0) if method == "wanda" else x.t() @ x
+                statistics[name] = statistics[name] + stat if name in statistics else stat
+                tokens[name] = tokens.get(name, 0) + x.shape[0]
+
+            with capture_inputs(linears, accumulate):
+                runner.run(i)
+        for name, module in linears.items():
+            weight = adapter.weight(module)  # [out, in]
+            if method == "magnitude":
+                mask = magnitude_mask(weight, sparsity, n_m, per_row=options["per_row"])
+            elif method == "wanda":
+                mask = wanda_mask(weight, statistics.pop(name), sparsity, n_m)
+            else:
+                hessian = 2 * statistics.pop(name) / tokens[name]
+                new_weight, mask = sparsegpt_prune(weight, hessian, sparsity, n_m, **options)
+                weight.copy_(new_weight.to(weight.dtype))
+            stored = _stored_mask(module, mask)
+            module.weight[stored] = 0
+            masks[name] = stored.cpu()
+        if runner is not None:
+            runner.advance(i)  # the next layer is calibrated on this pruned layer's outputs
+    object.__setattr__(model, "_effllm_pruning", {"method": method, "sparsity": sparsity, "pattern": pattern,
+                                                  "options": options, "masks": masks})
+    return masks
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks: checking, applying, saving
+
+
+def model_fingerprint(model: nn.Module, names: list[str] | None = None) -> dict[str, Any]:
+    """What masks must agree with: model_type, layer count and the weight shape of each named linear
+    (default: every prunable linear)."""
+    adapter = get_adapter(model)
+    modules = dict(model.named_modules())
+    if names is None:
+        names = [name for i in range(adapter.num_layers) for name in adapter.linears(i)]
+    return {
+        "model_type": adapter.config.model_type,
+        "num_layers": adapter.num_layers,
+        "weights": {name: list(modules[name].weight.shape) for name in names if name in modules},
+    }
+
+
+def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], fingerprint: dict[str, Any] | None = None) -> None:
+    """Raise :class:`MaskMismatchError` unless every mask names a module of ``model`` with a weight of the
+    mask's shape (and, if given, the saved ``fingerprint`` matches the model's type and depth)."""
+    adapter = get_adapter(model)
+    if fingerprint is not None:
+        here = (adapter.config.model_type, adapter.num_layers)
+        saved = (fingerprint.get("model_type"), fingerprint.get("num_layers"))
+        if here != saved:
+            raise MaskMismatchError(
+                f"These masks were saved for a {saved[0]} model with {saved[1]} layers; this model is a {here[0]} "
+                f"model with {here[1]} layers. Use masks pruned from this model (or prune it again)."
+            )
+    modules = dict(model.named_modules())
+    missing = [name for name in masks if name not in modules or not hasattr(modules[name], "weight")]
+    if missing:
+        raise MaskMismatchError(
+            f"{len(missing)} of {len(masks)} masks name no weight of this {adapter.config.model_type} model "
+            f"(first: {missing[0]!r}); masks for another model? Nothing was changed."
+        )
+    for name, mask in masks.items():
+        shape = tuple(modules[name].weight.shape)
+        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+            raise MaskMismatchError(
+                f"Mask {name!r} has shape {tuple(mask.shape)} ({mask.dtype}); the model's weight there is {shape} "
+                "and masks must be bool of that shape. Masks for another model? Nothing was changed."
+            )
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero ``model``'s weights where ``masks`` are True. Every name and shape is checked first, so
+    masks for another model raise :class:`MaskMismatchError` and leave the model untouched."""
+    check_masks(model, masks)
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        weight[mask.to(weight.device)] = 0
+    return model
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | Path, model: nn.Module | None = None) -> Path:
+    """Write ``masks`` to a safetensors file; with ``model``, also its fingerprint (checked on loading)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": MASKS_FORMAT}
+    if model is not None:
+        check_masks(model, masks)
+        metadata["fingerprint"] = json.dumps(model_fingerprint(model, list(masks)))
+    save_file({name: mask.contiguous().cpu() for name, mask in masks.items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_masks(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Read masks written by :func:`save_masks`; with ``model``, check that they fit it (else
+    :class:`MaskMismatchError`)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        masks = {name: handle.get_tensor(name) for name in handle.keys()}
+    if metadata.get("format") != MASKS_FORMAT:
+        raise ValueError(f"{path} is not an effllm masks file (format {metadata.get('format')!r}, expected {MASKS_FORMAT!r}).")
+    if model is not None:
+        fingerprint = json.loads(metadata["fingerprint"]) if "fingerprint" in metadata else None
+        check_masks(model, masks, fingerprint)
+    return masks
+
+
+def save_pruned(
+    model: nn.Module, folder: str | Path, masks: dict[str, torch.Tensor] | None = None, tokenizer: Any = None
+) -> Path:
+    """Save a pruned model (``save_pretrained``), its masks and a small JSON (fingerprint, pruning settings).
+
+    ``masks`` defaults to those of the last :func:`prune` call on ``model``."""
+    recorded = getattr(model, "_effllm_pruning", None)
+    if masks is None:
+        if recorded is None:
+            raise ValueError("This model was not pruned with effllm.pruning.prune here; pass its masks=... explicitly.")
+        masks = recorded["masks"]
+    check_masks(model, masks)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    save_masks(masks, folder / MASKS_FILE, model)
+    settings = {}
+    if recorded is not None and masks is recorded["masks"]:  # the settings describe these masks
+        settings = {key: value for key, value in recorded.items() if key != "masks"}
+    info = {"format": MASKS_FORMAT, "fingerprint": model_fingerprint(model, list(masks)), "pruning": settings}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return folder
+
+
+def load_pruned(folder: str | Path, **from_pretrained_kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Load a folder written by :func:`save_pruned`: ``(model in eval mode, masks)``, after checking that the
+    masks fit the model and that the weights are zero wherever the masks say."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    folder = Path(folder)
+    if not (folder / MASKS_FILE).is_file() or not (folder / INFO_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a pruned-model folder: it needs {MASKS_FILE} and {INFO_FILE} (save_pruned).")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs)
+    except ValueError:  # encoder-decoder checkpoints (T5)
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder, **from_pretrained_kwargs)
+    model.eval()
+    info = json.loads((folder / INFO_FILE).read_text())
+    masks = load_masks(folder / MASKS_FILE, model)
+    check_masks(model, masks, info["fingerprint"])
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if modules[name].weight[mask.to(modules[name].weight.device)].any():
+            raise ValueError(f"{folder}: weights of {name} are not zero where its mask says; the folder is inconsistent.")
+    return model, masks
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def sparsity_report(model: nn.Module, masks: dict[str, torch.Tensor]) -> Any:
+    """One row per masked linear: name, layer, kind (q/k/v/o/qkv/gate/up/down), zeros (weights that are
+    exactly zero now), masked, total, sparsity (zeros / total)."""
+    import pandas as pd
+
+    adapter = get_adapter(model)
+    where: dict[int, tuple[int, str]] = {}  # id(module) -> (layer, kind)
+    for i in range(adapter.num_layers):
+        for kind, module in {**adapter.attention_projections(i), **adapter.mlp_projections(i)}.items():
+            where[id(module)] = (i, kind)
+    modules = dict(model.named_modules())
+    rows = []
+    for name, mask in masks.items():
+        module = modules[name]
+        layer, kind = where.get(id(module), (None, "other"))
+        zeros = int((module.weight == 0).sum())
+        rows.append({"name": name, "layer": layer, "kind": kind, "zeros": zeros, "masked": int(mask.sum()),
+                     "total": module.weight.numel(), "sparsity": zeros / module.weight.numel()})
+    return pd.DataFrame(rows, columns=["name", "layer", "kind", "zeros", "masked", "total", "sparsity"])
