@@ -1,4 +1,5 @@
-"""Greedy decoding with a KV cache that can stop each token at any layer: full depth, static exit and CALM.
+"""Greedy decoding with a KV cache that can stop each token at any layer: full depth, static exit, CALM
+and FREE (shallow-deep decoding with synchronized parallel decoding).
 
     out = generate(model, input_ids, max_new_tokens=64, method="calm",
                    exit_conf_type="softmax", exit_conf_threshold=0.9, exit_min_layer=20)
@@ -13,6 +14,11 @@ Skipped layers still need K/V for later tokens. ``state_propagation=True`` (CALM
 upward and computes only the skipped layers' K/V projections from it (:meth:`append_kv` of the
 adapter). The decoding loop is written here rather than as a ``generate`` logits processor because
 it changes which layers run per token, which HF's generation loop has no hook for.
+
+FREE (Bae et al. 2023) on a decoder-only model: every token runs layers 1..``shallow_exit_layer``; a
+confident token is emitted from there and its shallow state is stacked; the next token that is not
+confident runs the deep layers on the stacked states and its own in one causal pass
+(:func:`deep_pass`), which gives the stacked tokens exact deep K/V, and is emitted from layer L.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import torch
 
 from effllm.adapters import get_adapter
 
-METHODS = ("full", "static", "calm")
+METHODS = ("full", "static", "calm", "free")
 CONFIDENCE_TYPES = ("softmax", "state")
 
 
@@ -71,6 +77,18 @@ def decayed_threshold(threshold: float, t: int, max_new_tokens: int) -> float:
 
 
 @torch.no_grad()
+def deep_pass(
+    adapter, hidden: torch.Tensor, position_ids: torch.LongTensor, cache, layers: range
+) -> torch.Tensor:
+    """Run ``layers`` on ``hidden`` [batch, k, d] at ``position_ids`` [batch, k] in one causal pass,
+    appending the k tokens' K/V to each layer's cache (FREE's synchronized parallel decoding)."""
+    context = adapter.context(hidden, position_ids=position_ids, cache=cache)
+    for i in layers:
+        hidden = adapter.run_layer(i, hidden, context)
+    return hidden
+
+
+@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
@@ -83,6 +101,9 @@ def generate(
     exit_min_layer: int = 1,
     exit_position_temp: float | None = None,
     state_propagation: bool = True,
+    shallow_exit_layer: int | None = None,
+    shallow2deep_conf_type: str = "softmax",
+    shallow2deep_conf_threshold: float = 0.9,
     exit_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> ExitOutput:
     """Greedy generation of up to ``max_new_tokens`` tokens after ``input_ids`` [batch, prompt].
@@ -90,7 +111,9 @@ def generate(
     ``method``: ``full`` (every layer; batch of equal-length prompts allowed), ``static`` (every new token
     uses layers 1..``static_exit_layer``), ``calm`` (batch 1: after each layer >= ``exit_min_layer``
     compute the ``exit_conf_type`` confidence and exit once it reaches ``exit_conf_threshold``;
-    ``exit_position_temp`` set -> CALM's decaying threshold over the ``max_new_tokens`` positions).
+    ``exit_position_temp`` set -> CALM's decaying threshold over the ``max_new_tokens`` positions),
+    ``free`` (batch 1: shallow exit at ``shallow_exit_layer`` when the ``shallow2deep_conf_type`` confidence
+    exceeds ``shallow2deep_conf_threshold``, deep layers synchronized in parallel on the next deep token).
     ``exit_transform(layer, h)`` maps an intermediate state before the final norm and LM head (a fitted
     exit); ``None`` is the logit lens. Generation stops early at ``eos_token_id`` (default: the model's).
     """
@@ -112,11 +135,18 @@ def generate(
         depth = _check_layer("static_exit_layer", static_exit_layer, n_layers)
     else:
         depth = n_layers
-    if method == "calm" and input_ids.shape[0] != 1:
+    if method in ("calm", "free") and input_ids.shape[0] != 1:
         raise ValueError(
-            f"method='calm' decodes one sequence at a time (batch 1, as in CALM and FREE); got batch "
+            f"method={method!r} decodes one sequence at a time (batch 1, as in CALM and FREE); got batch "
             f"{input_ids.shape[0]}: call generate once per prompt"
         )
+    if method == "free":
+        if shallow_exit_layer is None:
+            raise ValueError(f"method='free' needs shallow_exit_layer (1..{n_layers - 1})")
+        shallow = _check_layer("shallow_exit_layer", shallow_exit_layer, n_layers - 1)
+        tau = _check_threshold("shallow2deep_conf_threshold", shallow2deep_conf_threshold)
+        if shallow2deep_conf_type != "softmax":
+            raise ValueError(f"unknown shallow2deep_conf_type {shallow2deep_conf_type!r}; allowed: softmax")
     if eos_token_id is None:
         eos_token_id = getattr(model.generation_config, "eos_token_id", None)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
@@ -137,6 +167,9 @@ def generate(
 
     new_tokens, exit_layers, confidences = [next_token], [torch.full_like(next_token, depth)], [[]]
     finished = torch.isin(next_token, eos)
+    if method == "free":
+        return _generate_free(adapter, input_ids, cache, next_token, exit_layers, max_new_tokens, eos,
+                              shallow, tau, head)
     for t in range(1, max_new_tokens):
         if bool(finished.all()):
             break
@@ -174,6 +207,45 @@ def generate(
         finished |= torch.isin(next_token, eos)
     return ExitOutput(
         sequences=torch.cat([input_ids, *new_tokens], dim=1),
+        exit_layers=torch.cat(exit_layers, dim=1),
+        confidences=confidences,
+    )
+
+
+def _generate_free(adapter, input_ids, cache, first_token, exit_layers, max_new_tokens, eos, shallow, tau, head):
+    """FREE's loop after the full-depth prompt (batch 1). See PAPERS.md section A."""
+    n_layers = adapter.num_layers
+    tokens, confidences = [first_token], [[]]
+    stack: list[torch.Tensor] = []  # shallow states [1, 1, d] of tokens whose deep layers have not run
+    stack_positions: list[int] = []
+    next_token = first_token
+    position = input_ids.shape[1]  # position of the token being fed
+    for _ in range(1, max_new_tokens):
+        if bool(torch.isin(next_token, eos).any()):
+            break
+        hidden = adapter.embed(next_token, cache=cache)
+        context = adapter.context(hidden, cache=cache)
+        for i in range(shallow):
+            hidden = adapter.run_layer(i, hidden, context)
+        shallow_logits = head(shallow, hidden)
+        confidence = float(softmax_confidence(shallow_logits)[0, -1])
+        if confidence > tau:
+            stack.append(hidden)
+            stack_positions.append(position)
+            next_token, exit_layer = shallow_logits[:, -1:].argmax(-1), shallow
+        else:
+            states = torch.cat([*stack, hidden], dim=1)
+            positions = torch.tensor([[*stack_positions, position]], device=hidden.device)
+            deep = deep_pass(adapter, states, positions, cache, range(shallow, n_layers))
+            stack.clear()
+            stack_positions.clear()
+            next_token, exit_layer = head(n_layers, deep[:, -1:]).argmax(-1), n_layers
+        tokens.append(next_token)
+        exit_layers.append(torch.full_like(next_token, exit_layer))
+        confidences.append([confidence])
+        position += 1
+    return ExitOutput(
+        sequences=torch.cat([input_ids, *tokens], dim=1),
         exit_layers=torch.cat(exit_layers, dim=1),
         confidences=confidences,
     )

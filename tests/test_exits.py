@@ -126,3 +126,56 @@ def test_embedded_model_full_and_disabled_calm_match_hf():
         out = exits.generate(model, ids, 24, method=method, exit_conf_threshold=2.0, exit_min_layer=10,
                              eos_token_id=tokenizer.eos_token_id)
         assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+def test_free_without_shallow_exits_reproduces_hf_generate(family):
+    model, _ = tiny_model(family)
+    ids = _prompt(7)
+    out = exits.generate(model, ids, 16, method="free", shallow_exit_layer=2, shallow2deep_conf_threshold=1.5,
+                         eos_token_id=2)
+    assert torch.equal(out.sequences, _hf_greedy(model, ids, 16, eos=2))
+    assert (out.exit_layers == get_adapter(model).num_layers).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2"])
+@torch.no_grad()
+def test_synchronized_deep_pass_equals_one_token_at_a_time(family):
+    """FREE's parallel pass over stacked states writes the same deep K/V (and outputs) as running them singly."""
+    model, _ = tiny_model(family, num_hidden_layers=6)
+    adapter = get_adapter(model)
+    ids = _prompt(8, length=10)
+    states = torch.randn(1, 4, adapter.hidden_size, generator=torch.Generator().manual_seed(9))
+    positions = torch.arange(10, 14).unsqueeze(0)
+    parallel, serial = adapter.new_cache(), adapter.new_cache()
+    for cache in (parallel, serial):
+        adapter.forward(ids, cache=cache)
+    out_parallel = exits.deep_pass(adapter, states, positions, parallel, range(2, 6))
+    out_serial = torch.cat([
+        exits.deep_pass(adapter, states[:, k : k + 1], positions[:, k : k + 1], serial, range(2, 6)) for k in range(4)
+    ], dim=1)
+    torch.testing.assert_close(out_parallel, out_serial, rtol=1e-5, atol=1e-5)
+    for layer in range(2, 6):
+        torch.testing.assert_close(parallel.layers[layer].keys, serial.layers[layer].keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(parallel.layers[layer].values, serial.layers[layer].values, rtol=1e-5, atol=1e-5)
+
+
+def test_free_all_shallow_equals_static_exit_after_the_first_token():
+    """Shallow layers never depend on deep ones, so FREE with every token shallow is static exit at Ls."""
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = _prompt(10)
+    free = exits.generate(model, ids, 12, method="free", shallow_exit_layer=3, shallow2deep_conf_threshold=0.0,
+                          eos_token_id=[])
+    assert free.exit_layers[0, 0] == 6 and (free.exit_layers[0, 1:] == 3).all()
+    static = exits.generate(model, free.sequences[:, :8], 11, method="static", static_exit_layer=3, eos_token_id=[])
+    assert torch.equal(static.sequences, free.sequences)
+
+
+def test_free_exit_layers_follow_the_confidence():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    tau = 0.0016  # a random tiny model is unsure: its p1 - p2 at layer 3 lies around 0.0014-0.0027
+    out = exits.generate(model, _prompt(11), 30, method="free", shallow_exit_layer=3,
+                         shallow2deep_conf_threshold=tau, eos_token_id=[])
+    shallow = [c[0] > tau for c in out.confidences[1:]]
+    assert [layer == 3 for layer in out.exit_layers[0, 1:].tolist()] == shallow
+    assert any(shallow) and not all(shallow)  # the case exercises both branches and at least one sync
