@@ -1,10 +1,17 @@
-"""The logit lens: what each layer would predict if the final norm and LM head were applied to it.
+"""The logit lens: what each layer would predict if the final norm and LM head were applied to it,
+and fitted exits that make intermediate layers predictive.
 
-Early exits only work where intermediate layers already predict the final token; this measures how
-often they do, with no training (Nostalgebraist 2020; Din et al. 2023 fit linear maps to do better).
+Early exits only work where intermediate layers already predict the final token. The logit lens
+(nostalgebraist 2020) measures how often they do with no training. :class:`LinearExits` are the
+least-squares maps of Din et al. 2023 ("Jump to Conclusions"): per layer l an affine map A_l with
+h_l A_l + b_l ~ h_L, fitted in closed form on calibration tokens. On a 2-core CPU the fit takes seconds,
+no gradient steps and no LoRA, which is why effllm uses them as its default fitted exits.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -15,14 +22,20 @@ from effllm.adapters import get_adapter
 
 @torch.no_grad()
 def logit_lens_agreement(
-    model: torch.nn.Module, token_ids: torch.LongTensor, batch_size: int = 4, top_k: int = 5, progress: bool = True
+    model: torch.nn.Module,
+    token_ids: torch.LongTensor,
+    batch_size: int = 4,
+    top_k: int = 5,
+    progress: bool = True,
+    exit_transform: LinearExits | None = None,
 ) -> pd.DataFrame:
     """Per layer, how often the logit lens agrees with the model's final prediction.
 
     ``token_ids`` is [n_sequences, seq_len]. Every position of every sequence counts once. Returns a tidy
     table with one row per layer (1-based; the last layer agrees with itself by definition): ``layer``,
     ``agreement`` (argmax at the layer == final argmax), ``final_in_top_k`` (the final argmax is among the
-    layer's ``top_k``), ``tokens``.
+    layer's ``top_k``), ``tokens``. With ``exit_transform`` (fitted exits) each intermediate state is mapped
+    by it before the final norm and head.
     """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -36,7 +49,10 @@ def logit_lens_agreement(
         final_logits, states = adapter.forward(batch, output_hidden_states=True)
         final = final_logits.argmax(-1)  # [b, s]
         for layer in range(1, n_layers + 1):
-            logits = adapter.logits(states[layer])
+            state = states[layer]
+            if exit_transform is not None and layer < n_layers:
+                state = exit_transform(layer, state)
+            logits = adapter.logits(state)
             agree[layer - 1] += (logits.argmax(-1) == final).sum()
             top = logits.topk(top_k, dim=-1).indices  # [b, s, k]
             in_top_k[layer - 1] += (top == final.unsqueeze(-1)).any(-1).sum()
@@ -49,3 +65,114 @@ def logit_lens_agreement(
             "tokens": total,
         }
     )
+
+
+class LinearExits(torch.nn.Module):
+    """Per-layer affine maps h_l -> h_L for layers 1..L-1: ``exits(layer, h)``; layer L passes through.
+
+    The call signature is the ``exit_transform`` of :func:`effllm.exits.generate`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, meta: dict | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)  # [L-1, d, d], applied as h @ W
+        self.bias = torch.nn.Parameter(bias, requires_grad=False)  # [L-1, d]
+        self.meta = dict(meta or {})
+
+    @property
+    def num_layers(self) -> int:
+        return self.weight.shape[0] + 1
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if layer >= self.num_layers:
+            return hidden
+        return hidden @ self.weight[layer - 1] + self.bias[layer - 1]
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.data.contiguous(), "bias": self.bias.data.contiguous()},
+                  folder / "linear_exits.safetensors")
+        (folder / "linear_exits.json").write_text(json.dumps(self.meta, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model: torch.nn.Module | None = None) -> LinearExits:
+        """Load exits saved by :meth:`save`; with ``model``, check they were fitted for its shape."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        tensors = load_file(folder / "linear_exits.safetensors")
+        meta = json.loads((folder / "linear_exits.json").read_text())
+        exits = cls(tensors["weight"], tensors["bias"], meta)
+        if model is not None:
+            adapter = get_adapter(model)
+            if (exits.num_layers, exits.weight.shape[-1]) != (adapter.num_layers, adapter.hidden_size):
+                raise ValueError(
+                    f"exits in {folder} were fitted for {exits.num_layers} layers of width {exits.weight.shape[-1]} "
+                    f"({meta.get('model', '?')}); this model has {adapter.num_layers} layers of width "
+                    f"{adapter.hidden_size}"
+                )
+        return exits
+
+
+@torch.no_grad()
+def fit_linear_exits(
+    model: torch.nn.Module, token_ids: torch.LongTensor, batch_size: int = 4, ridge: float = 1e-3,
+    progress: bool = True, meta: dict | None = None,
+) -> LinearExits:
+    """Least-squares affine maps from each layer's state to the last layer's, over every position of
+    ``token_ids`` [n, seq]. Normal equations in float64 with a ridge of ``ridge`` times the mean diagonal.
+    """
+    adapter = get_adapter(model)
+    n_layers, d = adapter.num_layers, adapter.hidden_size
+    device = next(model.parameters()).device
+    gram = torch.zeros(n_layers - 1, d + 1, d + 1, dtype=torch.float64)
+    cross = torch.zeros(n_layers - 1, d + 1, d, dtype=torch.float64)
+    for start in tqdm(range(0, token_ids.shape[0], batch_size), desc="fit exits", disable=not progress):
+        _, states = adapter.forward(token_ids[start : start + batch_size].to(device), output_hidden_states=True)
+        target = states[-1].reshape(-1, d).float().cpu()
+        for layer in range(1, n_layers):
+            x = states[layer].reshape(-1, d).float().cpu()
+            x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+            # float32 products per batch (a few thousand tokens), float64 sums across batches
+            gram[layer - 1] += (x.T @ x).double()
+            cross[layer - 1] += (x.T @ target).double()
+    eye = torch.eye(d + 1, dtype=torch.float64)
+    solutions = torch.stack([
+        torch.linalg.solve(g + ridge * g.diagonal().mean() * eye, c) for g, c in zip(gram, cross, strict=True)
+    ])  # [L-1, d+1, d]
+    dtype = next(model.parameters()).dtype
+    meta = {"method": "least-squares (Din et al. 2023)", "tokens": int(token_ids.numel()), "ridge": ridge,
+            **(meta or {})}
+    return LinearExits(solutions[:, :d].to(dtype), solutions[:, d].to(dtype), meta).to(device)
+
+
+def cached_linear_exits(
+    model: torch.nn.Module,
+    tokenizer,
+    model_name: str,
+    corpora: tuple[str, ...] = ("python-docs", "python-code"),
+    n_per_corpus: int = 16,
+    seq_len: int = 256,
+    seed: int = 0,
+    refit: bool = False,
+) -> LinearExits:
+    """Linear exits for ``model_name``, fitted once on the built-in ``corpora`` (train splits) and saved
+    beside the model cache (``cache_dir()/exits/<model_name>/<settings>``) so notebooks reuse them."""
+    from effllm import data
+    from effllm.paths import cache_dir
+
+    settings = f"{'+'.join(corpora)}-{n_per_corpus}x{seq_len}-seed{seed}"
+    folder = cache_dir() / "exits" / model_name.replace("/", "--") / settings
+    if not refit and (folder / "linear_exits.json").is_file():
+        try:
+            return LinearExits.load(folder, model=model).to(next(model.parameters()).device)
+        except (OSError, ValueError, KeyError):  # corrupt or for another shape: fit again
+            pass
+    ids = torch.cat([data.calibration(c, tokenizer, n_per_corpus, seq_len, seed=seed) for c in corpora])
+    exits = fit_linear_exits(model, ids, meta={"model": model_name, "corpora": list(corpora), "seed": seed})
+    exits.save(folder)
+    return exits

@@ -1,0 +1,55 @@
+"""Logit lens and fitted linear exits against straightforward references."""
+
+import pytest
+import torch
+
+from effllm.adapters import get_adapter
+from effllm.lens import LinearExits, fit_linear_exits, logit_lens_agreement
+from effllm.models import tiny_model
+
+
+def _ids(seed, n=6, seq=16):
+    return torch.randint(3, 250, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_agreement_matches_a_direct_count():
+    model, _ = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = _ids(0)
+    table = logit_lens_agreement(model, ids, batch_size=4, progress=False)
+    logits, states = adapter.forward(ids, output_hidden_states=True)
+    final = logits.argmax(-1)
+    for layer in range(1, adapter.num_layers + 1):
+        expected = (adapter.logits(states[layer]).argmax(-1) == final).double().mean().item()
+        assert table.agreement[layer - 1] == pytest.approx(expected)
+    assert table.agreement.iloc[-1] == 1.0
+
+
+def test_linear_exits_solve_least_squares():
+    model, _ = tiny_model("opt")
+    adapter = get_adapter(model)
+    ids = _ids(1, n=8, seq=32)  # 256 tokens > 65 unknowns per output column
+    exits = fit_linear_exits(model, ids, batch_size=3, ridge=0.0, progress=False)
+    _, states = adapter.forward(ids, output_hidden_states=True)
+    d = adapter.hidden_size
+    target = states[-1].reshape(-1, d).double()
+    for layer in (1, 2):
+        x = states[layer].reshape(-1, d).double()
+        x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        reference = torch.linalg.lstsq(x1, target).solution
+        torch.testing.assert_close(exits.weight[layer - 1].double(), reference[:d], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(exits.bias[layer - 1].double(), reference[d], rtol=1e-3, atol=1e-3)
+        fitted = exits(layer, states[layer]).reshape(-1, d).double()
+        assert (fitted - target).pow(2).mean() < (x - target).pow(2).mean()
+    assert torch.equal(exits(adapter.num_layers, states[-1]), states[-1])
+
+
+def test_linear_exits_save_load_and_shape_check(tmp_path):
+    model, _ = tiny_model("llama")
+    exits = fit_linear_exits(model, _ids(2), progress=False, meta={"model": "tiny-llama"})
+    exits.save(tmp_path)
+    loaded = LinearExits.load(tmp_path, model=model)
+    assert torch.equal(loaded.weight, exits.weight) and loaded.meta["model"] == "tiny-llama"
+    other, _ = tiny_model("llama", num_hidden_layers=6)
+    with pytest.raises(ValueError, match="fitted for 4 layers"):
+        LinearExits.load(tmp_path, model=other)
