@@ -177,6 +177,7 @@ def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Te
 def wanda_mask(
     weight: torch.Tensor, input_sq_norms: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None = None
 ) -> torch.Tensor:
+    """Wanda's mask of ``weight`` [out, in]: the lowest :func:`wanda_scores` per row (or per N:M group)."""
     return lowest_mask(wanda_scores(weight, input_sq_norms), sparsity, n_m)
 
 
@@ -223,7 +224,7 @@ def sparsegpt_prune(
                 saliency = W1[:, i : i + m] ** 2 / d[i : i + m].reshape(1, -1) ** 2
                 mask1.scatter_(1, i + torch.topk(saliency, n, dim=1, largest=False)[1], True)
             w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros_like(w), w)
+            q = w.masked_fill(mask1[:, i], 0)
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1) @ H_inv1[i, i:].unsqueeze(0)
             W1[:, i] = q
@@ -262,6 +263,25 @@ def _stored_mask(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
     return mask.t().contiguous() if isinstance(module, Conv1D) else mask
 
 
+def _input_statistics(
+    runner: LayerByLayer, i: int, linears: dict[str, nn.Module], method: str
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Run layer ``i`` once and sum each linear's input statistics over all calibration tokens: Wanda needs
+    sum_t x_tj^2 per input column [in], SparseGPT sum_t x_t x_t^T [in, in]. Also returns the token counts."""
+    statistics: dict[str, torch.Tensor] = {}
+    tokens: dict[str, int] = {}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+        stat = x.pow(2).sum(0) if method == "wanda" else x.t() @ x
+        statistics[name] = statistics[name] + stat if name in statistics else stat
+        tokens[name] = tokens.get(name, 0) + x.shape[0]
+
+    with capture_inputs(linears, accumulate):
+        runner.run(i)
+    return statistics, tokens
+
+
 @torch.no_grad()
 def prune(
     model: nn.Module,
@@ -278,7 +298,8 @@ def prune(
     ``method``: "magnitude" (no calibration needed; ``calibration`` is ignored), "wanda" or "sparsegpt"
     (``calibration`` token ids [n_samples, seq_len] required). ``sparsity`` in [0, 1); with an N:M
     ``pattern`` ("2:4", "4:8") pass None or N/M. Options: magnitude ``per_row=True``; sparsegpt
-    ``blocksize=128, percdamp=0.01``. All arguments are checked before any weight changes.
+    ``blocksize=128, percdamp=0.01``. All arguments are checked before any weight changes (a failure inside
+    the algorithm itself, such as a Hessian that stays singular, leaves the layers below already pruned).
     """
     sparsity, n_m, options = _check_arguments(model, method, sparsity, pattern, calibration, method_kwargs)
     adapter = get_adapter(model)
@@ -287,18 +308,7 @@ def prune(
     for i in tqdm(range(adapter.num_layers), desc=f"{method} {pattern}", unit="layer", disable=not progress):
         linears = adapter.linears(i)
         if runner is not None:
-            # Input statistics of each linear: Wanda needs sum_t x_tj^2 per column, SparseGPT sum_t x_t x_t^T.
-            statistics: dict[str, torch.Tensor] = {}
-            tokens: dict[str, int] = {}
-
-            def accumulate(name: str, x: torch.Tensor) -> None:
-                x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
-                stat = x.pow(2).sum(0) if method == "wanda" else x.t() @ x
-                statistics[name] = statistics[name] + stat if name in statistics else stat
-                tokens[name] = tokens.get(name, 0) + x.shape[0]
-
-            with capture_inputs(linears, accumulate):
-                runner.run(i)
+            statistics, tokens = _input_statistics(runner, i, linears, method)
         for name, module in linears.items():
             weight = adapter.weight(module)  # [out, in]
             if method == "magnitude":

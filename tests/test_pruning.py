@@ -1,0 +1,299 @@
+"""Pruning: Wanda's masks equal a direct computation, N:M and per-row counts are exact, SparseGPT beats
+magnitude on reconstruction, masks round-trip and never half-apply, bad input fails before any change."""
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from effllm.adapters import get_adapter
+from effllm.models import tiny_model
+from effllm.pruning import (
+    MaskMismatchError,
+    apply_masks,
+    load_masks,
+    load_pruned,
+    magnitude_mask,
+    prune,
+    save_masks,
+    save_pruned,
+    sparsegpt_prune,
+    sparsity_report,
+    wanda_mask,
+)
+
+FAMILIES = ["llama", "opt", "gpt2"]  # gpt2: Conv1D weights stored [in, out]
+
+
+def two_layer_model(family):
+    """A tiny model with two decoder layers: enough for layer-by-layer order, half the time of four."""
+    return tiny_model(family, num_hidden_layers=2)[0]
+
+
+def calibration_ids(n_samples=6, seq_len=24, seed=0):
+    return torch.randint(3, 250, (n_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def as_out_in(model, name, mask_or_weight):
+    """A mask or weight in the [out, in] orientation of the named module."""
+    module = dict(model.named_modules())[name]
+    return mask_or_weight.t() if isinstance(module, Conv1D) else mask_or_weight
+
+
+def snapshot(model):
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+def layer_inputs(model, ids, layer=0):
+    """Every token's input to each linear of ``layer``, from a plain forward hook on the full model: [tokens, in]."""
+    inputs = {}
+    handles = [
+        module.register_forward_hook(lambda _m, args, _out, name=name: inputs.setdefault(name, []).append(args[0]))
+        for name, module in get_adapter(model).linears(layer).items()
+    ]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]) for name, xs in inputs.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness of the selections
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_wanda_masks_equal_direct_per_row_computation(family, pattern):
+    model, _ = tiny_model(family)
+    ids = calibration_ids()
+    inputs = layer_inputs(model, ids)
+    original = {name: get_adapter(model).weight(module).clone() for name, module in get_adapter(model).linears(0).items()}
+    masks = prune(model, "wanda", 0.5 if pattern == "unstructured" else None, pattern, calibration=ids, progress=False)
+    for name, W in original.items():
+        scores = W.abs() * inputs[name].pow(2).sum(0).sqrt()  # [out, in]
+        if pattern == "unstructured":
+            rank = scores.argsort(dim=1).argsort(dim=1)  # rank of each weight within its output row
+            expected = rank < int(W.shape[1] * 0.5)
+        else:
+            groups = scores.reshape(W.shape[0], -1, 4)
+            expected = (groups.argsort(dim=2).argsort(dim=2) < 2).reshape(W.shape)
+        assert torch.equal(as_out_in(model, name, masks[name]), expected), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_every_nm_group_has_exactly_n_zeros(family, method, pattern):
+    n, m = map(int, pattern.split(":"))
+    model = two_layer_model(family)
+    masks = prune(model, method, None, pattern, calibration=calibration_ids(), progress=False)
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        out_in = as_out_in(model, name, mask)
+        assert (out_in.reshape(out_in.shape[0], -1, m).sum(dim=2) == n).all(), name
+        assert (modules[name].weight[mask] == 0).all(), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_unstructured_sparsity_is_exact_in_every_row(family, method):
+    model, _ = tiny_model(family)
+    masks = prune(model, method, 0.3, calibration=calibration_ids(), progress=False)
+    for name, mask in masks.items():
+        out_in = as_out_in(model, name, mask)
+        assert (out_in.sum(dim=1) == int(out_in.shape[1] * 0.3)).all(), name
+
+
+def test_sparsegpt_unstructured_sparsity_is_exact_per_block():
+    model, _ = tiny_model("llama")  # every input size is 64 or 128: one SparseGPT block of 128 columns
+    masks = prune(model, "sparsegpt", 0.3, calibration=calibration_ids(), progress=False)
+    for name, mask in masks.items():
+        assert int(mask.sum()) == int(mask.numel() * 0.3), name
+
+
+@pytest.mark.parametrize("n_m", [None, (2, 4), (4, 8)])
+def test_magnitude_equals_wanda_when_input_norms_are_equal(n_m):
+    model, _ = tiny_model("llama")
+    adapter = get_adapter(model)
+    for i in range(adapter.num_layers):
+        for name, module in adapter.linears(i).items():
+            W = adapter.weight(module)
+            equal_norms = torch.full((W.shape[1],), 7.0)
+            assert torch.equal(wanda_mask(W, equal_norms, 0.5, n_m), magnitude_mask(W, 0.5, n_m)), name
+
+
+def test_magnitude_per_matrix_option_is_exact_per_matrix():
+    model, _ = tiny_model("llama")
+    masks = prune(model, "magnitude", 0.3, per_row=False, progress=False)
+    for name, mask in masks.items():
+        assert int(mask.sum()) == int(mask.numel() * 0.3), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_m", [None, (2, 4)])
+def test_sparsegpt_reconstructs_layer_outputs_better_than_magnitude(family, n_m):
+    model, _ = tiny_model(family)
+    adapter = get_adapter(model)
+    inputs = layer_inputs(model, calibration_ids(n_samples=8, seq_len=32))
+    for name, module in adapter.linears(0).items():
+        W = adapter.weight(module).detach()
+        X = inputs[name]  # [tokens, in]
+        hessian = 2 * X.t() @ X / X.shape[0]
+        W_sparsegpt, mask_sparsegpt = sparsegpt_prune(W, hessian, 0.5, n_m)
+        mask_magnitude = magnitude_mask(W, 0.5, n_m)
+        assert int(mask_sparsegpt.sum()) == int(mask_magnitude.sum())  # same density
+        assert (W_sparsegpt[mask_sparsegpt] == 0).all()
+        error_sparsegpt = torch.linalg.norm((W - W_sparsegpt) @ X.t())
+        error_magnitude = torch.linalg.norm((W * mask_magnitude) @ X.t())
+        assert error_sparsegpt < error_magnitude, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparsegpt_in_prune_equals_the_algorithm_on_hooked_inputs(family):
+    """prune() feeds SparseGPT the Hessian 2 X^T X / n of the layer's real inputs and writes its result back."""
+    model = two_layer_model(family)
+    adapter = get_adapter(model)
+    ids = calibration_ids()
+    inputs = layer_inputs(model, ids)
+    expected = {}
+    for name, module in adapter.linears(0).items():
+        X = inputs[name]
+        expected[name] = sparsegpt_prune(adapter.weight(module), 2 * X.t() @ X / X.shape[0], 0.5)
+    masks = prune(model, "sparsegpt", 0.5, calibration=ids, progress=False)
+    for name, module in adapter.linears(0).items():
+        weight, mask = expected[name]
+        assert torch.equal(as_out_in(model, name, masks[name]), mask), name
+        torch.testing.assert_close(adapter.weight(module), weight, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_pruned_weights_are_zero_where_masked_and_model_stays_finite(family, method):
+    model = two_layer_model(family)
+    adapter = get_adapter(model)
+    embeddings = adapter.embed_tokens.weight.clone()
+    head = adapter.lm_head.weight.clone()
+    ids = calibration_ids()
+    masks = prune(model, method, 0.5, calibration=ids, progress=False)
+    expected_names = {name for i in range(adapter.num_layers) for name in adapter.linears(i)}
+    assert set(masks) == expected_names
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == modules[name].weight.shape
+        assert (modules[name].weight[mask] == 0).all(), name
+    assert torch.equal(adapter.embed_tokens.weight, embeddings) and torch.equal(adapter.lm_head.weight, head)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    report = sparsity_report(model, masks)
+    assert len(report) == len(masks) and (report.zeros >= report.masked).all()
+    assert report.sparsity.between(0.5, 0.51).all()
+    assert set(report.kind) <= {"q", "k", "v", "o", "qkv", "gate", "up", "down"}
+
+
+def test_layers_are_calibrated_on_pruned_outputs_below():
+    """Layer 1's Wanda masks follow the inputs produced by the pruned layer 0, not the dense one."""
+    ids = calibration_ids()
+    pruned, _ = tiny_model("llama")
+    masks = prune(pruned, "wanda", 0.5, calibration=ids, progress=False)
+    dense, _ = tiny_model("llama")
+    adapter = get_adapter(dense)
+    apply_masks(dense, {name: mask for name, mask in masks.items() if ".layers.0." in name})
+    inputs = layer_inputs(dense, ids, layer=1)
+    for name, module in adapter.linears(1).items():
+        expected = wanda_mask(adapter.weight(module), inputs[name].pow(2).sum(0), 0.5)
+        assert torch.equal(masks[name], expected), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving, loading, applying
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_masks_and_pruned_model_round_trip(family, tmp_path):
+    model, _ = tiny_model(family)
+    ids = calibration_ids()
+    masks = prune(model, "wanda", 0.5, calibration=ids, progress=False)
+    path = save_masks(masks, tmp_path / "masks.safetensors", model)
+    for loaded in (load_masks(path), load_masks(path, model)):
+        assert loaded.keys() == masks.keys()
+        assert all(torch.equal(loaded[name], masks[name]) for name in masks)
+
+    dense, _ = tiny_model(family)
+    apply_masks(dense, load_masks(path, dense))
+    assert_unchanged(dense, {k: v for k, v in model.state_dict().items()})  # Wanda updates no weights
+
+    save_pruned(model, tmp_path / "pruned")
+    reloaded, reloaded_masks = load_pruned(tmp_path / "pruned")
+    assert all(torch.equal(reloaded_masks[name], masks[name]) for name in masks)
+    assert_unchanged(reloaded, model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_masks_for_another_model_raise_and_change_nothing(tmp_path):
+    source, _ = tiny_model("llama")
+    masks = prune(source, "magnitude", 0.5, progress=False)
+    path = save_masks(masks, tmp_path / "masks.safetensors", source)
+    others = [
+        tiny_model("opt")[0],  # other names
+        tiny_model("llama", num_hidden_layers=3)[0],  # the first 21 masks fit, the last 7 name no module
+        tiny_model("llama", intermediate_size=96)[0],  # same names, other shapes
+    ]
+    for other in others:
+        before = snapshot(other)
+        with pytest.raises(MaskMismatchError, match="another model"):
+            apply_masks(other, masks)
+        assert_unchanged(other, before)
+        with pytest.raises(MaskMismatchError):
+            load_masks(path, other)
+    # Same type, depth and shapes but a mask of the wrong dtype
+    same, _ = tiny_model("llama", seed=1)
+    before = snapshot(same)
+    with pytest.raises(MaskMismatchError, match="bool"):
+        apply_masks(same, {**masks, next(iter(masks)): next(iter(masks.values())).float()})
+    assert_unchanged(same, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error, raised before any weight changes
+
+BAD_INPUTS = [
+    (dict(method="wanda", sparsity=-0.1), "sparsity must be a fraction in \\[0, 1\\).*-0.1"),
+    (dict(method="wanda", sparsity=1.0), "sparsity must be a fraction in \\[0, 1\\).*1.0"),
+    (dict(method="magnitude", sparsity=1.5), "sparsity must be a fraction in \\[0, 1\\).*1.5"),
+    (dict(method="magnitude", sparsity=0.5, pattern="4:4"), "'4:4' gives N=4, M=4.*1 <= N < M"),
+    (dict(method="magnitude", sparsity=0.5, pattern="5:4"), "'5:4' gives N=5, M=4.*1 <= N < M"),
+    (dict(method="magnitude", sparsity=0.5, pattern="0:4"), "'0:4' gives N=0, M=4.*1 <= N < M"),
+    (dict(method="magnitude", sparsity=0.5, pattern="two:four"), "Cannot parse pattern 'two:four'.*'N:M'"),
+    (dict(method="magnitude", sparsity=0.5, pattern="2-4"), "Cannot parse pattern '2-4'"),
+    (dict(method="magnitude", sparsity=0.3, pattern="2:4"), "sparsity=0.3 does not match pattern '2:4'.*0.5"),
+    (dict(method="magnitude", sparsity=None), "sparsity=None is only allowed with an N:M pattern"),
+    (dict(method="magnitude", sparsity=None, pattern="3:7"), "multiple of M=7.*has 64 inputs"),
+    (dict(method="obs", sparsity=0.5), "Unknown pruning method 'obs'.*magnitude, wanda, sparsegpt"),
+    (dict(method="wanda", sparsity=0.5, calibration=None), "'wanda' needs calibration token ids"),
+    (dict(method="sparsegpt", sparsity=0.5, calibration=None), "'sparsegpt' needs calibration token ids"),
+    (dict(method="wanda", sparsity=0.5, calibration=torch.ones(2, 8)), "integer token ids of shape"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_INPUTS)
+def test_bad_input_raises_before_changing_anything(arguments, message):
+    model, _ = tiny_model("llama")
+    before = snapshot(model)
+    arguments = {"calibration": calibration_ids(), "progress": False, **arguments}
+    with pytest.raises(ValueError, match=message):
+        prune(model, **arguments)
+    assert_unchanged(model, before)
+
+
+def test_unknown_method_option_raises():
+    model, _ = tiny_model("llama")
+    with pytest.raises(TypeError, match="blocksize.*'wanda'"):
+        prune(model, "wanda", 0.5, calibration=calibration_ids(), blocksize=64, progress=False)
