@@ -1,0 +1,217 @@
+"""SliceGPT, dynamic slicing and ShortGPT: equivalence of the rotated model, exact slice fractions,
+parameter counts, layer scores against a direct computation, and bad input leaving the model untouched.
+
+The tiny models run in float32: fusion + rotation keeps logits within ~1e-6 relative there, well
+inside the 1e-4 asked for, so no float64 copies are needed.
+"""
+
+import pytest
+import torch
+
+from effllm.adapters import UnsupportedArchitectureError, get_adapter
+from effllm.models import load_model, tiny_model
+from effllm.slicing import layer_scores, slice_fractions, slice_model, sliced_dims
+
+SLICEGPT_FAMILIES = ["llama", "mistral", "qwen2", "opt"]
+
+
+def calibration_ids(n=4, seq_len=16, seed=0):
+    return torch.randint(3, 250, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def n_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomise_norms(model):
+    """Random init leaves norm scales at 1 and biases at 0, which would not test the folding."""
+    adapter = get_adapter(model)
+    norms = [n for i in range(adapter.num_layers) for n in adapter.norms(i).values()] + [adapter.final_norm]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=generator))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.copy_(0.5 * torch.randn(norm.bias.shape, generator=generator))
+
+
+@pytest.mark.parametrize("family", SLICEGPT_FAMILIES)
+def test_rotation_without_slicing_keeps_logits(family):
+    model, _ = tiny_model(family)
+    randomise_norms(model)
+    ids, held_out = calibration_ids(), calibration_ids(seed=1)
+    before = logits(model, held_out)
+    slice_model(model, ids, fractions=[0.0] * get_adapter(model).num_layers)
+    assert relative_error(logits(model, held_out), before) < 1e-4
+    # the adapter's layer-by-layer forward runs the rotated model too
+    torch.testing.assert_close(get_adapter(model).forward(held_out)[0], logits(model, held_out))
+
+
+def test_zero_slicing_is_a_pure_rotation():
+    model, _ = tiny_model("llama")
+    adapter = get_adapter(model)
+    ids = calibration_ids()
+    before = logits(model, ids)
+    slice_model(model, ids, mean=0.0)
+    full = 64
+    for i in range(adapter.num_layers):
+        layer = adapter.layer(i)
+        for shortcut in (layer.attn_shortcut, layer.mlp_shortcut):  # Q_a^T Q_b of two full bases: orthogonal
+            weight = shortcut.weight.double()
+            assert weight.shape == (full, full)
+            torch.testing.assert_close(weight @ weight.T, torch.eye(full, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert adapter.embed_tokens.weight.shape[1] == full
+    assert relative_error(logits(model, ids), before) < 1e-4
+
+
+def test_sliced_model_is_smaller_and_matches_the_parameter_formula():
+    model, _ = tiny_model("llama")
+    ids = calibration_ids()
+    vocab, full, mlp, q_out, kv_out = 384, 64, 128, 64, 32
+    fractions = [0.25, 0.5, 0.125, 0.375]
+    dims = sliced_dims(fractions, full)
+    assert dims == [48, 32, 56, 40]
+    n_dense = n_parameters(model)
+    slice_model(model, ids, fractions=fractions)
+    adapter = get_adapter(model)
+
+    expected = vocab * dims[0]  # embeddings
+    for i, d in enumerate(dims):
+        d_out = dims[i + 1] if i + 1 < len(dims) else d
+        expected += d * (q_out + 2 * kv_out) + q_out * d  # q, k, v read d dims; o writes d
+        expected += 2 * mlp * d + mlp * d_out  # gate, up read d; down writes the next layer's d
+        expected += 2 * d  # the two norms
+        expected += d * d + d * d_out  # shortcuts: attention -> MLP basis, MLP -> next layer's basis
+        assert adapter.attention_projections(i)["q"].weight.shape == (q_out, d)
+        assert adapter.mlp_projections(i)["down"].weight.shape == (d_out, mlp)
+    expected += dims[-1] + vocab * dims[-1]  # final norm, untied LM head
+    assert n_parameters(model) == expected < n_dense
+    out = logits(model, ids)
+    assert out.shape == (4, 16, vocab) and torch.isfinite(out).all()
+
+
+def test_sliced_model_generates_with_the_kv_cache():
+    model, _ = tiny_model("qwen2")
+    ids = calibration_ids()
+    slice_model(model, ids, mean=0.3)
+    prompt = ids[:1, :8]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                               pad_token_id=0)
+    # greedy decoding with the cache picks the argmax of a full forward at every step
+    full = logits(model, generated[:, :-1])[0, 7:].argmax(-1)
+    assert torch.equal(generated[0, 8:], full)
+
+
+def test_slice_fractions_average_exactly_the_mean():
+    scores = torch.tensor([0.0, 0.3, 1.0, 0.7, 0.2, 0.9], dtype=torch.float64)
+    fractions = slice_fractions(scores, mean=0.25, amplitude=0.15)
+    assert fractions.dtype == torch.float64
+    assert abs(fractions.mean().item() - 0.25) < 1e-15
+    assert torch.equal(torch.argsort(fractions), torch.argsort(scores))  # more redundant -> sliced more
+    assert fractions.min().item() == pytest.approx(0.25 - 0.15)
+    assert torch.equal(slice_fractions(scores, 0.25, 0.0), torch.full((6,), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mean, amplitude", [(1.0, 0.0), (-0.1, 0.0), (0.25, 0.3), (0.5, -0.1)])
+def test_slice_fractions_reject_bad_input(mean, amplitude):
+    with pytest.raises(ValueError, match=r"\[0, 1\)|amplitude"):
+        slice_fractions(torch.tensor([0.0, 0.5, 1.0]), mean, amplitude)
+
+
+def test_dynamic_slicing_through_slice_model():
+    model, _ = tiny_model("llama")
+    ids = calibration_ids()
+    expected = slice_fractions(layer_scores(model, ids, "lr"), 0.25, 0.1)
+    slice_model(model, ids, mean=0.25, amplitude=0.1)
+    adapter = get_adapter(model)
+    dims = [adapter.attention_projections(i)["q"].weight.shape[1] for i in range(adapter.num_layers)]
+    assert dims == sliced_dims(expected, 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_layer_scores_match_the_hidden_states(family):
+    model, _ = tiny_model(family)
+    ids = calibration_ids()
+    _, states = get_adapter(model).forward(ids, output_hidden_states=True)
+    cos = torch.stack([
+        torch.nn.functional.cosine_similarity(states[i].double(), states[i + 1].double(), dim=-1)
+        for i in range(len(states) - 1)
+    ])  # [L, batch, seq]
+    distance = (1 - cos).sum(dim=(1, 2))
+    lr = 1 - (distance - distance.min()) / (distance.max() - distance.min())
+    bi = 1 - cos.mean(dim=(1, 2))
+    torch.testing.assert_close(layer_scores(model, ids, "lr", batch_size=3), lr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer_scores(model, ids, "bi", batch_size=3), bi, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "mistral", "gemma3"])
+def test_shortgpt_removes_the_lowest_influence_layers(family):
+    model, _ = tiny_model(family, num_hidden_layers=6)
+    ids = calibration_ids()
+    adapter = get_adapter(model)
+    layers = list(adapter.layers)
+    influence = layer_scores(model, ids, "bi")
+    lowest = set(torch.argsort(influence)[:2].tolist())
+    slice_model(model, ids, mean=1 / 3, method="shortgpt")
+    kept = [layer for i, layer in enumerate(layers) if i not in lowest]
+    adapter = get_adapter(model)
+    assert list(adapter.layers) == kept and model.config.num_hidden_layers == 4
+    out = logits(model, ids)
+    torch.testing.assert_close(adapter.forward(ids)[0], out)
+    prompt = ids[:1, :6]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(generated[0, 6:], logits(model, generated[:, :-1])[0, 5:].argmax(-1))
+
+
+BAD_CALLS = {
+    "mean 1": dict(mean=1.0),
+    "mean negative": dict(mean=-0.1),
+    "wrong length": dict(fractions=[0.1, 0.2, 0.3]),
+    "fraction 1": dict(fractions=[0.1, 1.0, 0.1, 0.1]),
+    "no dimension left": dict(fractions=[0.1, 0.995, 0.1, 0.1]),
+    "mean and fractions": dict(mean=0.2, fractions=[0.2] * 4),
+    "amplitude too large": dict(mean=0.2, amplitude=0.5),
+    "shortgpt mean 1": dict(mean=1.0, method="shortgpt"),
+    "unknown method": dict(mean=0.2, method="wanda"),
+    "calibration 1-D": dict(mean=0.2),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_leaves_the_model_untouched(case):
+    model, _ = tiny_model("llama")
+    ids = calibration_ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\S"):
+        slice_model(model, ids[0] if case == "calibration 1-D" else ids, **BAD_CALLS[case])
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "t5"])
+def test_unsupported_family_is_refused_untouched(family):
+    model, _ = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitectureError, match="slicegpt supports"):
+        slice_model(model, calibration_ids(), mean=0.2)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.embedded
+def test_rotation_keeps_smollm2_logits():
+    model, _ = load_model("smollm2-135m")
+    ids = torch.randint(3, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    slice_model(model, ids, mean=0.0)
+    assert relative_error(logits(model, ids), before) < 1e-4
