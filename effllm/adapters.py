@@ -183,6 +183,18 @@ class ArchitectureAdapter:
             "implemented for: llama family (llama, mistral, qwen2, gemma3), opt, gpt2"
         )
 
+    def _causal_mask(self, i: int, context: LayerContext, cache: Cache | None = None) -> Any:
+        """Layer ``i``'s causal mask in the form its attention implementation wants, built once per
+        cached length (layers that skipped tokens have shorter caches)."""
+        cache = context.cache if cache is None else cache
+        key = ("causal", self.cached_length(context.cache, i))
+        if key not in context._masks:
+            context._masks[key] = create_causal_mask(
+                config=self.config, inputs_embeds=context.hidden, attention_mask=context.attention_mask,
+                past_key_values=cache, position_ids=context.position_ids, layer_idx=i,
+            )
+        return context._masks[key]
+
     @staticmethod
     def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
         """[batch, q, heads * head_dim] -> [batch, heads, q, head_dim], the layout of the KV cache."""
@@ -390,14 +402,8 @@ class OPTAdapter(ArchitectureAdapter):
         return hidden + positions.to(hidden.device)
 
     def run_layer(self, i, hidden, context):
-        key = ("causal", self.cached_length(context.cache, i))
-        if key not in context._masks:
-            context._masks[key] = create_causal_mask(
-                config=self.config, inputs_embeds=context.hidden, attention_mask=context.attention_mask,
-                past_key_values=context.cache, position_ids=context.position_ids, layer_idx=i,
-            )
         out = self.layer(i)(
-            hidden, attention_mask=context._masks[key], past_key_values=context.cache,
+            hidden, attention_mask=self._causal_mask(i, context), past_key_values=context.cache,
             use_cache=context.cache is not None, position_ids=context.position_ids,
         )
         return out[0] if isinstance(out, tuple) else out
@@ -466,14 +472,8 @@ class GPT2Adapter(ArchitectureAdapter):
         return transformer.wte(input_ids) + transformer.wpe(position_ids)
 
     def run_layer(self, i, hidden, context):
-        key = ("causal", self.cached_length(context.cache, i))
-        if key not in context._masks:
-            context._masks[key] = create_causal_mask(
-                config=self.config, inputs_embeds=context.hidden, attention_mask=context.attention_mask,
-                past_key_values=context.cache, position_ids=context.position_ids, layer_idx=i,
-            )
         out = self.layer(i)(
-            hidden, context.cache, context._masks[key], use_cache=context.cache is not None,
+            hidden, context.cache, self._causal_mask(i, context), use_cache=context.cache is not None,
             position_ids=context.position_ids,
         )
         return out[0] if isinstance(out, tuple) else out
@@ -553,10 +553,7 @@ class T5Adapter(ArchitectureAdapter):
         key = ("self", past)
         if key not in context._masks:
             self_cache = context.cache.self_attention_cache if context.cache is not None else None
-            mask = create_causal_mask(
-                config=self.config, inputs_embeds=context.hidden, attention_mask=context.attention_mask,
-                past_key_values=self_cache, position_ids=context.position_ids, layer_idx=i,
-            )
+            mask = self._causal_mask(i, context, cache=self_cache)
             q = context.hidden.shape[1]
             bias = self.attention(0).compute_bias(q, past + q, device=context.hidden.device, past_seen_tokens=past)
             context._masks[key] = (mask, bias)
