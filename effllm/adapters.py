@@ -98,6 +98,11 @@ class ArchitectureAdapter:
     def lm_head(self) -> nn.Linear:
         return self.model.get_output_embeddings()
 
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the LM head and the input embeddings share one matrix."""
+        return self.lm_head.weight.data_ptr() == self.embed_tokens.weight.data_ptr()
+
     def layer(self, i: int) -> nn.Module:
         if not 0 <= i < self.num_layers:
             raise IndexError(f"layer index {i} out of range: the model has {self.num_layers} layers (0..{self.num_layers - 1})")

@@ -162,6 +162,8 @@ def cached_linear_exits(
 ) -> LinearExits:
     """Linear exits for ``model_name``, fitted once on the built-in ``corpora`` (train splits) and saved
     beside the model cache (``cache_dir()/exits/<model_name>/<settings>``) so notebooks reuse them."""
+    from safetensors import SafetensorError
+
     from effllm import data
     from effllm.paths import cache_dir
 
@@ -170,7 +172,7 @@ def cached_linear_exits(
     if not refit and (folder / "linear_exits.json").is_file():
         try:
             return LinearExits.load(folder, model=model).to(next(model.parameters()).device)
-        except (OSError, ValueError, KeyError):  # corrupt or for another shape: fit again
+        except (OSError, ValueError, KeyError, SafetensorError):  # corrupt or for another shape: fit again
             pass
     ids = torch.cat([data.calibration(c, tokenizer, n_per_corpus, seq_len, seed=seed) for c in corpora])
     exits = fit_linear_exits(model, ids, meta={"model": model_name, "corpora": list(corpora), "seed": seed})

@@ -333,7 +333,6 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
     config = adapter.config
     n_params = sum(p.numel() for p in model.parameters())
     head = adapter.lm_head.weight
-    tied = head.data_ptr() == adapter.embed_tokens.weight.data_ptr()
     return {
         "model_type": config.model_type,
         "adapter": type(adapter).__name__,
@@ -343,7 +342,7 @@ def describe(model: torch.nn.Module) -> dict[str, Any]:
         "kv_heads": getattr(config, "num_key_value_heads", None),
         "mlp_size": getattr(config, "intermediate_size", getattr(config, "ffn_dim", getattr(config, "d_ff", None))),
         "vocab_size": adapter.vocab_size,
-        "tied_embeddings": tied,
+        "tied_embeddings": adapter.tied_embeddings,
         "parameters": n_params,
         "lm_head_share": head.numel() / n_params,  # tied: the share of the one shared matrix
         "dtype": str(next(model.parameters()).dtype),
@@ -370,7 +369,7 @@ def parameter_breakdown(model: torch.nn.Module) -> Any:
 
     layers = range(adapter.num_layers)
     rows = [
-        ("embeddings" + (" (tied LM head)" if describe(model)["tied_embeddings"] else ""), count([adapter.embed_tokens])),
+        ("embeddings" + (" (tied LM head)" if adapter.tied_embeddings else ""), count([adapter.embed_tokens])),
         ("LM head", count([adapter.lm_head])),
         ("attention", count([m for i in layers for m in adapter.attention_projections(i).values()])),
         ("MLP", count([m for i in layers for m in adapter.mlp_projections(i).values()])),

@@ -53,3 +53,16 @@ def test_linear_exits_save_load_and_shape_check(tmp_path):
     other, _ = tiny_model("llama", num_hidden_layers=6)
     with pytest.raises(ValueError, match="fitted for 4 layers"):
         LinearExits.load(tmp_path, model=other)
+
+
+def test_corrupt_cached_exits_are_refitted(tmp_path, monkeypatch):
+    from effllm.lens import cached_linear_exits
+
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    model, tokenizer = tiny_model("llama")
+    first = cached_linear_exits(model, tokenizer, "tiny-llama", n_per_corpus=2, seq_len=32)
+    (weights,) = tmp_path.glob("exits/tiny-llama/*/linear_exits.safetensors")
+    weights.write_bytes(b"not a safetensors file")
+    again = cached_linear_exits(model, tokenizer, "tiny-llama", n_per_corpus=2, seq_len=32)
+    torch.testing.assert_close(again.weight, first.weight)
+    assert LinearExits.load(weights.parent, model=model).weight.shape == first.weight.shape
