@@ -1,9 +1,9 @@
-"""Benchmarks that print a table and write JSON. Compare rows as ratios measured in one run.
+"""Early-exit decoding: speed and quality of full / static / CALM / FREE against HF ``generate``.
 
     python -m effllm.bench early-exit [--model smollm2-135m] [--prompts 8] [--max-new-tokens 64]
                                       [--out results/early_exit_smollm2-135m.json]
 
-early-exit: batch 1, greedy, prompts from the built-in tasks (arithmetic questions as chat turns and
+Batch 1, greedy, prompts from the built-in tasks (arithmetic questions as chat turns and
 HumanEval prompts as code completion). Every row decodes the same prompts for exactly
 ``max-new-tokens`` tokens (end-of-sequence ignored, so that rows do the same amount of work);
 ``speedup_vs_hf`` is against HF ``generate`` on the same prompts in the same run, and quality is
@@ -12,10 +12,6 @@ measured against the engine's own full-depth output (ROUGE-L, per-position token
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +19,10 @@ import torch
 
 from effllm import data, exits
 from effllm.adapters import get_adapter
+from effllm.bench import device_description, print_table, write_result
 from effllm.lens import cached_linear_exits
 from effllm.metrics import rouge_l
 from effllm.models import chat_input_ids, load_model
-from effllm.paths import REPO_ROOT
 
 
 def bench_prompts(tokenizer, n_prompts: int) -> list[torch.LongTensor]:
@@ -40,12 +36,6 @@ def bench_prompts(tokenizer, n_prompts: int) -> list[torch.LongTensor]:
         else:
             prompts.append(tokenizer(problems[k // 2], return_tensors="pt").input_ids)
     return prompts
-
-
-def device_description() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _timed(fn, prompts):
@@ -106,32 +96,24 @@ def default_early_exit_settings(n_layers: int) -> list[dict]:
     return settings
 
 
-def print_table(rows: list[dict]) -> None:
-    columns = ["method", "threshold", "tokens_per_s", "speedup_vs_hf", "avg_layers", "rougeL_vs_full",
-               "token_agreement_vs_full"]
-    print("  ".join(f"{c:>14}" for c in columns))
-    for row in rows:
-        cells = []
-        for c in columns:
-            value = row[c]
-            cells.append(f"{value:>14.3f}" if isinstance(value, float) else f"{'-' if value is None else value!s:>14}")
-        print("  ".join(cells))
+COLUMNS = ["method", "threshold", "tokens_per_s", "speedup_vs_hf", "avg_layers", "rougeL_vs_full",
+           "token_agreement_vs_full"]
+
+NAME = "early-exit"
+HELP = "decoding speed and quality of full / static / CALM / FREE against HF generate"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m effllm.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    early = sub.add_parser("early-exit", help="decoding speed and quality of full / static / CALM / FREE")
-    early.add_argument("--model", default="smollm2-135m")
-    early.add_argument("--prompts", type=int, default=8)
-    early.add_argument("--max-new-tokens", type=int, default=64)
-    early.add_argument("--no-fitted-exits", action="store_true", help="use the plain logit lens at exits")
-    early.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--no-fitted-exits", action="store_true", help="use the plain logit lens at exits")
+    parser.add_argument("--out", type=Path, default=None)
+
+
+def run(args) -> int:
     if args.prompts < 1 or args.max_new_tokens < 1:
-        parser.error(f"--prompts and --max-new-tokens must be >= 1; got {args.prompts} and {args.max_new_tokens}")
-
+        args._parser.error(f"--prompts and --max-new-tokens must be >= 1; got {args.prompts} and {args.max_new_tokens}")
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     transform = None if args.no_fitted_exits else cached_linear_exits(model, tokenizer, args.model)
@@ -143,13 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "device": device_description(), "prompts": args.prompts,
               "max_new_tokens": args.max_new_tokens, "fitted_exits": transform is not None,
               "torch": torch.__version__, "rows": rows}
-    print_table(rows)
-    out = args.out or REPO_ROOT / "results" / f"early_exit_{args.model.replace('/', '--')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print_table(rows, COLUMNS)
+    write_result(result, args.out, f"early_exit_{args.model.replace('/', '--')}.json")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

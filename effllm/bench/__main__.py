@@ -1,0 +1,5 @@
+import sys
+
+from effllm.bench import main
+
+sys.exit(main())
