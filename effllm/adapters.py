@@ -55,8 +55,37 @@ class LayerContext:
     _masks: dict[tuple, Any] = field(default_factory=dict)
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate hook's execution device (offloaded or dispatched models),
+    else the device of its first parameter or buffer that is not on "meta", else the CPU."""
+    for candidate in (module, *module.modules()):
+        device = getattr(getattr(candidate, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+        if candidate is module:
+            for tensor in (*module.parameters(), *module.buffers()):
+                if tensor.device.type != "meta":
+                    return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor, a tuple/list of tensors, or anything else, returned as is) on ``device``: masks
+    and rotary tables built next to one layer, used by a layer on another device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
 class ArchitectureAdapter:
-    """Base class: one subclass per family. Subclasses set the part accessors and ``run_layer``."""
+    """Base class: one subclass per family. Subclasses set the part accessors and ``run_layer``.
+
+    Models spread over devices (``device_map``): every method moves its input to the device of the part
+    it runs (``layer_device(i)``, the embeddings', the final norm's, the head's) and returns the result
+    there, so the caller never has to know where a layer lives.
+    """
 
     family: str = ""
 
@@ -111,6 +140,10 @@ class ArchitectureAdapter:
     def layer_name(self, i: int) -> str:
         return f"{self.layers_path}.{i}"
 
+    def layer_device(self, i: int) -> torch.device:
+        """Where layer ``i`` computes (see :func:`module_device`)."""
+        return module_device(self.layer(i))
+
     def attention(self, i: int) -> nn.Module:
         raise NotImplementedError
 
@@ -162,7 +195,7 @@ class ArchitectureAdapter:
         self, input_ids: torch.LongTensor, position_ids: torch.LongTensor | None = None, cache: Cache | None = None
     ) -> torch.Tensor:
         """Input states of layer 0 for ``input_ids`` [batch, q] (token and, where used, position embeddings)."""
-        return self.embed_tokens(input_ids)
+        return self.embed_tokens(input_ids.to(module_device(self.embed_tokens)))
 
     def context(
         self,
@@ -185,7 +218,7 @@ class ArchitectureAdapter:
         rest of the layer: CALM's state propagation for layers an early exit skipped."""
         raise UnsupportedArchitectureError(
             f"K/V-only propagation is not implemented for the {self.family!r} adapter; "
-            "implemented for: llama family (llama, mistral, qwen2, gemma3), opt, gpt2"
+            "implemented for: llama family (llama, mistral, qwen2, gemma3), opt, gpt2, t5"
         )
 
     def _causal_mask(self, i: int, context: LayerContext, cache: Cache | None = None) -> Any:
@@ -206,11 +239,25 @@ class ArchitectureAdapter:
         return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)
 
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.final_norm(hidden)
+        return self.final_norm(hidden.to(module_device(self.final_norm)))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head on states of any layer (the logit lens on intermediate layers)."""
-        return self.lm_head(self.normed(hidden))
+    def logits(self, hidden: torch.Tensor, rows: torch.LongTensor | None = None) -> torch.Tensor:
+        """Final norm and LM head on states of any layer (the logit lens on intermediate layers).
+
+        ``rows``: only these vocabulary ids' logits, in that order (a pruned vocabulary; the head's
+        other rows are never read)."""
+        return self._head(self.normed(hidden), rows)
+
+    def _head(self, normed: torch.Tensor, rows: torch.LongTensor | None) -> torch.Tensor:
+        head = self.lm_head
+        device = module_device(head)
+        normed = normed.to(device)
+        if rows is not None:
+            rows = rows.to(device)
+        if rows is None:
+            return head(normed)
+        bias = None if head.bias is None else head.bias[rows]
+        return torch.nn.functional.linear(normed, self.weight(head)[rows], bias)
 
     @torch.no_grad()
     def forward(
@@ -320,30 +367,31 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
         return context._masks[key]
 
     def run_layer(self, i: int, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
+        device = self.layer_device(i)
         out = self.layer(i)(
-            hidden,
-            attention_mask=self._mask(i, context),
-            position_ids=context.position_ids,
+            hidden.to(device),
+            attention_mask=to_device(self._mask(i, context), device),
+            position_ids=context.position_ids.to(device),
             past_key_values=context.cache,
             use_cache=context.cache is not None,
-            position_embeddings=self._rotary(i, context),
+            position_embeddings=to_device(self._rotary(i, context), device),
         )
         return out[0] if isinstance(out, tuple) else out
 
     def append_kv(self, i: int, hidden: torch.Tensor, context: LayerContext) -> None:
         layer, attn = self.layer(i), self.attention(i)
-        x = layer.input_layernorm(hidden)
+        x = layer.input_layernorm(hidden.to(self.layer_device(i)))
         key = self._heads(attn.k_proj(x), attn.head_dim)
         value = self._heads(attn.v_proj(x), attn.head_dim)
         if hasattr(attn, "k_norm"):  # Gemma 3 (and Qwen 3) normalise keys per head before rotary
             key = attn.k_norm(key)
-        cos, sin = self._rotary(i, context)
+        cos, sin = to_device(self._rotary(i, context), key.device)
         rotate = inspect.getmodule(type(attn)).apply_rotary_pos_emb
         _, key = rotate(key, key, cos, sin)
         context.cache.update(key, value, i)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.normed(hidden))
+    def logits(self, hidden: torch.Tensor, rows: torch.LongTensor | None = None) -> torch.Tensor:
+        logits = self._head(self.normed(hidden), rows)
         softcap = getattr(self.config, "final_logit_softcapping", None)
         if softcap:  # Gemma 2/3 checkpoints that set it
             logits = torch.tanh(logits / softcap) * softcap
@@ -400,29 +448,33 @@ class OPTAdapter(ArchitectureAdapter):
     def embed(self, input_ids, position_ids=None, cache=None):
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids, cache)
-        hidden = self.decoder.embed_tokens(input_ids)
+        hidden = self.decoder.embed_tokens(input_ids.to(module_device(self.decoder.embed_tokens)))
         if self.decoder.project_in is not None:
             hidden = self.decoder.project_in(hidden)
-        positions = self.decoder.embed_positions(None, 0, position_ids=position_ids)
+        positions = self.decoder.embed_positions(
+            None, 0, position_ids=position_ids.to(module_device(self.decoder.embed_positions)))
         return hidden + positions.to(hidden.device)
 
     def run_layer(self, i, hidden, context):
+        device = self.layer_device(i)
         out = self.layer(i)(
-            hidden, attention_mask=self._causal_mask(i, context), past_key_values=context.cache,
-            use_cache=context.cache is not None, position_ids=context.position_ids,
+            hidden.to(device), attention_mask=to_device(self._causal_mask(i, context), device),
+            past_key_values=context.cache, use_cache=context.cache is not None,
+            position_ids=context.position_ids.to(device),
         )
         return out[0] if isinstance(out, tuple) else out
 
     def append_kv(self, i, hidden, context):
         layer, attn = self.layer(i), self.attention(i)
+        hidden = hidden.to(self.layer_device(i))
         x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
         context.cache.update(self._heads(attn.k_proj(x), attn.head_dim), self._heads(attn.v_proj(x), attn.head_dim), i)
 
     def normed(self, hidden):
         if self.decoder.final_layer_norm is not None:
-            hidden = self.decoder.final_layer_norm(hidden)
+            hidden = self.decoder.final_layer_norm(hidden.to(module_device(self.decoder.final_layer_norm)))
         if self.decoder.project_out is not None:
-            hidden = self.decoder.project_out(hidden)
+            hidden = self.decoder.project_out(hidden.to(module_device(self.decoder.project_out)))
         return hidden
 
 
@@ -467,6 +519,7 @@ class GPT2Adapter(ArchitectureAdapter):
 
     def append_kv(self, i, hidden, context):
         attn = self.attention(i)
+        hidden = hidden.to(self.layer_device(i))
         _, key, value = attn.c_attn(self.layer(i).ln_1(hidden)).split(attn.split_size, dim=2)
         context.cache.update(self._heads(key, attn.head_dim), self._heads(value, attn.head_dim), i)
 
@@ -474,12 +527,14 @@ class GPT2Adapter(ArchitectureAdapter):
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids, cache)
         transformer = self.model.transformer
-        return transformer.wte(input_ids) + transformer.wpe(position_ids)
+        tokens = transformer.wte(input_ids.to(module_device(transformer.wte)))
+        return tokens + transformer.wpe(position_ids.to(module_device(transformer.wpe))).to(tokens.device)
 
     def run_layer(self, i, hidden, context):
+        device = self.layer_device(i)
         out = self.layer(i)(
-            hidden, context.cache, self._causal_mask(i, context), use_cache=context.cache is not None,
-            position_ids=context.position_ids,
+            hidden.to(device), context.cache, to_device(self._causal_mask(i, context), device),
+            use_cache=context.cache is not None, position_ids=context.position_ids.to(device),
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -565,16 +620,24 @@ class T5Adapter(ArchitectureAdapter):
         return context._masks[key]
 
     def run_layer(self, i, hidden, context):
-        mask, bias = self._self_attention_inputs(i, context)
-        encoder_mask = context.extras.get("encoder_attention_mask")
+        device = self.layer_device(i)
+        mask, bias = to_device(self._self_attention_inputs(i, context), device)
+        encoder_mask = to_device(context.extras.get("encoder_attention_mask"), device)
         out = self.layer(i)(
-            hidden, mask, bias, context.extras["encoder_hidden_states"], encoder_mask, None,
+            hidden.to(device), mask, bias, context.extras["encoder_hidden_states"].to(device), encoder_mask, None,
             past_key_values=context.cache,
         )
         return out[0]
 
+    def append_kv(self, i, hidden, context):
+        attn = self.attention(i)
+        x = self.layer(i).layer[0].layer_norm(hidden.to(self.layer_device(i)))
+        key = self._heads(attn.k(x), attn.key_value_proj_dim)
+        value = self._heads(attn.v(x), attn.key_value_proj_dim)
+        context.cache.self_attention_cache.update(key, value, i)
+
     def normed(self, hidden):
-        hidden = self.final_norm(hidden)
+        hidden = self.final_norm(hidden.to(module_device(self.final_norm)))
         if getattr(self.config, "scale_decoder_outputs", False):
             hidden = hidden * (self.config.d_model**-0.5)
         return hidden

@@ -99,8 +99,17 @@ def test_softmax_confidence_is_the_top2_gap():
         ({"method": "calm", "exit_conf_threshold": float("nan")}, "exit_conf_threshold must be a number >= 0"),
         ({"method": "static", "static_exit_layer": 5}, "static_exit_layer must be a layer between 1 and 4"),
         ({"method": "calm", "exit_min_layer": 0}, "exit_min_layer must be a layer between 1 and 4"),
-        ({"method": "skip"}, "allowed: full, static, calm"),
-        ({"method": "calm", "exit_conf_type": "meta"}, "allowed: softmax, state"),
+        ({"method": "beam"}, "allowed: full, static, calm, free, skip"),
+        ({"method": "calm", "exit_conf_type": "entropy"}, "allowed: softmax, state, meta"),
+        ({"method": "calm", "exit_conf_type": "meta"}, "needs meta_classifier"),
+        ({"method": "calm", "type_vocab_reduct": "top"}, "allowed: none, fixed, decaying, adaptive"),
+        ({"method": "calm", "type_vocab_reduct": "fixed", "k": 1}, r"k must be an integer in \[2, 384\]"),
+        ({"method": "calm", "type_vocab_reduct": "fixed", "k": 385}, r"k must be an integer in \[2, 384\]"),
+        ({"method": "calm", "type_vocab_reduct": "fixed", "exit_conf_type": "state"}, "needs exit_conf_type='softmax'"),
+        ({"method": "free", "shallow_exit_layer": 4}, "shallow_exit_layer must be a layer between 1 and 3"),
+        ({"method": "free", "shallow_exit_layer": 2, "shallow2deep_conf_threshold": -1}, "must be a number >= 0"),
+        ({"method": "calm", "use_adapt_threshold": True}, "belong to method='free'"),
+        ({"method": "free", "shallow_exit_layer": 2, "rollback_threshold": float("nan")}, "rollback_threshold"),
     ],
 )
 def test_bad_input(params, match):
@@ -179,3 +188,201 @@ def test_free_exit_layers_follow_the_confidence():
     shallow = [c[0] > tau for c in out.confidences[1:]]
     assert [layer == 3 for layer in out.exit_layers[0, 1:].tolist()] == shallow
     assert any(shallow) and not all(shallow)  # the case exercises both branches and at least one sync
+
+
+# ---- the pending (recompute-later) path, FREE, rollback, adaptive threshold, meta, vocabulary pruning, T5 ----
+
+
+def _full_forward_states(model, sequence):
+    """Hidden states [layer][position] of the full model on ``sequence`` (embeddings first)."""
+    _, states = get_adapter(model).forward(sequence, output_hidden_states=True)
+    return states
+
+
+def _check_tokens_come_from_their_exit_layers(model, out, prompt_len):
+    """Without state copying, every position eventually gets the full model's states, so a token that left
+    from layer e is the argmax at layer e of a plain full forward over the generated sequence."""
+    adapter = get_adapter(model)
+    states = _full_forward_states(model, out.sequences[:, :-1])
+    for t, layer in enumerate(out.exit_layers[0].tolist()):
+        position = prompt_len - 1 + t
+        expected = adapter.logits(states[layer][:, position : position + 1]).argmax(-1).item()
+        assert out.sequences[0, prompt_len + t].item() == expected, (t, layer)
+
+
+def _median_confidence(model, ids, **params):
+    """A threshold that the model's confidences cross about half the time: a mix of exits and deep tokens."""
+    out = exits.generate(model, ids, 24, exit_conf_threshold=2.0, shallow2deep_conf_threshold=2.0,
+                         eos_token_id=[], **params)
+    return float(torch.tensor([c for cs in out.confidences for c in cs]).median())
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_calm_recomputing_skipped_layers_later_matches_the_full_model_states(family):
+    model, _ = tiny_model(family, num_hidden_layers=6)
+    ids = _prompt(12)
+    tau = _median_confidence(model, ids, method="calm", exit_min_layer=2)
+    out = exits.generate(model, ids, 24, method="calm", exit_conf_threshold=tau, exit_min_layer=2,
+                         state_propagation=False, eos_token_id=[])
+    layers = set(out.exit_layers[0, 1:].tolist())
+    assert len(layers) > 1 and min(layers) < 6  # the case mixes exits and full-depth tokens
+    _check_tokens_come_from_their_exit_layers(model, out, ids.shape[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_free_tokens_come_from_the_shallow_or_the_deep_model(family):
+    model, _ = tiny_model(family, num_hidden_layers=6)
+    ids = _prompt(13)
+    tau = _median_confidence(model, ids, method="free", shallow_exit_layer=3)
+    out = exits.generate(model, ids, 30, method="free", shallow_exit_layer=3, shallow2deep_conf_threshold=tau,
+                         eos_token_id=[])
+    assert {3, 6} <= set(out.exit_layers[0, 1:].tolist())
+    _check_tokens_come_from_their_exit_layers(model, out, ids.shape[1])
+
+
+def _count_layer_calls(model):
+    calls = []
+    for layer in get_adapter(model).layers:
+        layer.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[1]))
+    return calls
+
+
+def test_exit_layers_are_the_layers_actually_run():
+    """CALM with propagation runs exactly exit_layers[t] layers for token t (the rest only get K/V);
+    FREE runs Ls layers per token plus, once per deep token, the deep layers over every stacked token."""
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    calls = _count_layer_calls(model)
+    out = exits.generate(model, _prompt(14), 24, method="calm", exit_conf_threshold=0.002, exit_min_layer=2,
+                         eos_token_id=[])
+    assert len(calls) == 6 + int(out.exit_layers[0, 1:].sum())
+    calls.clear()
+    out = exits.generate(model, _prompt(14), 30, method="free", shallow_exit_layer=3,
+                         shallow2deep_conf_threshold=0.0016, eos_token_id=[])
+    new = out.exit_layers[0, 1:].tolist()
+    assert len(calls) == 6 + 3 * len(new) + 3 * new.count(6)
+    # the deep passes process every token exactly once per deep layer (in joint passes)
+    assert sum(calls) == 6 * 7 + 3 * len(new) + 3 * len(new[: max(i for i, e in enumerate(new) if e == 6) + 1])
+
+
+def test_rollback_revises_shallow_tokens_the_deep_model_rejects():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = _prompt(15)
+    tau = _median_confidence(model, ids, method="free", shallow_exit_layer=3)
+    params = {"method": "free", "shallow_exit_layer": 3, "shallow2deep_conf_threshold": tau, "eos_token_id": []}
+    plain = exits.generate(model, ids, 30, **params)
+    # threshold 0 nats: any stacked token with a deep probability below 1 is revised
+    revised = exits.generate(model, ids, 30, rollback_threshold=0.0, **params)
+    assert plain.rollbacks == 0 and revised.rollbacks > 0
+    assert revised.sequences.shape == plain.sequences.shape
+    _check_tokens_come_from_their_exit_layers(model, revised, ids.shape[1])
+    # a rollback threshold nothing reaches changes nothing
+    never = exits.generate(model, ids, 30, rollback_threshold=1e9, **params)
+    assert torch.equal(never.sequences, plain.sequences) and never.rollbacks == 0
+
+
+def test_beta_mixture_threshold():
+    """Moments of a Beta, the posterior, and the threshold as the smallest grid point above zeta."""
+    alpha, beta = exits.AdaptiveThreshold.beta_moments([0.2, 0.4, 0.6, 0.8] * 5)
+    m, v = 0.5, sum((x - 0.5) ** 2 for x in [0.2, 0.4, 0.6, 0.8] * 5) / 19
+    assert alpha == pytest.approx(m * (m * (1 - m) / v - 1)) and beta == pytest.approx(alpha)
+    estimator = exits.AdaptiveThreshold(initial=0.9)
+    generator = torch.Generator().manual_seed(0)
+    agree = torch.distributions.Beta(8.0, 2.0).sample((200,)).tolist()
+    disagree = torch.distributions.Beta(2.0, 8.0).sample((200,)).tolist()
+    del generator
+    for a, d in zip(agree, disagree, strict=True):
+        estimator.record(a, True)
+        estimator.record(d, False)
+    tau = estimator.threshold
+    assert 0.3 <= tau < 0.9
+    assert estimator.posterior_agree(tau) > 0.4
+    assert tau == pytest.approx(0.3) or estimator.posterior_agree(tau - 0.01) <= 0.4
+    assert [h[2] for h in estimator.history][-1] == tau
+
+
+def test_adaptive_threshold_learns_across_generations():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    state = exits.AdaptiveThreshold(initial=0.0016, min_per_class=2)
+    for seed in range(3):
+        out = exits.generate(model, _prompt(20 + seed), 20, method="free", shallow_exit_layer=3,
+                             shallow2deep_conf_threshold=0.0016, use_adapt_threshold=True, adapt_threshold=state,
+                             eos_token_id=[])
+        assert out.thresholds[1:] and all(0 <= t <= 0.9 for t in out.thresholds[1:])
+    assert state.sequences == 3 and len(state.samples) > 0
+
+
+def test_meta_confidence_uses_the_classifier():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    seen = []
+
+    def classifier(layer, hidden):
+        seen.append(layer)
+        return torch.tensor(1.0 if layer == 4 else 0.0)
+
+    out = exits.generate(model, _prompt(16), 6, method="calm", exit_conf_type="meta", meta_classifier=classifier,
+                         exit_conf_threshold=0.5, exit_min_layer=2, eos_token_id=[])
+    assert (out.exit_layers[0, 1:] == 4).all()
+    assert seen[:3] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("reduct", ["fixed", "decaying", "adaptive"])
+def test_vocabulary_pruning_with_the_whole_vocabulary_changes_nothing(reduct):
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = _prompt(17)
+    plain = exits.generate(model, ids, 20, method="calm", exit_conf_threshold=0.002, exit_min_layer=2,
+                           eos_token_id=[])
+    # k = V and k_min = V keep every row at every layer
+    pruned = exits.generate(model, ids, 20, method="calm", exit_conf_threshold=0.002, exit_min_layer=2,
+                            eos_token_id=[], type_vocab_reduct=reduct, k=384, k_min=384)
+    assert torch.equal(pruned.sequences, plain.sequences)
+    assert torch.equal(pruned.exit_layers, plain.exit_layers)
+    for a, b in zip(plain.confidences, pruned.confidences, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_pruned_exit_emits_the_full_vocabulary_id():
+    """A head whose rows are one-hot: the exit's argmax in the pruned space maps back to the right id."""
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    adapter = get_adapter(model)
+    head = exits.ExitHead(adapter, type_vocab_reduct="fixed", k=3, prune_layer=1)
+    hidden = torch.zeros(1, 1, adapter.hidden_size)
+    with torch.no_grad():
+        weight = torch.zeros(adapter.vocab_size, adapter.hidden_size)
+        weight[300, 0], weight[17, 1], weight[250, 2] = 5.0, 4.0, 3.0
+        adapter.lm_head.weight.copy_(weight)
+        adapter.final_norm.weight.fill_(1.0)
+        hidden[0, 0, :3] = torch.tensor([1.0, 1.0, 1.0])
+        conf, token = head.confidence(1, hidden, hidden)  # full vocabulary: picks the candidates
+        assert token.item() == 300 and head.rows.tolist() == [300, 17, 250]
+        hidden[0, 0, :3] = torch.tensor([0.0, 0.0, 9.0])  # now id 250 is the best of the three
+        conf, token = head.confidence(2, hidden, hidden)
+        assert token.item() == 250
+        assert head.flops == (2 * adapter.hidden_size - 1) * (adapter.vocab_size + 3)
+
+
+def test_decaying_and_adaptive_k_follow_the_formulas():
+    k, k_min, n = 256, 16, 30
+    for layer in range(1, n + 1):
+        assert exits.decaying_k(k, k_min, layer, n) == max(k_min, math.floor(k / (1 + (k - k_min) / k_min * layer / n)))
+    assert exits.decaying_k(k, k_min, n, n) == 16  # k / (1 + (k - k_min)/k_min) = k_min at l = L
+    assert exits.adaptive_k(1000, 0.5, 8) == 550 and exits.adaptive_k(1000, 1.0, 200) == 200
+
+
+@pytest.mark.parametrize("method", ["full", "calm", "free"])
+def test_t5_decoder_reproduces_hf_generate(method):
+    # encoder and decoder of equal depth: HF's own generate sizes its cache by the encoder's layer count
+    model, _ = tiny_model("t5", num_layers=4)
+    src = _prompt(18, length=9)
+    expected = model.generate(src, attention_mask=torch.ones_like(src), max_new_tokens=12, do_sample=False,
+                              eos_token_id=2, pad_token_id=0)
+    params = {"calm": {"exit_conf_threshold": 1.5, "exit_min_layer": 1},
+              "free": {"shallow_exit_layer": 1, "shallow2deep_conf_threshold": 1.5}}.get(method, {})
+    out = exits.generate(model, src, 12, method=method, eos_token_id=2, **params)
+    assert torch.equal(out.sequences, expected)
+
+
+def test_t5_calm_state_propagation_runs_and_exits():
+    model, _ = tiny_model("t5")
+    out = exits.generate(model, _prompt(19, length=9), 10, method="calm", exit_conf_threshold=0.0,
+                         exit_min_layer=1, eos_token_id=[])
+    assert (out.exit_layers[0, 1:] == 1).all() and out.sequences.shape == (1, 11)
