@@ -178,3 +178,77 @@ def cached_linear_exits(
     exits = fit_linear_exits(model, ids, meta={"model": model_name, "corpora": list(corpora), "seed": seed})
     exits.save(folder)
     return exits
+
+
+class MetaClassifier(torch.nn.Module):
+    """CALM's ``meta`` confidence: the probability that the exit at layer l already gives the final token.
+
+    A logistic regression on the exit's normed state (after the fitted exit map, if any) plus a learned
+    per-layer offset, trained on calibration text with labels 1[argmax at l == argmax at L]. Called as
+    ``classifier(layer, hidden) -> probability`` (the ``meta_classifier`` of :func:`effllm.exits.generate`).
+    """
+
+    def __init__(self, hidden_size: int, n_layers: int, exit_transform: LinearExits | None = None):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        self.layer_bias = torch.nn.Parameter(torch.zeros(n_layers + 1))
+        self.exit_transform = exit_transform
+        self.n_layers = n_layers
+
+    def features(self, adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.exit_transform is not None and layer < self.n_layers:
+            hidden = self.exit_transform(layer, hidden)
+        return adapter.normed(hidden)
+
+    def logit(self, features: torch.Tensor, layers: torch.LongTensor) -> torch.Tensor:
+        return self.linear(features).squeeze(-1) + self.layer_bias[layers]
+
+    def bind(self, model: torch.nn.Module):
+        """The ``meta_classifier(layer, hidden)`` callable for ``model``."""
+        adapter = get_adapter(model)
+
+        def classify(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                features = self.features(adapter, layer, hidden)
+                return torch.sigmoid(self.logit(features, torch.tensor(layer)))
+
+        return classify
+
+
+def fit_meta_classifier(
+    model: torch.nn.Module,
+    token_ids: torch.LongTensor,
+    exit_transform: LinearExits | None = None,
+    min_layer: int = 1,
+    steps: int = 300,
+    lr: float = 0.05,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> MetaClassifier:
+    """Train a :class:`MetaClassifier` on every position of ``token_ids`` [n, seq] and layers
+    ``min_layer`` .. L-1 (full-batch Adam on the collected features; the backbone is frozen)."""
+    adapter = get_adapter(model)
+    n_layers = adapter.num_layers
+    classifier = MetaClassifier(adapter.hidden_size, n_layers, exit_transform)
+    features, layers, labels = [], [], []
+    with torch.no_grad():
+        for start in tqdm(range(0, token_ids.shape[0], batch_size), desc="meta features", disable=not progress):
+            final_logits, states = adapter.forward(token_ids[start : start + batch_size], output_hidden_states=True)
+            final = final_logits.argmax(-1).reshape(-1)
+            for layer in range(min_layer, n_layers):
+                x = classifier.features(adapter, layer, states[layer]).reshape(-1, adapter.hidden_size)
+                features.append(x.float())
+                labels.append(adapter._head(x, None).argmax(-1) == final)  # x is already normed
+                layers.append(torch.full((x.shape[0],), layer))
+    x, y, layer_ids = torch.cat(features), torch.cat(labels).float(), torch.cat(layers)
+    classifier.float()
+    optimizer = torch.optim.Adam([p for n, p in classifier.named_parameters() if not n.startswith("exit_transform")],
+                                 lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier.logit(x, layer_ids), y)
+        loss.backward()
+        optimizer.step()
+    classifier.train_loss = float(loss.detach())
+    classifier.positive_rate = float(y.mean())
+    return classifier.requires_grad_(False)

@@ -66,3 +66,24 @@ def test_corrupt_cached_exits_are_refitted(tmp_path, monkeypatch):
     again = cached_linear_exits(model, tokenizer, "tiny-llama", n_per_corpus=2, seq_len=32)
     torch.testing.assert_close(again.weight, first.weight)
     assert LinearExits.load(weights.parent, model=model).weight.shape == first.weight.shape
+
+
+def test_meta_classifier_learns_something_and_drives_calm():
+    """Trained on the tiny model's own agreement labels, it beats the constant predictor's loss."""
+    import math
+
+    from effllm import exits
+    from effllm.lens import fit_meta_classifier
+
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = torch.randint(3, 250, (8, 32), generator=torch.Generator().manual_seed(3))
+    classifier = fit_meta_classifier(model, ids, min_layer=1, steps=200, progress=False)
+    p = classifier.positive_rate
+    constant_loss = -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    assert 0 < p < 1 and classifier.train_loss < constant_loss
+    out = exits.generate(model, ids[:1, :6], 6, method="calm", exit_conf_type="meta",
+                         meta_classifier=classifier.bind(model), exit_conf_threshold=0.0, exit_min_layer=2,
+                         eos_token_id=[])
+    assert (out.exit_layers[0, 1:] == 2).all()
+    prob = classifier.bind(model)(3, torch.randn(1, 1, 64))
+    assert 0.0 <= float(prob) <= 1.0

@@ -1,0 +1,165 @@
+"""Learn-then-Test calibration of an early-exit threshold (Angelopoulos et al. 2021; CALM, Schuster et al. 2022).
+
+CALM's guarantee: with probability at least 1 - epsilon over the calibration set, the chosen threshold
+lambda keeps the expected disagreement between the early-exit output and the full model's output at most
+delta. Learn-then-Test turns that into multiple testing: for each candidate lambda the null hypothesis
+"risk(lambda) > delta" gets a p-value from the empirical risk on n calibration prompts (the
+Hoeffding-Bentkus bound); the candidates are tested in a fixed sequence from the safest (highest
+threshold) down, and the sequence stops at the first one that is not rejected. Every rejected lambda is
+valid; the lowest is the fastest.
+
+    result = calibrate_threshold(model, prompts, max_new_tokens=32, delta=0.2, epsilon=0.05,
+                                 candidates=[0.99, 0.95, 0.9, 0.8, 0.7], method="calm",
+                                 exit_conf_type="softmax", exit_min_layer=20)
+    result.threshold     # None if even the safest candidate could not be certified
+
+The binomial tail is written out here (a few lines) rather than taken from scipy, which effllm does not
+otherwise need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from effllm import exits
+
+DISTANCES = ("token", "rougeL")
+
+
+def hoeffding_p_value(risk: float, delta: float, n: int) -> float:
+    """Hoeffding's p-value for H0: true risk > delta, given empirical risk ``risk`` of n samples in [0, 1]."""
+    return math.exp(-2.0 * n * max(delta - risk, 0.0) ** 2)
+
+
+def _kl_bernoulli(a: float, b: float) -> float:
+    a = min(max(a, 1e-12), 1 - 1e-12)
+    b = min(max(b, 1e-12), 1 - 1e-12)
+    return a * math.log(a / b) + (1 - a) * math.log((1 - a) / (1 - b))
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k), summed in log space."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+            for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def hoeffding_bentkus_p_value(risk: float, delta: float, n: int) -> float:
+    """The Hoeffding-Bentkus p-value of Learn-then-Test (Bates et al. 2021, eq. 21) for losses in [0, 1]:
+    min(exp(-n h(min(risk, delta), delta)), e * P(Bin(n, delta) <= ceil(n risk)))."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1); got {delta!r}")
+    hoeffding = math.exp(-n * _kl_bernoulli(min(risk, delta), delta))
+    bentkus = math.e * binomial_cdf(math.ceil(n * risk), n, delta)
+    return min(1.0, hoeffding, bentkus)
+
+
+@dataclass
+class LTTResult:
+    threshold: float | None  # the lowest certified candidate; None when none could be certified
+    delta: float
+    epsilon: float
+    n: int
+    table: pd.DataFrame  # candidate, risk, p_value, rejected (valid), tested, avg_layers
+    per_prompt: dict[float, list[float]] = field(default_factory=dict)
+
+
+def learn_then_test(risks: dict[float, Sequence[float]], delta: float, epsilon: float,
+                    avg_layers: dict[float, float] | None = None) -> LTTResult:
+    """Fixed-sequence Learn-then-Test over ``risks`` (candidate threshold -> per-prompt losses in [0, 1]).
+
+    Candidates are tested from the highest threshold (the most conservative) down; the first candidate
+    whose p-value exceeds ``epsilon`` stops the sequence. Returns the lowest rejected (certified) candidate.
+    """
+    if not 0 < epsilon < 1:
+        raise ValueError(f"epsilon must lie in (0, 1); got {epsilon!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1); got {delta!r}")
+    if not risks:
+        raise ValueError("no candidate thresholds given")
+    rows, chosen, stopped = [], None, False
+    n = None
+    for candidate in sorted(risks, reverse=True):
+        losses = list(risks[candidate])
+        if not losses or any(not 0 <= x <= 1 for x in losses):
+            raise ValueError(f"losses for threshold {candidate} must be non-empty and lie in [0, 1]")
+        n = len(losses) if n is None else n
+        if len(losses) != n:
+            raise ValueError(f"every candidate needs the same prompts: {len(losses)} losses for {candidate}, {n} before")
+        risk = sum(losses) / n
+        p_value = hoeffding_bentkus_p_value(risk, delta, n)
+        rejected = not stopped and p_value <= epsilon
+        rows.append({"candidate": candidate, "risk": risk, "p_value": p_value, "tested": not stopped,
+                     "certified": rejected, "avg_layers": (avg_layers or {}).get(candidate)})
+        if rejected:
+            chosen = candidate
+        else:
+            stopped = True
+    return LTTResult(chosen, delta, epsilon, n, pd.DataFrame(rows), {c: list(v) for c, v in risks.items()})
+
+
+def disagreement(early: torch.Tensor, full: torch.Tensor, distance: str = "token",
+                 decode: Callable[[torch.Tensor], str] | None = None) -> float:
+    """D(Y_early, Y_full) in [0, 1]: the fraction of positions where the tokens differ (over the longer of
+    the two), or 1 - ROUGE-L of the decoded texts (``decode`` needed)."""
+    if distance == "token":
+        length = max(len(early), len(full))
+        if length == 0:
+            return 0.0
+        shared = min(len(early), len(full))
+        return 1.0 - float((early[:shared] == full[:shared]).sum()) / length
+    if distance == "rougeL":
+        from effllm.metrics import rouge_l
+
+        if decode is None:
+            raise ValueError("distance='rougeL' needs decode= (for example tokenizer.decode)")
+        return 1.0 - rouge_l([decode(early)], [decode(full)])
+    raise ValueError(f"unknown distance {distance!r}; allowed: {', '.join(DISTANCES)}")
+
+
+def calibrate_threshold(
+    model: torch.nn.Module,
+    prompts: Sequence[torch.LongTensor],
+    max_new_tokens: int,
+    candidates: Sequence[float],
+    delta: float,
+    epsilon: float,
+    method: str = "calm",
+    distance: str = "token",
+    decode: Callable[[torch.Tensor], str] | None = None,
+    progress: bool = True,
+    **generate_params,
+) -> LTTResult:
+    """Choose ``exit_conf_threshold`` (CALM) or ``shallow2deep_conf_threshold`` (FREE) by Learn-then-Test:
+    decode every prompt at full depth and with each candidate, measure the per-prompt disagreement, test."""
+    if method not in ("calm", "free"):
+        raise ValueError(f"calibration is for method='calm' or 'free'; got {method!r}")
+    if not candidates:
+        raise ValueError("candidates must list at least one threshold")
+    key = "exit_conf_threshold" if method == "calm" else "shallow2deep_conf_threshold"
+    full = []
+    for ids in tqdm(prompts, desc="full-depth references", disable=not progress):
+        out = exits.generate(model, ids, max_new_tokens, method="full",
+                             eos_token_id=generate_params.get("eos_token_id"))
+        full.append(out.sequences[0, ids.shape[1]:])
+    risks, layers = {}, {}
+    for candidate in tqdm(sorted(candidates, reverse=True), desc="candidates", disable=not progress):
+        losses, used, count = [], 0.0, 0
+        for ids, reference in zip(prompts, full, strict=True):
+            out = exits.generate(model, ids, max_new_tokens, method=method, **{key: candidate}, **generate_params)
+            losses.append(disagreement(out.sequences[0, ids.shape[1]:], reference, distance, decode))
+            used += float(out.exit_layers.double().sum())
+            count += out.exit_layers.numel()
+        risks[candidate], layers[candidate] = losses, used / count
+    return learn_then_test(risks, delta, epsilon, layers)
