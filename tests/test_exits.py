@@ -131,10 +131,13 @@ def test_embedded_model_full_and_disabled_calm_match_hf():
     model, tokenizer = load_model("smollm2-135m")
     ids = chat_input_ids(tokenizer, "Name three colours.")
     expected = _hf_greedy(model, ids, 24, eos=tokenizer.eos_token_id)
-    for method in ["full", "calm"]:
-        out = exits.generate(model, ids, 24, method=method, exit_conf_threshold=2.0, exit_min_layer=10,
-                             eos_token_id=tokenizer.eos_token_id)
-        assert torch.equal(out.sequences, expected)
+    disabled = {"full": {}, "static": {"static_exit_layer": 30},
+                "calm": {"exit_conf_threshold": 2.0, "exit_min_layer": 10},
+                "free": {"shallow_exit_layer": 20, "shallow2deep_conf_threshold": 2.0}}
+    for method, params in disabled.items():
+        out = exits.generate(model, ids, 24, method=method, eos_token_id=tokenizer.eos_token_id, **params)
+        assert torch.equal(out.sequences, expected), method
+        assert (out.exit_layers == 30).all()
 
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
