@@ -5,6 +5,7 @@
     python run_all.py --profile smoke          # tiny sizes, seconds per notebook -> build/smoke/figures/
     python run_all.py --only 00 -p max_new_tokens=32
     python run_all.py --profile paper --jobs 2 # the papers' models, on a GPU -> figures/paper/
+    python run_all.py --sweep sweeps/wanda_calibration_sets.yaml --executor ray|slurm|local
 
 Each notebook ``notebooks/NN_title.py`` (the jupytext twin of ``NN_title.ipynb``) becomes one `Job`.
 The job runs in its own kernel with ``figures_dir`` pointing at a private staging folder; only when the
@@ -14,7 +15,10 @@ and a summary to ``build/<profile>/summary.json``; the exit code is 1 when any n
 
 Executors: `run_job` is a pure, picklable function of a `Job`; an executor only has to call it somewhere
 and hand back a `concurrent.futures.Future`. `LocalExecutor` uses threads (each papermill run already
-starts its kernel in its own process); a Ray or SLURM executor can implement the same two methods.
+starts its kernel in its own process). Sweeps (``--sweep FILE``, see effllm/scale.py) run one notebook
+over a parameter grid on the local, Ray (`effllm.scale.RayExecutor`) or SLURM (`SubmititExecutor`)
+executor; a remote run executes `run_job_isolated` in a private folder and ships its files back, and
+`land` puts them into this repository's layout, so no shared file system is needed for outputs.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
@@ -43,6 +48,7 @@ NOTEBOOK_PATTERN = "[0-9][0-9]_*.py"
 COMMON_PARAMETERS = ("profile", "model_name", "seed", "figures_dir")
 # Set by run_all.py itself for every job; `-p` may not override them.
 RESERVED_PARAMETERS = ("profile", "figures_dir")
+EXECUTOR_NAMES = ("local", "ray", "slurm")  # --executor, for sweeps (effllm/scale.py)
 
 # profile -> {"common": parameters every notebook gets, "<notebook stem>": that notebook's overrides}.
 # Only the parameters a notebook declares in its `parameters` cell are passed to it.
@@ -51,16 +57,54 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         "common": {"model_name": "tiny-llama", "seed": 0},
         "00_quickstart": {"max_new_tokens": 8, "lens_sequences": 2, "lens_seq_len": 32},
+        "05_sparse_speedup": {"shape_sets": ["model"], "token_counts": {"model": [1, 4]}, "min_run_time": 0.001,
+                              "rounds": 1, "prompt_tokens": 16, "decode_tokens": 4},
+        "06_dynamic_slicing": {"calibration_samples": 4, "calibration_seq_len": 32, "eval_windows": 2,
+                               "eval_seq_len": 32, "means": [0.25, 0.5], "vector_mean": 0.25,
+                               "zero_shot_tasks": ["arithmetic-mc"], "zero_shot_limit": 4},
+        "03_layer_selection": {"budgets": [0.25, 0.5, 0.75, 1.0], "n_prompts": 2, "max_new_tokens": 6,
+                               "similarity_windows": 2, "similarity_seq_len": 32, "similarity_prompt_len": 8,
+                               "similarity_points": 4, "controller_examples": 4, "controller_steps": 3},
     },
     # The embedded SmolLM2-135M on a 2-core CPU: minutes per notebook; what `make run` runs.
     "default": {
         "common": {"model_name": "smollm2-135m", "seed": 0},
         "00_quickstart": {"max_new_tokens": 64, "lens_sequences": 8, "lens_seq_len": 256},
+        "05_sparse_speedup": {"shape_sets": ["model", "codellama-13b"],
+                              "token_counts": {"model": [1, 16, 2048], "codellama-13b": [1, 16]},
+                              "threads": 1, "min_run_time": 0.2, "rounds": 2, "prompt_tokens": 128,
+                              "decode_tokens": 16},
+        "06_dynamic_slicing": {"calibration_samples": 8, "calibration_seq_len": 256, "eval_windows": 8,
+                               "eval_seq_len": 256, "means": [0.1, 0.2, 0.3, 0.4],
+                               "zero_shot_tasks": ["arithmetic-mc"], "zero_shot_limit": 60},
+        "03_layer_selection": {"budgets": [4 / 24, 8 / 24, 12 / 24, 1.0], "n_prompts": 8, "max_new_tokens": 32,
+                               "similarity_windows": 4, "similarity_seq_len": 128, "similarity_prompt_len": 32,
+                               "similarity_points": 10, "controller_examples": 48, "controller_steps": 30},
     },
     # The papers' own models and hub data sets, on GPUs (needs the hub: HF_TOKEN for gated models).
     "paper": {
         "common": {"model_name": "meta-llama/Llama-3.2-1B", "seed": 0},
         "00_quickstart": {"max_new_tokens": 128, "lens_sequences": 32, "lens_seq_len": 1024},
+        "05_sparse_speedup": {"device": "cuda", "shape_sets": ["model", "codellama-13b"],
+                              "token_counts": {"model": [1, 16, 2048], "codellama-13b": [1, 16, 2048]},
+                              "threads": None, "min_run_time": 1.0, "rounds": 3, "prompt_tokens": 2048,
+                              "decode_tokens": 128},
+        # Seed 004 (Dumitru et al.): Llama-3-8B (or -p model_name=mistralai/Mistral-7B-v0.1), wikitext2,
+        # M = 0.1 .. 0.4. Its lm-eval tasks (hellaswag, winogrande, arc_easy, piqa, mmlu, arc_challenge) are
+        # not among effllm.zeroshot's built-in tasks, so the built-in ones are used.
+        "06_dynamic_slicing": {"model_name": "meta-llama/Meta-Llama-3-8B", "device": "cuda", "dtype": "float16",
+                               "calibration_data": "wikitext2", "calibration_samples": 128,
+                               "calibration_seq_len": 2048, "eval_data": "wikitext2", "eval_windows": None,
+                               "eval_seq_len": 2048, "means": [0.1, 0.2, 0.3, 0.4], "amplitude": 0.1,
+                               "zero_shot_tasks": ["arithmetic-mc", "prose-mc"], "zero_shot_limit": None,
+                               "batch_size": 4},
+
+        # Seed 003 (Glavas et al.): OPT-IML-1.3b (24 layers) on Alpaca, the 4 / 8 / 12 / 24-layer budgets.
+        "03_layer_selection": {"model_name": "facebook/opt-iml-1.3b", "device": "cuda", "task": "alpaca",
+                               "budgets": [4 / 24, 8 / 24, 12 / 24, 1.0], "n_prompts": 200, "max_new_tokens": 128,
+                               "similarity_corpus": "alpaca", "similarity_windows": 32, "similarity_seq_len": 512,
+                               "similarity_prompt_len": 128, "similarity_points": 24, "controller_examples": 2000,
+                               "controller_steps": 2000},
     },
 }
 
@@ -87,10 +131,12 @@ class Job:
     # Extra environment for the kernel. The hook for GPU runs: an executor that places jobs on devices
     # sets CUDA_VISIBLE_DEVICES here.
     env: dict[str, str] = field(default_factory=dict)
+    time_limit: float | None = None  # seconds for the whole notebook; its kernel is killed after that
+    run_id: str | None = None  # a sweep's run (its folder name); shown instead of the notebook's name
 
     @property
     def name(self) -> str:
-        return self.notebook.stem
+        return self.run_id or self.notebook.stem
 
 
 @dataclass
@@ -231,10 +277,27 @@ def build_jobs(
 # Running one job
 
 
-def _kernel_manager_class(env: dict[str, str]):
+def _kill_process_tree(pid: int) -> None:
+    """Kill the kernel `pid` and, where it leads its own process group, everything it started."""
+    import signal
+
+    try:
+        group = os.getpgid(pid)
+        if group != os.getpgid(0):  # never our own group
+            os.killpg(group, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kernel_manager_class(env: dict[str, str], time_limit: float | None = None,
+                          timers: list[threading.Timer] | None = None):
     """An AsyncKernelManager that starts its kernel with `env` added to this process's environment.
 
-    Per kernel rather than through os.environ, so parallel jobs cannot see each other's settings.
+    Per kernel rather than through os.environ, so parallel jobs cannot see each other's settings. With
+    `time_limit`, the kernel is killed that many seconds after it started (papermill then fails the
+    notebook with DeadKernelError); the timer goes into `timers` so the caller can cancel it.
     """
     import zmq
     from jupyter_client import AsyncKernelManager
@@ -247,6 +310,13 @@ def _kernel_manager_class(env: dict[str, str]):
             if hasattr(self, "transport_encryption") and zmq.has("curve"):
                 self.transport_encryption = "auto"
             await super().start_kernel(**kw)
+            pid = getattr(self.provisioner, "pid", None)
+            if time_limit is not None and pid is not None:
+                timer = threading.Timer(time_limit, _kill_process_tree, args=(pid,))
+                timer.daemon = True
+                timer.start()
+                if timers is not None:
+                    timers.append(timer)
 
     return KernelManager
 
@@ -284,9 +354,12 @@ def run_job(job: Job) -> JobResult:
     from papermill.exceptions import PapermillExecutionError
 
     start = time.perf_counter()
+    timers: list[threading.Timer] = []
 
     def result(status: str, figures: list[str], error: str | None = None) -> JobResult:
         seconds = round(time.perf_counter() - start, 2)
+        if error and job.time_limit is not None and seconds >= job.time_limit:
+            error = f"time limit of {job.time_limit:g} s exceeded, the kernel was stopped ({error})"
         return JobResult(job.name, status, seconds, figures, error, str(job.output_path))
 
     try:
@@ -308,12 +381,15 @@ def run_job(job: Job) -> JobResult:
             # The kernel's working folder. Not papermill's `cwd=`: that calls os.chdir, which is
             # process-wide and races between parallel jobs.
             resources={"metadata": {"path": str(job.notebook.parent)}},
-            kernel_manager_class=_kernel_manager_class({"MPLBACKEND": "Agg", **job.env}),
+            kernel_manager_class=_kernel_manager_class({"MPLBACKEND": "Agg", **job.env}, job.time_limit, timers),
         )
     except PapermillExecutionError as exc:
         return result("failed", [], f"{exc.ename}: {exc.evalue} (cell {exc.cell_index} of {job.output_path.name})")
     except Exception as exc:  # kernel died, timeout, unreadable notebook: a failed job, not a crashed run
         return result("failed", [], f"{type(exc).__name__}: {exc}")
+    finally:
+        for timer in timers:
+            timer.cancel()
     try:
         figures = publish(job.staging_dir, job.publish_dir)
     except OSError as exc:
@@ -339,9 +415,9 @@ def run(jobs: Sequence[Job], executor: Executor, out: TextIO | None = None) -> l
     return [r for r in results if r is not None]
 
 
-def format_summary(results: Sequence[JobResult]) -> str:
-    width = max([len("notebook"), *(len(r.notebook) for r in results)])
-    lines = [f"{'notebook':<{width}}  status  seconds  figures written", "-" * (width + 34)]
+def format_summary(results: Sequence[JobResult], label: str = "notebook") -> str:
+    width = max([len(label), *(len(r.notebook) for r in results)])
+    lines = [f"{label:<{width}}  status  seconds  figures written", "-" * (width + 34)]
     for r in results:
         lines.append(f"{r.notebook:<{width}}  {r.status:<6}  {r.seconds:7.1f}  {len(r.figures)}")
     failed = sum(r.status != "ok" for r in results)
@@ -360,6 +436,191 @@ def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Remote runs: execute anywhere, ship the files back, land them here
+
+
+def _short_error(error: BaseException, limit: int = 600) -> str:
+    """One line for a remote failure (Ray and submitit errors carry whole tracebacks)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    return f"{type(error).__name__}: {text}"[:limit]
+
+
+def run_job_isolated(job: Job) -> dict[str, Any]:
+    """Run `job` in a private temporary folder of the machine that calls it; return its result fields with
+    the bytes of the executed notebook and of every published file. What a Ray task or SLURM job sends
+    back to `land`, so outputs need no file system shared with the submitting machine."""
+    import platform
+
+    with tempfile.TemporaryDirectory(prefix=f"effllm-{job.name}-") as tmp:
+        folder = Path(tmp)
+        staging = folder / "staging"
+        parameters = dict(job.parameters)
+        if "figures_dir" in parameters:
+            parameters["figures_dir"] = str(staging)
+        local = replace(job, parameters=parameters, output_path=folder / job.output_path.name,
+                        staging_dir=staging, publish_dir=folder / "publish",
+                        env={**job.env, "EFFLLM_FIGURES": str(staging)})
+        result = run_job(local)
+        files = {rel: (local.publish_dir / rel).read_bytes() for rel in result.figures}
+        executed = local.output_path.read_bytes() if local.output_path.is_file() else None
+    return {"result": asdict(result), "files": files, "executed": executed, "host": platform.node()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def land(job: Job, outcome: dict[str, Any] | BaseException) -> JobResult:
+    """Put what `run_job_isolated` sent back into this repository's layout: the executed notebook at
+    `job.output_path`, and (only when the run succeeded) its files published from `job.staging_dir` into
+    `job.publish_dir`. `outcome` is the exception instead when the task or job itself failed."""
+    if isinstance(outcome, BaseException):
+        return JobResult(job.name, "failed", 0.0, [], _short_error(outcome), None)
+    fields = outcome["result"]
+    executed = None
+    if outcome.get("executed") is not None:
+        _write_atomic(job.output_path, outcome["executed"])
+        executed = str(job.output_path)
+    if fields["status"] != "ok":
+        return JobResult(job.name, "failed", fields["seconds"], [], fields["error"], executed)
+    shutil.rmtree(job.staging_dir, ignore_errors=True)
+    for rel, data in outcome["files"].items():
+        _write_atomic(job.staging_dir / rel, data)
+    try:
+        figures = publish(job.staging_dir, job.publish_dir)
+    except OSError as exc:
+        return JobResult(job.name, "failed", fields["seconds"], [],
+                         f"publishing figures to {job.publish_dir} failed: {exc}", executed)
+    return JobResult(job.name, "ok", fields["seconds"], figures, None, executed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sweeps: one notebook over a parameter grid
+
+
+def sweep_publish_dir(sweep_name: str, profile: str, build_dir: Path, publish_dir: Path | None = None) -> Path:
+    """The sweep's figure folder: <profile's figure folder>/sweeps/<sweep>/, one sub-folder per run."""
+    root = Path(publish_dir).resolve() if publish_dir else publish_dir_for(profile, Path(build_dir).resolve())
+    return root / "sweeps" / sweep_name
+
+
+def build_sweep_jobs(
+    sweep: Any,
+    notebooks: Sequence[Path],
+    profile: str,
+    build_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    publish_dir: Path | None = None,
+    timeout: float | None = None,
+) -> tuple[list[Job], list[dict[str, Any]]]:
+    """One `Job` per grid point of `sweep` (an `effllm.scale.Sweep`), and the grid points.
+
+    Parameters: profile common < profile per-notebook < the sweep's `parameters` < `overrides` (-p) < the
+    grid point. Executed copies go to build/<profile>/sweeps/<sweep>/<run-id>/, figures to
+    `sweep_publish_dir(...)/<run-id>/`. Raises `effllm.scale.SweepError` for a notebook that matches
+    nothing, or a parameter the notebook does not declare.
+    """
+    from effllm.scale import SweepError
+
+    if profile not in PROFILES:
+        raise SweepError(f"unknown profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    overrides = overrides or {}
+    selected, _ = select_notebooks(notebooks, [sweep.notebook])
+    if len(selected) != 1:
+        available = ", ".join(nb.stem for nb in notebooks) or "none"
+        raise SweepError(f"sweep {sweep.name!r}: notebook {sweep.notebook!r} matches "
+                         f"{len(selected)} notebooks; notebooks: {available} (give a stem, NN prefix or title)")
+    notebook = Path(selected[0]).resolve()
+    declared = declared_parameters(notebook)
+    points, run_ids = sweep.points(), sweep.run_ids()
+    swept = {key for point in points for key in point}
+    undeclared = sorted((swept | set(sweep.parameters) | set(overrides)) - set(declared))
+    if undeclared:
+        raise SweepError(f"sweep {sweep.name!r}: {notebook.stem} does not declare {undeclared}; "
+                         f"it declares: {', '.join(declared)}")
+    clash = sorted(swept & set(overrides))
+    if clash:
+        raise SweepError(f"sweep {sweep.name!r}: -p {', '.join(clash)} would override the swept value(s); "
+                         "change the sweep file's grid instead")
+    build_dir = Path(build_dir).resolve()
+    runs_dir = build_dir / profile / "sweeps" / sweep.name
+    figures_root = sweep_publish_dir(sweep.name, profile, build_dir, publish_dir)
+    jobs = []
+    for run_id, point in zip(run_ids, points, strict=True):
+        staging = runs_dir / run_id / "staging"
+        wanted = {**sweep.parameters, **overrides, **point}
+        jobs.append(Job(
+            notebook=notebook,
+            parameters=notebook_parameters(profile, notebook.stem, declared, wanted, staging),
+            output_path=runs_dir / run_id / f"{notebook.stem}.ipynb",
+            staging_dir=staging,
+            publish_dir=figures_root / run_id,
+            timeout=timeout,
+            env={"EFFLLM_FIGURES": str(staging)},
+            time_limit=sweep.resources.time_limit_s,
+            run_id=run_id,
+        ))
+    return jobs, points
+
+
+def write_sweep_summary(
+    folder: Path,
+    sweep: Any,
+    profile: str,
+    executor: str,
+    jobs: Sequence[Job],
+    points: Sequence[dict[str, Any]],
+    results: Sequence[JobResult],
+) -> tuple[Path, Path]:
+    """summary.json and summary.csv in the sweep's figure folder (one row per run: run id, the swept
+    parameters, status, seconds, figures relative to the folder, error), and parameters.json in the folder
+    of every run that succeeded, so a figure's own folder says what produced it."""
+    import csv
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for job, point, r in zip(jobs, points, results, strict=True):
+        passed = {k: v for k, v in job.parameters.items() if k != "figures_dir"}
+        rows.append({
+            "run_id": job.run_id, "parameters": point, "all_parameters": passed, "status": r.status,
+            "seconds": r.seconds, "figures": [f"{job.run_id}/{f}" for f in r.figures], "error": r.error,
+            "executed": r.executed,
+        })
+        if r.status == "ok":
+            record = {"sweep": sweep.name, "run_id": job.run_id, "notebook": job.notebook.stem,
+                      "profile": profile, "parameters": passed, "swept": point, "executed": r.executed}
+            _write_atomic(job.publish_dir / "parameters.json", (json.dumps(record, indent=2) + "\n").encode())
+    payload = {
+        "sweep": sweep.name, "notebook": jobs[0].notebook.stem if jobs else sweep.notebook,
+        "profile": profile, "executor": executor, "resources": asdict(sweep.resources),
+        "figures_dir": str(folder), "ok": all(r.status == "ok" for r in results), "runs": rows,
+    }
+    json_path, csv_path = folder / "summary.json", folder / "summary.csv"
+    _write_atomic(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+    keys = list(dict.fromkeys(k for point in points for k in point))
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["run_id", *keys, "status", "seconds", "figures", "error"])
+    for row in rows:
+        values = [json.dumps(row["parameters"][k]) if isinstance(row["parameters"].get(k), list | dict)
+                  else row["parameters"].get(k, "") for k in keys]
+        writer.writerow([row["run_id"], *values, row["status"], row["seconds"], " ".join(row["figures"]),
+                         row["error"] or ""])
+    _write_atomic(csv_path, text.getvalue().encode())
+    return json_path, csv_path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,8 +674,8 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Profiles: "
         + "; ".join(f"{name}: model {table['common']['model_name']}" for name, table in PROFILES.items()),
     )
-    parser.add_argument("--profile", default="default", choices=list(PROFILES),
-                        help="parameter set and figure folder (default: %(default)s)")
+    parser.add_argument("--profile", default=None, choices=list(PROFILES),
+                        help="parameter set and figure folder (default: the sweep file's profile, else default)")
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="notebooks to run: stem (00_quickstart), NN prefix (00) or title (quickstart)")
     parser.add_argument("--jobs", "-j", type=_jobs_arg, default=1, metavar="N", help="notebooks run at once (default: 1)")
@@ -432,6 +693,19 @@ def make_parser() -> argparse.ArgumentParser:
                         "(smoke: build/smoke/figures, default: figures, paper: figures/paper)")
     parser.add_argument("--timeout", type=_timeout_arg, default=None, metavar="SECONDS",
                         help="fail a notebook when one cell runs longer than this (default: no limit)")
+    scale = parser.add_argument_group("sweeps (see README, Running at scale)")
+    scale.add_argument("--sweep", type=Path, metavar="FILE",
+                       help="run one notebook over the parameter grid of a YAML sweep file")
+    scale.add_argument("--executor", choices=EXECUTOR_NAMES, default="local",
+                       help="where sweep runs execute: local (--jobs at once), ray (a task per run), "
+                       "slurm (a job per run through submitit) (default: %(default)s)")
+    scale.add_argument("--address", metavar="ADDR",
+                       help="ray: a running cluster (ray://HOST:10001 or HOST:6379); default: start a local Ray "
+                       "with room for --jobs runs")
+    scale.add_argument("--slurm-partition", metavar="NAME", help="slurm: the partition to submit to")
+    scale.add_argument("--slurm-cluster", choices=("slurm", "local", "debug"), default="slurm",
+                       help="slurm: submitit's cluster; 'local' runs the jobs as local processes, through the same "
+                       "submission path (for tests and machines without SLURM) (default: %(default)s)")
     return parser
 
 
@@ -443,6 +717,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not notebooks:
         parser.error(f"no notebooks in {notebooks_dir} (looked for {NOTEBOOK_PATTERN}, "
                      "the jupytext twins of NN_title.ipynb)")
+    if args.sweep is not None:
+        return main_sweep(parser, args, notebooks)
+    if args.executor != "local" or args.address or args.slurm_partition:
+        parser.error("--executor, --address and --slurm-partition apply to sweeps; give --sweep FILE")
+    args.profile = args.profile or "default"
     if args.only:
         notebooks, unmatched = select_notebooks(notebooks, args.only)
         if unmatched:
@@ -470,6 +749,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_summary(results))
     print(f"executed notebooks in {build_dir / args.profile / 'executed'}; summary in {summary_path}")
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+def make_sweep_executor(args: argparse.Namespace, sweep: Any, runs_dir: Path) -> Executor:
+    """The executor `--executor` names, sized from the sweep's resources (Ray / submitit imported here)."""
+    from effllm.scale import RayExecutor, SubmititExecutor
+
+    if args.executor == "local":
+        return LocalExecutor(args.jobs)
+    if args.executor == "ray":
+        return RayExecutor(run_job_isolated, land, sweep.resources, address=args.address, local_runs=args.jobs)
+    return SubmititExecutor(run_job_isolated, land, sweep.resources, folder=runs_dir / "submitit",
+                            cluster=args.slurm_cluster, partition=args.slurm_partition, local_runs=args.jobs,
+                            job_name=f"effllm-{sweep.name}")
+
+
+def main_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, notebooks: Sequence[Path]) -> int:
+    """`run_all.py --sweep FILE`: every grid point of the sweep file is one run of its notebook."""
+    from effllm.scale import SweepError, load_sweep
+
+    if args.only:
+        parser.error("--only does not go with --sweep: the sweep file names its notebook")
+    if args.executor != "ray" and args.address:
+        parser.error(f"--address is for --executor ray; got --executor {args.executor}")
+    if args.executor != "slurm" and args.slurm_partition:
+        parser.error(f"--slurm-partition is for --executor slurm; got --executor {args.executor}")
+    if args.executor == "slurm" and args.slurm_cluster == "slurm" and shutil.which("sbatch") is None:
+        parser.error("--executor slurm: no SLURM on this machine (sbatch not found); run on a login node, or "
+                     "use --slurm-cluster local to run the jobs here through submitit")
+    try:
+        sweep = load_sweep(args.sweep)
+        if args.profile and sweep.profile and args.profile != sweep.profile:
+            print(f"note: --profile {args.profile} replaces the sweep file's profile {sweep.profile}",
+                  file=sys.stderr)
+        profile = args.profile or sweep.profile or "default"
+        build_dir = args.build_dir.resolve()
+        jobs, points = build_sweep_jobs(sweep, notebooks, profile, build_dir, dict(args.parameters),
+                                        args.figures_dir, args.timeout)
+    except SweepError as error:
+        parser.error(str(error))
+    figures_root = sweep_publish_dir(sweep.name, profile, build_dir, args.figures_dir)
+    runs_dir = build_dir / profile / "sweeps" / sweep.name
+    if args.list:
+        for job in jobs:
+            shown = {k: v for k, v in job.parameters.items() if k != "figures_dir"}
+            print(f"{job.run_id}  {json.dumps(shown)}")
+        return 0
+    try:
+        executor = make_sweep_executor(args, sweep, runs_dir)
+    except ImportError as error:
+        parser.error(f"--executor {args.executor} needs {error.name}: pip install -e \".[scale]\" (ray, submitit)")
+    except SweepError as error:
+        parser.error(str(error))
+    r = sweep.resources
+    print(f"sweep {sweep.name}: {len(jobs)} run(s) of {jobs[0].notebook.stem}, profile {profile}, executor "
+          f"{args.executor}; each run: {r.cpus} cpu, {r.gpus:g} gpu, memory {r.memory_gb or '-'} GB, "
+          f"time limit {r.time_limit_min or '-'} min; figures -> {figures_root}", flush=True)
+    results = run(jobs, executor)
+    json_path, csv_path = write_sweep_summary(figures_root, sweep, profile, args.executor, jobs, points, results)
+    print()
+    print(format_summary(results, label="run"))
+    print(f"executed notebooks in {runs_dir}; summary in {json_path} and {csv_path.name}")
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

@@ -25,6 +25,7 @@ say "the q projection of layer 12" for any family:
 from __future__ import annotations
 
 import inspect
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +59,8 @@ class LayerContext:
 def module_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: its accelerate hook's execution device (offloaded or dispatched models),
     else the device of its first parameter or buffer that is not on "meta", else the CPU."""
-    for candidate in (module, *module.modules()):
+    # lazily: building the list of every submodule on each call costs more than a decode step's layer
+    for candidate in itertools.chain((module,), module.modules()):
         device = getattr(getattr(candidate, "_hf_hook", None), "execution_device", None)
         if device is not None:
             return torch.device(device)

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -174,25 +175,111 @@ def _unavailable_message(name: str, reason: str) -> str:
     )
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map_options(
+    name: str,
+    device: str | torch.device | None,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[int | str, int | str] | None,
+    offload_folder: str | Path | None,
+) -> dict[str, Any]:
+    """The from_pretrained placement options, checked; {} for a plain load on one device.
+
+    Hub ids default to ``device_map="auto"`` when a CUDA GPU is present (the ``paper`` profile: models
+    larger than one GPU spread over all GPUs, then CPU, then disk); ``EFFLLM_MAX_MEMORY``
+    (``"0=70GiB,1=70GiB,cpu=200GiB"``) and ``EFFLLM_OFFLOAD_FOLDER`` give the limits without code.
+    """
+    if device == "auto":  # the older spelling
+        device, device_map = None, device_map or "auto"
+    if device_map is not None and device is not None:
+        raise ValueError(f"give either device={device!r} or device_map={device_map!r}, not both")
+    if device_map is None and device is None and _is_hub_id(name) and torch.cuda.is_available():
+        device_map = "auto"
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory and offload_folder need a device_map (e.g. device_map='auto')")
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a dict of module "
+                         f"name -> device (an int GPU index, 'cpu' or 'disk'); got {device_map!r}")
+    if not isinstance(device_map, str | dict):
+        raise ValueError(f"device_map must be a strategy name or a dict; got {type(device_map).__name__}")
+    if max_memory is None and os.environ.get("EFFLLM_MAX_MEMORY"):
+        max_memory = _parse_max_memory(os.environ["EFFLLM_MAX_MEMORY"])
+    offload_folder = offload_folder or os.environ.get("EFFLLM_OFFLOAD_FOLDER") or None
+    needs_disk = isinstance(device_map, dict) and "disk" in device_map.values()
+    if needs_disk and offload_folder is None:
+        offload_folder = cache_dir() / "offload" / re.sub(r"[^A-Za-z0-9_.-]+", "--", name)
+    options: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        options["max_memory"] = max_memory
+    if offload_folder is not None:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        options["offload_folder"] = str(offload_folder)
+    return options
+
+
+def _parse_max_memory(text: str) -> dict[int | str, str]:
+    """``"0=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", "cpu": "200GiB"}`` (EFFLLM_MAX_MEMORY)."""
+    limits: dict[int | str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not value.strip():
+            raise ValueError(f"EFFLLM_MAX_MEMORY must look like '0=70GiB,cpu=200GiB'; got {text!r}")
+        key = key.strip()
+        limits[int(key) if key.isdigit() else key] = value.strip()
+    return limits
+
+
+def _is_hub_id(name: str) -> bool:
+    return (name not in EMBEDDED_MODELS and not name.startswith(TINY_PREFIX) and name.count("/") == 1
+            and not name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir())
+
+
+def _dispatch_tiny(model: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
+    """Place an in-memory model as from_pretrained would (accelerate's dispatch_model), for tests."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = options["device_map"]
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, max_memory=options.get("max_memory"),
+                                           no_split_module_classes=model._no_split_modules)
+    return dispatch_model(model, device_map=device_map, offload_dir=options.get("offload_folder"))
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Load ``name`` in eval mode and return ``(model, tokenizer)``.
 
     ``name`` is an embedded model (``smollm2-135m``, ``gemma3-270m``), ``tiny-FAMILY`` (a random tiny
     model, see :func:`tiny_model`), a local folder, or a Hugging Face hub id. ``dtype`` defaults to
-    float32 (embedded, tiny) or the checkpoint's own dtype (hub); ``device`` to CPU. For models larger
-    than one device pass ``device="auto"`` (accelerate's device map).
+    float32 (embedded, tiny) or the checkpoint's own dtype (hub); ``device`` to CPU.
+
+    Models larger than one device: ``device_map="auto"`` (or "balanced", "sequential", or a dict of
+    module name -> GPU index / "cpu" / "disk") spreads the layers with accelerate, within ``max_memory``
+    (``{0: "70GiB", "cpu": "200GiB"}``) and offloading the rest to ``offload_folder``. Hub ids get
+    ``device_map="auto"`` by default when a CUDA GPU is present. Pruning and slicing then run layer by
+    layer (effllm.capture), and the adapters move states between the layers' devices.
     """
     if not isinstance(name, str) or not name:
         raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    placement = _device_map_options(name, device, device_map, max_memory, offload_folder)
+    if device == "auto":
+        device = None
     if name.startswith(TINY_PREFIX):
         model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
-        return model.to(device=device or "cpu", dtype=dtype or torch.float32), tokenizer
+        model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
+        return (_dispatch_tiny(model, placement) if placement else model), tokenizer
 
     if name in EMBEDDED_MODELS:
         path: str | Path = embedded_model_dir(name)
@@ -207,9 +294,7 @@ def load_model(
     else:
         path = name
 
-    kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if name in EMBEDDED_MODELS else "auto")}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
+    kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if name in EMBEDDED_MODELS else "auto"), **placement}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
@@ -220,7 +305,7 @@ def load_model(
         if isinstance(path, Path):
             raise
         raise ModelNotAvailableError(_unavailable_message(name, f"the hub could not be reached ({error})")) from error
-    if device not in (None, "auto"):
+    if device is not None:
         model = model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -93,3 +93,68 @@ def test_partial_cache_without_manifest_is_invalid(tmp_path):
     assert not cache_is_valid(tmp_path)
     (tmp_path / models.MANIFEST).write_text("{not json")
     assert not cache_is_valid(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Placement: device_map, max_memory, offload folder; the decoding engine on a model spread over devices
+
+SPREAD = {  # layers 1 and 2 offloaded to disk: parameters on "meta", weights in the offload folder
+    "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+    "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+}
+
+
+def test_device_map_offloads_and_keeps_the_outputs(tmp_path):
+    reference, _ = tiny_model("llama")
+    model, _ = load_model("tiny-llama", device_map=SPREAD, offload_folder=tmp_path / "offload")
+    adapter = get_adapter(model)
+    assert adapter.attention(1).q_proj.weight.device.type == "meta"
+    assert (tmp_path / "offload" / "model.layers.1.self_attn.q_proj.weight.dat").is_file()
+    assert adapter.layer_device(1) == torch.device("cpu")  # its hook's execution device
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["full", "calm", "free"])
+def test_decoding_engine_on_an_offloaded_model_equals_the_resident_one(method, tmp_path):
+    """exits.generate through the adapters (run_layer, append_kv for CALM's state propagation, logits)."""
+    from effllm import exits
+
+    reference, _ = tiny_model("llama")
+    model, _ = load_model("tiny-llama", device_map=SPREAD, offload_folder=tmp_path / "offload")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    params = {"full": {}, "calm": {"exit_conf_threshold": 0.0, "exit_min_layer": 1},
+              "free": {"shallow_exit_layer": 2, "shallow2deep_conf_threshold": 0.0}}[method]
+    got = exits.generate(model, ids, 8, method=method, eos_token_id=[], **params)
+    expected = exits.generate(reference, ids, 8, method=method, eos_token_id=[], **params)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert torch.equal(got.exit_layers, expected.exit_layers)
+    if method == "full":
+        hf = reference.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                attention_mask=torch.ones_like(ids))
+        assert torch.equal(got.sequences, hf)
+
+
+def test_device_map_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="auto, balanced, balanced_low_0, sequential"):
+        load_model("tiny-llama", device_map="everywhere")
+    with pytest.raises(ValueError, match="not both"):
+        load_model("tiny-llama", device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="need a device_map"):
+        load_model("tiny-llama", max_memory={"cpu": "1GiB"})
+
+
+def test_hub_ids_default_to_device_map_auto_on_a_gpu_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("EFFLLM_MAX_MEMORY", "0=70GiB, 1=70GiB,cpu=200GiB")
+    options = models._device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None)
+    assert options == {"device_map": "auto", "max_memory": {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}}
+    assert models._device_map_options("smollm2-135m", None, None, None, None) == {}  # embedded: one device
+    assert models._device_map_options("meta-llama/Llama-3.2-1B", "cuda:0", None, None, None) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("EFFLLM_MAX_MEMORY")
+    assert models._device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None) == {}
+    monkeypatch.setenv("EFFLLM_MAX_MEMORY", "lots")
+    with pytest.raises(ValueError, match="EFFLLM_MAX_MEMORY"):
+        models._device_map_options("a/b", None, "auto", None, None)
