@@ -430,7 +430,7 @@ def generate(
     context = adapter.context(hidden, cache=cache, **extras)
     for i in range(depth):
         hidden = adapter.run_layer(i, hidden, context)
-    next_token = exit_head.final(depth, hidden)  # [batch, 1]
+    next_token = exit_head.final(depth, hidden).to(input_ids.device)  # [batch, 1]; the head may sit elsewhere
 
     tokens, exit_layers = [next_token], [depth]
     out = ExitOutput(sequences=prompt, exit_layers=prompt, confidences=[[]], thresholds=[math.nan],
@@ -447,7 +447,7 @@ def generate(
             step_threshold = threshold
         exit_head.new_token()
         step = decoder.step(next_token, position, cache, depth, step_threshold, strict=method == "free")
-        next_token = step.token
+        next_token = step.token.to(input_ids.device)
         # Finished sequences keep emitting EOS (HF pads them with pad = eos for greedy search likewise).
         if eos.numel():
             next_token = torch.where(finished, eos[:1].expand_as(next_token), next_token)
