@@ -1,0 +1,299 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Dynamic layer selection: early exit versus layer skipping, learned controllers, the oracle
+#
+# Glavas et al. ("Dynamic layer selection in decoder-only transformers", NeurIPS ENLSP 2024) ask which
+# layers a decoder-only model can leave out per generated token. **Early exit** runs the first layers and
+# skips every layer above them; **layer skipping** runs layers spread over the whole depth (keep every
+# k-th layer, first and last kept), and a skipped layer's state is copied to the next one. They find a
+# pretrained decoder far more robust to skipping than to early exit at the same number of layers; that
+# per-token **controllers** (Linear(d, 2) + hard Gumbel-softmax, trained with the cost-aware loss
+# CE + alpha * fraction of executed layers) on the hidden state barely beat controllers on a fixed input
+# (learned per-layer skip rates); and that a **per-sequence oracle**, picking for each sequence one of the
+# 4 / 8 / 12 / 24-layer models under an average budget (a multiple-choice knapsack), matches the full
+# model with 23.3% of the layers on average. This notebook repeats each analysis with `effllm.skipping`,
+# whose skipped layers are really not computed.
+
+# %%
+import pandas as pd
+import torch
+from IPython.display import display
+
+from effllm import data, models, plots, skipping
+from effllm.adapters import get_adapter
+from effllm.paths import cache_dir
+
+# %% tags=["parameters"]
+profile = "default"  # smoke | default | paper (set by run_all.py)
+model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
+seed = 0
+figures_dir = None  # None: the repository's figures/ folder
+device = None  # None: CPU; "cuda" in the paper profile
+task = "arithmetic"  # prompts with reference answers: arithmetic | humaneval | alpaca (the paper's, hub)
+budgets = [4 / 24, 8 / 24, 12 / 24, 1.0]  # the paper's 4 / 8 / 12 / 24 of 24 layers, as fractions of the depth
+n_prompts = 8  # test prompts decoded with every setting
+max_new_tokens = 32  # new tokens per prompt
+similarity_corpus = "python-docs"  # windows for the hidden-state comparison (effllm.data)
+similarity_windows = 4  # windows of similarity_seq_len tokens
+similarity_seq_len = 128
+similarity_prompt_len = 32  # the first tokens of a window run at full depth, like a prompt
+similarity_points = 10  # layer counts compared between skipping and early exit
+controller_examples = 48  # training examples (task's train split) for the skip controllers
+controller_steps = 30  # one example per step, frozen backbone
+controller_alpha = 1.0  # weight of the layer cost in CE + alpha * fraction of executed layers
+controller_lr = 0.1
+
+# %%
+torch.manual_seed(seed)
+plots.set_figures_dir(figures_dir)
+model, tokenizer = models.load_model(model_name, device=device)
+adapter = get_adapter(model)
+n_layers = adapter.num_layers
+items = skipping.task_prompts(task, tokenizer, n_prompts, seed=seed)
+budget_table = pd.DataFrame({
+    "budget": budgets,
+    "layers run": [skipping.budget_layer_count(n_layers, b) for b in budgets],
+    "skipping keeps (0-based)": [skipping.static_layers(n_layers, budget=b) for b in budgets],
+    "early exit keeps": [f"0..{skipping.budget_layer_count(n_layers, b) - 1}" for b in budgets],
+})
+print(f"{model_name}: {n_layers} layers; {len(items)} {task} prompts")
+with pd.option_context("display.max_colwidth", None):
+    display(budget_table)
+
+# %% [markdown]
+# ## 1. Hidden states under skipping and under early exit
+#
+# Teacher forcing on `similarity_windows` windows of the corpus: the first `similarity_prompt_len` tokens
+# run at full depth (the prompt), the rest run n layers, either spread over the depth (skipping) or the
+# first n (early exit). We compare each token's last state with the full model's (cosine similarity,
+# before and after the final norm).
+
+# %%
+windows = data.calibration(similarity_corpus, tokenizer, n_samples=similarity_windows,
+                           seq_len=similarity_seq_len, seed=seed)
+counts = sorted({*torch.linspace(1, n_layers, similarity_points).round().int().tolist(),
+                 *budget_table["layers run"]})
+similarity = skipping.hidden_similarity(model, windows, similarity_prompt_len, counts)
+display(similarity.pivot(index="layers_run", columns="method", values=["cosine", "cosine_normed"]).round(3).T)
+
+# %%
+fig, axes = plots.new_figure(1, 2, sharey=True)
+for ax, column, name in zip(axes, ["cosine", "cosine_normed"], ["before the final norm", "after the final norm"],
+                            strict=True):
+    for method, group in similarity.groupby("method"):
+        ax.plot(group.layer_fraction, group[column], marker="o", markersize=3, label=method)
+    ax.set_xlabel("fraction of layers run per token")
+    ax.set_title(f"last state {name}")
+axes[0].set_ylabel("cosine similarity to the full model")
+axes[0].legend()
+fig.suptitle("Skipping vs early exit at equal layer counts (teacher forced)")
+plots.caption(fig, model=model_name, data=similarity_corpus,
+              extra=f"{int(similarity.tokens.iloc[0])} tokens after a {similarity_prompt_len}-token full-depth prompt")
+plots.save_figure(fig, "03_hidden_similarity", table=similarity)
+
+# %%
+at_budgets = similarity[similarity.layers_run.isin(budget_table["layers run"])].pivot(
+    index="layers_run", columns="method", values="cosine")
+closer = int((at_budgets["skipping"] > at_budgets["early exit"]).sum())
+print(f"At {closer} of the {len(at_budgets)} budgets' layer counts, skipping keeps the last state closer to the "
+      "full model's than early exit does.")
+
+# %% [markdown]
+# Where the skipping curve lies above the early-exit curve, the states that reach the LM head under
+# skipping point in a direction closer to the full model's: the top layers, which early exit drops, do
+# work that the intermediate layers cannot stand in for. Read the gap at the budgets' layer counts
+# (printed above); at full depth both are 1 by construction.
+
+# %% [markdown]
+# ## 2. Generation quality at the four budgets
+#
+# Greedy decoding of the prompts with static skipping and with early exit at each budget. The prompt
+# runs at full depth (as in the paper), so the first new token always comes from all layers. ROUGE-L is
+# measured against the task's reference answer and against the full model's own output; speed is
+# relative to the full-depth run of the same engine, measured in the same run.
+
+# %%
+settings = [{"label": "full", "skip_mode": "static", "layers": n_layers},
+            *skipping.budget_settings(n_layers, [b for b in budgets if b < 1], modes=("static", "early-exit"))]
+generations = skipping.score_generations(
+    skipping.run_generations(model, tokenizer, items, settings, max_new_tokens), items, full_label="full")
+quality = generations.groupby(["label", "skip_mode", "layers"], as_index=False, sort=False).agg(
+    layer_fraction=("layer_fraction", "mean"), rougeL_reference=("rougeL_reference", "mean"),
+    rougeL_full=("rougeL_full", "mean"), new_tokens=("new_tokens", "sum"), seconds=("seconds", "sum"))
+quality["tokens_per_s"] = quality.new_tokens / quality.seconds
+quality["speedup_vs_full"] = quality.tokens_per_s / quality.tokens_per_s[quality.label == "full"].iloc[0]
+display(quality.round(3))
+with pd.option_context("display.max_colwidth", 120):
+    display(generations[generations.item == 0][["label", "text"]])
+
+# %%
+fig, axes = plots.new_figure(1, 2, sharey=True)
+full_row = quality[quality.label == "full"].iloc[0]
+for ax, column, name in zip(axes, ["rougeL_reference", "rougeL_full"], ["the reference answer", "the full model"],
+                            strict=True):
+    for mode, label in [("static", "skipping"), ("early-exit", "early exit")]:
+        group = pd.concat([quality[quality.skip_mode == mode], quality[quality.label == "full"]])
+        ax.plot(group.layers / n_layers, group[column], marker="o", label=label)
+    ax.set_xlabel("fraction of layers run per decoded token")
+    ax.set_title(f"ROUGE-L against {name}")
+axes[0].set_ylabel("mean ROUGE-L F")
+axes[0].legend()
+fig.suptitle(f"Static skipping vs early exit: {task}, greedy, {max_new_tokens} new tokens")
+plots.caption(fig, model=model_name, data=f"{task} ({len(items)} prompts)",
+              extra=f"CPU, {torch.get_num_threads()} threads")
+plots.save_figure(fig, "03_generation_quality", table=generations.drop(columns=["text"]))
+
+# %%
+best = quality[quality.label != "full"].sort_values("rougeL_full", ascending=False).iloc[0]
+print(f"Full model: ROUGE-L {full_row.rougeL_reference:.3f} against the references. Closest to it below full "
+      f"depth: {best.label} (ROUGE-L {best.rougeL_reference:.3f} against the references, {best.rougeL_full:.3f} "
+      f"against the full model, {best.speedup_vs_full:.2f}x its decoding speed).")
+
+# %% [markdown]
+# Each curve shows how fast quality falls as layers are removed; the right panel isolates how far each
+# method drifts from the model it approximates, the left how much of the task is left. The speed column
+# is the real saving: skipped layers are not computed (a test hooks every skipped attention and MLP and
+# checks they are never called).
+
+# %% [markdown]
+# ## 3. Learned per-token controllers: hidden state vs fixed input
+#
+# One Linear(d, 2) per layer and a hard Gumbel-softmax decide keep / skip for every decoded token. The
+# backbone is frozen; only the controllers learn, with CE + `controller_alpha` * (mean fraction of
+# executed layers) on `controller_examples` prompt + answer pairs of the task's train split. The
+# fixed-input variant sees a constant vector instead of the hidden state, so it can only learn a skip
+# rate per layer. Both are saved beside the model cache and reloaded (the file records the model they
+# belong to), then decode the same test prompts; random skipping at the same layer budget is the
+# baseline.
+
+# %%
+examples = skipping.controller_examples(task, tokenizer, controller_examples, split="train", seed=seed)
+controller_paths, histories = {}, []
+for kind, fixed in [("hidden state", False), ("fixed input", True)]:
+    controllers, history = skipping.train_controllers(
+        model, examples, with_fixed_input=fixed, alpha=controller_alpha, steps=controller_steps, lr=controller_lr,
+        seed=seed, model_name=model_name)
+    name = f"{'fixed' if fixed else 'hidden'}-alpha{controller_alpha}-steps{controller_steps}-seed{seed}.safetensors"
+    controller_paths[kind] = controllers.save(cache_dir() / "skip_controllers" / model_name.replace("/", "--") / name)
+    histories.append(history.assign(controller=kind))
+histories = pd.concat(histories, ignore_index=True)
+reloaded = {kind: skipping.SkipControllers.load(path, model) for kind, path in controller_paths.items()}
+keep_rates = pd.DataFrame({"layer": range(n_layers),
+                           "keep_probability": reloaded["fixed input"].keep_probabilities().numpy()})
+
+# %%
+fig, axes = plots.new_figure(1, 3)
+for kind, group in histories.groupby("controller"):
+    smooth = group[["ce", "layer_fraction"]].rolling(5, min_periods=1).mean()
+    axes[0].plot(group.step, smooth.ce, label=kind)
+    axes[1].plot(group.step, smooth.layer_fraction, label=kind)
+axes[0].set(xlabel="step", ylabel="cross-entropy on answers (5-step mean)")
+axes[1].set(xlabel="step", ylabel="fraction of layers executed (5-step mean)")
+axes[0].legend()
+axes[2].bar(keep_rates.layer, keep_rates.keep_probability)
+axes[2].set(xlabel="layer (0-based)", ylabel="keep probability", title="fixed-input controller")
+fig.suptitle(f"Controller training: CE + {controller_alpha} x layer fraction, frozen backbone")
+plots.caption(fig, model=model_name, data=f"{task} train ({len(examples)} examples)",
+              extra=f"{controller_steps} steps, CPU")
+plots.save_figure(fig, "03_controller_training", table=histories)
+
+# %%
+controller_settings = [{"label": f"controller ({kind})", "skip_mode": "controller", "controller": reloaded[kind],
+                        "seed": seed} for kind in reloaded]
+controlled = skipping.run_generations(model, tokenizer, items, controller_settings, max_new_tokens)
+random_settings = [{"label": f"random at {kind} budget", "skip_mode": "random", "seed": seed,
+                    "budget": min(1.0, max(1 / n_layers, float(controlled[controlled.label == s["label"]]
+                                                               .layer_fraction.mean())))}
+                   for kind, s in zip(reloaded, controller_settings, strict=True)]
+randomised = skipping.run_generations(model, tokenizer, items, random_settings, max_new_tokens)
+compared = skipping.score_generations(
+    pd.concat([generations[generations.label == "full"], controlled, randomised], ignore_index=True),
+    items, full_label="full")
+controller_quality = compared.groupby("label", as_index=False, sort=False).agg(
+    layer_fraction=("layer_fraction", "mean"), rougeL_reference=("rougeL_reference", "mean"),
+    rougeL_full=("rougeL_full", "mean"))
+display(controller_quality.round(3))
+
+# %%
+fig, ax = plots.new_figure()
+static = pd.concat([quality[quality.skip_mode == "static"], quality[quality.label == "full"]])
+ax.plot(static.layers / n_layers, static.rougeL_full, color="0.6", marker="o", label="static skipping")
+for row in controller_quality[controller_quality.label != "full"].itertuples():
+    ax.scatter(row.layer_fraction, row.rougeL_full, marker="s" if row.label.startswith("random") else "D",
+               s=40, label=row.label, zorder=3)
+ax.set_xlabel("fraction of layers run per decoded token")
+ax.set_ylabel("mean ROUGE-L F against the full model")
+ax.legend(fontsize="small")
+ax.set_title("Controllers on the hidden state vs a fixed input\n"
+             + plots.provenance(model=model_name, data=f"{task} ({len(items)} prompts)", extra="CPU"))
+plots.save_figure(fig, "03_controllers", table=controller_quality)
+
+# %%
+hidden_row, fixed_row = (controller_quality.set_index("label").loc[f"controller ({k})"] for k in reloaded)
+print(f"Hidden-state controller: {hidden_row.layer_fraction:.2f} of the layers, ROUGE-L vs full "
+      f"{hidden_row.rougeL_full:.3f}; fixed-input controller: {fixed_row.layer_fraction:.2f}, "
+      f"{fixed_row.rougeL_full:.3f}.")
+
+# %% [markdown]
+# A hidden-state controller that is worth its input should sit above the fixed-input one at a similar
+# layer fraction; the random points show what the same budget gives with no learning at all. The bar
+# chart above shows which layers the fixed-input controller learned to skip most often.
+
+# %% [markdown]
+# ## 4. The per-sequence oracle
+#
+# For each test prompt, the oracle may pick one of the budget models (static skipping with
+# `budgets`, the last being the full model) and must keep the average number of layers under a budget.
+# That is a multiple-choice knapsack; the costs are integer layer counts, so dynamic programming over the
+# total layer count solves it exactly for every budget at once (`skipping.oracle_frontier`). Quality is
+# ROUGE-L against the reference answer.
+
+# %%
+budget_labels = [s["label"] for s in settings if s["skip_mode"] == "static" and s["label"] != "full"] + ["full"]
+layer_costs = [s["layers"] for s in settings if s["label"] in budget_labels]
+per_item = generations.pivot(index="item", columns="label", values="rougeL_reference")[budget_labels]
+frontier = skipping.oracle_frontier(per_item.to_numpy(), layer_costs, n_layers)
+full_quality = float(per_item["full"].mean())
+needed = skipping.oracle_fraction_to_match(per_item.to_numpy(), layer_costs, full_quality, n_layers)
+display(per_item.round(3))
+
+# %%
+fig, ax = plots.new_figure()
+ax.plot(frontier.layer_fraction, frontier.mean_quality, drawstyle="steps-post", label="per-sequence oracle")
+ax.scatter([c / n_layers for c in layer_costs], per_item.mean().to_numpy(), color="C1", zorder=3,
+           label="one budget for every sequence")
+ax.axhline(full_quality, color="0.5", linestyle="--", linewidth=1, label="full model")
+ax.axvline(needed, color="C2", linestyle=":", linewidth=1, label=f"oracle matches full at {needed:.1%}")
+ax.set_xlabel("average fraction of layers per sequence")
+ax.set_ylabel("mean ROUGE-L F against references")
+ax.legend(fontsize="small")
+ax.set_title("Per-sequence oracle over the budget models (exact knapsack)\n"
+             + plots.provenance(model=model_name, data=f"{task} ({len(items)} prompts)"))
+plots.save_figure(fig, "03_oracle", table=frontier)
+
+# %%
+cheapest = [min((c for c, q in zip(layer_costs, row, strict=True) if q >= row.iloc[-1]), default=n_layers)
+            for _, row in per_item.iterrows()]
+print(f"The oracle matches the full model's mean ROUGE-L ({full_quality:.3f}) with {needed:.1%} of the layers on "
+      f"average (the paper: 23.3% on OPT-IML-1.3b / Alpaca); taking for each sequence the cheapest budget model "
+      f"that is as good as the full model on it needs {sum(cheapest) / len(cheapest) / n_layers:.1%}.")
+
+# %% [markdown]
+# The step curve is the best mean quality any per-sequence assignment reaches under each average budget;
+# the dots are the same budget for every sequence. The gap between them is what a perfect per-sequence
+# router could gain, an upper bound for learned controllers. Where the cheap models fail on almost
+# every sequence, the oracle needs close to the full depth to match the full model.
