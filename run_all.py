@@ -76,11 +76,25 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03_layer_selection": {"budgets": [0.25, 0.5, 0.75, 1.0], "n_prompts": 2, "max_new_tokens": 6,
                                "similarity_windows": 2, "similarity_seq_len": 32, "similarity_prompt_len": 8,
                                "similarity_points": 4, "controller_examples": 4, "controller_steps": 3},
+        "07_efficiency_frontier": {"calibration_samples": 4, "calibration_seq_len": 32, "eval_windows": 2,
+                                   "eval_seq_len": 32, "n_prompts": 2, "max_new_tokens": 6, "prefill_tokens": 16,
+                                   "prefill_min_run_time": 0.01, "shortgpt_fraction": 0.25, "skip_budget": 0.75,
+                                   "use_fitted_exits": False, "k": 16, "calibration_prompts": 3,
+                                   "calibration_tokens": 4, "ltt_candidates": [0.5], "humaneval_problems": 1,
+                                   "slice_levels": [0.2],
+                                   "humaneval_max_new_tokens": 8, "zero_shot_task": "arithmetic-mc",
+                                   "zero_shot_limit": 2, "batch_size": 4},
     },
     # The embedded SmolLM2-135M on a 2-core CPU: minutes per notebook; what `make run` runs.
     "default": {
         "common": {"model_name": "smollm2-135m", "seed": 0},
         "00_quickstart": {"max_new_tokens": 64, "lens_sequences": 8, "lens_seq_len": 256},
+        "01_early_exit": {"n_prompts": 4, "max_new_tokens": 32, "thresholds": [0.99, 0.95, 0.9, 0.7],
+                          "calibration_prompts": 16, "calibration_tokens": 16, "adaptive_prompts": 12,
+                          "adaptive_tokens": 24},
+        "02_vocab_pruning": {"model_names": ["smollm2-135m", "gemma3-270m"], "prompt_data": ["builtin", "builtin"],
+                             "k": 256, "threshold": 0.9, "n_prompts": 4, "max_new_tokens": 24,
+                             "analysis_sequences": 1, "analysis_seq_len": 128},
         "04_domain_submodels": {"calibration_samples": 32, "calibration_seq_len": 128, "perplexity_windows": 4,
                                 "perplexity_seq_len": 256, "humaneval_problems": 4, "humaneval_max_new_tokens": 96,
                                 "arithmetic_problems": 16, "arithmetic_max_new_tokens": 40, "zero_shot_limit": 24,
@@ -95,11 +109,24 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "03_layer_selection": {"budgets": [4 / 24, 8 / 24, 12 / 24, 1.0], "n_prompts": 8, "max_new_tokens": 32,
                                "similarity_windows": 4, "similarity_seq_len": 128, "similarity_prompt_len": 32,
                                "similarity_points": 10, "controller_examples": 48, "controller_steps": 30},
+        "07_efficiency_frontier": {"n_prompts": 4, "max_new_tokens": 32, "slice_levels": [0.1, 0.2, 0.3],
+                                   "humaneval_problems": 0, "zero_shot_task": None},  # both: minutes per row here
     },
     # The papers' own models and hub data sets, on GPUs (needs the hub: HF_TOKEN for gated models).
     "paper": {
         "common": {"model_name": "meta-llama/Llama-3.2-1B", "seed": 0},
         "00_quickstart": {"max_new_tokens": 128, "lens_sequences": 32, "lens_seq_len": 1024},
+        # Seed 001 (FREE): T5-large, SAMSum and SQuAD, shallow exit 6 of 24, thresholds around 0.9.
+        "01_early_exit": {"model_name": "google-t5/t5-large", "prompt_data": ["samsum", "squad"], "n_prompts": 50,
+                          "max_new_tokens": 64, "use_fitted_exits": False, "shallow_exit_layer": 6,
+                          "static_exit_layers": [6, 12, 18], "thresholds": [0.95, 0.9, 0.8, 0.6, 0.4],
+                          "calibration_prompts": 200, "calibration_tokens": 64, "adaptive_prompts": 300,
+                          "adaptive_tokens": 64},
+        # Seed 000: the authors' fine-tuned T5-large checkpoints, exit_min_layer 19, k = 256, threshold 0.9.
+        "02_vocab_pruning": {"model_names": ["jvelja/t5-squad", "jvelja/t5-samsum"], "prompt_data": ["squad", "samsum"],
+                             "use_fitted_exits": False, "exit_min_layer": 19, "k": 256, "threshold": 0.9,
+                             "ks": [16, 64, 256, 1024, 4096, 16384], "analysis_sequences": 16,
+                             "analysis_seq_len": 64, "n_prompts": 100, "max_new_tokens": 64},
         # Seed 002: Gemma-1.1-7b-it (or -p model_name=codellama/CodeLlama-13b-Instruct-hf), the seed's hub
         # calibration sets (effllm.data.HUB), HumanEval (all 164), GSM8K and Wanda's lm-eval zero-shot suite.
         "04_domain_submodels": {"model_name": "google/gemma-1.1-7b-it", "device": "cuda", "dtype": "bfloat16",
@@ -135,6 +162,13 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                "similarity_corpus": "alpaca", "similarity_windows": 32, "similarity_seq_len": 512,
                                "similarity_prompt_len": 128, "similarity_points": 24, "controller_examples": 2000,
                                "controller_steps": 2000},
+        "07_efficiency_frontier": {"device": "cuda", "dtype": "bfloat16", "calibration_data": "wikitext2",
+                                   "calibration_samples": 128, "calibration_seq_len": 2048, "eval_data": "wikitext2",
+                                   "eval_windows": None, "eval_seq_len": 2048, "n_prompts": 32,
+                                   "max_new_tokens": 128, "prefill_tokens": 1024, "calibration_prompts": 64,
+                                   "calibration_tokens": 64, "humaneval_problems": 164,
+                                   "humaneval_max_new_tokens": 512, "zero_shot_task": "arithmetic-mc",
+                                   "zero_shot_limit": None},
     },
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import datasets
 import pytest
 import torch
@@ -212,3 +214,45 @@ def test_bad_split_lists_splits(built_cache):
         data.load("humaneval", split="train")
     with pytest.raises(ValueError, match="no split 'test'.*train, validation"):
         data.load("squad", split="test")
+
+
+# --------------------------------------------------------------------------------------------------
+# Multiple-choice tasks (zero-shot through lm-eval)
+
+
+def test_arithmetic_mc_has_the_answer_among_four_distinct_numbers(built_cache):
+    items = data.load("arithmetic-mc", split="test").to_list()
+    assert len(items) == data.ARITHMETIC_MC_PROBLEMS
+    known = set(data.load("arithmetic", split="all")["question"])
+    assert not known & {item["question"] for item in items}  # fresh problems, never calibration text
+    for item in items:
+        assert len(item["choices"]) == len(set(item["choices"])) == data.MC_CHOICES
+        assert all(choice.isdigit() for choice in item["choices"])  # non-negative integers
+        assert item["choices"][item["label"]] == str(item["answer"])
+    # Numbers in the question give the answer through the stated operation (spot check on 'add').
+    for item in (i for i in items if i["operation"] == "add"):
+        a, b = map(int, re.findall(r"\d+", item["question"])[:2])
+        assert item["answer"] == a + b
+    labels = [item["label"] for item in items]
+    assert all(labels.count(k) > len(items) / 8 for k in range(4))  # the right answer moves around
+
+
+def test_prose_mc_endings_complete_held_out_sentences(built_cache):
+    items = data.load("prose-mc", split="test").to_list()
+    held_out = " ".join(" ".join(doc.split()) for split in ("validation", "test")
+                        for doc in data.documents("python-docs", split))
+    train = " ".join(" ".join(doc.split()) for doc in data.documents("python-docs", "train"))
+    assert len(items) > 150
+    for item in items:
+        assert len(item["choices"]) == len(set(item["choices"])) == data.MC_CHOICES
+        sentence = f"{item['context']} {item['choices'][item['label']]}"
+        assert sentence in held_out
+        assert data.PROSE_MC_MIN_WORDS <= len(sentence.split()) <= data.PROSE_MC_MAX_WORDS
+        assert sentence not in train  # never calibration text
+
+
+@pytest.mark.parametrize("name", ["arithmetic-mc", "prose-mc"])
+def test_multiple_choice_sets_are_reproducible_and_test_only(built_cache, name):
+    assert data._BUILDERS[name]() == data._BUILDERS[name]()
+    with pytest.raises(ValueError, match="no split 'train'.*test"):
+        data.load(name, split="train")

@@ -1,5 +1,6 @@
 """Pruning: Wanda's masks equal a direct computation, N:M and per-row counts are exact, SparseGPT beats
-magnitude on reconstruction, masks round-trip and never half-apply, bad input fails before any change."""
+magnitude on reconstruction, masks round-trip and never half-apply, bad input fails before any change;
+mask similarity (Jaccard) equals a brute-force set computation and is 1/3 for random 50% masks."""
 
 import pytest
 import torch
@@ -10,10 +11,16 @@ from effllm.models import tiny_model
 from effllm.pruning import (
     MaskMismatchError,
     apply_masks,
+    jaccard_levels,
+    jaccard_matrix,
+    linear_roles,
     load_masks,
     load_pruned,
     magnitude_mask,
+    mask_jaccard,
+    pairwise_jaccard,
     prune,
+    random_mask_jaccard,
     save_masks,
     save_pruned,
     sparsegpt_prune,
@@ -297,3 +304,104 @@ def test_unknown_method_option_raises():
     model, _ = tiny_model("llama")
     with pytest.raises(TypeError, match="blocksize.*'wanda'"):
         prune(model, "wanda", 0.5, calibration=calibration_ids(), blocksize=64, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item-2 gaps: magnitude == Wanda end to end, SparseGPT's option checks are made before any change
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_prune_magnitude_equals_prune_wanda_when_input_norms_are_equal(monkeypatch, pattern):
+    """Through prune() itself: feed Wanda inputs whose column norms are all equal and it picks magnitude's masks."""
+    import effllm.pruning as pruning
+
+    def equal_norms(runner, i, linears, method):
+        runner.run(i)  # the layer still runs, as in the real statistics pass
+        return {name: torch.full((runner.adapter.weight(m).shape[1],), 3.0)
+                for name, m in linears.items()}, {}
+
+    sparsity = 0.5 if pattern == "unstructured" else None
+    magnitude = prune(tiny_model("llama")[0], "magnitude", sparsity, pattern, progress=False)
+    monkeypatch.setattr(pruning, "_input_statistics", equal_norms)
+    wanda = prune(tiny_model("llama")[0], "wanda", sparsity, pattern, calibration=calibration_ids(), progress=False)
+    assert magnitude.keys() == wanda.keys()
+    assert all(torch.equal(magnitude[name], wanda[name]) for name in magnitude)
+
+
+def test_sparsegpt_blocksize_not_multiple_of_m_raises_before_changing_anything():
+    model, _ = tiny_model("llama")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="blocksize \\(6\\) must be a multiple of M=4"):
+        prune(model, "sparsegpt", None, "2:4", calibration=calibration_ids(), blocksize=6, progress=False)
+    assert_unchanged(model, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mask similarity (Jaccard)
+
+
+def random_masks(shapes, sparsity, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(shape, generator=generator) < sparsity for name, shape in shapes.items()}
+
+
+def test_jaccard_equals_brute_force_set_computation():
+    model, _ = tiny_model("llama")
+    roles = linear_roles(model)
+    shapes = {name: tuple(module.weight.shape) for name, module in model.named_modules() if name in roles}
+    a, b = random_masks(shapes, 0.5, seed=1), random_masks(shapes, 0.3, seed=2)
+    table = jaccard_levels(mask_jaccard(a, b, roles))
+
+    def positions(masks, names):
+        return {(name, int(i)) for name in names for i in masks[name].flatten().nonzero().flatten()}
+
+    def brute(names):
+        pa, pb = positions(a, names), positions(b, names)
+        return len(pa & pb) / len(pa | pb)
+
+    for row in table.itertuples():
+        if row.level == "linear":
+            names = [row.name]
+        elif row.level == "layer":
+            names = [name for name, (layer, _) in roles.items() if layer == row.layer]
+        else:
+            names = list(roles)
+        assert row.jaccard == pytest.approx(brute(names), abs=1e-12), (row.level, row.name)
+    assert set(table.level) == {"linear", "layer", "model"}
+    assert (table.level == "layer").sum() == get_adapter(model).num_layers
+    assert set(table[table.level == "linear"].kind) == {"q", "k", "v", "o", "gate", "up", "down"}
+
+
+def test_two_independent_random_half_masks_have_jaccard_one_third():
+    shapes = {f"model.layers.{i}.mlp.{kind}": (512, 512) for i in range(2) for kind in ("up_proj", "down_proj")}
+    table = jaccard_levels(mask_jaccard(random_masks(shapes, 0.5, 3), random_masks(shapes, 0.5, 4)))
+    model_row = table[table.level == "model"].iloc[0]
+    assert model_row.jaccard == pytest.approx(1 / 3, abs=0.005)  # ~1M weights: the standard error is ~0.0006
+    assert random_mask_jaccard(0.5) == pytest.approx(1 / 3)
+    assert random_mask_jaccard(0.5, 0.3) == pytest.approx(0.15 / 0.65)
+    assert table[table.level == "layer"].layer.tolist() == [0, 1]  # layer parsed from the names without roles
+
+
+def test_jaccard_of_identical_and_complementary_masks_and_the_pairwise_matrix():
+    shapes = {"model.layers.0.self_attn.q_proj": (8, 16), "model.layers.1.self_attn.q_proj": (8, 16)}
+    a = random_masks(shapes, 0.5, 5)
+    complement = {name: ~mask for name, mask in a.items()}
+    assert (jaccard_levels(mask_jaccard(a, a)).jaccard == 1).all()
+    assert (jaccard_levels(mask_jaccard(a, complement)).jaccard == 0).all()
+    pairwise = pairwise_jaccard({"a": a, "b": random_masks(shapes, 0.5, 6), "not-a": complement})
+    assert len(pairwise[pairwise.level == "model"]) == 3  # every pair once
+    matrix = jaccard_matrix(pairwise)
+    assert list(matrix.index) == ["a", "b", "not-a"] and (matrix.values == matrix.values.T).all()
+    assert matrix.loc["a", "a"] == 1 and matrix.loc["a", "not-a"] == 0
+    layer0 = jaccard_matrix(pairwise, "layer", "layer 0")
+    assert layer0.loc["a", "b"] == pairwise[(pairwise.name == "layer 0") & (pairwise.b == "b")].jaccard.item()
+
+
+def test_jaccard_of_masks_from_different_models_raises():
+    a = {"model.layers.0.mlp.up_proj": torch.zeros(4, 4, dtype=torch.bool)}
+    with pytest.raises(MaskMismatchError, match="different linears"):
+        mask_jaccard(a, {"model.layers.0.mlp.down_proj": torch.zeros(4, 4, dtype=torch.bool)})
+    with pytest.raises(MaskMismatchError, match="differ in shape"):
+        mask_jaccard(a, {"model.layers.0.mlp.up_proj": torch.zeros(4, 8, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="at least two mask sets"):
+        pairwise_jaccard({"a": a})

