@@ -1,0 +1,403 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
+
+# %% [markdown]
+# # 07 · One model, every method: the efficiency frontier
+#
+# The five papers behind effllm each compare their method with its own baselines: **early exit** (CALM,
+# Schuster et al. 2022; FREE, Bae et al. 2023) stops a token at a shallow layer when it is confident;
+# **vocabulary pruning** (Vincenti et al. 2024) makes that confidence check cheap by scoring only the top-k
+# candidate tokens; **layer selection** (Glavas et al. 2024) skips layers at decode time; **Wanda**
+# (Sun et al. 2024) zeroes half of every weight matrix by |W| · ||x||; **SliceGPT** and **dynamic slicing**
+# (Ashkboos et al. 2024; Dumitru et al. 2024) delete principal directions of the residual stream, and
+# **ShortGPT** (Men et al. 2024) deletes whole layers. None of them compares with the others. Because every
+# method here runs on one model through one adapter, this notebook can: it measures every method's quality
+# (held-out perplexity, ROUGE-L consistency with the dense model's generations, optionally HumanEval pass@1
+# and a zero-shot task) against four costs (decode tokens/s and prefill time measured on this machine,
+# parameters, matmul FLOPs per decoded token), and draws the Pareto front on each cost axis.
+
+# %%
+import copy
+import functools
+
+import pandas as pd
+import torch
+from IPython.display import display
+
+from effllm import data, exits, frontier, metrics, models, plots, pruning, zeroshot
+from effllm.adapters import get_adapter
+from effllm.bench import device_description
+from effllm.bench.early_exit import bench_prompts, prompt_budget, prompt_format
+from effllm.calibration import calibrate_threshold
+from effllm.lens import cached_linear_exits
+from effllm.slicing import layer_scores, slice_fractions, slice_model
+
+# %% tags=["parameters"]
+profile = "default"  # smoke | default | paper (set by run_all.py)
+model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
+seed = 0
+figures_dir = None  # None: the repository's figures/ folder
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
+dtype = None  # None: float32 for embedded and tiny models, the checkpoint's own dtype for hub models
+calibration_data = "python-docs"  # pruning / slicing calibration corpus (train split)
+calibration_samples = 8  # calibration windows
+calibration_seq_len = 128  # tokens per calibration window
+eval_data = "python-docs"  # held-out perplexity corpus (test split)
+eval_windows = 4  # perplexity windows
+eval_seq_len = 256  # tokens per perplexity window
+n_prompts = 4  # decode prompts (arithmetic questions and HumanEval prompts, alternating)
+max_new_tokens = 32  # new tokens per decode prompt (no EOS stop: every row does the same work)
+prefill_tokens = 128  # prompt length of the prefill timing
+prefill_min_run_time = 0.5  # seconds of repeated prefill per row (median kept)
+slice_levels = [0.1, 0.2, 0.3]  # mean slice fractions M of constant and dynamic slicing
+slice_amplitude = 0.1  # A of dynamic slicing (capped at M, so that no layer gets a negative fraction)
+shortgpt_fraction = 0.1  # fraction of layers ShortGPT removes
+skip_budget = 0.8  # static layer skipping: fraction of layers every decoded token runs
+use_fitted_exits = True  # least-squares exits (effllm.lens) for CALM / FREE; False: the plain logit lens
+k = 256  # candidate tokens of vocabulary pruning (fixed k)
+# Learn-then-Test prompts (disjoint from the decode prompts); with delta = epsilon = 0.2 it needs at least 8
+# prompts to certify anything (0.8^n < epsilon), however small the measured risk.
+calibration_prompts = 8
+calibration_tokens = 8  # new tokens per calibration prompt
+ltt_candidates = [0.9, 0.6, 0.3]  # thresholds Learn-then-Test tests, from the safest down
+ltt_delta = 0.2  # allowed mean disagreement with the full model (1 - ROUGE-L)
+ltt_epsilon = 0.2  # allowed probability that the risk exceeds delta
+humaneval_problems = 0  # HumanEval pass@1 on the first N problems per row (0: skip; minutes per row here)
+humaneval_max_new_tokens = 96
+# Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile does:
+# lm-eval takes minutes per model on a 2-core CPU, and this notebook evaluates 11 models).
+zero_shot_task = None
+zero_shot_limit = 60  # items (None: all)
+batch_size = 8
+quality_bar = 0.9  # ROUGE-L consistency a row must reach to count as "keeps the output" in the summary
+
+# %%
+torch.manual_seed(seed)
+plots.set_figures_dir(figures_dir)
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+dense, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
+dense.eval()
+adapter = get_adapter(dense)
+n_layers, hidden = adapter.num_layers, adapter.hidden_size
+exit_min_layer = n_layers // 2  # CALM checks from the middle layer on (the early-exit benchmark's setting)
+shallow_exit_layer = (2 * n_layers) // 3  # FREE's shallow exit
+prune_layer = min(exit_min_layer, shallow_exit_layer - 1)  # FREE + vocabulary pruning picks candidates here
+calibration = data.calibration(calibration_data, tokenizer, n_samples=calibration_samples,
+                               seq_len=calibration_seq_len, seed=seed, split="train").to(device)
+eval_tokens = data.calibration_tokens(eval_data, tokenizer, split="test")
+fmt = prompt_format(dense, tokenizer, model_name)
+budget = prompt_budget(dense, max(max_new_tokens, calibration_tokens))
+prompts = [p.to(device) for p in bench_prompts(tokenizer, n_prompts, fmt=fmt, max_tokens=budget)]
+ltt_prompts = [p.to(device) for p in bench_prompts(tokenizer, calibration_prompts, offset=n_prompts, fmt=fmt,
+                                                    max_tokens=budget)]
+prefill_ids = data.calibration(eval_data, tokenizer, n_samples=1, seq_len=prefill_tokens, seed=seed).to(device)
+transform = cached_linear_exits(dense, tokenizer, model_name) if use_fitted_exits else None
+transform_flops = 2 * hidden * hidden if transform is not None else 0  # one d x d exit map per check
+machine = device_description()
+setting = (f"{machine} · {n_prompts} prompts x {max_new_tokens} new tokens, batch 1, greedy · "
+           f"perplexity: {eval_data} test {eval_windows}x{eval_seq_len}")
+print(f"{model_name}: {n_layers} layers, d = {hidden}; CALM from layer {exit_min_layer}, FREE shallow exit "
+      f"{shallow_exit_layer}; exits: {'fitted linear maps' if transform is not None else 'logit lens'}; {setting}")
+
+# %% [markdown]
+# ## Step 1: the measurement
+#
+# Every row decodes the same prompts with the same engine (`effllm.exits.generate`, or
+# `effllm.skipping.generate` for layer skipping), batch 1, greedy, a fixed number of new tokens, so that
+# tokens/s compares like with like. Quality against the dense model is ROUGE-L over the generated token ids
+# (and per-position token agreement) of those generations; FLOPs per decoded token come from `effllm.frontier.decode_flops`, which
+# counts the layers each token actually ran and what its skipped layers still cost (K/V projections under
+# state propagation, the whole layer for FREE's deferred synchronized pass). A model-level method (pruning,
+# slicing, layer removal) also gets held-out perplexity, prefill time and, when enabled, HumanEval pass@1 and
+# zero-shot accuracy; a decode-time method (early exit, skipping) inherits its base model's parameters and
+# prefill time (the prompt runs at full depth) and has no perplexity of its own.
+
+# %%
+rows = []
+reference = None  # the dense model's generations
+
+
+def full_decoder(model, new_tokens):
+    return functools.partial(exits.generate, model, max_new_tokens=new_tokens, method="full", eos_token_id=[])
+
+
+def record(label, family, model, decode, kv_policy="propagate", base=None, uses_transform=False, warmup=False,
+           **extra):
+    """Decode the prompts with `decode`, score against the dense generations, and add one row."""
+    global reference
+    run = frontier.measure_decode(prompts, decode, warmup=warmup)
+    if reference is None:
+        reference = run.new_tokens
+    rouge, agreement = frontier.rouge_vs_reference(run.new_tokens, reference)
+    row = {"method": label, "family": family, "tokens_per_s": run.tokens_per_s,
+           "gflops_per_token": frontier.decode_flops(model, run.outputs, prompts, kv_policy,
+                                                     transform_flops if uses_transform else 0) / 1e9,
+           "avg_layers": sum(float(o.exit_layers.double().sum()) for o in run.outputs)
+           / sum(o.exit_layers.numel() for o in run.outputs),
+           "rougeL_vs_dense": rouge, "token_agreement": agreement}
+    if base is None:  # a model-level method: measure the model itself
+        row.update(parameters_M=frontier.parameter_count(model) / 1e6,
+                   nonzero_parameters_M=sum(int(torch.count_nonzero(p)) for p in
+                                            {p.data_ptr(): p for p in model.parameters()}.values()) / 1e6,
+                   prefill_ms=1e3 * frontier.measure_prefill(model, prefill_ids, prefill_min_run_time),
+                   perplexity=metrics.perplexity(model, eval_tokens, seq_len=eval_seq_len, batch_size=batch_size,
+                                                 max_windows=eval_windows))
+        if zero_shot_task:
+            row[f"accuracy_{zero_shot_task}"] = zeroshot.zero_shot_accuracy(
+                model, tokenizer, zero_shot_task, limit=zero_shot_limit, batch_size=batch_size)["accuracy"]
+    else:  # a decode-time method on `base`'s model
+        row.update({key: base[key] for key in ("parameters_M", "nonzero_parameters_M", "prefill_ms")},
+                   perplexity=float("nan"))
+    if humaneval_problems:
+        row["humaneval_pass@1"] = frontier.humaneval_pass_at_1(
+            lambda ids: decode(ids, max_new_tokens=humaneval_max_new_tokens, eos_token_id=None), tokenizer,
+            humaneval_problems)
+    row.update(extra)
+    rows.append(row)
+    print(f"{label:<28} {row['tokens_per_s']:6.1f} tok/s  ROUGE-L {rouge:.3f}  "
+          f"{row['gflops_per_token']:.3f} GFLOPs/token  ppl {row['perplexity']:.2f}")
+    return row
+
+
+dense_row = record("dense", "dense", dense, full_decoder(dense, max_new_tokens), warmup=True)  # warms the engine
+
+# %% [markdown]
+# ## Step 2: model-level methods
+#
+# Wanda at 50% unstructured and 2:4 (stored dense: the parameter count stays, the nonzero count halves, and
+# on a CPU the dense kernels run just as long; notebook 05 measures what sparse kernels give); SliceGPT with
+# a constant slice fraction and dynamic slicing by layer redundancy at each level M; ShortGPT removing the
+# layers of lowest block influence. Each is applied to a fresh copy of the dense model, calibrated on the same
+# windows.
+
+# %%
+lr_scores = layer_scores(dense, calibration, "lr", batch_size=batch_size)
+bi_scores = layer_scores(dense, calibration, "bi", batch_size=batch_size)
+kept = {}  # models the combinations reuse
+
+
+def variant(label, family, transform_model, keep=None, **extra):
+    model = copy.deepcopy(dense)
+    transform_model(model)
+    record(label, family, model, full_decoder(model, max_new_tokens), **extra)
+    if keep:
+        kept[keep] = model
+
+
+variant("Wanda 50%", "pruning", lambda m: pruning.prune(m, "wanda", 0.5, calibration=calibration,
+                                                        batch_size=batch_size, progress=False), keep="wanda50")
+variant("Wanda 2:4", "pruning", lambda m: pruning.prune(m, "wanda", None, pattern="2:4", calibration=calibration,
+                                                        batch_size=batch_size, progress=False))
+for level in slice_levels:
+    variant(f"SliceGPT M={level}", "slicing", lambda m, level=level: slice_model(
+        m, calibration, mean=level, batch_size=batch_size), keep="sliced" if level == min(slice_levels) else None)
+    amplitude = min(slice_amplitude, level)
+    fractions = slice_fractions(lr_scores, level, amplitude)
+    variant(f"dynamic M={level}", "slicing", lambda m, fractions=fractions: slice_model(
+        m, calibration, fractions=fractions, batch_size=batch_size), amplitude=amplitude)
+removed = round(shortgpt_fraction * n_layers)
+variant(f"ShortGPT -{removed} layers", "layer removal", lambda m: slice_model(
+    m, calibration, mean=removed / n_layers, method="shortgpt", scores=bi_scores, batch_size=batch_size))
+
+# %% [markdown]
+# ## Step 3: decode-time methods, at calibrated thresholds
+#
+# CALM (softmax confidence p1 - p2 from layer `exit_min_layer` on) and FREE (one shallow exit, deep layers
+# synchronized in parallel) at the lowest threshold that Learn-then-Test certifies on separate calibration
+# prompts: with probability at least 1 - epsilon the mean disagreement (1 - ROUGE-L with the full model) stays
+# below delta. When no candidate is certified the safest candidate is used and the row says so. The same
+# threshold is then used with vocabulary pruning (fixed k candidates picked at the first checked layer).
+# Static layer skipping runs a fixed, evenly spread subset of layers for every decoded token.
+
+# %%
+thresholds = {}
+for method, params in [("calm", {"exit_conf_type": "softmax", "exit_min_layer": exit_min_layer}),
+                       ("free", {"shallow_exit_layer": shallow_exit_layer})]:
+    ltt = calibrate_threshold(dense, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
+                              method=method, distance="rougeL", decode=tokenizer.decode, eos_token_id=[],
+                              exit_transform=transform, progress=False, **params)
+    certified = ltt.threshold is not None
+    thresholds[method] = (ltt.threshold if certified else max(ltt_candidates), certified)
+    print(f"{method}: Learn-then-Test on {ltt.n} prompts (delta={ltt_delta}, epsilon={ltt_epsilon}) -> "
+          + (f"threshold {ltt.threshold}" if certified else f"none certified; using {max(ltt_candidates)}"))
+    display(ltt.table.round(4))
+
+calm_threshold, calm_certified = thresholds["calm"]
+free_threshold, free_certified = thresholds["free"]
+
+
+def calm(model, vocab="none"):
+    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="calm",
+                             exit_conf_type="softmax", exit_conf_threshold=calm_threshold,
+                             exit_min_layer=exit_min_layer, exit_transform=transform, type_vocab_reduct=vocab, k=k,
+                             eos_token_id=[])
+
+
+def free(model, vocab="none"):
+    extra = {"exit_min_layer": prune_layer} if vocab != "none" else {}
+    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="free",
+                             shallow_exit_layer=shallow_exit_layer, shallow2deep_conf_threshold=free_threshold,
+                             exit_transform=transform, type_vocab_reduct=vocab, k=k, eos_token_id=[], **extra)
+
+
+def skip(model):
+    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="skip",
+                             skip_mode="static", budget=skip_budget, eos_token_id=[])
+
+
+record(f"CALM λ={calm_threshold}", "early exit", dense, calm(dense), base=dense_row, uses_transform=True,
+       threshold=calm_threshold, certified=calm_certified)
+record(f"CALM λ={calm_threshold} + vocab k={k}", "early exit + vocab", dense, calm(dense, "fixed"), base=dense_row,
+       uses_transform=True, threshold=calm_threshold, certified=calm_certified)
+record(f"FREE λ={free_threshold}", "early exit", dense, free(dense), kv_policy="deferred", base=dense_row,
+       uses_transform=True, threshold=free_threshold, certified=free_certified)
+record(f"FREE λ={free_threshold} + vocab k={k}", "early exit + vocab", dense, free(dense, "fixed"),
+       kv_policy="deferred", base=dense_row, uses_transform=True, threshold=free_threshold, certified=free_certified)
+record(f"static skip {skip_budget:.0%} layers", "layer skipping", dense, skip(dense), base=dense_row)
+
+# %% [markdown]
+# ## Step 4: combinations
+#
+# Methods of different kinds stack: a Wanda-pruned model can still exit early (with the exits fitted on the
+# dense model and the dense model's calibrated threshold, so this row shows what transfers without
+# recalibrating), and a sliced model can still skip layers.
+
+# %%
+by_label = {row["method"]: row for row in rows}
+wanda_row = by_label["Wanda 50%"]
+record(f"Wanda 50% + CALM + vocab k={k}", "combination", kept["wanda50"], calm(kept["wanda50"], "fixed"),
+       base=wanda_row, uses_transform=True, threshold=calm_threshold, certified=calm_certified)
+sliced_row = by_label[f"SliceGPT M={min(slice_levels)}"]
+record(f"SliceGPT M={min(slice_levels)} + skip {skip_budget:.0%}", "combination", kept["sliced"],
+       skip(kept["sliced"]), base=sliced_row)
+kept.clear()
+
+# %% [markdown]
+# ## Step 5: the frontier
+#
+# One figure per cost axis. Left: consistency with the dense model's generations (every row); right:
+# held-out perplexity (model-level rows; log scale, lower is better). Filled markers with black edges and the
+# dashed step line are the Pareto front: no other row is both cheaper (or faster) and better.
+
+# %%
+table = pd.DataFrame(rows)
+table.insert(table.columns.get_loc("tokens_per_s") + 1, "speedup_vs_dense",
+             table.tokens_per_s / dense_row["tokens_per_s"])
+cost_axes = {"tokens_per_s": ("decode tokens/s (higher is better)", False),
+             "prefill_ms": (f"prefill time of {prefill_tokens} tokens (ms)", True),
+             "parameters_M": ("parameters (millions)", True),
+             "gflops_per_token": ("matmul GFLOPs per decoded token", True)}
+for cost, (_, minimize) in cost_axes.items():
+    table[f"front_{cost}"] = frontier.pareto_front(table, cost, "rougeL_vs_dense", minimize_cost=minimize)
+with pd.option_context("display.max_columns", None, "display.width", 200):
+    display(table.drop(columns=[c for c in table.columns if c.startswith("front_")]).round(3))
+
+families = list(dict.fromkeys(table.family))
+colors = {family: f"C{i}" for i, family in enumerate(families)}
+for cost, (xlabel, minimize) in cost_axes.items():
+    fig, axes = plots.new_figure(1, 2, figsize=(12, 4.8))
+    for ax, quality, maximize, ylabel in [(axes[0], "rougeL_vs_dense", True, "ROUGE-L vs dense generations"),
+                                          (axes[1], "perplexity", False, f"perplexity ({eval_data} test)")]:
+        shown = table[table[quality].notna()]
+        front = frontier.pareto_front(shown, cost, quality, minimize_cost=minimize, maximize_quality=maximize)
+        for family, group in shown.groupby("family", sort=False):
+            ax.scatter(group[cost], group[quality], color=colors[family], label=family, s=36,
+                       edgecolors=["black" if front[i] else "none" for i in group.index], linewidths=1.2)
+        line = shown[front].sort_values(cost)
+        # The staircase of what is reachable: a cost holds its quality to the right, a benefit to the left.
+        ax.step(line[cost], line[quality], where="post" if minimize else "pre", color="0.3", linestyle="--",
+                linewidth=1)
+        for _, row in shown.iterrows():
+            ax.annotate(row.method, (row[cost], row[quality]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        if quality == "perplexity":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"Efficiency frontier: quality against {xlabel.split(' (')[0]}\n"
+                 + plots.provenance(model=model_name, data=f"{calibration_data} calibration, built-in prompts",
+                                    extra=setting), fontsize="small")
+    plots.save_figure(fig, f"07_frontier_{cost}", table=table)
+
+# %% [markdown]
+# On the tokens/s figure, look for the rows right of the dense point that stay near ROUGE-L 1: those speed
+# decoding without changing the output. On the parameter and FLOP figures, early exit and skipping sit at the
+# dense parameter count (they change what runs, not what is stored), while slicing and ShortGPT move left and
+# pay in perplexity. The paragraphs below are computed from the table.
+
+# %% [markdown]
+# ## What the frontier shows
+
+# %%
+def names(frame):
+    return ", ".join(frame.method) if len(frame) else "none"
+
+
+decode_front = table[table.front_tokens_per_s].sort_values("tokens_per_s")
+keeps = table[(table.rougeL_vs_dense >= quality_bar) & (table.method != "dense")]
+fastest = keeps.loc[keeps.tokens_per_s.idxmax()] if len(keeps) else None
+print(f"1. Speed. On {machine}, the dense model decodes {dense_row['tokens_per_s']:.1f} tokens/s. The Pareto front "
+      f"of decode speed against ROUGE-L consistency holds: {names(decode_front)}. "
+      + (f"The fastest row that keeps ROUGE-L >= {quality_bar} is {fastest.method} at "
+         f"{fastest.tokens_per_s:.1f} tokens/s ({fastest.speedup_vs_dense:.2f}x dense, ROUGE-L "
+         f"{fastest.rougeL_vs_dense:.3f}). " if fastest is not None else
+         f"No method other than dense keeps ROUGE-L >= {quality_bar}. ")
+      + f"The fastest row overall is {table.loc[table.tokens_per_s.idxmax()].method} "
+      f"({table.tokens_per_s.max() / dense_row['tokens_per_s']:.2f}x dense, ROUGE-L "
+      f"{table.loc[table.tokens_per_s.idxmax()].rougeL_vs_dense:.3f}).\n")
+
+model_rows = table[table.perplexity.notna() & (table.method != "dense")]
+smaller = model_rows[model_rows.parameters_M < dense_row["parameters_M"]]
+size_front = model_rows[frontier.pareto_front(model_rows, "parameters_M", "perplexity", maximize_quality=False)]
+slicing = table[table.family == "slicing"].assign(
+    kind=lambda t: t.method.str.split(" ").str[0], level=lambda t: t.method.str.split("=").str[1].astype(float))
+pivot = slicing.pivot(index="level", columns="kind", values="perplexity")
+dynamic_wins = pivot[pivot["dynamic"] < pivot["SliceGPT"]].index.tolist()
+wanda = table[table.family == "pruning"]
+print(f"2. Size. Dense: {dense_row['parameters_M']:.1f} M parameters, perplexity {dense_row['perplexity']:.2f}. "
+      f"Wanda keeps every stored parameter but zeroes, of all parameters (embeddings are not pruned), "
+      + ", ".join(f"{1 - r.nonzero_parameters_M / r.parameters_M:.0%} ({r.method}, perplexity {r.perplexity:.2f})"
+                  for r in wanda.itertuples())
+      + f". Of the methods that store fewer parameters ({names(smaller)}), the best perplexity is "
+      + (f"{smaller.loc[smaller.perplexity.idxmin()].method} ({smaller.perplexity.min():.2f} at "
+         f"{smaller.loc[smaller.perplexity.idxmin()].parameters_M:.1f} M)" if len(smaller) else "-")
+      + f"; the parameter/perplexity front among model-level methods is {names(size_front)}. Dynamic slicing beats "
+      f"constant slicing on perplexity at M = {dynamic_wins} ({len(dynamic_wins)} of {len(pivot)} levels).\n")
+
+exit_rows = table[table.family.str.startswith("early exit")]
+calm_rows = exit_rows[exit_rows.method.str.startswith("CALM")]
+free_rows = exit_rows[exit_rows.method.str.startswith("FREE")]
+
+
+def vocab_effect(group):
+    if len(group) != 2:
+        return "-"
+    plain, pruned = group.iloc[0], group.iloc[1]
+    return (f"{pruned.tokens_per_s / plain.tokens_per_s:.2f}x the tokens/s and "
+            f"{pruned.gflops_per_token / plain.gflops_per_token:.2f}x the FLOPs per token of the same method without it")
+
+
+combos = table[table.family == "combination"]
+print("3. Early exit. "
+      + " ".join(f"{r.method}: {r.avg_layers:.1f} of {n_layers} layers per token on average, {r.speedup_vs_dense:.2f}x "
+                 f"dense decode speed, ROUGE-L {r.rougeL_vs_dense:.3f}"
+                 f"{'' if r.certified else ' (threshold not certified)'}." for r in exit_rows.itertuples())
+      + f" Vocabulary pruning (k={k}) gives CALM {vocab_effect(calm_rows)}, and FREE {vocab_effect(free_rows)}. "
+      + " ".join(f"Combination {r.method}: {r.speedup_vs_dense:.2f}x dense speed, ROUGE-L {r.rougeL_vs_dense:.3f}."
+                 for r in combos.itertuples()))
+
+# %% [markdown]
+# Read the three printed paragraphs with the measurement in mind: tokens/s on a busy CPU moves by tens of
+# percent between runs (compare rows of one run, as every ratio here does), ROUGE-L comes from a few short
+# generations, and CALM / FREE pay for every confidence check with an LM-head product, which vocabulary
+# pruning makes cheap. The FLOP column is the machine-independent cost; the tokens/s column is what this
+# machine actually delivered.
