@@ -6,6 +6,14 @@ and ShortGPT layer removal (Men et al. 2024) as the baseline on the same layer s
     model = slice_model(model, calibration_ids, fractions=fractions)
     model = slice_model(model, calibration_ids, mean=0.25)          # constant SliceGPT
     model = slice_model(model, calibration_ids, mean=0.25, method="shortgpt")  # drop 25% of the layers
+    save_sliced(model, "out/smollm2-sliced-25"); model = load_sliced("out/smollm2-sliced-25")
+    table = compare_methods(model, calibration_ids, [0.1, 0.2], 0.1, evaluate)  # constant / dynamic / ShortGPT
+
+Parameter counts without slicing anything (for comparisons at equal size):
+
+    sliced_parameter_count(model, fractions)      # what SliceGPT with these fractions leaves
+    shortgpt_parameter_count(model, n_remove)     # what removing n_remove layers leaves
+    equal_parameter_shortgpt_layers(model, fractions=[0.25] * 30)   # ShortGPT layers to remove for the same size
 
 SliceGPT in five steps (PAPERS.md E), all rotations computed in float64:
 
@@ -42,7 +50,12 @@ layer 0's fraction and the head the last layer's).
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -52,6 +65,13 @@ from effllm.capture import LayerByLayer, capture_inputs
 
 SLICEGPT_FAMILIES = ("llama", "mistral", "qwen2", "opt")
 SHORTGPT_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "opt")
+SLICED_FORMAT = "effllm-sliced/1"
+SLICED_INFO_FILE = "effllm-sliced.json"
+SLICED_WEIGHTS_FILE = "model.safetensors"
+
+
+class SlicedModelError(ValueError):
+    """A folder that is not a complete, consistent sliced-model folder (see :func:`load_sliced`)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,6 +146,10 @@ def _check_mean(mean: float) -> None:
         raise ValueError(f"mean slice fraction M must be in [0, 1); got {mean}. M = 0.25 slices 25%.")
 
 
+def _is_sliced(model: nn.Module) -> bool:
+    return any(isinstance(m, (SlicedLlamaLayer, SlicedOPTLayer)) for m in model.modules())
+
+
 def _check_family(model: nn.Module, method: str) -> ArchitectureAdapter:
     allowed = SLICEGPT_FAMILIES if method == "slicegpt" else SHORTGPT_FAMILIES
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -137,6 +161,11 @@ def _check_family(model: nn.Module, method: str) -> ArchitectureAdapter:
             + "Use a supported model (e.g. smollm2-135m or tiny-llama)."
         )
     adapter = get_adapter(model)
+    if _is_sliced(model):
+        raise ValueError(
+            "This model is already sliced with SliceGPT (its layers carry shortcut matrices); slicing it again "
+            "is not supported. Slice the original model with the fractions you want instead."
+        )
     if model_type == "opt" and method == "slicegpt":
         decoder = adapter.decoder
         if not model.config.do_layer_norm_before or decoder.project_in is not None or decoder.project_out is not None:
@@ -211,6 +240,7 @@ class SlicedOPTLayer(nn.Module):
         self.activation_fn = layer.activation_fn
         self.attn_shortcut = attn_shortcut
         self.mlp_shortcut = mlp_shortcut
+        self.do_layer_norm_before = True  # read by effllm.adapters (append_kv); SliceGPT needs pre-norm OPT
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         kwargs.pop("use_cache", None)  # OPT's attention does not take it
@@ -437,6 +467,18 @@ def _remove_layers(model: nn.Module, adapter: ArchitectureAdapter, remove: list[
 # Entry point
 
 
+def _check_scores(scores: torch.Tensor | None, n_layers: int, kind: str) -> torch.Tensor | None:
+    if scores is None:
+        return None
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.shape != (n_layers,) or not torch.isfinite(scores).all():
+        raise ValueError(
+            f"scores must be {n_layers} finite numbers (layer_scores(model, calibration, kind={kind!r}) of this "
+            f"model); got shape {tuple(scores.shape)}."
+        )
+    return scores
+
+
 def slice_model(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -445,6 +487,7 @@ def slice_model(
     method: Literal["slicegpt", "shortgpt"] = "slicegpt",
     amplitude: float | None = None,
     batch_size: int = 8,
+    scores: torch.Tensor | None = None,
 ) -> nn.Module:
     """Slice ``model`` in place with SliceGPT, or remove layers with ShortGPT, and return it.
 
@@ -452,7 +495,9 @@ def slice_model(
     alone slices every layer by ``mean``; ``mean`` with ``amplitude`` slices dynamically by layer
     redundancy (:func:`slice_fractions` of :func:`layer_scores` ``kind="lr"``). ShortGPT: removes the
     round(mean * L) layers of lowest Block Influence. ``calibration``: token ids [n_samples, seq_len].
-    Every input is checked before the model is touched.
+    ``scores``: this model's :func:`layer_scores` (LR for dynamic slicing, BI for ShortGPT) when they are
+    already computed, to save a calibration pass. Every input is checked before the model is touched.
+    The settings are recorded in ``model._effllm_slicing`` (and written by :func:`save_sliced`).
     """
     if method not in ("slicegpt", "shortgpt"):
         raise ValueError(f"method must be 'slicegpt' or 'shortgpt'; got {method!r}.")
@@ -464,12 +509,15 @@ def slice_model(
         if mean is None or fractions is not None or amplitude is not None:
             raise ValueError("shortgpt takes mean = the fraction of layers to remove (no fractions, no amplitude).")
         _check_mean(mean)
+        scores = _check_scores(scores, n_layers, "bi")
         n_remove = round(mean * n_layers)
         if n_remove >= n_layers:
             raise ValueError(f"mean={mean} removes all {n_layers} layers; use a smaller mean.")
-        influence = layer_scores(model, calibration, kind="bi", batch_size=batch_size)
-        remove = sorted(torch.argsort(influence)[:n_remove].tolist())
+        influence = layer_scores(model, calibration, kind="bi", batch_size=batch_size) if scores is None else scores
+        remove = sorted(torch.argsort(influence, stable=True)[:n_remove].tolist())
         _remove_layers(model, adapter, remove)
+        _record(model, {"method": "shortgpt", "mean": mean, "removed_layers": remove,
+                        "original_num_layers": n_layers})
         return model
 
     if (mean is None) == (fractions is None):
@@ -479,10 +527,334 @@ def slice_model(
         if amplitude is None:
             fractions = [float(mean)] * n_layers
         else:
-            fractions = slice_fractions(layer_scores(model, calibration, "lr", batch_size), mean, amplitude)
+            scores = _check_scores(scores, n_layers, "lr")
+            if scores is None:
+                scores = layer_scores(model, calibration, "lr", batch_size)
+            fractions = slice_fractions(scores, mean, amplitude)
     elif amplitude is not None:
         raise ValueError("amplitude goes with mean (dynamic slicing); with explicit fractions leave it out.")
     if len(fractions) != n_layers:
         raise ValueError(f"fractions has {len(fractions)} entries; the model has {n_layers} layers (one each).")
     dims = sliced_dims(fractions, adapter.hidden_size)
-    return _slicegpt(model, calibration, dims, batch_size)
+    _slicegpt(model, calibration, dims, batch_size)
+    _record(model, {"method": "slicegpt", "mean": mean, "amplitude": amplitude,
+                    "fractions": [float(p) for p in fractions], "dims": dims})
+    return model
+
+
+def _record(model: nn.Module, settings: dict[str, Any]) -> None:
+    object.__setattr__(model, "_effllm_slicing", settings)  # a plain attribute, not part of the state dict
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter counts (from the dense model's shapes; nothing is sliced)
+
+
+def _linear_count(linear: nn.Linear, d_in: int | None = None, d_out: int | None = None, bias: bool = False) -> int:
+    out_features, in_features = linear.weight.shape
+    out_features = out_features if d_out is None else d_out
+    in_features = in_features if d_in is None else d_in
+    return out_features * in_features + (out_features if bias or linear.bias is not None else 0)
+
+
+def _has_shift(norm: nn.Module | None) -> bool:
+    return getattr(norm, "bias", None) is not None
+
+
+def sliced_parameter_count(model: nn.Module, fractions: torch.Tensor | list[float]) -> int:
+    """The number of parameters :func:`slice_model` with ``fractions`` would leave in this (dense) model.
+
+    Follows the surgery step by step: embeddings (and OPT's positions) keep layer 0's d_0 columns; layer
+    l's q/k/v read d_l, its attention output and MLP input live in d_l, its MLP output in d_{l+1}; every
+    layer gains shortcuts d_l x d_l and d_l x d_{l+1} and two RMSNorms; the untied LM head reads the last
+    d. Folding a LayerNorm's bias (OPT) gives the linears it feeds a bias.
+    """
+    adapter = _check_family(model, "slicegpt")
+    n_layers = adapter.num_layers
+    if len(fractions) != n_layers:
+        raise ValueError(f"fractions has {len(fractions)} entries; the model has {n_layers} layers (one each).")
+    dims = sliced_dims(fractions, adapter.hidden_size)
+    total = adapter.embed_tokens.weight.shape[0] * dims[0]
+    if model.config.model_type == "opt":
+        total += adapter.decoder.embed_positions.weight.shape[0] * dims[0]
+    for i in range(n_layers):
+        d_in = d_mid = dims[i]
+        d_out = dims[i + 1] if i + 1 < n_layers else dims[i]
+        attention, mlp, norms = adapter.attention_projections(i), adapter.mlp_projections(i), adapter.norms(i)
+        total += sum(_linear_count(attention[k], d_in=d_in, bias=_has_shift(norms["attention"])) for k in "qkv")
+        total += _linear_count(attention["o"], d_out=d_mid)
+        total += sum(_linear_count(m, d_in=d_mid, bias=_has_shift(norms["mlp"])) for k, m in mlp.items() if k != "down")
+        total += _linear_count(mlp["down"], d_out=d_out)
+        total += d_in + d_mid  # the two RMSNorms
+        total += d_in * d_mid + d_mid * d_out  # the two shortcut matrices
+    total += dims[-1] + _linear_count(adapter.lm_head, d_in=dims[-1], bias=_has_shift(adapter.final_norm))
+    return total
+
+
+def _unique_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # parameters() skips shared (tied) tensors
+
+
+def shortgpt_parameter_count(model: nn.Module, n_remove: int) -> int:
+    """The number of parameters left after removing ``n_remove`` decoder layers (all layers of the
+    supported families have the same size, so which ones does not matter)."""
+    adapter = _check_family(model, "shortgpt")
+    n_layers = adapter.num_layers
+    if not 0 <= n_remove < n_layers:
+        raise ValueError(f"n_remove must be in [0, {n_layers - 1}] (the model has {n_layers} layers); got {n_remove}.")
+    sizes = {_unique_parameters(adapter.layer(i)) for i in range(n_layers)}
+    if len(sizes) != 1:
+        raise ValueError(f"the layers differ in size ({sorted(sizes)}); the count depends on which are removed.")
+    return _unique_parameters(model) - n_remove * sizes.pop()
+
+
+def equal_parameter_shortgpt_layers(
+    model: nn.Module, mean: float | None = None, fractions: torch.Tensor | list[float] | None = None
+) -> int:
+    """How many layers ShortGPT must remove so that the model's parameter count comes as close as possible
+    to SliceGPT's with ``fractions`` (or constant ``mean``): the baseline "at equal parameter count".
+
+    Ties go to removing fewer layers. The answer can be 0: SliceGPT unties the LM head and adds shortcut
+    matrices, so light slicing of a small model with a large vocabulary saves fewer parameters than one
+    layer holds.
+    """
+    adapter = _check_family(model, "slicegpt")
+    if (mean is None) == (fractions is None):
+        raise ValueError("give either mean (constant slicing) or fractions (one per layer), not both.")
+    if fractions is None:
+        _check_mean(mean)
+        fractions = [float(mean)] * adapter.num_layers
+    target = sliced_parameter_count(model, fractions)
+    gaps = [abs(shortgpt_parameter_count(model, n) - target) for n in range(adapter.num_layers)]
+    return min(range(len(gaps)), key=lambda n: (gaps[n], n))
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving and loading a sliced model
+
+
+def sliced_layout(model: nn.Module) -> dict[str, Any]:
+    """The shapes a sliced model needs beyond its config: per layer d_in (attention input), d_mid (MLP
+    input) and d_out (layer output), the embedding width, the norms' eps and whether the head has a bias.
+    ``layers`` is None for a model whose layers are not SliceGPT layers (dense, or ShortGPT)."""
+    adapter = get_adapter(model)
+    head = adapter.lm_head
+    layout: dict[str, Any] = {
+        "model_type": model.config.model_type,
+        "num_layers": adapter.num_layers,
+        "hidden_size": int(model.config.hidden_size),
+        "embedding_dim": int(adapter.embed_tokens.weight.shape[1]),
+        "head_bias": head.bias is not None,
+        "layers": None,
+    }
+    if not _is_sliced(model):
+        return layout
+    layers = []
+    for i in range(adapter.num_layers):
+        layer, norms = adapter.layer(i), adapter.norms(i)
+        if not isinstance(layer, (SlicedLlamaLayer, SlicedOPTLayer)):
+            raise ValueError(f"layer {i} is a {type(layer).__name__}, not a sliced layer: a partly sliced model.")
+        layers.append({
+            "d_in": int(layer.attn_shortcut.in_features),
+            "d_mid": int(layer.attn_shortcut.out_features),
+            "d_out": int(layer.mlp_shortcut.out_features),
+            "norm_eps": [_norm_eps(norms["attention"]), _norm_eps(norms["mlp"])],
+        })
+    layout["layers"] = layers
+    layout["final_norm_eps"] = _norm_eps(adapter.final_norm)
+    return layout
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """Save a model sliced by :func:`slice_model` (SliceGPT or ShortGPT): its config (``config.json``),
+    weights (``model.safetensors``) and ``effllm-sliced.json`` (the sliced shapes of
+    :func:`sliced_layout`, the slicing settings, the weights' SHA-256). ``tokenizer`` is saved too if given.
+    :func:`load_sliced` rebuilds it."""
+    from safetensors.torch import save_model
+
+    get_adapter(model)  # a supported family, or a clear error
+    layout = sliced_layout(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    weights = folder / SLICED_WEIGHTS_FILE
+    save_model(model, str(weights))  # handles tied tensors (a ShortGPT model keeps its tied head)
+    info = {
+        "format": SLICED_FORMAT,
+        "layout": layout,
+        "settings": getattr(model, "_effllm_slicing", None),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "parameters": _unique_parameters(model),
+        "weights_sha256": _sha256(weights),
+    }
+    (folder / SLICED_INFO_FILE).write_text(json.dumps(info, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _empty_linear(linear: nn.Linear, d_in: int | None = None, d_out: int | None = None, bias: bool = False) -> nn.Linear:
+    """A linear of the new shape (weights to be loaded), on the old one's dtype and device."""
+    out_features, in_features = linear.weight.shape
+    new = nn.Linear(in_features if d_in is None else d_in, out_features if d_out is None else d_out,
+                    bias=bias or linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+    return new.requires_grad_(False)
+
+
+def _build_sliced_skeleton(model: nn.Module, layout: dict[str, Any]) -> None:
+    """Give a freshly built dense model the shapes of ``layout`` (weights are loaded afterwards)."""
+    adapter = get_adapter(model)
+    family = "opt" if model.config.model_type == "opt" else "llama"
+    layer_class = SlicedOPTLayer if family == "opt" else SlicedLlamaLayer
+    like = adapter.embed_tokens.weight
+    embeddings = [adapter.embed_tokens] + ([adapter.decoder.embed_positions] if family == "opt" else [])
+    for embedding in embeddings:
+        embedding.weight = nn.Parameter(like.new_empty(embedding.weight.shape[0], layout["embedding_dim"]),
+                                        requires_grad=False)
+        embedding.embedding_dim = layout["embedding_dim"]
+    for i, shape in enumerate(layout["layers"]):
+        d_in, d_mid, d_out = shape["d_in"], shape["d_mid"], shape["d_out"]
+        attention, mlp, norms = adapter.attention_projections(i), adapter.mlp_projections(i), adapter.norms(i)
+        for name in ("q", "k", "v"):
+            _replace_module(model, attention[name], _empty_linear(attention[name], d_in=d_in))
+        _replace_module(model, attention["o"], _empty_linear(attention["o"], d_out=d_mid))
+        for name, linear in mlp.items():
+            _replace_module(model, linear, _empty_linear(linear, **({"d_out": d_out} if name == "down" else {"d_in": d_mid})))
+        eps_attention, eps_mlp = shape["norm_eps"]
+        _replace_module(model, norms["attention"], nn.RMSNorm(d_in, eps=eps_attention, dtype=like.dtype))
+        _replace_module(model, norms["mlp"], nn.RMSNorm(d_mid, eps=eps_mlp, dtype=like.dtype))
+        adapter.layers[i] = layer_class(adapter.layer(i), _shortcut(torch.zeros(d_in, d_mid), like),
+                                        _shortcut(torch.zeros(d_mid, d_out), like))
+    d_last = layout["layers"][-1]["d_out"]
+    _replace_module(model, adapter.final_norm, nn.RMSNorm(d_last, eps=layout["final_norm_eps"], dtype=like.dtype))
+    head = adapter.lm_head
+    _replace_module(model, head, _empty_linear(head, d_in=d_last, bias=layout["head_bias"]))
+
+
+def load_sliced(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """Rebuild a model written by :func:`save_sliced` (eval mode; the tokenizer, if saved, loads with
+    ``AutoTokenizer.from_pretrained(folder)``). A folder with missing files, weights that do not match
+    their checksum, or weights that do not fit the recorded shapes raises :class:`SlicedModelError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    needed = [SLICED_INFO_FILE, SLICED_WEIGHTS_FILE, "config.json"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise SlicedModelError(
+            f"{folder} is not a sliced-model folder: {', '.join(missing)} missing (it needs {', '.join(needed)}, "
+            "written by effllm.slicing.save_sliced)."
+        )
+    try:
+        info = json.loads((folder / SLICED_INFO_FILE).read_text())
+        layout = info["layout"]
+        dtype = getattr(torch, info["dtype"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SlicedModelError(f"{folder / SLICED_INFO_FILE} is unreadable or incomplete ({error!r}).") from error
+    if info.get("format") != SLICED_FORMAT:
+        raise SlicedModelError(f"{folder} has format {info.get('format')!r}; this effllm reads {SLICED_FORMAT!r}.")
+    if _sha256(folder / SLICED_WEIGHTS_FILE) != info.get("weights_sha256"):
+        raise SlicedModelError(
+            f"{folder / SLICED_WEIGHTS_FILE} does not match the checksum in {SLICED_INFO_FILE}: the file is "
+            "corrupt or was replaced. Save the sliced model again."
+        )
+    config = AutoConfig.from_pretrained(folder)
+    if (config.model_type, config.num_hidden_layers) != (layout["model_type"], layout["num_layers"]):
+        raise SlicedModelError(
+            f"{folder}: config.json describes a {config.model_type} with {config.num_hidden_layers} layers, "
+            f"{SLICED_INFO_FILE} a {layout['model_type']} with {layout['num_layers']}: the files do not belong together."
+        )
+    kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if layout["layers"] is not None:
+        _build_sliced_skeleton(model, layout)
+    try:
+        load_model(model, str(folder / SLICED_WEIGHTS_FILE), strict=True)
+    except (RuntimeError, SafetensorError) as error:
+        raise SlicedModelError(f"{folder}: the weights do not fit the recorded shapes ({error}).") from error
+    if info.get("settings") is not None:
+        _record(model, info["settings"])
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Constant vs dynamic slicing vs ShortGPT, at several mean slice fractions
+
+
+COMPARED_METHODS = ("constant", "dynamic", "shortgpt")
+
+
+@torch.no_grad()
+def compare_methods(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    means: list[float],
+    amplitude: float,
+    evaluate: Callable[[nn.Module], dict[str, Any]],
+    lr_scores: torch.Tensor | None = None,
+    bi_scores: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> Any:
+    """Slice copies of ``model`` three ways at each mean slice fraction M in ``means`` and evaluate each.
+
+    ``constant``: SliceGPT with every fraction M. ``dynamic``: fractions from layer redundancy with mean M
+    and ``amplitude`` (:func:`slice_fractions`). ``shortgpt``: ShortGPT removing
+    :func:`equal_parameter_shortgpt_layers` layers (equal parameter count to the constant model). A
+    ``dense`` row (M = 0) comes first. ``evaluate(model) -> dict`` adds its entries (perplexity,
+    accuracy, ...) to each row. ``model`` itself is left unchanged; LR / BI scores are computed once when
+    not given. Returns a tidy DataFrame: mean, method, layers, parameters, params_ratio,
+    removed_layers, dims, then the evaluation's columns.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    adapter = _check_family(model, "slicegpt")
+    _check_calibration(calibration)
+    for mean in means:
+        _check_mean(mean)
+    n_layers = adapter.num_layers
+    lr_scores = _check_scores(lr_scores, n_layers, "lr")
+    bi_scores = _check_scores(bi_scores, n_layers, "bi")
+    if lr_scores is None:
+        lr_scores = layer_scores(model, calibration, "lr", batch_size)
+    if bi_scores is None:
+        bi_scores = layer_scores(model, calibration, "bi", batch_size)
+    dynamic = {mean: slice_fractions(lr_scores, mean, amplitude) for mean in means}  # all checked up front
+
+    dense_count = _unique_parameters(model)
+    rows = [{"mean": 0.0, "method": "dense", "layers": n_layers, "parameters": dense_count, "removed_layers": [],
+             "dims": [adapter.hidden_size] * n_layers, **evaluate(model)}]
+    plans = [(mean, method) for mean in means for method in COMPARED_METHODS]
+    for mean, method in tqdm(plans, desc="slice + evaluate", disable=not progress):
+        copied = copy.deepcopy(model)
+        if method == "constant":
+            slice_model(copied, calibration, mean=mean, batch_size=batch_size)
+        elif method == "dynamic":
+            slice_model(copied, calibration, fractions=dynamic[mean], batch_size=batch_size)
+        else:
+            n_remove = equal_parameter_shortgpt_layers(model, mean=mean)
+            slice_model(copied, calibration, mean=n_remove / n_layers, method="shortgpt", scores=bi_scores,
+                        batch_size=batch_size)
+        settings = copied._effllm_slicing
+        rows.append({"mean": mean, "method": method, "layers": get_adapter(copied).num_layers,
+                     "parameters": _unique_parameters(copied), "removed_layers": settings.get("removed_layers", []),
+                     "dims": settings.get("dims", [adapter.hidden_size] * get_adapter(copied).num_layers),
+                     **evaluate(copied)})
+        del copied
+    table = pd.DataFrame(rows)
+    table.insert(table.columns.get_loc("parameters") + 1, "params_ratio", table.parameters / dense_count)
+    return table

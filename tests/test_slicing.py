@@ -1,16 +1,32 @@
 """SliceGPT, dynamic slicing and ShortGPT: equivalence of the rotated model, exact slice fractions,
-parameter counts, layer scores against a direct computation, and bad input leaving the model untouched.
+parameter counts (against the sliced models and a brute-force search), layer scores against a direct
+computation, save/load, the sliced OPT through the adapter, and bad input leaving the model untouched.
 
 The tiny models run in float32: fusion + rotation keeps logits within ~1e-6 relative there, well
 inside the 1e-4 asked for, so no float64 copies are needed.
 """
+
+import copy
+import json
 
 import pytest
 import torch
 
 from effllm.adapters import UnsupportedArchitectureError, get_adapter
 from effllm.models import load_model, tiny_model
-from effllm.slicing import layer_scores, slice_fractions, slice_model, sliced_dims
+from effllm.slicing import (
+    SlicedModelError,
+    compare_methods,
+    equal_parameter_shortgpt_layers,
+    layer_scores,
+    load_sliced,
+    save_sliced,
+    shortgpt_parameter_count,
+    slice_fractions,
+    slice_model,
+    sliced_dims,
+    sliced_parameter_count,
+)
 
 SLICEGPT_FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 
@@ -70,6 +86,11 @@ def test_zero_slicing_is_a_pure_rotation():
             assert weight.shape == (full, full)
             torch.testing.assert_close(weight @ weight.T, torch.eye(full, dtype=torch.float64), atol=1e-5, rtol=0)
     assert adapter.embed_tokens.weight.shape[1] == full
+    dense, _ = tiny_model("llama")
+    shapes = {name: p.shape for name, p in dense.named_parameters()}
+    for name, parameter in model.named_parameters():  # nothing sliced: every dense weight keeps its shape
+        if "shortcut" not in name:
+            assert parameter.shape == shapes.get(name, shapes.get(name.replace("lm_head", "model.embed_tokens"))), name
     assert relative_error(logits(model, ids), before) < 1e-4
 
 
@@ -97,6 +118,153 @@ def test_sliced_model_is_smaller_and_matches_the_parameter_formula():
     assert n_parameters(model) == expected < n_dense
     out = logits(model, ids)
     assert out.shape == (4, 16, vocab) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", SLICEGPT_FAMILIES)
+def test_parameter_count_formula_matches_the_sliced_model(family):
+    model, _ = tiny_model(family)
+    fractions = [0.25, 0.5, 0.125, 0.375]
+    predicted = sliced_parameter_count(model, fractions)  # from the dense shapes, nothing sliced
+    assert n_parameters(model) == n_parameters(tiny_model(family)[0])
+    slice_model(model, calibration_ids(), fractions=fractions)
+    assert n_parameters(model) == predicted
+
+
+def test_equal_parameter_shortgpt_layers_is_the_closest_count():
+    """Brute force: remove every possible number of layers for real and slice for real; compare counts."""
+    base, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = calibration_ids()
+    removed_counts = []
+    for n_remove in range(6):
+        pruned = slice_model(copy.deepcopy(base), ids, mean=n_remove / 6, method="shortgpt")
+        assert n_parameters(pruned) == shortgpt_parameter_count(base, n_remove)
+        removed_counts.append(n_parameters(pruned))
+    chosen = set()
+    for mean in (0.1, 0.3, 0.5, 0.7):
+        target = n_parameters(slice_model(copy.deepcopy(base), ids, mean=mean))
+        gaps = [abs(count - target) for count in removed_counts]
+        n = equal_parameter_shortgpt_layers(base, mean=mean)
+        assert gaps[n] == min(gaps) and n == gaps.index(min(gaps))
+        chosen.add(n)
+    assert len(chosen) > 1  # the cases are not all the same answer
+
+
+def test_amplitude_zero_is_constant_slicing():
+    constant, dynamic = tiny_model("llama")[0], tiny_model("llama")[0]
+    ids = calibration_ids()
+    slice_model(constant, ids, mean=0.25)
+    slice_model(dynamic, ids, mean=0.25, amplitude=0.0)
+    assert dynamic._effllm_slicing["fractions"] == [0.25] * 4
+    torch.testing.assert_close(logits(dynamic, ids), logits(constant, ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["slicegpt-llama", "slicegpt-opt", "shortgpt-llama", "shortgpt-gemma3"])
+def test_save_and_load_sliced_gives_identical_logits(case, tmp_path):
+    method, family = case.split("-")
+    model, tokenizer = tiny_model(family)
+    ids = calibration_ids()
+    if method == "slicegpt":
+        slice_model(model, ids, mean=0.25, amplitude=0.1)
+    else:
+        slice_model(model, ids, mean=0.5, method="shortgpt")
+    save_sliced(model, tmp_path / "sliced", tokenizer=tokenizer)
+    loaded = load_sliced(tmp_path / "sliced")
+    assert not loaded.training
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert n_parameters(loaded) == n_parameters(model)
+    assert loaded._effllm_slicing == model._effllm_slicing
+    assert (tmp_path / "sliced" / "tokenizer.json").is_file()
+
+
+def _saved(tmp_path, name="sliced", family="llama", mean=0.25):
+    model, _ = tiny_model(family)
+    slice_model(model, calibration_ids(), mean=mean)
+    return save_sliced(model, tmp_path / name)
+
+
+def test_load_sliced_refuses_missing_corrupt_and_mismatched_folders(tmp_path):
+    with pytest.raises(SlicedModelError, match="effllm-sliced.json, model.safetensors, config.json missing"):
+        load_sliced(tmp_path)
+
+    folder = _saved(tmp_path, "corrupt")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SlicedModelError, match="checksum"):
+        load_sliced(folder)
+
+    folder, other = _saved(tmp_path, "a", mean=0.25), _saved(tmp_path, "b", mean=0.5)
+    (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    info = json.loads((folder / "effllm-sliced.json").read_text())
+    info["weights_sha256"] = json.loads((other / "effllm-sliced.json").read_text())["weights_sha256"]
+    (folder / "effllm-sliced.json").write_text(json.dumps(info))
+    with pytest.raises(SlicedModelError, match="do not fit the recorded shapes"):
+        load_sliced(folder)
+
+    folder = _saved(tmp_path, "c")
+    (folder / "config.json").write_text((_saved(tmp_path, "opt", family="opt") / "config.json").read_text())
+    with pytest.raises(SlicedModelError, match="do not belong together"):
+        load_sliced(folder)
+
+    (folder / "effllm-sliced.json").write_text("{not json")
+    with pytest.raises(SlicedModelError, match="unreadable"):
+        load_sliced(folder)
+
+
+@torch.no_grad()
+def test_sliced_opt_runs_through_the_adapter_and_decodes_incrementally():
+    model, _ = tiny_model("opt")
+    randomise_norms(model)
+    ids = calibration_ids(2, 12, seed=3)
+    slice_model(model, calibration_ids(), fractions=[0.25, 0.5, 0.125, 0.375])
+    adapter = get_adapter(model)
+    reference = logits(model, ids)
+    torch.testing.assert_close(adapter.forward(ids)[0], reference)
+
+    cache = adapter.new_cache()  # prefill 5 tokens, then one at a time with the KV cache
+    pieces = [adapter.forward(ids[:, :5], cache=cache)[0]]
+    pieces += [adapter.forward(ids[:, t : t + 1], cache=cache)[0] for t in range(5, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, rtol=1e-4, atol=1e-4)
+
+    full, kv_only = adapter.new_cache(), adapter.new_cache()  # append_kv (CALM) on the sliced layers
+    for cache in (full, kv_only):
+        adapter.forward(ids[:, :8], cache=cache)
+    hidden = adapter.embed(ids[:, 8:9], cache=full)
+    contexts = [adapter.context(hidden, cache=cache) for cache in (full, kv_only)]
+    for i in range(adapter.num_layers):
+        adapter.append_kv(i, hidden, contexts[1])
+        hidden = adapter.run_layer(i, hidden, contexts[0])  # the next layer's (narrower) input
+        torch.testing.assert_close(full.layers[i].keys, kv_only.layers[i].keys)
+        torch.testing.assert_close(full.layers[i].values, kv_only.layers[i].values)
+
+    prompt = ids[:1, :6]
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
+                               pad_token_id=1)
+    assert torch.equal(generated[0, 6:], logits(model, generated[:, :-1])[0, 5:].argmax(-1))
+
+
+def test_compare_methods_rows_match_slicing_each_copy_directly():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = calibration_ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    held_out = calibration_ids(seed=1)
+    table = compare_methods(model, ids, [0.2, 0.5], amplitude=0.1,
+                            evaluate=lambda m: {"first_logit": logits(m, held_out)[0, 0, 0].item()}, progress=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the original stays dense
+    assert list(zip(table["mean"], table["method"], strict=True)) == [
+        (0.0, "dense"), (0.2, "constant"), (0.2, "dynamic"), (0.2, "shortgpt"),
+        (0.5, "constant"), (0.5, "dynamic"), (0.5, "shortgpt")]
+    for mean in (0.2, 0.5):
+        rows = table[table["mean"] == mean].set_index("method")
+        reference = slice_model(copy.deepcopy(model), ids, mean=mean, amplitude=0.1)  # the same slicing, directly
+        assert rows.loc["dynamic", "dims"] == reference._effllm_slicing["dims"]
+        assert rows.loc["dynamic", "first_logit"] == logits(reference, held_out)[0, 0, 0].item()
+        assert rows.loc["constant", "parameters"] == sliced_parameter_count(model, [mean] * 6)
+        n_remove = equal_parameter_shortgpt_layers(model, mean=mean)
+        assert rows.loc["shortgpt", "layers"] == 6 - n_remove
+        assert rows.loc["shortgpt", "parameters"] == shortgpt_parameter_count(model, n_remove)
+    assert table["params_ratio"].iloc[0] == 1.0
 
 
 def test_sliced_model_generates_with_the_kv_cache():
@@ -176,6 +344,9 @@ def test_shortgpt_removes_the_lowest_influence_layers(family):
 BAD_CALLS = {
     "mean 1": dict(mean=1.0),
     "mean negative": dict(mean=-0.1),
+    "mean 1 dynamic": dict(mean=1.0, amplitude=0.1),
+    "fractions 2-D": dict(fractions=[[0.1, 0.2], [0.3, 0.4]]),
+    "scores wrong length": dict(mean=0.2, amplitude=0.1, scores=torch.ones(3)),
     "wrong length": dict(fractions=[0.1, 0.2, 0.3]),
     "fraction 1": dict(fractions=[0.1, 1.0, 0.1, 0.1]),
     "no dimension left": dict(fractions=[0.1, 0.995, 0.1, 0.1]),
@@ -199,19 +370,48 @@ def test_bad_input_leaves_the_model_untouched(case):
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma3", "t5"])
-def test_unsupported_family_is_refused_untouched(family):
-    model, _ = tiny_model(family)
+@pytest.mark.parametrize("family, method", [("gpt2", "slicegpt"), ("gemma3", "slicegpt"), ("t5", "slicegpt"),
+                                            ("gpt2", "shortgpt"), ("t5", "shortgpt"), ("opt-post-norm", "slicegpt")])
+def test_unsupported_family_is_refused_untouched(family, method):
+    if family == "opt-post-norm":  # opt-350m's layout: LayerNorm after each residual add
+        model, _ = tiny_model("opt", do_layer_norm_before=False)
+    else:
+        model, _ = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedArchitectureError, match="slicegpt supports"):
-        slice_model(model, calibration_ids(), mean=0.2)
+    with pytest.raises(UnsupportedArchitectureError, match=f"{method} supports|pre-norm OPT"):
+        slice_model(model, calibration_ids(), mean=0.2, method=method)
+    assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_slicing_a_sliced_model_again_is_refused_untouched():
+    model, _ = tiny_model("llama")
+    ids = calibration_ids()
+    slice_model(model, ids, mean=0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("slicegpt", "shortgpt"):
+        with pytest.raises(ValueError, match="already sliced"):
+            slice_model(model, ids, mean=0.25, method=method)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_parameter_helpers_reject_bad_input():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="4 layers"):
+        sliced_parameter_count(model, [0.25] * 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        shortgpt_parameter_count(model, 4)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        equal_parameter_shortgpt_layers(model, mean=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        equal_parameter_shortgpt_layers(model, mean=0.2, fractions=[0.2] * 4)
 
 
 @pytest.mark.embedded
 def test_rotation_keeps_smollm2_logits():
     model, _ = load_model("smollm2-135m")
-    ids = torch.randint(3, 40000, (1, 32), generator=torch.Generator().manual_seed(0))
-    before = logits(model, ids)
+    ids = torch.randint(3, 40000, (2, 32), generator=torch.Generator().manual_seed(0))
+    held_out = torch.randint(3, 40000, (1, 32), generator=torch.Generator().manual_seed(1))
+    before = logits(model, held_out)
     slice_model(model, ids, mean=0.0)
-    assert relative_error(logits(model, ids), before) < 1e-4
+    assert relative_error(logits(model, held_out), before) < 1e-4
