@@ -62,7 +62,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                           "calibration_tokens": 4, "ltt_candidates": [1.5], "ltt_distance": "token",
                           "ltt_delta": 0.9, "ltt_epsilon": 0.5, "adaptive_prompts": 3, "adaptive_tokens": 6},
         "02_vocab_pruning": {"model_names": ["tiny-llama", "tiny-gemma3"], "prompt_data": ["builtin", "builtin"],
-                             "use_fitted_exits": False, "k": 16, "ks": [4, 16, 64], "analysis_corpora": ["arithmetic"],
+                             "use_fitted_exits": False, "k": 16, "ks": [4, 16, 64], "generation_ks": [4, 16],
+                             "analysis_corpora": ["arithmetic"],
                              "analysis_seq_len": 32, "n_prompts": 2, "max_new_tokens": 5, "cost_min_run_time": 0.01},
         "04_domain_submodels": {"calibration_samples": 4, "calibration_seq_len": 32, "perplexity_windows": 2,
                                 "perplexity_seq_len": 32, "humaneval_problems": 1, "humaneval_max_new_tokens": 8,
@@ -89,11 +90,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "common": {"model_name": "smollm2-135m", "seed": 0},
         "00_quickstart": {"max_new_tokens": 64, "lens_sequences": 8, "lens_seq_len": 256},
-        "01_early_exit": {"n_prompts": 4, "max_new_tokens": 32, "thresholds": [0.99, 0.95, 0.9, 0.7],
-                          "calibration_prompts": 16, "calibration_tokens": 16, "adaptive_prompts": 12,
+        "01_early_exit": {"n_prompts": 4, "max_new_tokens": 24, "thresholds": [0.99, 0.95, 0.9, 0.7],
+                          "calibration_prompts": 12, "calibration_tokens": 12, "adaptive_prompts": 12,
                           "adaptive_tokens": 24},
         "02_vocab_pruning": {"model_names": ["smollm2-135m", "gemma3-270m"], "prompt_data": ["builtin", "builtin"],
-                             "k": 256, "threshold": 0.9, "n_prompts": 4, "max_new_tokens": 24,
+                             "k": 256, "threshold": 0.9, "generation_ks": [16, 256, 4096], "n_prompts": 4,
+                             "max_new_tokens": 24,
                              "analysis_sequences": 1, "analysis_seq_len": 128},
         "04_domain_submodels": {"calibration_samples": 32, "calibration_seq_len": 128, "perplexity_windows": 4,
                                 "perplexity_seq_len": 256, "humaneval_problems": 4, "humaneval_max_new_tokens": 96,
@@ -125,7 +127,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         # Seed 000: the authors' fine-tuned T5-large checkpoints, exit_min_layer 19, k = 256, threshold 0.9.
         "02_vocab_pruning": {"model_names": ["jvelja/t5-squad", "jvelja/t5-samsum"], "prompt_data": ["squad", "samsum"],
                              "use_fitted_exits": False, "exit_min_layer": 19, "k": 256, "threshold": 0.9,
-                             "ks": [16, 64, 256, 1024, 4096, 16384], "analysis_sequences": 16,
+                             "ks": [16, 64, 256, 1024, 4096, 16384], "generation_ks": [16, 64, 256, 1024, 4096],
+                             "analysis_sequences": 16,
                              "analysis_seq_len": 64, "n_prompts": 100, "max_new_tokens": 64},
         # Seed 002: Gemma-1.1-7b-it (or -p model_name=codellama/CodeLlama-13b-Instruct-hf), the seed's hub
         # calibration sets (effllm.data.HUB), HumanEval (all 164), GSM8K and Wanda's lm-eval zero-shot suite.

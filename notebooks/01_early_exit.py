@@ -1,0 +1,409 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+# ---
+
+# %% [markdown]
+# # 01 · Early exit: static exits, CALM and FREE on a decoder-only model
+#
+# An early-exit decoder stops the forward pass of a token at an intermediate layer when it is confident
+# enough and emits that layer's prediction. **Static exiting** always stops at the same layer. **CALM**
+# (Schuster et al., NeurIPS 2022) checks a confidence after every layer from `exit_min_layer` on (the
+# softmax gap p1 - p2, the cosine between consecutive states, or a small classifier), copies the exit
+# state upward so later tokens still find keys and values in the skipped layers, and calibrates its
+# threshold with Learn-then-Test so that the output stays within a chosen distance `delta` of the full
+# model's with probability 1 - `epsilon`. **FREE** (Bae et al., EMNLP 2023; seed 001) keeps a single
+# shallow exit, stacks the states of tokens that left there, and runs the deep layers on all of them in one
+# *synchronized parallel* pass at the next deep token; its threshold adapts online from a Beta mixture of
+# the confidences of agreeing and disagreeing tokens. The FREE authors list "CALM and FREE on decoder-only
+# models" as not done; here they run on the embedded SmolLM2-135M, with least-squares fitted exits (Din et
+# al. 2023) that make the intermediate layers predictive, and every speed is **measured** on this machine.
+
+# %%
+import html
+
+import matplotlib as mpl
+import pandas as pd
+import torch
+from IPython.display import HTML, display
+
+from effllm import exits, models, plots
+from effllm.adapters import get_adapter
+from effllm.bench import device_description
+from effllm.bench.early_exit import early_exit_rows, generated_ids, prompt_budget, prompt_format, task_prompts
+from effllm.calibration import calibrate_threshold, disagreement
+from effllm.data import calibration as calibration_windows
+from effllm.lens import cached_linear_exits, logit_lens_agreement
+
+# %% tags=["parameters"]
+profile = "default"  # smoke | default | paper (set by run_all.py)
+model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id (T5 in `paper`)
+seed = 0
+figures_dir = None  # None: the repository's figures/ folder
+prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
+n_prompts = 4  # timed prompts per data set, decoded by every setting
+max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
+use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
+lens_corpora = ["python-docs", "python-code"]  # text for the logit-lens agreement
+lens_sequences = 1  # windows per corpus
+lens_seq_len = 128  # tokens per window
+exit_min_layer = None  # CALM's first checked layer; None: 2 L // 3 (fitted exits agree poorly below it)
+shallow_exit_layer = None  # FREE's shallow exit; None: 2 L // 3
+static_exit_layers = None  # static exits to compare; None: L // 2, 2 L // 3, L - 2
+thresholds = [0.99, 0.95, 0.9, 0.7]  # CALM / FREE confidence thresholds for the speed-quality curve
+rollback_threshold = 2.0  # FREE rollback: deep cross-entropy (nats) above which a shallow token is revised
+calibration_prompts = 12  # Learn-then-Test prompts (disjoint from the timed ones)
+calibration_tokens = 12
+ltt_candidates = [0.99, 0.95, 0.9, 0.8]
+ltt_distance = "rougeL"  # disagreement with the full model: rougeL (1 - ROUGE-L) | token (mismatch rate)
+ltt_delta = 0.25  # allowed mean disagreement with the full model ...
+ltt_epsilon = 0.1  # ... with probability at least 1 - epsilon
+adaptive_prompts = 12  # prompts decoded in sequence while FREE's threshold adapts
+adaptive_tokens = 24
+
+# %%
+torch.manual_seed(seed)
+plots.set_figures_dir(figures_dir)
+model, tokenizer = models.load_model(model_name)
+adapter = get_adapter(model)
+L = adapter.num_layers
+exit_min_layer = exit_min_layer or max(1, (2 * L) // 3)
+shallow_exit_layer = shallow_exit_layer or (2 * L) // 3
+static_exit_layers = static_exit_layers or sorted({max(1, L // 2), max(1, (2 * L) // 3), max(1, L - 2)})
+encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+transform = cached_linear_exits(model, tokenizer, model_name) if use_fitted_exits and not encoder_decoder else None
+machine = device_description()
+print(f"{model_name}: {L} decoder layers, CALM checks from layer {exit_min_layer}, FREE exits at "
+      f"{shallow_exit_layer}; exits: {'fitted (least squares)' if transform is not None else 'logit lens'}; {machine}")
+
+# %% [markdown]
+# ## 1. Do intermediate layers predict the final token? Logit lens before and after fitted exits
+#
+# For every position of a few windows of built-in text, the argmax of `LM_head(final_norm(h_l))` is
+# compared with the model's final argmax: without training (the logit lens), and after the least-squares
+# map h_l -> h_L fitted once per model and cached beside it.
+
+# %%
+if encoder_decoder:
+    lens = pd.DataFrame(columns=["layer", "agreement", "exits"])
+    print("The logit-lens table needs a decoder-only model (effllm.lens runs decoder-only forward passes); "
+          "skipped for this encoder-decoder checkpoint, whose exits are trained with the model.")
+else:
+    windows = torch.cat([calibration_windows(c, tokenizer, lens_sequences, lens_seq_len, seed=seed)
+                         for c in lens_corpora])
+    before = logit_lens_agreement(model, windows, progress=False).assign(exits="logit lens")
+    tables = [before]
+    if transform is not None:
+        tables.append(logit_lens_agreement(model, windows, progress=False, exit_transform=transform)
+                      .assign(exits="fitted (least squares)"))
+    lens = pd.concat(tables, ignore_index=True)
+    display(lens.pivot(index="exits", columns="layer", values="agreement").round(2))
+
+    fig, ax = plots.new_figure()
+    for name, group in lens.groupby("exits", sort=False):
+        ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=name)
+    ax.axvline(exit_min_layer, color="0.6", ls=":", lw=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("top-1 agreement with the last layer")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    ax.set_title("Exit agreement per layer, before and after fitted exits\n" + plots.provenance(
+        model=model_name, data=", ".join(lens_corpora), extra=f"{windows.numel()} tokens"))
+    plots.save_figure(fig, "01_exit_agreement", table=lens)
+
+# %% [markdown]
+# The dotted line marks CALM's first checked layer. Where the fitted curve lies above the logit lens, an
+# exit at that layer emits the final token more often; the gap between either curve and 1 is the room for
+# disagreement that the confidence threshold has to filter out.
+
+# %%
+if len(lens):
+    at = lens[lens.layer == exit_min_layer].set_index("exits").agreement
+    print("agreement at layer", exit_min_layer, ":", ", ".join(f"{k} {v:.2f}" for k, v in at.items()))
+
+# %% [markdown]
+# ## 2. Speed and quality over thresholds
+#
+# Every setting decodes the same prompts, batch 1, greedy, for exactly `max_new_tokens` tokens. Speed is
+# measured tokens/s relative to Hugging Face `generate` in the same run; quality is ROUGE-L and per-position
+# token agreement with the engine's full-depth output.
+
+# %%
+fmt = prompt_format(model, tokenizer, model_name)
+budget = prompt_budget(model, max(max_new_tokens, calibration_tokens, adaptive_tokens))
+prompts, calibration_set, adaptive_set = [], [], []
+for name in prompt_data:
+    prompts += task_prompts(tokenizer, name, n_prompts, offset=0, fmt=fmt, max_tokens=budget)
+    calibration_set += task_prompts(tokenizer, name, calibration_prompts, offset=n_prompts, fmt=fmt, max_tokens=budget)
+    adaptive_set += task_prompts(tokenizer, name, adaptive_prompts, offset=n_prompts + calibration_prompts, fmt=fmt,
+                                 max_tokens=budget)
+print(f"{len(prompts)} timed prompts ({fmt} format), {len(calibration_set)} calibration prompts, "
+      f"{len(adaptive_set)} prompts for the adaptive threshold")
+
+free_base = {"method": "free", "shallow_exit_layer": shallow_exit_layer}
+settings = [{"label": f"static@{e}", "method": "static", "static_exit_layer": e} for e in static_exit_layers]
+settings += [{"label": "CALM softmax", "method": "calm", "exit_conf_type": "softmax", "exit_min_layer": exit_min_layer,
+              "exit_conf_threshold": t} for t in thresholds]
+settings += [{"label": "FREE", **free_base, "shallow2deep_conf_threshold": t} for t in thresholds]
+rollback_at = thresholds[-1]
+settings += [{"label": "FREE + rollback", **free_base, "shallow2deep_conf_threshold": rollback_at,
+              "rollback_threshold": rollback_threshold}]
+with torch.inference_mode():
+    rows, outputs = early_exit_rows(model, tokenizer, prompts, max_new_tokens, settings, exit_transform=transform,
+                                    return_outputs=True)
+curve = pd.DataFrame(rows).drop(columns="params")
+curve["family"] = curve.method.str.replace(r"@\d+", "", regex=True)
+display(curve.round(3))
+
+# %%
+fig, axes = plots.new_figure(1, 2)
+for family, group in curve[curve.method != "hf_generate"].groupby("family", sort=False):
+    group = group.sort_values("speedup_vs_hf")
+    for ax, x in zip(axes, ("speedup_vs_hf", "avg_layers"), strict=True):
+        ax.plot(group[x], group.rougeL_vs_full, marker="o", markersize=4, label=family,
+                ls="-" if family in ("CALM softmax", "FREE") else "none")
+        for _, row in group.iterrows():
+            note = f"{row.threshold:g}" if pd.notna(row.threshold) else row.method.split("@")[-1]
+            ax.annotate(note, (row[x], row.rougeL_vs_full), fontsize=6, xytext=(3, 2), textcoords="offset points")
+axes[0].axvline(1.0, color="0.6", ls=":", lw=1)
+axes[0].set_xlabel("measured speedup over HF generate (tokens/s ratio)")
+axes[1].set_xlabel("average layers per token")
+for ax in axes:
+    ax.set_ylabel("ROUGE-L vs full-depth output")
+    ax.set_ylim(-0.02, 1.02)
+axes[0].legend(fontsize=7)
+fig.suptitle("Early exit: speed and quality over thresholds (labels: threshold or exit layer)")
+plots.caption(fig, model=model_name, data=", ".join(prompt_data),
+              extra=f"{len(prompts)} prompts x {max_new_tokens} tokens, batch 1, greedy · {machine}")
+plots.save_figure(fig, "01_speed_quality", table=curve)
+
+# %% [markdown]
+# Points to the right are faster than HF `generate` on this machine, points near the top reproduce the
+# full model. The `full` point measures the engine itself against HF; lower thresholds move CALM and FREE
+# to fewer layers and, where the exits are not yet reliable, lower ROUGE-L. The printout below names the
+# fastest setting that keeps ROUGE-L >= 0.9 in this run.
+
+# %%
+good = curve[(curve.rougeL_vs_full >= 0.9) & (curve.method != "hf_generate")]
+if len(good):
+    best = good.sort_values("speedup_vs_hf").iloc[-1]
+    print(f"fastest setting with ROUGE-L >= 0.9: {best.method} (threshold {best.threshold}) at "
+          f"{best.speedup_vs_hf:.2f}x HF generate, {best.avg_layers:.1f} layers/token, ROUGE-L {best.rougeL_vs_full:.3f}")
+else:
+    print("no setting reached ROUGE-L >= 0.9 in this run")
+
+# %% [markdown]
+# ## 3. Where tokens leave: exit-layer histograms
+#
+# The layer each generated token left from, for the static exits, CALM and FREE at the middle threshold of
+# the curve (the first token of every prompt leaves from the prompt pass, at full depth or the static depth).
+
+# %%
+middle = thresholds[len(thresholds) // 2]
+histogram_rows = []
+for row, outs in zip(rows, outputs, strict=True):
+    chosen = row["method"].startswith("static") or (
+        row["method"] in ("CALM softmax", "FREE") and row["threshold"] == middle)
+    if outs is None or not chosen:
+        continue
+    layers = torch.cat([o.exit_layers[0] for o in outs])
+    counts = torch.bincount(layers, minlength=L + 1)[1:]
+    label = row["method"] + ("" if row["method"].startswith("static") else f" @ {middle:g}")
+    histogram_rows += [{"method": label, "exit_layer": layer, "tokens": int(c), "fraction": float(c) / len(layers)}
+                       for layer, c in enumerate(counts.tolist(), start=1)]
+histograms = pd.DataFrame(histogram_rows)
+methods = list(dict.fromkeys(histograms.method))
+fig, axes = plots.new_figure(1, len(methods), sharey=True, figsize=(2.6 * len(methods), 2.8))
+for ax, method in zip(axes if len(methods) > 1 else [axes], methods, strict=True):
+    group = histograms[histograms.method == method]
+    ax.bar(group.exit_layer, group.fraction, width=0.8)
+    ax.set_title(method, fontsize=8)
+    ax.set_xlabel("exit layer")
+(axes[0] if len(methods) > 1 else axes).set_ylabel("fraction of generated tokens")
+fig.suptitle("Exit-layer histograms")
+plots.caption(fig, model=model_name, data=", ".join(prompt_data), extra=f"{len(prompts)} prompts x {max_new_tokens} tokens")
+plots.save_figure(fig, "01_exit_histograms", table=histograms)
+
+# %%
+summary = histograms.assign(weighted=histograms.exit_layer * histograms.fraction).groupby("method", sort=False).agg(
+    mean_exit_layer=("weighted", "sum"))
+summary["at_full_depth"] = histograms[histograms.exit_layer == L].set_index("method").fraction
+display(summary.round(3))
+
+# %% [markdown]
+# CALM can exit at any layer from `exit_min_layer` on, FREE has only two possible exits (the shallow layer
+# and L), and a static exit puts everything at one layer. The table gives the mean exit layer
+# and the share of tokens that needed the full depth; those shares are what the speed in section 2 buys.
+
+# %% [markdown]
+# ## 4. Calibrating CALM's threshold with Learn-then-Test
+#
+# On separate calibration prompts, each candidate threshold's risk is the mean disagreement between its
+# output and the full model's (`ltt_distance`: 1 - ROUGE-L, or the fraction of mismatched tokens). Candidates are tested from the safest down with a Hoeffding-Bentkus p-value;
+# the lowest certified one guarantees risk <= delta with probability >= 1 - epsilon.
+
+# %%
+with torch.inference_mode():
+    ltt = calibrate_threshold(model, calibration_set, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
+                              method="calm", distance=ltt_distance, decode=tokenizer.decode, progress=False,
+                              eos_token_id=[], exit_conf_type="softmax", exit_min_layer=exit_min_layer,
+                              exit_transform=transform)
+display(ltt.table.round(4))
+print(f"delta = {ltt_delta}, epsilon = {ltt_epsilon}, n = {ltt.n} prompts: chosen threshold {ltt.threshold}")
+
+fig, ax = plots.new_figure()
+ax.plot(ltt.table.candidate, ltt.table.risk, marker="o", label=f"empirical risk ({ltt_distance} distance)")
+ax.plot(ltt.table.candidate, ltt.table.p_value, marker="s", ls="--", label="p-value")
+certified = ltt.table[ltt.table.certified]
+ax.scatter(certified.candidate, certified.risk, s=80, facecolors="none", edgecolors="C2", label="certified")
+ax.axhline(ltt_delta, color="C3", lw=1, label=f"delta = {ltt_delta}")
+ax.axhline(ltt_epsilon, color="0.5", lw=1, ls=":", label=f"epsilon = {ltt_epsilon}")
+ax.invert_xaxis()
+ax.set_xlabel("CALM threshold (tested from the left)")
+ax.set_ylabel("risk / p-value")
+ax.set_ylim(0, 1.02)
+ax.legend(fontsize=7)
+ax.set_title("Learn-then-Test calibration of CALM's threshold\n" + plots.provenance(
+    model=model_name, data=f"{ltt.n} calibration prompts x {calibration_tokens} tokens"))
+plots.save_figure(fig, "01_ltt_calibration", table=ltt.table)
+
+# %% [markdown]
+# A candidate is certified while its p-value stays below epsilon; the sequence stops at the first one that
+# is not. With few calibration prompts even a zero empirical risk gives a p-value near (1 - delta)^n, so
+# the guarantee needs enough prompts: below, the chosen threshold is checked on the held-out timed prompts.
+
+# %%
+if ltt.threshold is not None:
+    full_outputs = outputs[[r["method"] for r in rows].index("full")]
+    with torch.inference_mode():
+        held_out = [exits.generate(model, ids, max_new_tokens, method="calm", exit_conf_type="softmax",
+                                   exit_min_layer=exit_min_layer, exit_conf_threshold=ltt.threshold,
+                                   exit_transform=transform, eos_token_id=[]) for ids in prompts]
+    risks = [disagreement(generated_ids(model, o.sequences, p), generated_ids(model, f.sequences, p), ltt_distance,
+                          tokenizer.decode) for o, f, p in zip(held_out, full_outputs, prompts, strict=True)]
+    layers_used = torch.cat([o.exit_layers[0] for o in held_out]).double().mean()
+    print(f"held-out prompts at threshold {ltt.threshold}: mean {ltt_distance} risk {sum(risks) / len(risks):.3f} "
+          f"(delta {ltt_delta}), {float(layers_used):.1f} layers/token")
+else:
+    print(f"no candidate certified at delta={ltt_delta}, epsilon={ltt_epsilon} with {ltt.n} prompts: "
+          "raise delta or calibration_prompts")
+
+# %% [markdown]
+# ## 5. FREE's adaptive threshold
+#
+# FREE starts from `shallow2deep_conf_threshold` = 0.9 and, at every deep token, records the shallow
+# confidence and whether the shallow argmax agreed with the deep one; a two-component Beta mixture fitted
+# by moments sets the threshold to the lowest grid point where "agree" has posterior above 0.4. One
+# estimator persists over a sequence of prompts.
+
+# %%
+estimator = exits.AdaptiveThreshold(initial=0.9)
+with torch.inference_mode():
+    for ids in adaptive_set:
+        exits.generate(model, ids, adaptive_tokens, method="free", shallow_exit_layer=shallow_exit_layer,
+                       shallow2deep_conf_threshold=0.9, use_adapt_threshold=True, adapt_threshold=estimator,
+                       exit_transform=transform, eos_token_id=[])
+convergence = pd.DataFrame(estimator.history, columns=["sequence", "samples", "threshold"])
+fig, ax = plots.new_figure()
+ax.step(convergence.samples, convergence.threshold, where="post")
+for _, first in convergence.groupby("sequence").head(1).iterrows():
+    ax.axvline(first.samples, color="0.85", lw=0.8, zorder=0)
+ax.set_xlabel("recorded deep tokens (grey lines: a new prompt starts)")
+ax.set_ylabel("FREE threshold")
+ax.set_ylim(0.25, 0.95)
+ax.set_title("FREE adaptive threshold: convergence over prompts\n" + plots.provenance(
+    model=model_name, data=f"{len(adaptive_set)} prompts x {adaptive_tokens} tokens", extra=f"shallow exit {shallow_exit_layer}"))
+plots.save_figure(fig, "01_adaptive_threshold", table=convergence)
+
+# %%
+if len(convergence):
+    agree = sum(a for _, a in estimator.samples) / len(estimator.samples)
+    print(f"{len(estimator.samples)} samples ({agree:.0%} agreeing); threshold 0.9 -> {estimator.threshold:.2f}; "
+          f"last change at sample {int(convergence.samples[convergence.threshold.diff() != 0].iloc[-1])}")
+else:
+    print("no deep token recorded a shallow guess: the threshold stayed at 0.9")
+
+# %% [markdown]
+# The threshold stays at its start value until both classes have a few samples, then moves to where the
+# two Beta components cross the posterior level; a flat tail means the estimate has settled for this model
+# and these prompts (FREE freezes it after 300 sequences).
+
+# %% [markdown]
+# ## 6. One generation, coloured by exit layer
+#
+# CALM at the middle threshold on the first timed prompt: each generated token with the layer it left from
+# (an interactive HTML render, and a static figure with the same numbers).
+
+# %%
+calm_index = next(i for i, r in enumerate(rows) if r["method"] == "CALM softmax" and r["threshold"] == middle)
+example = outputs[calm_index][0]
+new_ids = generated_ids(model, example.sequences, prompts[0])
+pieces = [tokenizer.decode([int(t)]) for t in new_ids]
+coloured = pd.DataFrame({"position": range(len(pieces)), "token": pieces,
+                         "exit_layer": example.exit_layers[0].tolist()})
+colormap = mpl.colormaps["viridis"]
+spans = "".join(
+    f'<span title="layer {layer}" style="background:{mpl.colors.to_hex(colormap((layer - 1) / max(L - 1, 1)))};'
+    f'color:{"black" if layer > L * 0.6 else "white"};padding:1px 0">{html.escape(piece)}</span>'
+    for piece, layer in zip(coloured.token, coloured.exit_layer, strict=True))
+page = (f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'><p><b>CALM softmax, threshold "
+        f"{middle}, {model_name}</b>: background = exit layer (dark: early, yellow: layer {L}); hover for the "
+        f"layer.</p>{spans}</div>")
+plots.save_html(page, "01_generation_by_exit_layer")
+display(HTML(page))
+
+fig, ax = plots.new_figure(figsize=(max(4.5, 0.16 * len(pieces)), 3.0))
+ax.bar(coloured.position, coloured.exit_layer, color=[colormap((v - 1) / max(L - 1, 1)) for v in coloured.exit_layer])
+ax.set_xticks(coloured.position, [p.replace("\n", "\\n") for p in coloured.token], rotation=90, fontsize=6)
+ax.set_ylabel("exit layer")
+ax.set_ylim(0, L + 0.5)
+ax.set_title(f"One CALM generation (threshold {middle}) coloured by exit layer\n"
+             + plots.provenance(model=model_name, data=f"{prompt_data[0]} prompt 0"))
+plots.save_figure(fig, "01_generation_by_exit_layer", table=coloured)
+
+# %% [markdown]
+# Read which tokens leave early and which need the full depth: candidates for early exits are tokens that
+# continue an evident pattern (the rest of a word or an identifier, closing punctuation). Hover over the
+# HTML render to read each token's layer; the bar chart carries the same numbers.
+
+# %% [markdown]
+# ## 7. FREE with and without rollback
+#
+# After each synchronized pass the deep layers see every stacked shallow token; with rollback, the first
+# stacked token whose deep cross-entropy exceeds `rollback_threshold` nats is replaced by the deep argmax
+# and decoding resumes from there. Same prompts and threshold, from the runs of section 2.
+
+# %%
+rollback_rows = []
+for row, outs in zip(rows, outputs, strict=True):
+    if row["method"] in ("FREE", "FREE + rollback") and row["threshold"] == rollback_at:
+        rollback_rows.append({**{k: row[k] for k in ("method", "threshold", "tokens_per_s", "speedup_vs_hf",
+                                                     "avg_layers", "rougeL_vs_full", "token_agreement_vs_full")},
+                              "rollbacks": sum(o.rollbacks for o in outs)})
+rollback = pd.DataFrame(rollback_rows)
+display(rollback.round(3))
+fig, axes = plots.new_figure(1, 3, figsize=(9, 2.8))
+for ax, column in zip(axes, ("speedup_vs_hf", "rougeL_vs_full", "rollbacks"), strict=True):
+    ax.bar(rollback.method, rollback[column], color=["C0", "C1"][: len(rollback)])
+    ax.set_title(column, fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+fig.suptitle(f"FREE at threshold {rollback_at}: rollback off / on ({rollback_threshold} nats)")
+plots.caption(fig, model=model_name, data=", ".join(prompt_data), extra=f"{len(prompts)} prompts x {max_new_tokens} tokens · {machine}")
+plots.save_figure(fig, "01_rollback", table=rollback)
+
+# %%
+if len(rollback) == 2:
+    off, on = rollback.iloc[0], rollback.iloc[1]
+    print(f"rollback revised {int(on.rollbacks)} tokens: ROUGE-L {off.rougeL_vs_full:.3f} -> {on.rougeL_vs_full:.3f}, "
+          f"speed {off.speedup_vs_hf:.2f}x -> {on.speedup_vs_hf:.2f}x HF generate")
+
+# %% [markdown]
+# Rollback trades speed for quality: every revision discards the tokens after it and decodes them again,
+# so it pays off where the shallow exit is often wrong (low thresholds) and costs little where it is not.
