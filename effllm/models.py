@@ -91,7 +91,8 @@ class ModelNotAvailableError(RuntimeError):
 # Embedded models: GGUF -> safetensors cache
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (cache manifests, saved sliced models)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -112,7 +113,7 @@ def cache_is_valid(folder: Path) -> bool:
         return False
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             return False
     return True
 
@@ -133,7 +134,7 @@ def _convert_embedded(spec: EmbeddedModel, folder: Path) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
         if folder.exists():
             shutil.rmtree(folder)

@@ -51,7 +51,6 @@ layer 0's fraction and the head the last layer's).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +61,7 @@ from torch import nn
 
 from effllm.adapters import ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
 from effllm.capture import LayerByLayer, capture_inputs
+from effllm.models import sha256_file
 
 SLICEGPT_FAMILIES = ("llama", "mistral", "qwen2", "opt")
 SHORTGPT_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "opt")
@@ -665,14 +665,6 @@ def sliced_layout(model: nn.Module) -> dict[str, Any]:
     return layout
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
     """Save a model sliced by :func:`slice_model` (SliceGPT or ShortGPT): its config (``config.json``),
     weights (``model.safetensors``) and ``effllm-sliced.json`` (the sliced shapes of
@@ -694,7 +686,7 @@ def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> 
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "parameters": _unique_parameters(model),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
     }
     (folder / SLICED_INFO_FILE).write_text(json.dumps(info, indent=1))
     if tokenizer is not None:
@@ -764,7 +756,7 @@ def load_sliced(folder: str | Path, device: str | torch.device | None = None) ->
         raise SlicedModelError(f"{folder / SLICED_INFO_FILE} is unreadable or incomplete ({error!r}).") from error
     if info.get("format") != SLICED_FORMAT:
         raise SlicedModelError(f"{folder} has format {info.get('format')!r}; this effllm reads {SLICED_FORMAT!r}.")
-    if _sha256(folder / SLICED_WEIGHTS_FILE) != info.get("weights_sha256"):
+    if sha256_file(folder / SLICED_WEIGHTS_FILE) != info.get("weights_sha256"):
         raise SlicedModelError(
             f"{folder / SLICED_WEIGHTS_FILE} does not match the checksum in {SLICED_INFO_FILE}: the file is "
             "corrupt or was replaced. Save the sliced model again."
