@@ -7,7 +7,7 @@ import torch
 
 from effllm import bench, exits
 from effllm.bench import early_exit
-from effllm.models import tiny_model
+from effllm.models import load_model, tiny_model
 
 
 @pytest.fixture
@@ -64,6 +64,14 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
     assert n_rows == 2 + len(early_exit.default_early_exit_settings(4, k=32)) + (calibration["threshold"] is not None)
     check = {c["k"]: c for c in result["confidence_check"]}
     assert check[384]["flops"] == per_check and check[32]["flops"] == exits.head_flops(64, 32)
+    # the weight-read floor reads every decoder linear and the LM head once, in float32
+    floor = result["weight_read_floor"]
+    model, _ = load_model("tiny-llama")
+    expected_bytes = 4 * sum(m.weight.numel() for n, m in model.named_modules()
+                             if isinstance(m, torch.nn.Linear))
+    assert floor["bytes_per_token"] == expected_bytes
+    assert floor["ms_per_token"] > 0
+    assert floor["max_full_depth_speedup_vs_hf"] == pytest.approx(floor["tokens_per_s"] / rows["hf_generate"]["tokens_per_s"])
     assert "speedup_vs_hf" in capsys.readouterr().out
 
 

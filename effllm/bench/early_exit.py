@@ -14,7 +14,9 @@ agreement). ``confidence_flops_per_token`` / ``confidence_ms_per_token`` are the
 vocabulary row of each LM-head product, Vincenti et al.) and the measured time of the exit decisions,
 averaged over generated tokens (None for HF). The ``calm-softmax-ltt`` row uses the threshold that
 Learn-then-Test certifies on separate calibration prompts (``--calibration-prompts 0`` skips it), and the
-JSON's ``confidence_check`` holds the cost of one confidence check over the full and the pruned vocabulary.
+JSON's ``confidence_check`` holds the cost of one confidence check over the full and the pruned vocabulary, and
+``weight_read_floor`` the time of reading every decoder weight once (one token's linear products and nothing
+else): the bound on any full-depth decoder's speed on the machine, measured in the same run.
 
 Row labels: ``full``, ``static@E``, ``calm-softmax``, ``calm-state``, ``calm-softmax-{fixed,decaying,
 adaptive}256``, ``calm-softmax-ltt``, ``free@S``, ``free@S-fixed256``, ``skip@N/L`` (when effllm.skipping
@@ -26,6 +28,7 @@ the references.
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,6 +158,25 @@ def decode_setting(model: torch.nn.Module, prompts: Sequence[torch.LongTensor], 
     if kwargs.get("method") != "skip":  # layer skipping runs the plain head
         kwargs["exit_transform"] = exit_transform
     return _timed(lambda ids: exits.generate(model, ids, max_new_tokens, eos_token_id=[], **kwargs), prompts)
+
+
+def weight_read_floor(model: torch.nn.Module, repeats: int = 10) -> dict[str, float]:
+    """The fastest a full-depth decoder could go on this machine: the time of one token's products with every
+    decoder linear and the LM head (each weight read once, nothing else), best of ``repeats``. Decoding one
+    token at batch 1 is memory-bound, so no engine that reads these weights in their dtype can beat it."""
+    adapter = get_adapter(model)
+    weights = [adapter.weight(m) for i in range(adapter.num_layers) for m in adapter.linears(i).values()]
+    weights.append(adapter.lm_head.weight)
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    best = math.inf
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            best = min(best, time.perf_counter() - start)
+    return {"ms_per_token": 1e3 * best, "tokens_per_s": 1 / best,
+            "bytes_per_token": sum(w.numel() * w.element_size() for w in weights)}
 
 
 def early_exit_rows(
@@ -345,11 +367,17 @@ def run(args) -> int:
                     selected.append(setting)
         rows = early_exit_rows(model, tokenizer, prompts, args.max_new_tokens, selected, exit_transform=transform)
         check = vocab.confidence_check_cost(model, [args.k, None])
+        floor = weight_read_floor(model)
+    floor["max_full_depth_speedup_vs_hf"] = floor["tokens_per_s"] / rows[0]["tokens_per_s"]
+    result["weight_read_floor"] = floor
     result["rows"] = rows
     result["confidence_check"] = check.to_dict("records")
     print_table(rows, COLUMNS, width=12)
     pruned = check[check.k == args.k].iloc[0]
     print(f"one confidence check: full vocabulary ({adapter.vocab_size}) {check.ms.max():.3f} ms, k={args.k} "
           f"{pruned.ms:.3f} ms ({pruned.speedup:.1f}x faster, {pruned.flops_ratio:.0f}x fewer FLOPs)")
+    print(f"weight-read floor (every decoder linear and the LM head once, {floor['bytes_per_token'] / 1e6:.0f} MB): "
+          f"{floor['ms_per_token']:.1f} ms/token, at most {floor['max_full_depth_speedup_vs_hf']:.2f}x HF generate "
+          f"at full depth")
     write_result(result, args.out, f"early_exit_{args.model.replace('/', '--')}.json")
     return 0
