@@ -181,8 +181,8 @@ print(f"dense: {dense_parameters / 1e6:.1f} M parameters; "
 # For every M: constant SliceGPT, dynamic slicing (amplitude A), and ShortGPT at equal parameter count, each
 # on a fresh copy of the model, calibrated on the same windows. Perplexity is on the held-out split; zero-shot
 # accuracy on the built-in multiple-choice tasks through lm-eval (`effllm.zeroshot`), one panel per task in
-# `zero_shot_tasks` (the default profile leaves it empty for time: run with
-# `-p 'zero_shot_tasks=["prose-mc"]'` to add it).
+# `zero_shot_tasks` (the default profile runs `prose-mc` on 40 items a model, for time; the `paper` profile
+# runs the seed's lm-eval suite in full).
 
 # %%
 def evaluate(sliced):

@@ -73,8 +73,8 @@ ltt_delta = 0.2  # allowed mean disagreement with the full model (1 - ROUGE-L)
 ltt_epsilon = 0.2  # allowed probability that the risk exceeds delta
 humaneval_problems = 0  # HumanEval pass@1 on the first N problems per row (0: skip; minutes per row here)
 humaneval_max_new_tokens = 96
-# Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile does:
-# lm-eval takes minutes per model on a 2-core CPU, and this notebook evaluates 11 models).
+# Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile runs
+# prose-mc on 40 items: lm-eval takes tens of seconds per model on a 2-core CPU, and there are 10 models).
 zero_shot_task = None
 zero_shot_limit = 60  # items (None: all)
 batch_size = 8
@@ -371,7 +371,11 @@ print(f"2. Size. Dense: {dense_row['parameters_M']:.1f} M parameters, perplexity
       + (f"{smaller.loc[smaller.perplexity.idxmin()].method} ({smaller.perplexity.min():.2f} at "
          f"{smaller.loc[smaller.perplexity.idxmin()].parameters_M:.1f} M)" if len(smaller) else "-")
       + f"; the parameter/perplexity front among model-level methods is {names(size_front)}. Dynamic slicing beats "
-      f"constant slicing on perplexity at M = {dynamic_wins} ({len(dynamic_wins)} of {len(pivot)} levels).\n")
+      f"constant slicing on perplexity at M = {dynamic_wins} ({len(dynamic_wins)} of {len(pivot)} levels)."
+      + (f" Zero-shot {zero_shot_task} accuracy ({zero_shot_limit or 'all'} items; dense "
+         f"{dense_row[f'accuracy_{zero_shot_task}']:.3f}): "
+         + ", ".join(f"{r['method']} {r[f'accuracy_{zero_shot_task}']:.3f}" for _, r in model_rows.iterrows())
+         + "." if zero_shot_task else "") + "\n")
 
 exit_rows = table[table.family.str.startswith("early exit")]
 calm_rows = exit_rows[exit_rows.method.str.startswith("CALM")]
