@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import yaml
 
+from effllm.paths import write_atomic
+
 if TYPE_CHECKING:
     from nbformat import NotebookNode
 
@@ -539,18 +541,6 @@ def run_job_isolated(job: Job) -> dict[str, Any]:
     return {"result": asdict(result), "files": files, "executed": executed, "host": platform.node()}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def land(job: Job, outcome: dict[str, Any] | BaseException) -> JobResult:
     """Put what `run_job_isolated` sent back into this repository's layout: the executed notebook at
     `job.output_path`, and (only when the run succeeded) its files published from `job.staging_dir` into
@@ -560,13 +550,13 @@ def land(job: Job, outcome: dict[str, Any] | BaseException) -> JobResult:
     fields = outcome["result"]
     executed = None
     if outcome.get("executed") is not None:
-        _write_atomic(job.output_path, outcome["executed"])
+        write_atomic(job.output_path, outcome["executed"])
         executed = str(job.output_path)
     if fields["status"] != "ok":
         return JobResult(job.name, "failed", fields["seconds"], [], fields["error"], executed)
     shutil.rmtree(job.staging_dir, ignore_errors=True)
     for rel, data in outcome["files"].items():
-        _write_atomic(job.staging_dir / rel, data)
+        write_atomic(job.staging_dir / rel, data)
     try:
         figures = publish(job.staging_dir, job.publish_dir)
     except OSError as exc:
@@ -671,14 +661,14 @@ def write_sweep_summary(
         if r.status == "ok":
             record = {"sweep": sweep.name, "run_id": job.run_id, "notebook": job.notebook.stem,
                       "profile": profile, "parameters": passed, "swept": point, "executed": r.executed}
-            _write_atomic(job.publish_dir / "parameters.json", (json.dumps(record, indent=2) + "\n").encode())
+            write_atomic(job.publish_dir / "parameters.json", (json.dumps(record, indent=2) + "\n").encode())
     payload = {
         "sweep": sweep.name, "notebook": jobs[0].notebook.stem if jobs else sweep.notebook,
         "profile": profile, "executor": executor, "resources": asdict(sweep.resources),
         "figures_dir": str(folder), "ok": all(r.status == "ok" for r in results), "runs": rows,
     }
     json_path, csv_path = folder / "summary.json", folder / "summary.csv"
-    _write_atomic(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+    write_atomic(json_path, (json.dumps(payload, indent=2) + "\n").encode())
     keys = list(dict.fromkeys(k for point in points for k in point))
     text = io.StringIO()
     writer = csv.writer(text)
@@ -688,7 +678,7 @@ def write_sweep_summary(
                   else row["parameters"].get(k, "") for k in keys]
         writer.writerow([row["run_id"], *values, row["status"], row["seconds"], " ".join(row["figures"]),
                          row["error"] or ""])
-    _write_atomic(csv_path, text.getvalue().encode())
+    write_atomic(csv_path, text.getvalue().encode())
     return json_path, csv_path
 
 

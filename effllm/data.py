@@ -21,7 +21,6 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from effllm.paths import cache_dir
+from effllm.paths import cache_dir, write_atomic
 
 # --------------------------------------------------------------------------------------------------
 # Catalogue
@@ -439,15 +438,7 @@ def _write_cache(path: Path, name: str, records: list[dict[str, Any]]) -> None:
     body = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
     header = {"format": _CACHE_FORMAT, "name": name, "recipe": _recipe(name), "count": len(records),
               "sha256": hashlib.sha256(body).hexdigest()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(json.dumps(header).encode() + b"\n" + body)
-        os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(header).encode() + b"\n" + body)
 
 
 _RECORDS_MEMO: dict[str, tuple[tuple[int, int, int], list[dict[str, Any]]]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import platformdirs
@@ -20,3 +21,18 @@ def cache_dir() -> Path:
 def figures_dir() -> Path:
     """Where figures go: ``$EFFLLM_FIGURES`` (run_all.py points it at a staging folder) or figures/."""
     return Path(os.environ.get("EFFLLM_FIGURES") or REPO_ROOT / "figures")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and one rename, so that readers
+    (and processes writing the same file at once) see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

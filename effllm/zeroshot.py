@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import torch
 from torch import nn
 
 from effllm import data
-from effllm.paths import cache_dir
+from effllm.paths import cache_dir, write_atomic
 
 # Built-in task name -> how lm-eval reads one record: the prompt (a Jinja template over the record's fields).
 TASK_PROMPTS: dict[str, str] = {
@@ -69,15 +67,7 @@ def task_jsonl(task: str) -> Path:
     digest = hashlib.sha256(body).hexdigest()[:16]
     path = cache_dir() / "data" / "lm-eval" / f"{task}-{SPLIT}-{digest}.jsonl"
     if not path.is_file() or path.stat().st_size != len(body):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{task}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(body)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        write_atomic(path, body)
     return path
 
 
