@@ -29,16 +29,21 @@ def _is_number(value: Any) -> bool:
 def number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
            low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
     """A real number in [low, high] (an end is open with ``low_open`` / ``high_open``; None: unbounded)."""
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    allowed = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+    if low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        allowed = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        allowed = "(any real number)"
     ok = _is_number(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        raise ValueError(f"{name} must be a number in {allowed}{hint}; got {value!r}")
+        raise ValueError(f"{name} must be a number {allowed}{hint}; got {value!r}")
     return float(value)
 
 
@@ -56,7 +61,7 @@ def integer(name: str, value: Any, low: int | None = None, high: int | None = No
         ok = value <= high
     if not ok:
         if low is not None and high is not None:
-            allowed = f"an integer in {low}..{high}"
+            allowed = f"an integer in [{low}, {high}]"
         elif low is not None:
             allowed = f"an integer >= {low}"
         elif high is not None:
@@ -76,8 +81,11 @@ def layer(name: str, value: Any, n_layers: int, *, low: int = 1, high: int | Non
     """A 1-based layer number in ``low``..``high`` (default 1..n_layers), as the seeds number exits."""
     high = n_layers if high is None else high
     if high < low:
-        raise ValueError(f"{name}: this model ({n_layers} layers) has no layer in {low}..{high}; got {value!r}")
-    return integer(name, value, low, high, hint=f" (1-based; the model has {n_layers} layers)")
+        raise ValueError(f"{name}: this model ({n_layers} layers) has no layer between {low} and {high}; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a layer between {low} and {high} (1-based; the model has {n_layers} "
+                         f"layers); got {value!r}")
+    return int(value)
 
 
 def layer_index(name: str, value: Any, n_layers: int) -> int:

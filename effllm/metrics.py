@@ -156,6 +156,20 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str], use_stemmer: 
     return rouge(predictions, references, types=("rougeL",), use_stemmer=use_stemmer)["rougeL"]
 
 
+def token_rouge_l(prediction: Sequence[int], reference: Sequence[int]) -> float:
+    """ROUGE-L F-measure over token ids (each id one word for ``rouge_score``): the longest common subsequence of
+    what two decoders emitted. It is defined for any tokenizer; ROUGE over decoded text keeps only ASCII letters
+    and digits (rouge_score's tokenizer), so code and non-English output would lose most of their tokens and a
+    tiny test model's output all of them. Two empty sequences score 1."""
+    if len(prediction) == 0 and len(reference) == 0:
+        return 1.0
+
+    def words(ids: Sequence[int]) -> str:
+        return " ".join(f"t{int(i)}" for i in ids)
+
+    return rouge([words(prediction)], [words(reference)], types=("rougeL",), use_stemmer=False)["rougeL"]
+
+
 # --------------------------------------------------------------------------------------------------
 # HumanEval pass@k
 #

@@ -7,6 +7,7 @@ import torch
 
 from effllm import exits
 from effllm.adapters import get_adapter
+from effllm.decoding import VocabPruning
 from effllm.models import tiny_model
 
 DECODER_FAMILIES = ["llama", "mistral", "qwen2", "gemma3", "opt", "gpt2"]
@@ -162,10 +163,16 @@ def test_synchronized_deep_pass_equals_one_token_at_a_time(family):
     parallel, serial = adapter.new_cache(), adapter.new_cache()
     for cache in (parallel, serial):
         adapter.forward(ids, cache=cache)
-    out_parallel = exits.deep_pass(adapter, states, positions, parallel, range(2, 6))
-    out_serial = torch.cat([
-        exits.deep_pass(adapter, states[:, k : k + 1], positions[:, k : k + 1], serial, range(2, 6)) for k in range(4)
-    ], dim=1)
+
+    def deep_pass(hidden, position_ids, cache):  # layers 2..5 on `hidden` in one causal pass, as FREE's sync does
+        context = adapter.context(hidden, position_ids=position_ids, cache=cache)
+        for i in range(2, 6):
+            hidden = adapter.run_layer(i, hidden, context)
+        return hidden
+
+    out_parallel = deep_pass(states, positions, parallel)
+    out_serial = torch.cat([deep_pass(states[:, k : k + 1], positions[:, k : k + 1], serial) for k in range(4)],
+                           dim=1)
     torch.testing.assert_close(out_parallel, out_serial, rtol=1e-5, atol=1e-5)
     for layer in range(2, 6):
         torch.testing.assert_close(parallel.layers[layer].keys, serial.layers[layer].keys, rtol=1e-5, atol=1e-5)
@@ -215,8 +222,8 @@ def _check_tokens_come_from_their_exit_layers(model, out, prompt_len):
 
 def _median_confidence(model, ids, **params):
     """A threshold that the model's confidences cross about half the time: a mix of exits and deep tokens."""
-    out = exits.generate(model, ids, 24, exit_conf_threshold=2.0, shallow2deep_conf_threshold=2.0,
-                         eos_token_id=[], **params)
+    never = "exit_conf_threshold" if params["method"] == "calm" else "shallow2deep_conf_threshold"
+    out = exits.generate(model, ids, 24, eos_token_id=[], **{never: 2.0}, **params)
     return float(torch.tensor([c for cs in out.confidences for c in cs]).median())
 
 
@@ -347,7 +354,7 @@ def test_pruned_exit_emits_the_full_vocabulary_id():
     """A head whose rows are one-hot: the exit's argmax in the pruned space maps back to the right id."""
     model, _ = tiny_model("llama", num_hidden_layers=4)
     adapter = get_adapter(model)
-    head = exits.ExitHead(adapter, type_vocab_reduct="fixed", k=3, prune_layer=1)
+    head = exits.ExitHead(adapter, vocab=VocabPruning("fixed", k=3), prune_layer=1)
     hidden = torch.zeros(1, 1, adapter.hidden_size)
     with torch.no_grad():
         weight = torch.zeros(adapter.vocab_size, adapter.hidden_size)

@@ -11,11 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from effllm import exits, skipping
+from effllm import controllers as ctl
+from effllm import exits, oracle
+from effllm.decoding import plans
+from effllm.decoding.policies import SKIPPED_KV
 from effllm.adapters import get_adapter
 from effllm.models import tiny_model
 
 FAMILIES = ["llama", "opt", "gpt2"]
+
+
+def _skip(model, ids, max_new_tokens, **options):
+    return exits.generate(model, ids, max_new_tokens, method="skip", **options)
 
 
 def _model(family, n_layers=6, seed=0):
@@ -81,8 +88,8 @@ def test_skipping_nothing_equals_hf_generate(family):
     n_layers = get_adapter(model).num_layers
     for params in [{}, {"budget": 1.0}, {"skip_pattern": list(range(n_layers))}, {"skip_pattern": "every-1"},
                    {"skip_mode": "early-exit", "budget": 1.0}, {"skip_mode": "random", "budget": 1.0}]:
-        for skipped_kv in skipping.SKIPPED_KV:
-            out = skipping.generate(model, ids, 20, eos_token_id=2, skipped_kv=skipped_kv, **params)
+        for skipped_kv in SKIPPED_KV:
+            out = _skip(model, ids, 20, eos_token_id=2, skipped_kv=skipped_kv, **params)
             assert torch.equal(out.sequences, expected), params
             assert (out.exit_layers == n_layers).all()
             assert all(run == tuple(range(n_layers)) for run in out.layers_run)
@@ -91,7 +98,7 @@ def test_skipping_nothing_equals_hf_generate(family):
 
 def test_output_is_an_exit_output_with_per_token_layers():
     model = _model("llama")
-    out = skipping.generate(model, _prompt(2), 6, skip_pattern="every-2", eos_token_id=[])
+    out = _skip(model, _prompt(2), 6, skip_pattern="every-2", eos_token_id=[])
     assert isinstance(out, exits.ExitOutput)
     assert out.layers_run == [tuple(range(6))] + [(0, 2, 4, 5)] * 5
     assert out.exit_layers.tolist() == [[6, 4, 4, 4, 4, 4]]
@@ -108,24 +115,24 @@ def test_static_pattern_equals_a_model_built_from_the_kept_layers(family, kept):
     reduced = _reduced_copy(model, kept)
     ids = _prompt(3)
     expected = _hf_greedy(reduced, ids, 16)
-    for skipped_kv in skipping.SKIPPED_KV:
-        out = skipping.generate(model, ids, 16, skip_pattern=kept, skip_prompt=True, skipped_kv=skipped_kv,
+    for skipped_kv in SKIPPED_KV:
+        out = _skip(model, ids, 16, skip_pattern=kept, skip_prompt=True, skipped_kv=skipped_kv,
                                 eos_token_id=2)
         assert torch.equal(out.sequences, expected)
         assert (out.exit_layers == len(kept)).all()
 
 
 def test_every_k_and_budget_patterns():
-    assert skipping.static_layers(24, "every-6") == [0, 6, 12, 18, 23]
-    assert skipping.static_layers(30, "every-2") == [*range(0, 30, 2), 29]
-    assert skipping.static_layers(30, budget=8 / 24) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    assert plans.static_layers(24, "every-6") == [0, 6, 12, 18, 23]
+    assert plans.static_layers(30, "every-2") == [*range(0, 30, 2), 29]
+    assert plans.static_layers(30, budget=8 / 24) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     for n_layers in (4, 24, 30):
-        for b in skipping.PAPER_BUDGETS:
-            kept = skipping.static_layers(n_layers, budget=b)
-            assert len(kept) == len(set(kept)) == skipping.budget_layer_count(n_layers, b)
+        for b in plans.PAPER_BUDGETS:
+            kept = plans.static_layers(n_layers, budget=b)
+            assert len(kept) == len(set(kept)) == plans.budget_layer_count(n_layers, b)
             assert kept[0] == 0 and (kept[-1] == n_layers - 1 or len(kept) == 1)
-    assert [skipping.budget_layer_count(30, b) for b in skipping.PAPER_BUDGETS] == [5, 10, 15, 30]
-    assert skipping.early_exit_layers(30, 0.5) == list(range(15))
+    assert [plans.budget_layer_count(30, b) for b in plans.PAPER_BUDGETS] == [5, 10, 15, 30]
+    assert plans.early_exit_layers(30, 0.5) == list(range(15))
 
 
 def test_static_pattern_with_full_depth_prompt_equals_teacher_forcing():
@@ -133,7 +140,7 @@ def test_static_pattern_with_full_depth_prompt_equals_teacher_forcing():
     model = _model("llama")
     ids = _prompt(4)
     kept = [0, 3, 5]
-    out = skipping.generate(model, ids, 12, skip_pattern=kept, eos_token_id=[])
+    out = _skip(model, ids, 12, skip_pattern=kept, eos_token_id=[])
     hidden = skipping.continuation_states(model, out.sequences[:, :-1], 7, kept)
     predicted = get_adapter(model).logits(hidden)[0].argmax(-1)
     assert torch.equal(predicted, out.sequences[0, 8:])
@@ -144,7 +151,7 @@ def test_early_exit_as_skipping_equals_the_exit_engine(family):
     model = _model(family)
     ids = _prompt(5)
     for budget, depth in [(0.5, 3), (1 / 6, 1)]:
-        out = skipping.generate(model, ids, 12, skip_mode="early-exit", budget=budget, skip_prompt=True, eos_token_id=2)
+        out = _skip(model, ids, 12, skip_mode="early-exit", budget=budget, skip_prompt=True, eos_token_id=2)
         reference = exits.generate(model, ids, 12, method="static", static_exit_layer=depth, eos_token_id=2)
         assert torch.equal(out.sequences, reference.sequences)
         assert out.layers_run[1:] == [tuple(range(depth))] * (len(out.layers_run) - 1)
@@ -157,7 +164,7 @@ def test_mixed_forward_without_skips_equals_hf_forward():
     model = _model("llama")
     ids = _prompt(6, length=12)
     keep = torch.ones(6, 1, 12)
-    hidden = skipping.mixed_forward(model, ids, keep)
+    hidden = ctl.mixed_forward(model, ids, keep)
     with torch.no_grad():
         expected = model(ids).logits
     torch.testing.assert_close(get_adapter(model).logits(hidden), expected, rtol=1e-4, atol=1e-5)
@@ -169,11 +176,11 @@ def test_propagated_kv_equals_the_teacher_forced_mixed_pass(family):
     the parallel pass computes when it runs the layer and throws the output away."""
     model = _model(family)
     ids = _prompt(7)
-    out = skipping.generate(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="propagate", eos_token_id=[],
+    out = _skip(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="propagate", eos_token_id=[],
                             seed=3)
     assert len(set(out.layers_run[1:])) > 3  # routes differ from token to token
     with torch.no_grad():
-        hidden = skipping.mixed_forward(model, out.sequences, _keep_matrix(out, 6, 7))
+        hidden = ctl.mixed_forward(model, out.sequences, _keep_matrix(out, 6, 7))
     assert torch.equal(_predicted(model, hidden, 7, 16), out.sequences[0, 7:])
 
 
@@ -198,8 +205,8 @@ def _subset_forward(model, sequence, positions_per_layer):
 def test_left_out_kv_attends_only_where_the_layer_ran(family):
     model = _model(family)
     ids = _prompt(8)
-    out = skipping.generate(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="none", eos_token_id=[], seed=3)
-    propagated = skipping.generate(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="propagate",
+    out = _skip(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="none", eos_token_id=[], seed=3)
+    propagated = _skip(model, ids, 16, skip_mode="random", budget=0.5, skipped_kv="propagate",
                                    eos_token_id=[], seed=3)
     assert out.layers_run == propagated.layers_run  # same routes: the seed, not the tokens, draws them
     assert not torch.equal(out.sequences, propagated.sequences)  # leaving K/V out changes what later tokens see
@@ -236,11 +243,11 @@ def test_skipped_layers_are_never_called(family, mode, tmp_path):
     model = _model(family)
     params = {"static": {"skip_pattern": "every-2"}, "random": {"budget": 0.5}}.get(mode, {})
     if mode == "controller":
-        controllers = skipping.SkipControllers(6, get_adapter(model).hidden_size, meta={
-            "fingerprint": skipping.model_fingerprint(model)})
+        controllers = ctl.SkipControllers(6, get_adapter(model).hidden_size, meta={
+            "fingerprint": ctl.model_fingerprint(model)})
         params = {"controller": controllers}
     calls = _count_calls(model)
-    out = skipping.generate(model, _prompt(9), 12, skip_mode=mode, skipped_kv="propagate", eos_token_id=[], **params)
+    out = _skip(model, _prompt(9), 12, skip_mode=mode, skipped_kv="propagate", eos_token_id=[], **params)
     for i in range(6):
         ran = sum(i in run for run in out.layers_run)  # the prompt pass counts once
         for role in ("attention", "o", "mlp_up", "mlp_down"):
@@ -255,7 +262,7 @@ def test_skipped_layers_are_never_called(family, mode, tmp_path):
 def test_hard_gumbel_softmax_samples_the_softmax():
     logits = torch.tensor([[1.0, -0.5], [0.0, 0.0], [-2.0, 1.0]], requires_grad=True)
     generator = torch.Generator().manual_seed(0)
-    samples = torch.stack([skipping.hard_gumbel_softmax(logits, generator=generator) for _ in range(20000)])
+    samples = torch.stack([ctl.hard_gumbel_softmax(logits, generator=generator) for _ in range(20000)])
     assert torch.equal(samples.sum(-1), torch.ones(20000, 3))  # one-hot
     torch.testing.assert_close(samples.mean(0), torch.softmax(logits, -1), atol=0.015, rtol=0)
     samples[:, :, 0].sum().backward()
@@ -272,26 +279,26 @@ def test_controller_training_lowers_the_cost_and_leaves_the_model_untouched(tmp_
         mask = torch.zeros_like(ids, dtype=torch.bool)
         mask[:, 6:] = True
         examples.append((ids, mask))
-    controllers, history = skipping.train_controllers(model, examples, alpha=20.0, steps=40, lr=0.2,
+    controllers, history = ctl.train_controllers(model, examples, alpha=20.0, steps=40, lr=0.2,
                                                       model_name="tiny-llama", progress=False)
     assert history.layer_fraction.iloc[-10:].mean() < history.layer_fraction.iloc[:5].mean() - 0.2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [p.requires_grad for p in model.parameters()] == flags
 
     path = controllers.save(tmp_path / "controllers.safetensors")
-    reloaded = skipping.SkipControllers.load(path, model)
+    reloaded = ctl.SkipControllers.load(path, model)
     hidden = torch.randn(5, 64)
     for i in range(6):
         torch.testing.assert_close(reloaded.logits(i, hidden), controllers.logits(i, hidden))
     assert reloaded.meta["model"] == "tiny-llama"
-    a = skipping.generate(model, _prompt(1), 10, skip_mode="controller", controller=path, eos_token_id=[])
-    b = skipping.generate(model, _prompt(1), 10, skip_mode="controller", controller=controllers, eos_token_id=[])
+    a = _skip(model, _prompt(1), 10, skip_mode="controller", controller=path, eos_token_id=[])
+    b = _skip(model, _prompt(1), 10, skip_mode="controller", controller=controllers, eos_token_id=[])
     assert a.layers_run == b.layers_run and torch.equal(a.sequences, b.sequences)
     assert a.layer_fraction < 1.0
 
 
 def test_fixed_input_controllers_ignore_the_state():
-    controllers = skipping.SkipControllers(4, 16, with_fixed_input=True, init_keep_logit=1.0)
+    controllers = ctl.SkipControllers(4, 16, with_fixed_input=True, init_keep_logit=1.0)
     h1, h2 = torch.randn(3, 16), torch.randn(3, 16) * 10
     for i in range(4):
         torch.testing.assert_close(controllers.logits(i, h1), controllers.logits(i, h2))
@@ -342,8 +349,8 @@ def test_bench_settings_run_through_generate():
     model = _model("llama")
     for setting in skipping.skipping_bench_settings(6):
         params = {k: v for k, v in setting.items() if k not in ("label", "method")}
-        out = skipping.generate(model, _prompt(0), 4, eos_token_id=[], **params)
-        assert (out.exit_layers[0, 1:] == skipping.budget_layer_count(6, setting["budget"])).all()
+        out = _skip(model, _prompt(0), 4, eos_token_id=[], **params)
+        assert (out.exit_layers[0, 1:] == plans.budget_layer_count(6, setting["budget"])).all()
 
 
 # ---- the oracle -----------------------------------------------------------------------------------------
@@ -364,7 +371,7 @@ def test_knapsack_equals_brute_force():
         quality = rng.random((n, m)).round(2)
         costs = rng.integers(0, 9, size=m)
         capacity = int(rng.integers(n * costs.min(), n * costs.max() + 1))
-        solution = skipping.oracle_knapsack(quality, costs, capacity)
+        solution = oracle.oracle_knapsack(quality, costs, capacity)
         assert math.isclose(solution.total_quality, _brute_force(quality, costs, capacity), abs_tol=1e-9)
         assert solution.total_cost == costs[solution.choice].sum() <= capacity
         assert math.isclose(quality[np.arange(n), solution.choice].sum(), solution.total_quality, abs_tol=1e-9)
@@ -382,8 +389,8 @@ def test_fraction_to_match_equals_brute_force():
             for choice in itertools.product(range(4), repeat=n)
             if quality[np.arange(n), list(choice)].mean() >= target - 1e-12
         )
-        assert math.isclose(skipping.oracle_fraction_to_match(quality, costs, target, 24), expected)
-    frontier = skipping.oracle_frontier(quality, costs, 24)
+        assert math.isclose(oracle.oracle_fraction_to_match(quality, costs, target, 24), expected)
+    frontier = oracle.oracle_frontier(quality, costs, 24)
     assert frontier.mean_quality.is_monotonic_increasing
 
 
@@ -394,51 +401,51 @@ def test_bad_patterns_and_budgets_are_clear_errors():
     model = _model("llama")
     ids = _prompt(0)
     with pytest.raises(ValueError, match="drops every layer"):
-        skipping.generate(model, ids, 4, skip_pattern=[])
+        _skip(model, ids, 4, skip_pattern=[])
     with pytest.raises(ValueError, match="drops every layer"):
-        skipping.generate(model, ids, 4, skip_pattern=torch.tensor([], dtype=torch.long))
+        _skip(model, ids, 4, skip_pattern=torch.tensor([], dtype=torch.long))
     for budget in (0, 0.0, -0.2, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match=r"budget must be a fraction of the layers in \(0, 1\]"):
-            skipping.generate(model, ids, 4, budget=budget)
+            _skip(model, ids, 4, budget=budget)
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
-            skipping.generate(model, ids, 4, skip_mode="random", budget=budget)
+            _skip(model, ids, 4, skip_mode="random", budget=budget)
     with pytest.raises(ValueError, match=r"not layers of this model: allowed 0..5"):
-        skipping.generate(model, ids, 4, skip_pattern=[0, 6])
+        _skip(model, ids, 4, skip_pattern=[0, 6])
     with pytest.raises(ValueError, match="lists a layer twice"):
-        skipping.generate(model, ids, 4, skip_pattern=[1, 1])
+        _skip(model, ids, 4, skip_pattern=[1, 1])
     with pytest.raises(ValueError, match="'every-k'"):
-        skipping.generate(model, ids, 4, skip_pattern="every-other")
+        _skip(model, ids, 4, skip_pattern="every-other")
     with pytest.raises(ValueError, match=">= 1"):
-        skipping.generate(model, ids, 4, skip_pattern="every-0")
+        _skip(model, ids, 4, skip_pattern="every-0")
     with pytest.raises(ValueError, match="not both"):
-        skipping.generate(model, ids, 4, skip_pattern="every-2", budget=0.5)
+        _skip(model, ids, 4, skip_pattern="every-2", budget=0.5)
     with pytest.raises(ValueError, match="unknown skip_mode 'skip'"):
-        skipping.generate(model, ids, 4, skip_mode="skip")
+        _skip(model, ids, 4, skip_mode="skip")
     with pytest.raises(ValueError, match="unknown skipped_kv"):
-        skipping.generate(model, ids, 4, skipped_kv="copy")
+        _skip(model, ids, 4, skipped_kv="copy")
     with pytest.raises(ValueError, match="batch 1"):
-        skipping.generate(model, ids.repeat(2, 1), 4)
+        _skip(model, ids.repeat(2, 1), 4)
     with pytest.raises(ValueError, match="needs controller="):
-        skipping.generate(model, ids, 4, skip_mode="controller")
+        _skip(model, ids, 4, skip_mode="controller")
     with pytest.raises(ValueError, match="skip_prompt=True needs"):
-        skipping.generate(model, ids, 4, skip_mode="random", budget=0.5, skip_prompt=True)
+        _skip(model, ids, 4, skip_mode="random", budget=0.5, skip_prompt=True)
     with pytest.raises(ValueError, match="capacity"):
-        skipping.oracle_knapsack(np.ones((3, 2)), np.array([2, 4]), 5)
+        oracle.oracle_knapsack(np.ones((3, 2)), np.array([2, 4]), 5)
 
 
 def test_controllers_for_another_model_are_a_clear_error(tmp_path):
     model = _model("llama")
-    controllers = skipping.SkipControllers(6, 64, meta={"model": "tiny-llama seed 0",
-                                                       "fingerprint": skipping.model_fingerprint(model)})
+    controllers = ctl.SkipControllers(6, 64, meta={"model": "tiny-llama seed 0",
+                                                       "fingerprint": ctl.model_fingerprint(model)})
     path = controllers.save(tmp_path / "c.safetensors")
     other_weights = _model("llama", seed=1)
-    with pytest.raises(skipping.ControllerMismatchError, match="tiny-llama seed 0.*same shape, other weights"):
-        skipping.SkipControllers.load(path, other_weights)
-    with pytest.raises(skipping.ControllerMismatchError, match="same shape, other weights"):
-        skipping.generate(other_weights, _prompt(0), 4, skip_mode="controller", controller=path)
+    with pytest.raises(ctl.ControllerMismatchError, match="tiny-llama seed 0.*same shape, other weights"):
+        ctl.SkipControllers.load(path, other_weights)
+    with pytest.raises(ctl.ControllerMismatchError, match="same shape, other weights"):
+        _skip(other_weights, _prompt(0), 4, skip_mode="controller", controller=path)
     deeper = _model("llama", n_layers=8)
-    with pytest.raises(skipping.ControllerMismatchError, match="6 layers of width 64.*8 layers of width 64"):
-        skipping.generate(deeper, _prompt(0), 4, skip_mode="controller", controller=controllers)
+    with pytest.raises(ctl.ControllerMismatchError, match="6 layers of width 64.*8 layers of width 64"):
+        _skip(deeper, _prompt(0), 4, skip_mode="controller", controller=controllers)
     before = {k: v.clone() for k, v in deeper.state_dict().items()}
     assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
-    skipping.SkipControllers.load(path, model)  # the right model loads
+    ctl.SkipControllers.load(path, model)  # the right model loads

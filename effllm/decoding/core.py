@@ -1,0 +1,230 @@
+"""The decoding core: greedy decoding with a KV cache where every generated token may run its own layers.
+
+    out = decode(model, input_ids, max_new_tokens=64, policy=Calm(exit_conf_threshold=0.9, exit_min_layer=20))
+    out.sequences      # [batch, prompt + new] as HF `generate` returns them (T5: decoder start + new)
+    out.exit_layers    # [batch, new]: per new token, the layer it left from (layer skipping: layers run)
+    out.layers_run     # per new token, the 0-based layers its prediction ran
+
+What every policy shares is written once here: argument checks, the prompt pass (the "encoder side" of a
+decoder-only model, at the depth the policy gives the prompt), the T5 encoder, the end of sequence, padded
+batches and the per-token bookkeeping. What differs lives in one *strategy* per policy family
+(:mod:`effllm.decoding.early_exit` for full / static / CALM / FREE, :mod:`effllm.decoding.skipping`,
+:mod:`effllm.decoding.speculative`): a step feeds the last token and returns one or more new tokens (several
+for self-speculation), or asks to rewind (FREE's rollback).
+
+The loop is written here rather than as a HF ``generate`` logits processor because it changes which layers
+run per token, which HF's generation loop has no hook for. With exits disabled it reproduces HF ``generate``
+token for token on every supported family (tests).
+
+Batches: :class:`~effllm.decoding.policies.Full` and :class:`~effllm.decoding.policies.StaticExit` decode a
+batch at once, left-padded rows included (``attention_mask``); each row decodes as it would alone. Every other
+policy decodes one sequence (batch 1) and refuses a batch; a batch-1 prompt with padding has the padding
+removed first. Right padding on a decoder-only batch is refused (pad on the left, as HF ``generate`` needs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from effllm import checks
+from effllm.adapters import get_adapter
+from effllm.decoding import early_exit, skipping, speculative
+from effllm.decoding.policies import Full, Policy
+from effllm.decoding.state import DecodeState, Strategy
+
+ExitTransform = Callable[[int, torch.Tensor], torch.Tensor]
+LOGIT_LENS = "logit-lens"  # exit_transform=LOGIT_LENS: the plain final norm + head even if the model has exits
+
+
+@dataclass
+class DecodeOutput:
+    sequences: torch.LongTensor  # [batch, prompt + new]
+    exit_layers: torch.LongTensor  # [batch, new]: 1-based exit layer (skipping: the number of layers run)
+    confidences: list[list[float]] = field(default_factory=list)  # per new token: confidence at each checked layer
+    thresholds: list[float] = field(default_factory=list)  # per new token: the threshold in force (nan: none)
+    confidence_flops: list[int] = field(default_factory=list)  # per new token: FLOPs spent on exit decisions
+    confidence_seconds: list[float] = field(default_factory=list)  # per new token: time spent on them
+    layers_run: list[tuple[int, ...]] = field(default_factory=list)  # per new token: 0-based layers it ran
+    rollbacks: int = 0  # FREE: tokens revised by the deep model after a synchronized pass
+    drafted: int = 0  # self-speculation: tokens drafted ...
+    accepted: int = 0  # ... and accepted by the full-depth verification
+    num_layers: int = 0  # the model's depth L
+    policy: Policy | None = None
+
+    @property
+    def avg_layers(self) -> float:
+        """Mean over new tokens of their exit layer (skipping: layers run)."""
+        return float(self.exit_layers.double().mean())
+
+    @property
+    def layer_fraction(self) -> float:
+        """Mean fraction of the L layers per new token."""
+        return self.avg_layers / self.num_layers
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Self-speculation: accepted / drafted tokens (nan without drafts)."""
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    def new_tokens(self, prompt_len: int) -> torch.LongTensor:
+        """The generated ids [batch, new] (after the prompt; T5: after the decoder start token)."""
+        return self.sequences[:, self.sequences.shape[1] - self.exit_layers.shape[1]:]
+
+
+def _eos_tensor(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def resolve_exit_transform(model: torch.nn.Module, exit_transform: Any) -> ExitTransform | None:
+    """The exit map to use: an explicit callable; ``LOGIT_LENS`` for none; None for the exits attached to the
+    model (``model._effllm_exits``, set by exit training) or, without any, the plain logit lens."""
+    if exit_transform is None:
+        return getattr(model, "_effllm_exits", None)
+    if isinstance(exit_transform, str):
+        if exit_transform != LOGIT_LENS:
+            raise ValueError(f"exit_transform must be a callable (layer, hidden) -> hidden, None or {LOGIT_LENS!r}; "
+                             f"got {exit_transform!r}")
+        return None
+    if not callable(exit_transform):
+        raise ValueError(f"exit_transform must be a callable (layer, hidden) -> hidden; got {type(exit_transform).__name__}")
+    return exit_transform
+
+
+def _check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)} (1: token, "
+                         f"0: padding); got {shape}")
+    values = attention_mask.unique().tolist()
+    if any(v not in (0, 1) for v in values):
+        raise ValueError(f"attention_mask must hold only 0 (padding) and 1 (token); got values {values}")
+    if not bool(attention_mask.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no token at all (every position is padding)")
+    return attention_mask.to(dtype=torch.long, device=input_ids.device)
+
+
+def _strategy(policy: Policy, adapter: Any, model: torch.nn.Module, exit_transform: ExitTransform | None,
+              max_new_tokens: int) -> Strategy:
+    if policy.method == "skip":
+        return skipping.SkipStrategy(policy, adapter, model)
+    if policy.method == "self-spec":
+        return speculative.SelfSpecStrategy(policy, adapter, exit_transform)
+    return early_exit.ExitStrategy(policy, adapter, exit_transform, max_new_tokens)
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    max_new_tokens: int,
+    policy: Policy | None = None,
+    *,
+    eos_token_id: int | Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    exit_transform: ExitTransform | str | None = None,
+) -> DecodeOutput:
+    """Greedy generation of up to ``max_new_tokens`` tokens after ``input_ids`` [batch, prompt] with ``policy``
+    (default :class:`Full`). Generation stops at ``eos_token_id`` (default: the model's; ``[]``: never).
+    ``exit_transform(layer, h)`` maps an intermediate state before the final norm and head at an exit (a fitted
+    or trained exit); None uses the model's attached exits if it has any, ``LOGIT_LENS`` the plain head.
+    On T5, ``input_ids`` is the encoder input and ``sequences`` starts with the decoder start token."""
+    policy = Full() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be an effllm.decoding policy (Full, StaticExit, Calm, Free, Skip, SelfSpec); "
+                         f"got {type(policy).__name__}")
+    adapter = get_adapter(model)
+    input_ids = checks.token_ids("input_ids", input_ids, adapter.embed_tokens.weight.shape[0])
+    checks.positive_int("max_new_tokens", max_new_tokens)
+    policy.check(adapter.num_layers, adapter.vocab_size)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if policy.method == "skip" and encoder_decoder:
+        raise ValueError("layer skipping decodes decoder-only models (llama family, opt, gpt2); got a T5 "
+                         "encoder-decoder")
+    batch = input_ids.shape[0]
+    if batch > 1 and not policy.batched:
+        raise ValueError(f"{policy.method!r} decodes one sequence at a time (batch 1: each token runs its own "
+                         f"layers); got batch {batch}: call it once per prompt (only full and static decode batches)")
+    original_prompt = input_ids
+    mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
+    offsets = prompt_mask = None
+    if mask is not None and not encoder_decoder and not bool(mask.all()):
+        if batch == 1:  # a single row decodes as if alone: drop its padding
+            input_ids = input_ids[:, mask[0].bool()]
+        else:
+            lengths = mask.sum(dim=1)
+            left_padded = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) >= (mask.shape[1] - lengths
+                                                                                          ).unsqueeze(1)
+            if not torch.equal(mask.bool(), left_padded):
+                raise ValueError("attention_mask pads on the right (or in the middle); decoder-only batches must be "
+                                 "padded on the left (tokenizer.padding_side = 'left'), as for HF generate")
+            offsets = mask.shape[1] - lengths
+            prompt_mask = mask
+    transform = resolve_exit_transform(model, exit_transform)
+    eos = _eos_tensor(model, eos_token_id, input_ids.device)
+
+    extras: dict[str, Any] = {}
+    prompt = input_ids
+    if encoder_decoder:
+        extras["encoder_hidden_states"] = adapter.encode(input_ids, attention_mask=mask)
+        if mask is not None:
+            extras["encoder_attention_mask"] = mask
+        start = model.generation_config.decoder_start_token_id
+        prompt = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
+        original_prompt = prompt
+
+    strategy = _strategy(policy, adapter, model, transform, max_new_tokens)
+    cache = adapter.new_cache()
+    state = DecodeState(adapter, cache, extras, next_token=prompt[:, -1:], position=0, max_new_tokens=max_new_tokens,
+                        generated=0, offsets=offsets, prompt_mask=prompt_mask)
+    hidden = adapter.embed(prompt, position_ids=state.position_ids(0, prompt.shape[1]), cache=cache)
+    context = state.context(hidden, 0)
+    for i in strategy.prompt_layers:
+        hidden = adapter.run_layer(i, hidden, context)
+    state.position = prompt.shape[1]
+    strategy.after_prompt(state, hidden)
+    first = strategy.first_token(state, hidden)
+    records = state.records
+    records.append(first)
+    finished = torch.isin(first.token, eos)
+    state.next_token = first.token
+    state.generated = 1
+    # A strategy's step feeds state.next_token at state.position and advances state.position by the tokens it
+    # leaves in the cache; the core keeps the records, the end of sequence and state.next_token.
+    while len(records) < max_new_tokens and not bool(finished.all()):
+        result = strategy.step(state)
+        if result.rewind is not None:
+            del records[result.rewind:]
+        for record in result.emitted:
+            if len(records) >= max_new_tokens or bool(finished.all()):
+                break
+            # Finished rows keep emitting EOS (HF pads them with pad = eos for greedy search likewise).
+            if eos.numel():
+                record.token = torch.where(finished, eos[:1].expand_as(record.token), record.token)
+            records.append(record)
+            finished |= torch.isin(record.token, eos)
+        state.next_token = records[-1].token
+        state.generated = len(records)
+
+    new = torch.cat([r.token.to(prompt.device) for r in records], dim=1)
+    return DecodeOutput(
+        sequences=torch.cat([original_prompt, new], dim=1),
+        exit_layers=torch.tensor([[r.exit_layer for r in records]] * batch, device=prompt.device),
+        confidences=[r.confidences for r in records],
+        thresholds=[r.threshold for r in records],
+        confidence_flops=[r.flops for r in records],
+        confidence_seconds=[r.seconds for r in records],
+        layers_run=[r.layers_run for r in records],
+        rollbacks=getattr(strategy, "rollbacks", 0),
+        drafted=getattr(strategy, "drafted", 0),
+        accepted=getattr(strategy, "accepted", 0),
+        num_layers=adapter.num_layers,
+        policy=policy,
+    )

@@ -1,0 +1,364 @@
+"""Decoding policies: one frozen dataclass per decoding method, validated when it is built.
+
+A policy says *which layers a generated token runs and when it may stop*; :func:`effllm.decoding.decode`
+does the rest (prompt pass, KV cache, end of sequence) the same way for every policy:
+
+    decode(model, ids, 64, Calm(exit_conf_threshold=0.9, exit_min_layer=20))
+    decode(model, ids, 64, Free(shallow_exit_layer=20, shallow2deep_conf_threshold=0.9))
+    decode(model, ids, 64, Skip(skip_mode="static", budget=8 / 24))
+    decode(model, ids, 64, SelfSpec(draft_exit_layer=10, num_draft_tokens=4))
+
+Field names follow the seeds' command-line flags (CALM / FREE in seed 001, vocabulary pruning in seed 000,
+layer skipping in seed 003, LayerSkip for self-speculation). Checks that need no model run in
+``__post_init__`` (a wrong type, an unknown choice, a negative threshold, an option that contradicts
+another); checks against the model's depth and vocabulary run in :meth:`Policy.check` when decoding starts.
+Every policy turns into table columns with :meth:`Policy.columns` (``method`` is the family, every
+parameter its own column) and has a display ``label``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from effllm import checks
+from effllm.decoding.plans import plan_layers
+
+CONFIDENCE_TYPES = ("softmax", "state", "meta")
+VOCAB_REDUCTIONS = ("fixed", "decaying", "adaptive")
+SKIP_MODES = ("static", "random", "controller", "early-exit")
+SKIPPED_KV = ("propagate", "none")
+
+
+def _threshold(name: str, value: Any) -> float:
+    # A threshold above 1 is allowed on purpose: no confidence reaches it, which disables exiting.
+    return checks.number(name, value, low=0, hint=" (a value above 1 disables exiting)")
+
+
+@dataclass(frozen=True)
+class VocabPruning:
+    """Dynamic vocabulary pruning of the softmax exit confidence (Vincenti et al. 2024, seed 000).
+
+    At the first checked layer the full head picks the top-``k`` candidate ids; later checks score only those
+    rows: ``fixed`` k, ``decaying`` k_l = max(k_min, floor(k / (1 + (k - k_min) / k_min * l / L))), or
+    ``adaptive`` k = V (1 - 0.9 c) of the previous check's confidence. ``k_min`` defaults to max(2, k // 16).
+    """
+
+    type_vocab_reduct: str = "fixed"
+    k: int = 256
+    k_min: int | None = None
+
+    def __post_init__(self) -> None:
+        checks.choice("type_vocab_reduct", self.type_vocab_reduct, VOCAB_REDUCTIONS)
+        checks.integer("k", self.k, hint=" (candidate ids kept at the pruning layer)")
+        if self.k_min is None:
+            object.__setattr__(self, "k_min", max(2, self.k // 16))
+        checks.integer("k_min", self.k_min)
+
+    def check(self, vocab_size: int) -> None:
+        checks.integer("k", self.k, low=2, high=vocab_size, hint=" (the vocabulary size is the most)")
+        checks.integer("k_min", self.k_min, low=2, high=self.k, hint=f" (at most k={self.k})")
+
+    def columns(self) -> dict[str, Any]:
+        return {"type_vocab_reduct": self.type_vocab_reduct, "k": self.k, "k_min": self.k_min}
+
+
+def _vocab(value: VocabPruning | None) -> VocabPruning | None:
+    if value is not None and not isinstance(value, VocabPruning):
+        raise ValueError(f"vocab must be a VocabPruning(...) or None; got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of every policy. Subclasses set ``method`` (the family name used in result tables)."""
+
+    method: ClassVar[str] = ""
+    batched: ClassVar[bool] = False  # True: a batch of prompts decodes at once (every row runs the same layers)
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        """Checks against the model (depth, vocabulary); raises ``ValueError``."""
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+    def columns(self) -> dict[str, Any]:
+        """The policy as flat table columns: ``method`` and every parameter that has a plain value."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, VocabPruning):
+                out.update(value.columns())
+            elif f.name == "vocab":
+                out["type_vocab_reduct"] = "none"
+            elif isinstance(value, (int, float, str, bool)) or value is None:
+                out[f.name] = value
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+                out[f.name] = list(value)
+        return out
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Every layer for every token: greedy decoding as HF ``generate`` does it."""
+
+    method: ClassVar[str] = "full"
+    batched: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class StaticExit(Policy):
+    """Every token (the prompt too) runs layers 1..``static_exit_layer``, then the final norm and head."""
+
+    static_exit_layer: int
+    method: ClassVar[str] = "static"
+    batched: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        checks.integer("static_exit_layer", self.static_exit_layer, hint=" (a 1-based layer)")
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        checks.layer("static_exit_layer", self.static_exit_layer, n_layers)
+
+    @property
+    def label(self) -> str:
+        return f"static@{self.static_exit_layer}"
+
+
+@dataclass(frozen=True)
+class Calm(Policy):
+    """CALM (Schuster et al. 2022): after each layer >= ``exit_min_layer`` compute the ``exit_conf_type``
+    confidence and exit once it reaches the threshold.
+
+    ``softmax``: p1 - p2 of the exit's softmax; ``state``: cos(h_{l-1}, h_l); ``meta``: ``meta_classifier(layer,
+    h) -> probability`` (see :func:`effllm.lens.fit_meta_classifier`). ``exit_position_temp`` set: the decaying
+    threshold lambda_t = lambda (0.9 + 0.1 exp(-temp t / N)) over the N = max_new_tokens positions (the seed's
+    ``correct_by_pos``). ``state_propagation``: skipped layers get K/V from the copied exit state now (CALM);
+    False: the next token that runs them runs them on the pending states too (exact K/V, later).
+    """
+
+    exit_conf_type: str = "softmax"
+    exit_conf_threshold: float = 0.9
+    exit_min_layer: int = 1
+    exit_position_temp: float | None = None
+    state_propagation: bool = True
+    vocab: VocabPruning | None = None
+    meta_classifier: Callable[[int, torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    method: ClassVar[str] = "calm"
+
+    def __post_init__(self) -> None:
+        checks.choice("exit_conf_type", self.exit_conf_type, CONFIDENCE_TYPES)
+        object.__setattr__(self, "exit_conf_threshold", _threshold("exit_conf_threshold", self.exit_conf_threshold))
+        checks.integer("exit_min_layer", self.exit_min_layer, hint=" (a 1-based layer)")
+        if self.exit_position_temp is not None:
+            object.__setattr__(self, "exit_position_temp",
+                               checks.number("exit_position_temp", self.exit_position_temp, low=0))
+        if not isinstance(self.state_propagation, bool):
+            raise ValueError(f"state_propagation must be True or False; got {self.state_propagation!r}")
+        _vocab(self.vocab)
+        if self.exit_conf_type == "meta" and self.meta_classifier is None:
+            raise ValueError("exit_conf_type='meta' needs meta_classifier= (see effllm.lens.fit_meta_classifier)")
+        if self.exit_conf_type != "meta" and self.meta_classifier is not None:
+            raise ValueError(f"meta_classifier is used only with exit_conf_type='meta'; got {self.exit_conf_type!r}")
+        if self.vocab is not None and self.exit_conf_type != "softmax":
+            raise ValueError(f"vocabulary pruning needs exit_conf_type='softmax'; got {self.exit_conf_type!r}")
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        checks.layer("exit_min_layer", self.exit_min_layer, n_layers)
+        if self.vocab is not None:
+            self.vocab.check(vocab_size)
+
+    def threshold_at(self, t: int, max_new_tokens: int) -> float:
+        """The threshold in force for the ``t``-th generated token (0-based)."""
+        if self.exit_position_temp is None:
+            return self.exit_conf_threshold
+        return decayed_threshold(self.exit_conf_threshold, t, max_new_tokens, self.exit_position_temp)
+
+    @property
+    def label(self) -> str:
+        name = f"calm-{self.exit_conf_type}"
+        if self.vocab is not None:
+            name += f"-{self.vocab.type_vocab_reduct}{self.vocab.k}"
+        return name
+
+
+def decayed_threshold(threshold: float, t: int, max_new_tokens: int, temperature: float = 4.0) -> float:
+    """CALM's decaying threshold: lambda_t = lambda (0.9 + 0.1 exp(-temperature t / N)) (seed 001's
+    ``exit_position_temp``; CALM uses 4)."""
+    return threshold * (0.9 + 0.1 * math.exp(-temperature * t / max_new_tokens))
+
+
+@dataclass(frozen=True)
+class Free(Policy):
+    """FREE (Bae et al. 2023): one shallow exit at ``shallow_exit_layer``; a token leaves there when the softmax
+    confidence exceeds the threshold; the deep layers of stacked shallow tokens run in one synchronized parallel
+    pass with the next deep token.
+
+    ``use_adapt_threshold``: FREE's Beta-mixture estimator, starting from the threshold (pass
+    ``adapt_threshold=AdaptiveThreshold(...)`` to keep one estimator across calls). ``rollback_threshold``
+    (nats): after a synchronized pass, revise from the first stacked token whose deep cross-entropy exceeds it.
+    ``vocab``: prune the shallow check's vocabulary, candidates picked by a full check at ``prune_layer``
+    (below the shallow exit; default: the shallow exit's middle layer).
+    """
+
+    shallow_exit_layer: int
+    shallow2deep_conf_threshold: float = 0.9
+    shallow2deep_conf_type: str = "softmax"
+    use_adapt_threshold: bool = False
+    adapt_threshold: Any = field(default=None, compare=False, repr=False)  # an AdaptiveThreshold
+    rollback_threshold: float | None = None
+    vocab: VocabPruning | None = None
+    prune_layer: int | None = None
+    method: ClassVar[str] = "free"
+
+    def __post_init__(self) -> None:
+        checks.integer("shallow_exit_layer", self.shallow_exit_layer, hint=" (a 1-based layer)")
+        object.__setattr__(self, "shallow2deep_conf_threshold",
+                           _threshold("shallow2deep_conf_threshold", self.shallow2deep_conf_threshold))
+        checks.choice("shallow2deep_conf_type", self.shallow2deep_conf_type, ("softmax",))
+        if self.rollback_threshold is not None:
+            object.__setattr__(self, "rollback_threshold",
+                               checks.number("rollback_threshold", self.rollback_threshold, low=0, hint=" (nats)"))
+        if self.adapt_threshold is not None and not self.use_adapt_threshold:
+            raise ValueError("adapt_threshold= is given but use_adapt_threshold=False: set use_adapt_threshold=True "
+                             "to use the estimator")
+        _vocab(self.vocab)
+        if self.vocab is None and self.prune_layer is not None:
+            raise ValueError(f"prune_layer={self.prune_layer!r} is used only with vocabulary pruning (vocab=...)")
+        if self.prune_layer is not None:
+            checks.integer("prune_layer", self.prune_layer, hint=" (a 1-based layer)")
+
+    @property
+    def candidate_layer(self) -> int | None:
+        """Where the full check that picks the pruned candidates runs (None without pruning)."""
+        if self.vocab is None:
+            return None
+        return self.prune_layer if self.prune_layer is not None else max(1, self.shallow_exit_layer // 2)
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        checks.layer("shallow_exit_layer", self.shallow_exit_layer, n_layers, high=n_layers - 1)
+        if self.vocab is not None:
+            self.vocab.check(vocab_size)
+            checks.layer("prune_layer", self.candidate_layer, n_layers, high=self.shallow_exit_layer - 1)
+
+    @property
+    def label(self) -> str:
+        name = f"free@{self.shallow_exit_layer}"
+        if self.vocab is not None:
+            name += f"-{self.vocab.type_vocab_reduct}{self.vocab.k}"
+        if self.use_adapt_threshold:
+            name += "-adaptive"
+        if self.rollback_threshold is not None:
+            name += "-rollback"
+        return name
+
+
+@dataclass(frozen=True)
+class Skip(Policy):
+    """Layer skipping (Glavas et al. 2024, seed 003): each generated token runs a subset of the layers; a skipped
+    layer passes its input state on unchanged.
+
+    ``skip_mode``: ``static`` (``skip_pattern`` "every-k" or a list of kept 0-based layers, or ``budget``, a
+    fraction of the layers spread evenly, first and last kept), ``random`` (``budget``; a random subset per token,
+    seeded by ``seed``), ``controller`` (learned per-token :class:`effllm.controllers.SkipControllers` or its file),
+    ``early-exit`` (``budget``: the first round(b L) layers). ``skipped_kv``: ``propagate`` (K/V from the copied
+    state) or ``none`` (the skipped position is left out of that layer's cache). ``skip_prompt``: the prompt runs
+    the same fixed layers (static and early-exit only; default: the prompt runs at full depth, as in the paper).
+    """
+
+    skip_mode: str = "static"
+    skip_pattern: str | Sequence[int] | None = None
+    budget: float | None = None
+    controller: Any = field(default=None, compare=False, repr=False)  # SkipControllers or a path
+    skipped_kv: str = "propagate"
+    seed: int = 0
+    skip_prompt: bool = False
+    method: ClassVar[str] = "skip"
+
+    def __post_init__(self) -> None:
+        checks.choice("skip_mode", self.skip_mode, SKIP_MODES)
+        checks.choice("skipped_kv", self.skipped_kv, SKIPPED_KV)
+        checks.integer("seed", self.seed)
+        if self.budget is not None:
+            checks.fraction("budget", self.budget, zero=False,
+                            hint=" (a fraction of the layers, e.g. 8/24 for a third)")
+        if isinstance(self.skip_pattern, torch.Tensor):
+            object.__setattr__(self, "skip_pattern", tuple(int(i) for i in self.skip_pattern.flatten().tolist()))
+        elif isinstance(self.skip_pattern, (list, range)):
+            object.__setattr__(self, "skip_pattern", tuple(self.skip_pattern))
+        mode = self.skip_mode
+        if mode == "static" and self.skip_pattern is not None and self.budget is not None:
+            raise ValueError(f"give either skip_pattern or budget for a static pattern, not both; got "
+                             f"skip_pattern={self.skip_pattern!r} and budget={self.budget!r}")
+        if mode in ("random", "early-exit") and (self.skip_pattern is not None or self.budget is None):
+            raise ValueError(f"skip_mode={mode!r} takes budget= (the fraction of layers each token runs), not "
+                             f"skip_pattern; got skip_pattern={self.skip_pattern!r}, budget={self.budget!r}")
+        if mode == "controller":
+            if self.skip_pattern is not None or self.budget is not None:
+                raise ValueError("skip_mode='controller' takes neither skip_pattern nor budget (the controllers' "
+                                 f"training sets their budget); got skip_pattern={self.skip_pattern!r}, "
+                                 f"budget={self.budget!r}")
+            if self.controller is None:
+                raise ValueError("skip_mode='controller' needs controller= (SkipControllers, or the path of a saved "
+                                 "file)")
+        elif self.controller is not None:
+            raise ValueError(f"controller= is used only with skip_mode='controller'; got skip_mode={mode!r}")
+        if self.skip_prompt and mode not in ("static", "early-exit"):
+            raise ValueError(f"skip_prompt=True needs the same layers for every token (static or early-exit); "
+                             f"skip_mode={mode!r} decides per token: leave skip_prompt=False")
+        if isinstance(self.controller, (str, Path)):
+            object.__setattr__(self, "controller", Path(self.controller))
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        if self.skip_mode in ("static", "early-exit"):
+            plan_layers(self, n_layers)
+
+    @property
+    def label(self) -> str:
+        if self.skip_mode == "controller":
+            return "skip-controller"
+        detail = (f"{self.budget:.2f}" if self.budget is not None
+                  else ("all" if self.skip_pattern is None else str(self.skip_pattern)))
+        return f"skip-{self.skip_mode}@{detail}"
+
+
+@dataclass(frozen=True)
+class SelfSpec(Policy):
+    """Self-speculative decoding (LayerSkip, Elhoushi et al. 2024; Draft & Verify, Zhang et al. 2023): draft
+    ``num_draft_tokens`` tokens with layers 1..``draft_exit_layer`` and the exit head (optionally scoring a pruned
+    vocabulary), then verify them with one full-depth pass over all drafts, keep the longest prefix the full
+    model agrees with and its next token. The drafts' K/V in the shared layers are reused. The tokens are greedy
+    full-depth decoding's; the speed depends on the acceptance rate.
+    """
+
+    draft_exit_layer: int
+    num_draft_tokens: int = 4
+    vocab: VocabPruning | None = None
+    method: ClassVar[str] = "self-spec"
+
+    def __post_init__(self) -> None:
+        checks.integer("draft_exit_layer", self.draft_exit_layer, hint=" (a 1-based layer)")
+        checks.integer("num_draft_tokens", self.num_draft_tokens, low=1, high=64)
+        _vocab(self.vocab)
+
+    def check(self, n_layers: int, vocab_size: int) -> None:
+        checks.layer("draft_exit_layer", self.draft_exit_layer, n_layers, high=n_layers - 1)
+        if self.vocab is not None:
+            self.vocab.check(vocab_size)
+
+    @property
+    def label(self) -> str:
+        name = f"self-spec@{self.draft_exit_layer}x{self.num_draft_tokens}"
+        if self.vocab is not None:
+            name += f"-{self.vocab.type_vocab_reduct}{self.vocab.k}"
+        return name
+
+
+POLICIES: dict[str, type[Policy]] = {p.method: p for p in (Full, StaticExit, Calm, Free, Skip, SelfSpec)}

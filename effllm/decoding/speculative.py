@@ -1,0 +1,102 @@
+"""Self-speculative decoding (LayerSkip, Elhoushi et al. 2024; Draft & Verify, Zhang et al. 2023): the
+model's own first layers draft, its full depth verifies, and the output is greedy full-depth decoding's.
+
+One round, with E = ``draft_exit_layer``, g drafts and the newest token x0 at position p:
+
+    draft   feed x0, d0, ..., d_{g-2} one at a time through layers 1..E (their K/V stay in those layers'
+            cache) and read d0, ..., d_{g-1} off the exit head at E
+    verify  run layers 1..E on d_{g-1}, then layers E+1..L on the g + 1 states at positions p..p+g in one
+            causal pass: the full model's greedy token after x0, d0, ..., d_{g-1}
+    accept  the longest prefix d0..d_{n-1} that equals the full model's tokens, then the full model's token
+            at the first disagreement (or after the last draft): n + 1 tokens per round; every cached
+            position past p + n is dropped
+
+The drafts' K/V in layers 1..E are exactly what the full model computes there (same tokens, same layers),
+so they are reused, not recomputed. With ``vocab`` (fixed k), the first draft of a round scores the full
+vocabulary at E and the round's later drafts only its top-k candidates (Vincenti et al.'s pruning, applied
+along the drafted tokens: one full head product per round instead of one per draft).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from effllm.decoding.early_exit import crop_cache, head_flops
+from effllm.decoding.policies import SelfSpec
+from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
+
+
+class SelfSpecStrategy(Strategy):
+    def __init__(self, policy: SelfSpec, adapter, exit_transform):
+        if policy.vocab is not None and policy.vocab.type_vocab_reduct != "fixed":
+            raise ValueError(f"self-speculation prunes the draft vocabulary with type_vocab_reduct='fixed' (the "
+                             f"candidates of a round's first draft); got {policy.vocab.type_vocab_reduct!r}")
+        self.policy, self.adapter = policy, adapter
+        self.exit_transform = exit_transform
+        self.n_layers = adapter.num_layers
+        self.prompt_layers = range(self.n_layers)
+        self.drafted = self.accepted = 0
+        self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per verification
+
+    def first_token(self, state: DecodeState, hidden: torch.Tensor) -> Emitted:
+        token = self.adapter.logits(hidden[:, -1:]).argmax(-1).to(state.next_token.device)
+        return Emitted(token, self.n_layers, tuple(range(self.n_layers)))
+
+    def _draft_logits(self, hidden: torch.Tensor, rows: torch.LongTensor | None) -> torch.Tensor:
+        layer = self.policy.draft_exit_layer
+        if self.exit_transform is not None:
+            hidden = self.exit_transform(layer, hidden)
+        return self.adapter.logits(hidden, rows)[0, -1]
+
+    def step(self, state: DecodeState) -> StepResult:
+        adapter, exit_layer = self.adapter, self.policy.draft_exit_layer
+        p = state.position
+        remaining = state.max_new_tokens - state.generated
+        drafts_wanted = min(self.policy.num_draft_tokens, remaining - 1)  # a round emits drafts + 1 tokens
+        start = time.perf_counter()
+        flops = 0
+        states, drafts = [], []
+        rows = None
+        token = state.next_token
+        for j in range(drafts_wanted):
+            hidden = adapter.embed(token, position_ids=state.position_ids(p + j, 1), cache=state.cache)
+            context = state.context(hidden, p + j)
+            for i in range(exit_layer):
+                hidden = adapter.run_layer(i, hidden, context)
+            states.append(hidden)
+            logits = self._draft_logits(hidden, rows)  # [V] or [k]
+            flops += head_flops(adapter.hidden_size, logits.shape[-1])
+            local = logits.argmax()
+            token = (local if rows is None else rows[local]).view(1, 1).to(state.next_token.device)
+            if self.policy.vocab is not None and rows is None:
+                rows = logits.topk(min(self.policy.vocab.k, logits.shape[-1])).indices
+            drafts.append(token)
+        draft_seconds = time.perf_counter() - start
+        # Verify: layers 1..E for the token not fed yet (x0 when nothing was drafted, else the last draft) ...
+        last = drafts[-1] if drafts else state.next_token
+        hidden = adapter.embed(last, position_ids=state.position_ids(p + len(drafts), 1), cache=state.cache)
+        context = state.context(hidden, p + len(drafts))
+        lower = exit_layer if drafts else 0
+        for i in range(lower):
+            hidden = adapter.run_layer(i, hidden, context)
+        # ... then the upper layers (all layers without drafts) on every position of the round in one pass.
+        hidden = torch.cat([*states, hidden], dim=1)  # [1, g + 1, d]
+        context = state.context(hidden, p)
+        for i in range(lower, self.n_layers):
+            hidden = adapter.run_layer(i, hidden, context)
+        verified = adapter.logits(hidden).argmax(-1)[0].to(state.next_token.device)  # [g + 1]
+        n = 0
+        while n < len(drafts) and int(drafts[n]) == int(verified[n]):
+            n += 1
+        self.drafted += len(drafts)
+        self.accepted += n
+        self.rounds.append((len(drafts), n))
+        crop_cache(state.cache, p + n + 1)  # x0, d0..d_{n-1} stay; rejected drafts leave every layer
+        state.position = p + n + 1
+        tokens = [*drafts[:n], verified[n].view(1, 1)]
+        every = tuple(range(self.n_layers))
+        emitted = [Emitted(t, self.n_layers, every) for t in tokens]
+        emitted[0].flops, emitted[0].seconds = flops, draft_seconds  # the round's drafting cost, once
+        return StepResult(emitted)

@@ -1,0 +1,211 @@
+"""Policies x prompts -> one tidy table: every decoding experiment of the notebooks and benchmarks.
+
+    run = run_policies(model, tokenizer, prompts, {"CALM 0.9": Calm(exit_conf_threshold=0.9, exit_min_layer=20),
+                                                  "FREE 0.9": Free(shallow_exit_layer=20)}, max_new_tokens=32,
+                       rounds=5)
+    run.summary     # one row per setting: speed (median of interleaved rounds, vs HF and vs the engine's full
+                    # depth), layers per token, quality vs the full-depth output and vs the references, with n
+    run.items       # one row per (setting, prompt): the per-prompt numbers the summary averages
+    run.outputs     # setting label -> the DecodeOutput of each prompt
+
+Every setting decodes the same prompts, batch 1, greedy, for exactly ``max_new_tokens`` tokens (end of sequence
+ignored, so that every row does the same work) unless ``stop_at_eos``. Two references always run: ``full``
+(the engine at full depth: the quality reference, and the speed of the engine itself) and, with ``hf=True``,
+``hf_generate`` (HF ``generate``: the speed reference). Timing runs ``rounds`` times with the settings
+interleaved (a different order each round), and a speed ratio is the median of the per-round ratios, each
+measured within one round: the machine's drift between rounds cancels out of every ratio.
+
+Quality against the full-depth output is ROUGE-L over token ids and per-position token agreement
+(:func:`effllm.metrics.token_rouge_l`); against a task's reference answer it is ROUGE-L over text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from effllm import checks, metrics
+from effllm.adapters import get_adapter
+from effllm.decoding import DecodeOutput, Full, Policy, decode
+from effllm.experiments.prompts import Prompt, as_ids, generated_ids
+from effllm.experiments.stats import mean_ci, ratio_summary
+
+HF_LABEL = "hf_generate"
+FULL_LABEL = "full"
+
+SettingsLike = Mapping[str, Policy] | Sequence[Policy | tuple[str, Policy]]
+
+
+def normalize_settings(settings: SettingsLike) -> dict[str, Policy]:
+    """label -> policy from a mapping, a list of policies (labelled by ``policy.label``) or (label, policy) pairs.
+    Labels must be unique."""
+    pairs = list(settings.items()) if isinstance(settings, Mapping) else [
+        (s.label, s) if isinstance(s, Policy) else tuple(s) for s in settings]
+    out: dict[str, Policy] = {}
+    for label, policy in pairs:
+        if not isinstance(policy, Policy):
+            raise ValueError(f"setting {label!r} must be a decoding policy (effllm.decoding); got "
+                             f"{type(policy).__name__}")
+        if label in out or label == HF_LABEL:
+            raise ValueError(f"setting label {label!r} is used twice (or is reserved); give each setting its own label")
+        out[str(label)] = policy
+    return out
+
+
+def hf_generate(model: torch.nn.Module, tokenizer: Any, ids: torch.LongTensor, max_new_tokens: int,
+                stop_at_eos: bool = False) -> torch.LongTensor:
+    """HF ``generate``, greedy, batch 1: the speed reference (and, token for token, the engine's full depth)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bound = {} if stop_at_eos else {"min_new_tokens": max_new_tokens}
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                          pad_token_id=pad, **bound)
+
+
+@dataclass
+class RunResult:
+    summary: pd.DataFrame
+    items: pd.DataFrame
+    timings: pd.DataFrame  # one row per (round, label): seconds and tokens of decoding every prompt once
+    outputs: dict[str, list[DecodeOutput]] = field(default_factory=dict)
+
+    def output(self, label: str) -> list[DecodeOutput]:
+        if label not in self.outputs:
+            raise KeyError(f"no setting labelled {label!r}; settings: {', '.join(self.outputs)}")
+        return self.outputs[label]
+
+
+def _decode_all(model, prompts, max_new_tokens, policy, exit_transform, eos) -> list[DecodeOutput]:
+    return [decode(model, ids, max_new_tokens, policy, eos_token_id=eos, exit_transform=exit_transform)
+            for ids in prompts]
+
+
+def run_policies(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Prompt | torch.LongTensor],
+    settings: SettingsLike,
+    max_new_tokens: int,
+    *,
+    exit_transform: Any = None,
+    hf: bool = True,
+    rounds: int = 1,
+    stop_at_eos: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Decode every prompt with every setting (plus the references ``full`` and, with ``hf``, ``hf_generate``)
+    and measure speed and quality; see the module docstring. ``exit_transform`` applies to every early-exit
+    setting (None: the model's attached exits, if any)."""
+    checks.positive_int("max_new_tokens", max_new_tokens)
+    checks.positive_int("rounds", rounds)
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt")
+    policies = normalize_settings(settings)
+    if FULL_LABEL not in policies:
+        policies = {FULL_LABEL: Full(), **policies}
+    elif not isinstance(policies[FULL_LABEL], Full):
+        raise ValueError(f"the label {FULL_LABEL!r} is the full-depth reference; give your setting another label")
+    ids = as_ids(prompts)
+    references = [p.reference if isinstance(p, Prompt) else None for p in prompts]
+    eos = None if stop_at_eos else []
+    n_layers = get_adapter(model).num_layers
+
+    runners: dict[str, Any] = {}
+    if hf:
+        runners[HF_LABEL] = lambda: [hf_generate(model, tokenizer, i, max_new_tokens, stop_at_eos) for i in ids]
+    for label, policy in policies.items():
+        runners[label] = (lambda policy=policy: _decode_all(model, ids, max_new_tokens, policy, exit_transform, eos))
+
+    with torch.inference_mode():  # first-call allocations out of the timings
+        warm = ids[0][:, :4]
+        if hf:
+            hf_generate(model, tokenizer, warm, 2)
+        decode(model, warm, 2, Full(), eos_token_id=[])
+        results: dict[str, list] = {}
+        timing_rows = []
+        labels = list(runners)
+        jobs = [(r, labels[(k + r) % len(labels)]) for r in range(rounds) for k in range(len(labels))]
+        for r, label in tqdm(jobs, desc="decode", disable=not progress):
+            start = time.perf_counter()
+            outputs = runners[label]()
+            seconds = time.perf_counter() - start
+            if label not in results:
+                results[label] = outputs
+            new = sum(len(generated_ids(model, o if isinstance(o, torch.Tensor) else o.sequences, p))
+                      for o, p in zip(outputs, ids, strict=True))
+            timing_rows.append({"round": r, "label": label, "seconds": seconds, "new_tokens": new,
+                                "tokens_per_s": new / seconds})
+    timings = pd.DataFrame(timing_rows)
+
+    full_new = [generated_ids(model, o.sequences, p) for o, p in zip(results[FULL_LABEL], ids, strict=True)]
+    item_rows = []
+    for label, outputs in results.items():
+        policy = policies.get(label)
+        columns = policy.columns() if policy is not None else {"method": "hf"}
+        for k, (output, prompt) in enumerate(zip(outputs, ids, strict=True)):
+            sequences = output if isinstance(output, torch.Tensor) else output.sequences
+            new = generated_ids(model, sequences, prompt)
+            reference_ids = full_new[k]
+            shared = min(len(new), len(reference_ids))
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            row = {"label": label, **columns, "prompt": k, "new_tokens": len(new),
+                   "avg_layers": float(n_layers) if isinstance(output, torch.Tensor) else output.avg_layers,
+                   "rougeL_vs_full": metrics.token_rouge_l(new.tolist(), reference_ids.tolist()),
+                   "token_agreement_vs_full": float((new[:shared] == reference_ids[:shared]).sum()) / max(1, len(new)),
+                   "identical_to_full": bool(torch.equal(new, reference_ids)),
+                   "rougeL_vs_reference": (metrics.rouge_l([text], [references[k]]) if references[k] else float("nan")),
+                   "text": text}
+            if not isinstance(output, torch.Tensor):
+                tokens = max(1, len(output.confidence_flops))
+                row.update(confidence_flops_per_token=sum(output.confidence_flops) / tokens,
+                           confidence_ms_per_token=1e3 * sum(output.confidence_seconds) / tokens,
+                           drafted=output.drafted, accepted=output.accepted, rollbacks=output.rollbacks)
+            item_rows.append(row)
+    items = pd.DataFrame(item_rows)
+    return RunResult(summarize(items, timings, hf), items, timings, {k: v for k, v in results.items()
+                                                                       if k != HF_LABEL})
+
+
+def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd.DataFrame:
+    """One row per setting from a run's per-prompt ``items`` and per-round ``timings`` (see the module
+    docstring): speed ratios are medians of per-round ratios, quality means come with 95% bootstrap intervals
+    over prompts (``*_ci_low`` / ``*_ci_high``) and ``n_prompts``."""
+    per_round = timings.pivot(index="round", columns="label", values="tokens_per_s")
+    rows = []
+    for label, group in items.groupby("label", sort=False):
+        first = group.iloc[0]
+        row = {c: first[c] for c in group.columns
+               if c not in ("prompt", "text", "new_tokens", "avg_layers", "rougeL_vs_full", "token_agreement_vs_full",
+                            "identical_to_full", "rougeL_vs_reference", "confidence_flops_per_token",
+                            "confidence_ms_per_token", "drafted", "accepted", "rollbacks")}
+        n_tokens = int(group.new_tokens.sum())
+        row.update(n_prompts=len(group), new_tokens=n_tokens, rounds=len(per_round),
+                   tokens_per_s=float(per_round[label].median()))
+        for reference, name in ((HF_LABEL, "vs_hf"), (FULL_LABEL, "vs_full")):
+            if reference in per_round and (reference != HF_LABEL or hf):
+                spread = ratio_summary((per_round[label] / per_round[reference]).tolist())
+                row[f"speedup_{name}"] = spread["median"]
+                row[f"speedup_{name}_min"], row[f"speedup_{name}_max"] = spread["min"], spread["max"]
+        row["avg_layers"] = float((group.avg_layers * group.new_tokens).sum() / max(1, n_tokens))
+        for column in ("rougeL_vs_full", "rougeL_vs_reference"):
+            values = group[column].dropna()
+            mean, low, high = mean_ci(values.tolist())
+            row[column], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = mean, low, high
+        row["token_agreement_vs_full"] = float((group.token_agreement_vs_full * group.new_tokens).sum()
+                                               / max(1, n_tokens))
+        row["identical_to_full"] = float(group.identical_to_full.mean())
+        if "drafted" in group and group.drafted.notna().any():
+            drafted = group.drafted.sum()
+            row["acceptance_rate"] = float(group.accepted.sum() / drafted) if drafted else float("nan")
+            row["rollbacks"] = int(group.rollbacks.sum())
+            row["confidence_flops_per_token"] = float((group.confidence_flops_per_token * group.new_tokens).sum()
+                                                      / max(1, n_tokens))
+            row["confidence_ms_per_token"] = float((group.confidence_ms_per_token * group.new_tokens).sum()
+                                                   / max(1, n_tokens))
+        rows.append(row)
+    return pd.DataFrame(rows)
