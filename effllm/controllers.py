@@ -125,14 +125,14 @@ class SkipControllers(nn.Module):
             raise ControllerMismatchError(
                 f"skip controllers trained for {trained_for} ({self.num_layers} layers of width {self.hidden_size}) "
                 f"cannot drive this model ({adapter.num_layers} layers of width {adapter.hidden_size}); train "
-                "controllers for it with effllm.skipping.train_controllers"
+                "controllers for it with effllm.controllers.train_controllers"
             )
         recorded = self.meta.get("fingerprint")
         if recorded is not None and recorded != model_fingerprint(model):
             raise ControllerMismatchError(
                 f"skip controllers trained for {trained_for} (weights fingerprint {recorded}) do not belong to this "
                 f"model (fingerprint {model_fingerprint(model)}): same shape, other weights. Train controllers for "
-                "it with effllm.skipping.train_controllers"
+                "it with effllm.controllers.train_controllers"
             )
 
     def save(self, path: str | Path) -> Path:

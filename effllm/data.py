@@ -158,6 +158,7 @@ FORTUNE_DIRS = (Path("/usr/share/games/fortunes"), Path("/usr/share/fortunes"))
 # Calibration tokenizes at most this many characters of a corpus (a fixed, seeded choice of whole
 # documents): 4 MB is ~1M SmolLM2 tokens, four times what 128 x 2048 windows need, tokenized in ~1 s.
 CALIBRATION_MAX_CHARS = 4_000_000
+HELD_OUT_SPLITS = ("validation", "test")  # what no calibration set draws from
 DOCUMENT_SEPARATOR = "\n\n"
 
 _CACHE_FORMAT = "effllm-data/1"
@@ -625,6 +626,14 @@ def _capped_documents(name: str, split: str | None, max_chars: int) -> list[str]
     return [docs[i] for i in sorted(chosen)]
 
 
+def held_out_text(corpus: str) -> str:
+    """The validation and test documents of a corpus (those of its splits it has: a hub set such as
+    ``wikitext2`` or ``c4``), joined as :func:`corpus_text`."""
+    spec = BUILTIN.get(corpus) or HUB.get(corpus)
+    splits = [s for s in HELD_OUT_SPLITS if spec is None or s in spec.splits] or ["test"]
+    return DOCUMENT_SEPARATOR.join(doc for split in splits for doc in documents(corpus, split))
+
+
 def calibration_text(name: str, split: str | None = None, max_chars: int = CALIBRATION_MAX_CHARS) -> str:
     """The text :func:`calibration` tokenizes: the corpus, capped at ``max_chars`` characters."""
     return DOCUMENT_SEPARATOR.join(_capped_documents(name, split, max_chars))
@@ -678,36 +687,7 @@ def calibration(
 
 
 # --------------------------------------------------------------------------------------------------
-# Scoring the arithmetic task
-
-_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
-
-
-def _to_int(number: str) -> int | None:
-    value = float(number.replace(",", ""))
-    return int(value) if value.is_integer() else None
-
-
-def extract_answer(text: str) -> int | None:
-    """The integer answer in a model's output: after the last "The answer is" (or GSM8K's "####"),
-    else the last number in the text; None when there is none or it is not an integer."""
-    for pattern in (rf"answer is\s*:?\s*\$?\s*({_NUMBER})", rf"####\s*\$?\s*({_NUMBER})"):
-        matches = re.findall(pattern, text, flags=re.IGNORECASE)
-        if matches:
-            return _to_int(matches[-1])
-    numbers = re.findall(_NUMBER, text)
-    return _to_int(numbers[-1]) if numbers else None
-
-
-def score_arithmetic(predictions: Sequence[str | int | None], answers: Sequence[int]) -> float:
-    """Exact-match accuracy: ``predictions`` are model outputs (text, read with :func:`extract_answer`)
-    or integers; ``answers`` the reference integers."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"Got {len(predictions)} predictions for {len(answers)} answers; pass one each.")
-    if not answers:
-        raise ValueError("score_arithmetic needs at least one prediction.")
-    predicted = [extract_answer(p) if isinstance(p, str) else p for p in predictions]
-    return sum(p == int(a) for p, a in zip(predicted, answers, strict=True)) / len(answers)
+# Checking the arithmetic task's records
 
 
 def evaluate_expression(expression: str) -> int:

@@ -2,12 +2,10 @@
 
     rows = pareto_front(table, cost="flops_per_token", quality="rougeL_vs_dense")   # bool per row
     flops_per_token(model, context_len=256)          # matmul FLOPs of one decoded token at full depth
-    run = measure_decode(prompts, lambda ids: exits.generate(model, ids, 32, eos_token_id=[]))
-    run.tokens_per_s, decode_flops(model, run.outputs, prompts)
+    decode_flops(model, outputs, prompts)            # of decode() outputs: what each token actually ran
 
-Costs are of two kinds. *Measured*: decode tokens per second (prefill included, batch 1, greedy, a fixed
-number of new tokens) and prefill seconds, on the machine the code runs on. *Counted*: parameters and
-matmul FLOPs per decoded token. The FLOP count is analytic, from the weights that exist: every 2-D
+Costs are of two kinds. *Measured* (by :mod:`effllm.experiments`): decode tokens per second and prefill
+seconds, on the machine the code runs on. *Counted* (here): parameters and matmul FLOPs per decoded token. The FLOP count is analytic, from the weights that exist: every 2-D
 parameter of a decoder layer is a matrix that multiplies the token's state (this holds for the dense,
 Wanda-pruned, SliceGPT-sliced (shortcut matrices included) and ShortGPT-shortened models), plus the
 attention scores and the weighted sum over the context, plus the LM head. Norms, activations, rotary
@@ -18,9 +16,7 @@ follows the decoding method (see :func:`decode_flops`).
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -67,7 +63,7 @@ def layer_flops(model: nn.Module, layer: int, context_len: int, nonzero_only: bo
     return 2 * weights + 4 * heads * head_dim * context_len
 
 
-def head_flops(model: nn.Module) -> int:
+def lm_head_flops(model: nn.Module) -> int:
     """Matmul FLOPs of one full LM-head product (2 per weight of the head)."""
     return 2 * get_adapter(model).lm_head.weight.numel()
 
@@ -82,7 +78,7 @@ def flops_per_token(model: nn.Module, context_len: int, layers: Sequence[int] | 
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise ValueError(f"layers must be 0-based indices below {n_layers}; got {bad}")
-    return sum(layer_flops(model, i, context_len, nonzero_only) for i in layers) + head_flops(model)
+    return sum(layer_flops(model, i, context_len, nonzero_only) for i in layers) + lm_head_flops(model)
 
 
 def _kv_flops(model: nn.Module, layer: int) -> int:
@@ -92,8 +88,7 @@ def _kv_flops(model: nn.Module, layer: int) -> int:
 
 def decode_flops(model: nn.Module, outputs: Sequence[Any], prompts: Sequence[torch.LongTensor],
                  kv_policy: str = "propagate", transform_flops_per_check: int = 0) -> float:
-    """Mean matmul FLOPs per decode step of :func:`effllm.exits.generate` / :func:`effllm.skipping.generate`
-    ``outputs`` (one per prompt). The first new token comes from the prefill and is not a decode step.
+    """Mean matmul FLOPs per decode step of :func:`effllm.decoding.decode` ``outputs`` (one per prompt). The first new token comes from the prefill and is not a decode step.
 
     Each step's token attends to prompt + (tokens so far) positions and runs the layers its output says
     (``layers_run`` when given, else layers 1..``exit_layers``). A layer it skips costs, by ``kv_policy``:
@@ -108,7 +103,7 @@ def decode_flops(model: nn.Module, outputs: Sequence[Any], prompts: Sequence[tor
         raise ValueError(f"need one output per prompt and at least one; got {len(outputs)} outputs, "
                          f"{len(prompts)} prompts")
     n_layers = get_adapter(model).num_layers
-    head = head_flops(model)
+    head = lm_head_flops(model)
     kv = [_kv_flops(model, i) for i in range(n_layers)]
     total, steps = 0.0, 0
     for out, prompt in zip(outputs, prompts, strict=True):
@@ -118,9 +113,9 @@ def decode_flops(model: nn.Module, outputs: Sequence[Any], prompts: Sequence[tor
         checks = getattr(out, "confidences", None) or [[] for _ in exit_layers]
         for j in range(1, len(exit_layers)):
             context = prompt.shape[1] + j
-            ran = set(layers_run[j]) if layers_run[j] is not None else set(range(int(exit_layers[j])))
+            ran = set(layers_run[j]) if layers_run[j] else set(range(int(exit_layers[j])))
             # A token that left at a checked layer got its logits from that check (its confidence FLOPs).
-            exited_at_check = layers_run[j] is None and int(exit_layers[j]) < n_layers and len(checks[j]) > 0
+            exited_at_check = int(exit_layers[j]) < n_layers and len(checks[j]) > 0
             cost = 0
             for i in range(n_layers):
                 if i in ran or kv_policy == "deferred":
@@ -134,93 +129,6 @@ def decode_flops(model: nn.Module, outputs: Sequence[Any], prompts: Sequence[tor
     if steps == 0:
         raise ValueError("the outputs hold no decode step (each has one new token); decode at least 2 tokens")
     return total / steps
-
-
-# --------------------------------------------------------------------------------------------------
-# Measuring
-
-
-@dataclass
-class DecodeRun:
-    outputs: list[Any]  # what decode_fn returned, one per prompt
-    new_tokens: list[torch.LongTensor]  # the generated ids of each prompt
-    seconds: float  # wall time of the whole loop (prefill included)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return sum(len(t) for t in self.new_tokens) / self.seconds
-
-
-def _sequences(output: Any) -> torch.LongTensor:
-    return output.sequences if hasattr(output, "sequences") else output
-
-
-def measure_decode(prompts: Sequence[torch.LongTensor], decode_fn: Callable[[torch.LongTensor], Any],
-                   warmup: bool = False) -> DecodeRun:
-    """Decode every prompt [1, p] with ``decode_fn(ids)`` (returning the sequences [1, p + new] or an object
-    with ``.sequences``) one after the other, timing the loop. ``warmup``: one untimed call on the first
-    prompt's first 4 tokens first (first-call allocations)."""
-    if not prompts:
-        raise ValueError("prompts is empty; give at least one [1, prompt_len] tensor")
-    if warmup:
-        decode_fn(prompts[0][:, :4])
-    outputs, start = [], time.perf_counter()
-    with torch.inference_mode():
-        for ids in prompts:
-            outputs.append(decode_fn(ids))
-    seconds = time.perf_counter() - start
-    new = [_sequences(o)[0, ids.shape[1]:] for o, ids in zip(outputs, prompts, strict=True)]
-    return DecodeRun(outputs=outputs, new_tokens=new, seconds=seconds)
-
-
-def measure_prefill(model: nn.Module, input_ids: torch.LongTensor, min_run_time: float = 0.5) -> float:
-    """Median seconds of one forward pass over ``input_ids`` [batch, p] (no cache): the prefill cost
-    (torch.utils.benchmark's blocked autorange, through :func:`effllm.sparse.time_call`)."""
-    from effllm.sparse import time_call
-
-    with torch.inference_mode():
-        return time_call(lambda: model(input_ids, use_cache=False), min_run_time=min_run_time)
-
-
-def rouge_vs_reference(new_tokens: Sequence[torch.LongTensor],
-                       reference: Sequence[torch.LongTensor]) -> tuple[float, float]:
-    """(ROUGE-L F1, per-position token agreement) of generations against the reference model's.
-
-    ROUGE-L is computed over the generated token ids (each id one word for ``rouge_score``), not over the
-    decoded text: the longest common subsequence of what the two models emitted, defined for any tokenizer
-    (rouge_score keeps only ASCII letters and digits of text, so code and non-English output would lose most
-    of their tokens, and a tiny test model's output all of them)."""
-    from effllm.metrics import rouge_l
-
-    if len(new_tokens) != len(reference):
-        raise ValueError(f"{len(new_tokens)} generations against {len(reference)} references")
-
-    def words(ids: torch.LongTensor) -> str:
-        return " ".join(f"t{int(i)}" for i in ids)
-
-    agree = sum(int((a[: len(b)] == b[: len(a)]).sum()) for a, b in zip(new_tokens, reference, strict=True))
-    rouge = rouge_l([words(t) for t in new_tokens], [words(t) for t in reference], use_stemmer=False)
-    return rouge, agree / max(1, sum(len(t) for t in new_tokens))
-
-
-def humaneval_pass_at_1(decode_fn: Callable[[torch.LongTensor], Any], tokenizer: Any, problems: int) -> float:
-    """Greedy pass@1 on the first ``problems`` HumanEval problems with any decoder ``decode_fn(ids)`` (so early
-    exit and layer skipping are scored the same way as a pruned model), cut at the Codex stop sequences."""
-    from effllm import data, metrics
-    from effllm.domains import HUMANEVAL_STOP
-
-    if isinstance(problems, bool) or not isinstance(problems, int) or problems < 1:
-        raise ValueError(f"problems must be a positive integer; got {problems!r}")
-    tasks = data.load("humaneval").to_list()[:problems]
-    samples = {}
-    for task in tasks:
-        ids = tokenizer(task["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
-        with torch.inference_mode():
-            new = _sequences(decode_fn(ids))[0, ids.shape[1]:]
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        cut = min((text.find(s) for s in HUMANEVAL_STOP if s in text), default=len(text))
-        samples[task["task_id"]] = [text[:cut]]
-    return float(metrics.pass_at_k(tasks, samples, k=1)["pass@1"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,39 @@ def token_rouge_l(prediction: Sequence[int], reference: Sequence[int]) -> float:
         return " ".join(f"t{int(i)}" for i in ids)
 
     return rouge([words(prediction)], [words(reference)], types=("rougeL",), use_stemmer=False)["rougeL"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact match of arithmetic answers
+
+_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+
+
+def _to_int(number: str) -> int | None:
+    value = float(number.replace(",", ""))
+    return int(value) if value.is_integer() else None
+
+
+def extract_answer(text: str) -> int | None:
+    """The integer answer in a model's output: after the last "The answer is" (or GSM8K's "####"),
+    else the last number in the text; None when there is none or it is not an integer."""
+    for pattern in (rf"answer is\s*:?\s*\$?\s*({_NUMBER})", rf"####\s*\$?\s*({_NUMBER})"):
+        matches = re.findall(pattern, text, flags=re.IGNORECASE)
+        if matches:
+            return _to_int(matches[-1])
+    numbers = re.findall(_NUMBER, text)
+    return _to_int(numbers[-1]) if numbers else None
+
+
+def score_arithmetic(predictions: Sequence[str | int | None], answers: Sequence[int]) -> float:
+    """Exact-match accuracy: ``predictions`` are model outputs (text, read with :func:`extract_answer`)
+    or integers; ``answers`` the reference integers."""
+    if len(predictions) != len(answers):
+        raise ValueError(f"Got {len(predictions)} predictions for {len(answers)} answers; pass one each.")
+    if not answers:
+        raise ValueError("score_arithmetic needs at least one prediction.")
+    predicted = [extract_answer(p) if isinstance(p, str) else p for p in predictions]
+    return sum(p == int(a) for p, a in zip(predicted, answers, strict=True)) / len(answers)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from effllm import paths
+from effllm import paths, pruning
 
 PNG_DPI = 150
 STYLE_RC: dict[str, Any] = {
@@ -196,3 +197,68 @@ def save_html(html: str, name: str, out_dir: str | Path | None = None) -> Path:
         {"html": (folder / f"{name}.html", lambda path: path.write_text(html, encoding="utf-8"))}
     )
     return written["html"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight views: one linear of two sub-models, and where their masks differ
+
+
+def plot_weight_views(
+    weight_a: torch.Tensor, weight_b: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor,
+    labels: tuple[str, str], title: str, max_pixels: int = 1024,
+) -> Any:
+    """Static figure, three panels: |W| of sub-model A, |W| of sub-model B (pruned weights white), and the
+    positions where their masks differ (red: pruned only in A, blue: pruned only in B). Large matrices are
+    shown as their top-left ``max_pixels`` x ``max_pixels`` block (said in the panel title)."""
+    import matplotlib.colors as mcolors
+    import numpy as np
+
+    rows, columns = weight_a.shape
+    r, c = min(rows, max_pixels), min(columns, max_pixels)
+    crop = "" if (r, c) == (rows, columns) else f"\n(top-left {r} x {c} of {rows} x {columns})"
+    fig, axes = new_figure(1, 3, figsize=(12, 4.4))
+    vmax = float(max(weight_a.abs().max(), weight_b.abs().max())) or 1.0
+    for ax, weight, mask, label in zip(axes[:2], (weight_a, weight_b), (mask_a, mask_b), labels, strict=True):
+        shown = np.ma.masked_array(weight[:r, :c].abs().float().numpy(), mask=mask[:r, :c].numpy())
+        image = ax.imshow(shown, cmap="viridis", norm=mcolors.PowerNorm(0.5, vmin=0, vmax=vmax),
+                          interpolation="nearest", aspect="auto")
+        ax.set_title(f"|W|, calibrated on {label}{crop}")
+        ax.grid(False)
+        ax.set_xlabel("input column")
+    axes[0].set_ylabel("output row")
+    fig.colorbar(image, ax=axes[1], shrink=0.8, label="|weight| (pruned: white)")
+    difference = pruning.mask_difference(mask_a[:r, :c], mask_b[:r, :c]).numpy()
+    colours = mcolors.ListedColormap(["white", "tab:red", "tab:blue", "0.8"])
+    axes[2].imshow(difference, cmap=colours, vmin=-0.5, vmax=3.5, interpolation="nearest", aspect="auto")
+    share = float((difference == pruning.PRUNED_ONLY_A).mean() + (difference == pruning.PRUNED_ONLY_B).mean())
+    axes[2].set_title(f"masks differ at {share:.1%} of weights{crop}\nred: pruned only in {labels[0]}, "
+                      f"blue: only in {labels[1]}, grey: both")
+    axes[2].set_xlabel("input column")
+    axes[2].grid(False)
+    fig.suptitle(title)
+    return fig
+
+
+def treescope_weight_views(
+    weight_a: torch.Tensor, weight_b: torch.Tensor, mask_a: torch.Tensor, mask_b: torch.Tensor,
+    labels: tuple[str, str], pixels_per_cell: float = 1,
+) -> str:
+    """Interactive HTML (treescope): both weight matrices, zero-centred colours with pruned weights shown
+    as invalid cells, and the mask-difference map (hover a cell for its value)."""
+    import treescope
+
+    def array(tensor: torch.Tensor) -> Any:
+        return tensor.detach().float().cpu().numpy()  # treescope renders numpy arrays, not torch tensors
+
+    parts: list[Any] = []
+    for weight, mask, label in zip((weight_a, weight_b), (mask_a, mask_b), labels, strict=True):
+        parts += [treescope.figures.bolded(f"W calibrated on {label} (pruned weights blank)\n"),
+                  treescope.render_array(array(weight), valid_mask=~mask.cpu().numpy(), around_zero=True,
+                                         pixels_per_cell=pixels_per_cell), "\n\n"]
+    difference = pruning.mask_difference(mask_a, mask_b).cpu().numpy()
+    parts += [treescope.figures.bolded(f"Where the masks differ (1: pruned only in {labels[0]}, "
+                                       f"2: only in {labels[1]}, 3: both)\n"),
+              treescope.render_array(difference, continuous=False, pixels_per_cell=pixels_per_cell,
+                                     value_item_labels={pruning.KEPT_BOTH: "kept by both", pruning.PRUNED_ONLY_A: f"only {labels[0]}",
+                                                        pruning.PRUNED_ONLY_B: f"only {labels[1]}", pruning.PRUNED_BOTH: "both"})]
+    return treescope.render_to_html(treescope.figures.inline(*parts), compressed=True)

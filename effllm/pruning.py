@@ -594,3 +594,17 @@ def jaccard_matrix(pairwise: Any, level: str = "model", name: str = "model") -> 
     for row in rows.itertuples():
         matrix.loc[row.a, row.b] = matrix.loc[row.b, row.a] = row.jaccard
     return matrix
+
+
+# --------------------------------------------------------------------------------------------------
+# Where two mask sets differ (the weight views in effllm.plots draw it)
+
+# mask_difference codes
+KEPT_BOTH, PRUNED_ONLY_A, PRUNED_ONLY_B, PRUNED_BOTH = 0, 1, 2, 3
+
+
+def mask_difference(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """Per weight: 0 kept by both, 1 pruned only in A, 2 pruned only in B, 3 pruned in both (int8, same shape)."""
+    if mask_a.shape != mask_b.shape:
+        raise ValueError(f"Masks of different shapes: {tuple(mask_a.shape)} and {tuple(mask_b.shape)}.")
+    return mask_a.to(torch.int8) + 2 * mask_b.to(torch.int8)

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from effllm.adapters import get_adapter
-from effllm.exits import head_flops, softmax_confidence
+from effllm.decoding.early_exit import head_flops, softmax_confidence
 
 
 def final_token_ranks(logits: torch.Tensor, final_ids: torch.LongTensor) -> torch.LongTensor:

@@ -7,6 +7,7 @@ import torch
 
 from effllm import bench, exits
 from effllm.bench import early_exit
+from effllm.experiments import prompts
 from effllm.models import load_model, tiny_model
 
 
@@ -19,41 +20,49 @@ def private_cache(tmp_path, monkeypatch):
 def test_early_exit_benchmark_writes_rows(private_cache, capsys):
     out = private_cache / "ee.json"
     assert bench.main(["early-exit", "--model", "tiny-llama", "--prompts", "2", "--max-new-tokens", "5",
-                       "--k", "32", "--calibration-prompts", "3", "--calibration-tokens", "3",
+                       "--k", "32", "--calibration-prompts", "3", "--calibration-tokens", "3", "--rounds", "2",
                        "--ltt-delta", "0.9", "--ltt-epsilon", "0.5", "--no-fitted-exits", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["fitted_exits"] is False
-    rows = {row["method"]: row for row in result["rows"]}
+    assert result["fitted_exits"] is False and result["dtype"] == "float32" and result["rounds"] == 2
+    rows = {row["label"]: row for row in result["rows"]}
     assert list(rows)[:2] == ["hf_generate", "full"]
+    assert rows["hf_generate"]["method"] == "hf" and rows["full"]["method"] == "full"
     assert rows["hf_generate"]["speedup_vs_hf"] == 1.0
-    assert rows["hf_generate"]["confidence_flops_per_token"] is None
-    assert rows["hf_generate"]["confidence_ms_per_token"] is None
-    # the full-depth engine's row is the reference itself (ROUGE is not asserted: the byte-level tiny
-    # tokenizer decodes random ids to symbols that rouge-score's tokenizer drops)
-    assert rows["full"]["token_agreement_vs_full"] == 1.0
+    assert rows["hf_generate"]["confidence_flops_per_token"] is None  # no NaN in the JSON: null
+    # the full-depth engine's row is the quality reference itself, and HF generate gives the same tokens
+    assert rows["full"]["token_agreement_vs_full"] == 1.0 and rows["full"]["identical_to_full"] == 1.0
+    assert rows["hf_generate"]["identical_to_full"] == 1.0
     assert rows["full"]["avg_layers"] == 4.0
     assert rows["full"]["confidence_flops_per_token"] == 0.0  # no exit decision at full depth
-    assert rows["static@2"]["avg_layers"] < 4.0  # first token from the prompt pass at static depth 2
-    expected = {"calm-softmax", "calm-state", "free@2", "calm-softmax-fixed32", "calm-softmax-decaying32",
-                "calm-softmax-adaptive32", "free@2-fixed32", "skip@1/4", "skip@2/4"}
+    assert rows["static@2"]["avg_layers"] == 2.0  # the prompt and every token at static depth 2
+    expected = {"calm-softmax 0.9", "calm-state 0.99", "free@2 0.9", "calm-softmax-fixed32 0.9",
+                "calm-softmax-decaying32 0.9", "calm-softmax-adaptive32 0.9", "free@2-fixed32 0.9",
+                "free@2-adaptive", "self-spec@1x4", "self-spec@2x4", "skip@1/4", "skip@2/4"}
     assert expected <= set(rows)
-    assert rows["calm-softmax-fixed32"]["params"]["type_vocab_reduct"] == "fixed"
-    n_rows = len(result["rows"])
-    # every engine row decodes prompts x tokens; the bookkeeping columns exist on every row
+    # method is the family, every parameter its own column
+    assert rows["calm-softmax-fixed32 0.9"]["method"] == "calm"
+    assert rows["calm-softmax-fixed32 0.9"]["type_vocab_reduct"] == "fixed" and rows["calm-softmax-fixed32 0.9"]["k"] == 32
+    assert rows["calm-softmax 0.9"]["threshold"] == 0.9 == rows["calm-softmax 0.9"]["exit_conf_threshold"]
+    assert rows["free@2 0.7"]["threshold"] == 0.7 and rows["free@2 0.7"]["shallow_exit_layer"] == 2
+    # self-speculation is lossless: identical to the full-depth output, with an acceptance rate
+    for label in ("self-spec@1x4", "self-spec@2x4"):
+        assert rows[label]["identical_to_full"] == 1.0 and 0.0 <= rows[label]["acceptance_rate"] <= 1.0
     for row in result["rows"]:
-        assert set(early_exit.COLUMNS) <= set(row)
-        assert row["tokens_per_s"] > 0
-        if row["method"] != "hf_generate":
+        assert set(early_exit.COLUMNS) - {"acceptance_rate", "threshold"} <= set(row)
+        assert row["tokens_per_s"] > 0 and row["n_prompts"] == 2 and row["new_tokens"] == 10
+        assert row["speedup_vs_hf_min"] <= row["speedup_vs_hf"] <= row["speedup_vs_hf_max"]
+        if row["method"] != "hf":
             assert row["confidence_flops_per_token"] >= 0 and row["confidence_ms_per_token"] >= 0
             assert 0 <= row["token_agreement_vs_full"] <= 1
+            assert row["rougeL_vs_full_ci_low"] <= row["rougeL_vs_full"] <= row["rougeL_vs_full_ci_high"]
     # tiny-llama: d = 64, V = 384. CALM softmax from layer 2 of 4 checks layers 2 and 3 of every new token
     # but the first (prompt pass): (2d - 1) V FLOPs per check, averaged over the 5 tokens
-    calm = [r for r in result["rows"] if r["method"] == "calm-softmax" and r["threshold"] == 0.9][0]
+    calm = rows["calm-softmax 0.9"]
     per_check = exits.head_flops(64, 384)
     assert calm["confidence_flops_per_token"] <= 2 * per_check * 4 / 5 + 1e-9
     assert calm["confidence_flops_per_token"] >= per_check * 4 / 5 - 1e-9  # at least one check per token
     # fixed-k pruning: one full check at layer 2, then k = 32 rows; never more than the unpruned check
-    fixed = rows["calm-softmax-fixed32"]
+    fixed = rows["calm-softmax-fixed32 0.9"]
     assert fixed["confidence_flops_per_token"] <= (per_check + exits.head_flops(64, 32)) * 4 / 5 + 1e-9
     # Learn-then-Test ran on separate prompts with the requested risk level
     calibration = result["calibration"]
@@ -61,26 +70,29 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
     assert [r["candidate"] for r in calibration["table"]] == sorted(early_exit.LTT_CANDIDATES, reverse=True)
     if calibration["threshold"] is not None:
         assert rows["calm-softmax-ltt"]["threshold"] == calibration["threshold"]
-    assert n_rows == 2 + len(early_exit.default_early_exit_settings(4, k=32)) + (calibration["threshold"] is not None)
+    n_rows = len(result["rows"])
+    assert n_rows == 2 + len(early_exit.default_settings(4, k=32)) + (calibration["threshold"] is not None)
     check = {c["k"]: c for c in result["confidence_check"]}
     assert check[384]["flops"] == per_check and check[32]["flops"] == exits.head_flops(64, 32)
-    # the weight-read floor reads every decoder linear and the LM head once, in float32
+    # the weight-read floor reads every decoder linear and the LM head once, in each dtype
     floor = result["weight_read_floor"]
     model, _ = load_model("tiny-llama")
-    expected_bytes = 4 * sum(m.weight.numel() for n, m in model.named_modules()
-                             if isinstance(m, torch.nn.Linear))
-    assert floor["bytes_per_token"] == expected_bytes
-    assert floor["ms_per_token"] > 0
-    assert floor["max_full_depth_speedup_vs_hf"] == pytest.approx(floor["tokens_per_s"] / rows["hf_generate"]["tokens_per_s"])
+    weights = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    assert floor["float32"]["bytes_per_token"] == 4 * weights and floor["bfloat16"]["bytes_per_token"] == 2 * weights
+    assert floor["float32"]["ms_per_token"] > 0
+    assert floor["float32"]["max_full_depth_speedup_vs_hf"] == pytest.approx(
+        floor["float32"]["tokens_per_s"] / rows["hf_generate"]["tokens_per_s"])
+    assert floor["float32"]["full_engine_fraction_of_floor"] == pytest.approx(
+        rows["full"]["tokens_per_s"] / floor["float32"]["tokens_per_s"])
     assert "speedup_vs_hf" in capsys.readouterr().out
 
 
 def test_methods_filter_keeps_the_references_and_matching_rows(private_cache):
     out = private_cache / "ee.json"
     assert bench.main(["early-exit", "--model", "tiny-llama", "--prompts", "1", "--max-new-tokens", "3",
-                       "--methods", "static,free@*-fixed*", "--no-fitted-exits", "--out", str(out)]) == 0
-    labels = [row["method"] for row in json.loads(out.read_text())["rows"]]
-    assert labels == ["hf_generate", "full", "static@2", "static@2", "free@2-fixed256"]
+                       "--rounds", "1", "--methods", "static,free@*-fixed*", "--no-fitted-exits", "--out", str(out)]) == 0
+    labels = [row["label"] for row in json.loads(out.read_text())["rows"]]
+    assert labels == ["hf_generate", "full", "static@2", "free@2-fixed256 0.9"]
     assert "calibration" not in json.loads(out.read_text())  # the LTT row was not selected
 
 
@@ -91,14 +103,15 @@ def test_methods_filter_rejects_unknown_patterns(private_cache, capsys):
     assert "medusa" in err and "calm-softmax" in err
 
 
-def test_bench_prompts_alternate_tasks_and_offsets_are_disjoint():
+def test_builtin_prompts_alternate_tasks_and_offsets_are_disjoint():
     _, tokenizer = tiny_model("llama")
-    first = early_exit.bench_prompts(tokenizer, 4, fmt="plain")
-    shifted = early_exit.bench_prompts(tokenizer, 4, offset=4, fmt="plain")
-    overlap = early_exit.bench_prompts(tokenizer, 6, offset=2, fmt="plain")
-    assert [torch.equal(a, b) for a, b in zip(first[2:], overlap[:2], strict=True)] == [True, True]
-    assert not any(torch.equal(a, b) for a in first for b in shifted)
-    texts = [tokenizer.decode(p[0]) for p in first]
+    first = prompts.task_prompts(tokenizer, "builtin", 4, fmt="plain")
+    shifted = prompts.task_prompts(tokenizer, "builtin", 4, offset=4, fmt="plain")
+    overlap = prompts.task_prompts(tokenizer, "builtin", 6, offset=2, fmt="plain")
+    assert [torch.equal(a.input_ids, b.input_ids) for a, b in zip(first[2:], overlap[:2], strict=True)] == [True, True]
+    assert not any(torch.equal(a.input_ids, b.input_ids) for a in first for b in shifted)
+    texts = [tokenizer.decode(p.input_ids[0]) for p in first]
     assert texts[0].startswith("Question:") and "def " in texts[1] and texts[2].startswith("Question:")
+    assert [p.task for p in first] == ["arithmetic", "humaneval"] * 2 and all(p.reference for p in first)
     with pytest.raises(ValueError, match="allowed: builtin"):
-        early_exit.task_prompts(tokenizer, "wikitext", 1)
+        prompts.task_prompts(tokenizer, "wikitext", 1)

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from effllm import data
+from effllm import data, metrics
 from effllm.models import tiny_tokenizer
 
 
@@ -84,7 +84,7 @@ def test_arithmetic_answers_are_correct(built_cache):
     for problem in problems:
         assert data.evaluate_expression(problem["expression"]) == problem["answer"] >= 0
         assert problem["solution"].endswith(f"The answer is {problem['answer']}.")
-        assert data.extract_answer(problem["solution"]) == problem["answer"]
+        assert metrics.extract_answer(problem["solution"]) == problem["answer"]
 
 
 def test_arithmetic_is_reproducible(built_cache):
@@ -92,14 +92,14 @@ def test_arithmetic_is_reproducible(built_cache):
 
 
 def test_extract_answer_and_score():
-    assert data.extract_answer("3 + 4 = 7. The answer is 1,234.") == 1234
-    assert data.extract_answer("so the total is\n#### -5") == -5
-    assert data.extract_answer("first 3, then 4, finally 12") == 12
-    assert data.extract_answer("The answer is 2.5") is None
-    assert data.extract_answer("I don't know") is None
-    assert data.score_arithmetic(["The answer is 3.", "4", 5, None], [3, 5, 5, 1]) == 0.5
+    assert metrics.extract_answer("3 + 4 = 7. The answer is 1,234.") == 1234
+    assert metrics.extract_answer("so the total is\n#### -5") == -5
+    assert metrics.extract_answer("first 3, then 4, finally 12") == 12
+    assert metrics.extract_answer("The answer is 2.5") is None
+    assert metrics.extract_answer("I don't know") is None
+    assert metrics.score_arithmetic(["The answer is 3.", "4", 5, None], [3, 5, 5, 1]) == 0.5
     with pytest.raises(ValueError, match="2 predictions for 1 answers"):
-        data.score_arithmetic(["1", "2"], [1])
+        metrics.score_arithmetic(["1", "2"], [1])
 
 
 def test_humaneval_has_164_problems_whose_solutions_pass(built_cache):

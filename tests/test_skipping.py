@@ -1,4 +1,4 @@
-"""Layer skipping (effllm.skipping) against references: HF `generate`, models built from the kept layers,
+"""Layer skipping (effllm.decoding.skipping, effllm.controllers, effllm.oracle) against references: HF `generate`, models built from the kept layers,
 teacher-forced passes, a per-layer subsequence recomputation for left-out K/V, and brute force for the
 oracle's knapsack."""
 
@@ -13,9 +13,13 @@ import torch
 
 from effllm import controllers as ctl
 from effllm import exits, oracle
-from effllm.decoding import plans
-from effllm.decoding.policies import SKIPPED_KV
 from effllm.adapters import get_adapter
+from effllm.bench import early_exit
+from effllm.decoding import Skip, decode, plans
+from effllm.decoding.policies import SKIPPED_KV
+from effllm.experiments import analyses
+from effllm.experiments.prompts import task_prompts
+from effllm.experiments.runs import run_policies
 from effllm.models import tiny_model
 
 FAMILIES = ["llama", "opt", "gpt2"]
@@ -141,7 +145,7 @@ def test_static_pattern_with_full_depth_prompt_equals_teacher_forcing():
     ids = _prompt(4)
     kept = [0, 3, 5]
     out = _skip(model, ids, 12, skip_pattern=kept, eos_token_id=[])
-    hidden = skipping.continuation_states(model, out.sequences[:, :-1], 7, kept)
+    hidden = analyses.continuation_states(model, out.sequences[:, :-1], 7, kept)
     predicted = get_adapter(model).logits(hidden)[0].argmax(-1)
     assert torch.equal(predicted, out.sequences[0, 8:])
 
@@ -313,44 +317,47 @@ def test_fixed_input_controllers_ignore_the_state():
 def test_hidden_similarity_is_one_at_full_depth_and_matches_hf_states():
     model = _model("llama")
     windows = torch.randint(3, 250, (3, 16), generator=torch.Generator().manual_seed(0))
-    table = skipping.hidden_similarity(model, windows, prompt_len=5, layer_counts=[2, 6], progress=False)
+    table = analyses.hidden_similarity(model, windows, prompt_len=5, layer_counts=[2, 6], progress=False)
     full = table[table.layers_run == 6]
     assert np.allclose(full.cosine, 1.0, atol=1e-5) and np.allclose(full.cosine_normed, 1.0, atol=1e-5)
     assert (table[table.layers_run == 2].cosine < 0.999).all()
-    states = skipping.continuation_states(model, windows, 5, range(6))
+    states = analyses.continuation_states(model, windows, 5, range(6))
     with torch.no_grad():
         expected = model(windows, output_hidden_states=True).hidden_states[-1][:, 5:]  # HF: after the final norm
     torch.testing.assert_close(get_adapter(model).normed(states), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_generation_bookkeeping_and_scores():
+def test_run_policies_bookkeeping_for_skipping():
+    """The experiment layer on skip policies: every row decodes every prompt, layers per token are counted once
+    (the first token from the full-depth prompt pass), and the references are exact."""
     model, tokenizer = tiny_model("llama")
-    items = skipping.task_prompts("arithmetic", tokenizer, 2)
-    settings = [{"label": "full", "skip_mode": "static"},
-                *skipping.budget_settings(4, [0.5], modes=("static", "early-exit", "random"))]
-    table = skipping.run_generations(model, tokenizer, items, settings, 6, eos_token_id=[], progress=False)
-    assert len(table) == 2 * 4 and (table.new_tokens == 6).all()
-    assert np.allclose(table[table.label != "full"].layer_fraction, 0.5)
-    assert np.allclose(table[table.label == "full"].layer_fraction, 1.0)
+    prompts = task_prompts(tokenizer, "arithmetic", 2, fmt="plain")
+    settings = {"static 2/4": Skip("static", budget=0.5), "early exit 2/4": Skip("early-exit", budget=0.5),
+                "random 2/4": Skip("random", budget=0.5)}
+    run = run_policies(model, tokenizer, prompts, settings, 6, rounds=2, progress=False)
+    items = run.items
+    assert len(items) == 2 * (len(settings) + 2) and (items.new_tokens == 6).all()
+    summary = run.summary.set_index("label")
+    # 6 tokens: the first at all 4 layers, 5 at 2 layers
+    for label in settings:
+        assert summary.loc[label, "avg_layers"] == pytest.approx((4 + 5 * 2) / 6)
+        assert summary.loc[label, "method"] == "skip" and summary.loc[label, "budget"] == 0.5
+    assert summary.loc["full", "avg_layers"] == 4.0 and summary.loc["full", "rougeL_vs_full"] == 1.0
+    assert summary.loc["hf_generate", "identical_to_full"] == 1.0  # HF generate and the engine agree
+    assert summary.loc["static 2/4", "skip_mode"] == "static" and summary.loc["random 2/4", "skip_mode"] == "random"
+    assert (summary.rounds == 2).all() and (summary.n_prompts == 2).all()
+    assert run.timings.groupby("label").size().eq(2).all()  # every setting timed once per round
 
-    # ROUGE-L F of "the cat" against "the cat sat": P = 1, R = 2/3, F = 0.8
-    generations = pd.DataFrame({"item": [0, 0], "label": ["full", "static"], "text": ["the cat sat", "the cat"]})
-    scored = skipping.score_generations(generations, [{"reference": "the cat sat"}], full_label="full")
-    assert scored.rougeL_full.tolist() == pytest.approx([1.0, 0.8])
-    assert scored.rougeL_reference.tolist() == pytest.approx([1.0, 0.8])
-    with pytest.raises(ValueError, match="no generations labelled 'dense'"):
-        skipping.score_generations(generations, [{"reference": "x"}], full_label="dense")
 
-
-def test_bench_settings_run_through_generate():
-    settings = skipping.skipping_bench_settings(30)
-    assert [s["label"] for s in settings] == ["skip@5/30", "skip@10/30", "skip@15/30"]
-    assert all(s["method"] == "skip" for s in settings)
+def test_default_benchmark_skip_rows_run_the_paper_budgets():
+    settings = early_exit.default_settings(30)
+    skips = {label: p for label, p in settings.items() if p.method == "skip"}
+    assert list(skips) == ["skip@5/30", "skip@10/30", "skip@15/30"]
     model = _model("llama")
-    for setting in skipping.skipping_bench_settings(6):
-        params = {k: v for k, v in setting.items() if k not in ("label", "method")}
-        out = _skip(model, _prompt(0), 4, eos_token_id=[], **params)
-        assert (out.exit_layers[0, 1:] == plans.budget_layer_count(6, setting["budget"])).all()
+    for label, policy in early_exit.default_settings(6).items():
+        if policy.method == "skip":
+            out = decode(model, _prompt(0), 4, policy, eos_token_id=[])
+            assert (out.exit_layers[0, 1:] == plans.budget_layer_count(6, policy.budget)).all(), label
 
 
 # ---- the oracle -----------------------------------------------------------------------------------------
@@ -392,6 +399,24 @@ def test_fraction_to_match_equals_brute_force():
         assert math.isclose(oracle.oracle_fraction_to_match(quality, costs, target, 24), expected)
     frontier = oracle.oracle_frontier(quality, costs, 24)
     assert frontier.mean_quality.is_monotonic_increasing
+
+
+def test_oracle_pairs_costs_and_qualities_by_label():
+    """Columns in one order, costs in another: pairing by label gives the brute-force answer; pairing by position
+    (the notebook bug that once read "needs all layers" as "needs half") gives another on this very case."""
+    per_item = pd.DataFrame({"4/24": [0.2, 0.1, 0.0], "12/24": [0.6, 0.2, 0.1], "full": [0.7, 0.8, 0.9]})
+    costs = {"full": 24, "4/24": 4, "12/24": 12}
+    target = per_item["full"].mean()
+    by_label = oracle.oracle_fraction_to_match(per_item, costs, target, 24)
+    assert by_label == 1.0  # every sequence needs the full model to reach its mean here
+    positional = oracle.oracle_fraction_to_match(per_item.to_numpy(), list(costs.values()), target, 24)
+    assert positional != by_label  # the mispairing would change the verdict: the test would catch it
+    frontier = oracle.oracle_frontier(per_item, costs, 24)
+    assert frontier.layer_fraction.iloc[0] == pytest.approx(4 / 24)  # the cheapest choice is 4 layers each
+    with pytest.raises(ValueError, match="pair by label"):
+        oracle.oracle_frontier(per_item, [4, 12, 24], 24)
+    with pytest.raises(ValueError, match="no cost for"):
+        oracle.oracle_frontier(per_item, {"full": 24, "4/24": 4}, 24)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

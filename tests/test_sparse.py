@@ -13,6 +13,7 @@ from torch import nn
 
 from effllm import bench, sparse
 from effllm.adapters import get_adapter
+from effllm.experiments import sparse_speed, timing
 from effllm.models import tiny_model
 from effllm.pruning import magnitude_mask, prune
 
@@ -60,9 +61,9 @@ def test_2_4_magnitude_mask_gives_a_valid_pattern(shape):
 
 def test_pruned_random_weight_has_the_pattern_it_names():
     shape = sparse.ProjectionShape("q", 48, 64)
-    two_four = sparse.pruned_random_weight(shape, "2:4")
+    two_four = sparse_speed.pruned_random_weight(shape, "2:4")
     assert sparse.is_2_4(two_four)
-    unstructured = sparse.pruned_random_weight(shape, "unstructured", 0.5)
+    unstructured = sparse_speed.pruned_random_weight(shape, "unstructured", 0.5)
     assert ((unstructured == 0).sum(dim=1) == 32).all()  # int(64 * 0.5) zeros in every row
 
 
@@ -134,7 +135,7 @@ def test_csr_model_gives_the_pruned_dense_logits(family):
     assert all(isinstance(sparse_model.get_submodule(name), sparse.CSRLinear) for name in linears)
     with torch.no_grad():
         torch.testing.assert_close(sparse_model(ids).logits, expected, rtol=1e-4, atol=1e-4)
-    agreement = sparse.output_agreement(model, sparse_model, ids[:1], new_tokens=6)
+    agreement = sparse_speed.output_agreement(model, sparse_model, ids[:1], new_tokens=6)
     assert agreement["greedy_token_agreement"] == 1.0
     assert agreement["max_abs_logit_difference"] < 1e-4
 
@@ -190,7 +191,7 @@ def test_cpu_has_no_2_4_kernel_and_says_so():
     with pytest.raises(sparse.SparseFormatUnavailableError, match="CUDA"):
         sparse.to_semi_structured(torch.zeros(16, 16))
     with pytest.raises(sparse.SparseFormatUnavailableError, match="semi-structured"):
-        sparse.projection_timings([sparse.ProjectionShape("q", 16, 16)], [1], "semi-structured", device="cpu")
+        sparse_speed.projection_timings([sparse.ProjectionShape("q", 16, 16)], [1], "semi-structured", device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -203,7 +204,7 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 @pytest.mark.parametrize("tokens", [1, 16, 100])
 def test_semi_structured_matmul_matches_dense_on_gpu(tokens):
     shape = sparse.ProjectionShape("up", 256, 128)
-    weight = sparse.pruned_random_weight(shape, "2:4", dtype=torch.float16, device="cuda")
+    weight = sparse_speed.pruned_random_weight(shape, "2:4", dtype=torch.float16, device="cuda")
     x = torch.randn(tokens, 128, device="cuda", dtype=torch.float16)
     sparse_weight = sparse.to_semi_structured(weight)
     torch.testing.assert_close(nn.functional.linear(x, sparse_weight), nn.functional.linear(x, weight),
@@ -250,7 +251,7 @@ def test_shapes_from_the_adapter_and_the_codellama_table():
 
 def test_projection_timings_rows():
     shapes = [sparse.ProjectionShape("q", 32, 64), sparse.ProjectionShape("down", 64, 128)]
-    table = sparse.projection_timings(shapes, [1, 4], "csr", device="cpu", min_run_time=0.001, rounds=1,
+    table = sparse_speed.projection_timings(shapes, [1, 4], "csr", device="cpu", min_run_time=0.001, rounds=1,
                                       progress=False, threads=1)
     assert list(zip(table.kind, table.tokens, strict=True)) == [("q", 1), ("q", 4), ("down", 1), ("down", 4)]
     assert (table.format == "csr").all() and (table.pattern == "unstructured").all()
@@ -258,16 +259,16 @@ def test_projection_timings_rows():
     assert table.speedup.tolist() == pytest.approx((table.dense_ms / table.sparse_ms).tolist())
     assert (table.max_abs_error < 1e-4).all()  # the CSR product equals the dense one
     with pytest.raises(ValueError, match="positive integers"):
-        sparse.projection_timings(shapes, [0, 4], "csr", device="cpu")
+        sparse_speed.projection_timings(shapes, [0, 4], "csr", device="cpu")
 
 
 def test_num_threads_restores_the_setting():
     before = torch.get_num_threads()
-    with sparse.num_threads(1) as threads:
+    with timing.num_threads(1) as threads:
         assert threads == 1 == torch.get_num_threads()
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="positive integer"):
-        with sparse.num_threads(0):
+        with timing.num_threads(0):
             pass
 
 
@@ -276,20 +277,20 @@ def test_end_to_end_rows_on_a_tiny_model():
     prune(model, "magnitude", 0.5, progress=False)
     sparse_model, _ = sparse.sparse_copy(model, "csr")
     ids = torch.randint(3, 250, (1, 10), generator=torch.Generator().manual_seed(0))
-    table = sparse.end_to_end_timings(model, sparse_model, ids, decode_tokens=3, min_run_time=0.001, rounds=1,
+    table = sparse_speed.end_to_end_timings(model, sparse_model, ids, decode_tokens=3, min_run_time=0.001, rounds=1,
                                       threads=1)
     assert table.phase.tolist() == ["prefill", "decode"] and table.tokens.tolist() == [10, 3]
     assert table.speedup.tolist() == pytest.approx((table.dense_ms / table.sparse_ms).tolist())
     prefill = table.iloc[0]
     assert prefill.dense_tokens_per_s == pytest.approx(10 / (prefill.dense_ms / 1e3))
     with pytest.raises(ValueError, match="one prompt"):
-        sparse.end_to_end_timings(model, sparse_model, torch.ones(2, 4, dtype=torch.long))
+        sparse_speed.end_to_end_timings(model, sparse_model, torch.ones(2, 4, dtype=torch.long))
 
 
 def test_greedy_decode_equals_hf_generate():
     model, _ = tiny_model("llama")
     ids = torch.randint(3, 250, (1, 8), generator=torch.Generator().manual_seed(2))
-    tokens, seconds = sparse.greedy_decode(model, ids, 5)
+    tokens, seconds = sparse_speed.greedy_step_seconds(model, ids, 5)
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
                               do_sample=False, pad_token_id=0)[0, 8:]
     assert tokens.tolist() == expected.tolist() and seconds > 0

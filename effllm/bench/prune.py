@@ -27,7 +27,8 @@ import torch
 
 from effllm import data
 from effllm.bench import device_description, print_table, write_result
-from effllm.domains import SubModelBank, held_out_text
+from effllm.data import held_out_text
+from effllm.domains import SubModelBank
 from effllm.metrics import perplexity
 from effllm.models import load_model
 from effllm.pruning import METHODS, parse_pattern

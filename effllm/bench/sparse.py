@@ -25,6 +25,7 @@ import torch
 
 from effllm import sparse
 from effllm.bench import print_table, write_result
+from effllm.experiments import sparse_speed, timing
 from effllm.models import load_model
 from effllm.pruning import prune
 
@@ -96,12 +97,12 @@ def run(args) -> int:
           f"{args.threads or torch.get_num_threads()} thread(s)")
 
     torch.manual_seed(args.seed)
-    with sparse.num_threads(args.threads) as threads:
+    with timing.num_threads(args.threads) as threads:
         model = tokenizer = None
         if args.shapes == "model" or not args.no_end_to_end:
             model, tokenizer = load_model(args.model, dtype=dtype, device=device)
         shapes = sparse.shape_set(args.shapes, model)
-        projections = sparse.projection_timings(shapes, token_counts, fmt, device, dtype, args.min_run_time,
+        projections = sparse_speed.projection_timings(shapes, token_counts, fmt, device, dtype, args.min_run_time,
                                                 args.rounds, args.seed)
         end_to_end = agreement = conversion = None
         if not args.no_end_to_end:
@@ -109,9 +110,9 @@ def run(args) -> int:
                   progress=False)
             sparse_model, report = sparse.sparse_copy(model, fmt, args.backend)
             conversion = report.format.value_counts().to_dict()
-            prompt = sparse.benchmark_prompt(tokenizer, args.prompt_tokens, PROMPT_CORPUS).to(device)
-            agreement = sparse.output_agreement(model, sparse_model, prompt, args.decode_tokens)
-            end_to_end = sparse.end_to_end_timings(model, sparse_model, prompt, args.decode_tokens,
+            prompt = sparse_speed.benchmark_prompt(tokenizer, args.prompt_tokens, PROMPT_CORPUS).to(device)
+            agreement = sparse_speed.output_agreement(model, sparse_model, prompt, args.decode_tokens)
+            end_to_end = sparse_speed.end_to_end_timings(model, sparse_model, prompt, args.decode_tokens,
                                                    args.min_run_time, args.rounds)
 
     projection_rows = projections.to_dict(orient="records")

@@ -25,6 +25,7 @@ removed first. Right padding on a decoder-only batch is refused (pad on the left
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class DecodeOutput:
     accepted: int = 0  # ... and accepted by the full-depth verification
     num_layers: int = 0  # the model's depth L
     policy: Policy | None = None
+    prefill_seconds: float = 0.0  # the prompt pass and the first token (CUDA synchronised)
+    decode_seconds: float = 0.0  # every later token
 
     @property
     def avg_layers(self) -> float:
@@ -74,6 +77,11 @@ class DecodeOutput:
     def new_tokens(self, prompt_len: int) -> torch.LongTensor:
         """The generated ids [batch, new] (after the prompt; T5: after the decoder start token)."""
         return self.sequences[:, self.sequences.shape[1] - self.exit_layers.shape[1]:]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _eos_tensor(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
@@ -181,6 +189,9 @@ def decode(
         original_prompt = prompt
 
     strategy = _strategy(policy, adapter, model, transform, max_new_tokens)
+    device = input_ids.device
+    _synchronize(device)
+    started = time.perf_counter()
     cache = adapter.new_cache()
     state = DecodeState(adapter, cache, extras, next_token=prompt[:, -1:], position=0, max_new_tokens=max_new_tokens,
                         generated=0, offsets=offsets, prompt_mask=prompt_mask)
@@ -194,6 +205,8 @@ def decode(
     records = state.records
     records.append(first)
     finished = torch.isin(first.token, eos)
+    _synchronize(device)
+    prefilled = time.perf_counter()
     state.next_token = first.token
     state.generated = 1
     # A strategy's step feeds state.next_token at state.position and advances state.position by the tokens it
@@ -213,6 +226,8 @@ def decode(
         state.next_token = records[-1].token
         state.generated = len(records)
 
+    _synchronize(device)
+    finished_at = time.perf_counter()
     new = torch.cat([r.token.to(prompt.device) for r in records], dim=1)
     return DecodeOutput(
         sequences=torch.cat([original_prompt, new], dim=1),
@@ -227,4 +242,6 @@ def decode(
         accepted=getattr(strategy, "accepted", 0),
         num_layers=adapter.num_layers,
         policy=policy,
+        prefill_seconds=prefilled - started,
+        decode_seconds=finished_at - prefilled,
     )

@@ -23,9 +23,16 @@ if TYPE_CHECKING:
 PAPER_BUDGETS = (4 / 24, 8 / 24, 12 / 24, 24 / 24)
 
 
+def check_budget(budget: float) -> float:
+    """A layer budget: a fraction of the layers in (0, 1]."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction of the layers in (0, 1] (e.g. 8/24 for a third); got {budget!r}")
+    return float(budget)
+
+
 def budget_layer_count(n_layers: int, budget: float) -> int:
     """Number of layers a ``budget`` (fraction of the depth in (0, 1]) executes: round(b * L), at least 1."""
-    checks.fraction("budget", budget, zero=False, hint=" (a fraction of the layers, e.g. 8/24 for a third)")
+    check_budget(budget)
     return max(1, int(math.floor(budget * n_layers + 0.5)))
 
 

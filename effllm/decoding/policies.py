@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from effllm import checks
-from effllm.decoding.plans import plan_layers
+from effllm.decoding.plans import check_budget, plan_layers
 
 CONFIDENCE_TYPES = ("softmax", "state", "meta")
 VOCAB_REDUCTIONS = ("fixed", "decaying", "adaptive")
@@ -287,8 +287,7 @@ class Skip(Policy):
         checks.choice("skipped_kv", self.skipped_kv, SKIPPED_KV)
         checks.integer("seed", self.seed)
         if self.budget is not None:
-            checks.fraction("budget", self.budget, zero=False,
-                            hint=" (a fraction of the layers, e.g. 8/24 for a third)")
+            check_budget(self.budget)
         if isinstance(self.skip_pattern, torch.Tensor):
             object.__setattr__(self, "skip_pattern", tuple(int(i) for i in self.skip_pattern.flatten().tolist()))
         elif isinstance(self.skip_pattern, (list, range)):

@@ -8,9 +8,8 @@ Hoeffding-Bentkus bound); the candidates are tested in a fixed sequence from the
 threshold) down, and the sequence stops at the first one that is not rejected. Every rejected lambda is
 valid; the lowest is the fastest.
 
-    result = calibrate_threshold(model, prompts, max_new_tokens=32, delta=0.2, epsilon=0.05,
-                                 candidates=[0.99, 0.95, 0.9, 0.8, 0.7], method="calm",
-                                 exit_conf_type="softmax", exit_min_layer=20)
+    result = calibrate_threshold(model, prompts, max_new_tokens=32, candidates=[0.99, 0.95, 0.9, 0.8, 0.7],
+                                 delta=0.2, epsilon=0.05, policy=Calm(exit_min_layer=20))
     result.threshold     # None if even the safest candidate could not be certified
 
 The binomial tail is written out here (a few lines) rather than taken from scipy, which effllm does not
@@ -19,22 +18,20 @@ otherwise need.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from effllm import exits
+from effllm import decoding
+from effllm.decoding import Calm, Free
 
 DISTANCES = ("token", "rougeL")
-
-
-def hoeffding_p_value(risk: float, delta: float, n: int) -> float:
-    """Hoeffding's p-value for H0: true risk > delta, given empirical risk ``risk`` of n samples in [0, 1]."""
-    return math.exp(-2.0 * n * max(delta - risk, 0.0) ** 2)
 
 
 def _kl_bernoulli(a: float, b: float) -> float:
@@ -128,6 +125,9 @@ def disagreement(early: torch.Tensor, full: torch.Tensor, distance: str = "token
     raise ValueError(f"unknown distance {distance!r}; allowed: {', '.join(DISTANCES)}")
 
 
+THRESHOLD_FIELDS = {"calm": "exit_conf_threshold", "free": "shallow2deep_conf_threshold"}
+
+
 def calibrate_threshold(
     model: torch.nn.Module,
     prompts: Sequence[torch.LongTensor],
@@ -135,30 +135,34 @@ def calibrate_threshold(
     candidates: Sequence[float],
     delta: float,
     epsilon: float,
-    method: str = "calm",
+    policy: Calm | Free,
     distance: str = "token",
     decode: Callable[[torch.Tensor], str] | None = None,
+    exit_transform: Any = None,
+    eos_token_id: int | list[int] | None = None,
     progress: bool = True,
-    **generate_params,
 ) -> LTTResult:
-    """Choose ``exit_conf_threshold`` (CALM) or ``shallow2deep_conf_threshold`` (FREE) by Learn-then-Test:
-    decode every prompt at full depth and with each candidate, measure the per-prompt disagreement, test."""
-    if method not in ("calm", "free"):
-        raise ValueError(f"calibration is for method='calm' or 'free'; got {method!r}")
+    """Choose the threshold of a CALM or FREE ``policy`` (``exit_conf_threshold`` / ``shallow2deep_conf_threshold``;
+    its own value is ignored) by Learn-then-Test: decode every prompt at full depth and with each candidate,
+    measure the per-prompt disagreement of the generated tokens (``distance``), test. Works on T5 too (the
+    generated tokens are compared, whatever the encoder input)."""
+    if not isinstance(policy, (Calm, Free)):
+        raise ValueError(f"calibration is for a Calm or Free policy; got {type(policy).__name__}")
     if not candidates:
         raise ValueError("candidates must list at least one threshold")
-    key = "exit_conf_threshold" if method == "calm" else "shallow2deep_conf_threshold"
+    field = THRESHOLD_FIELDS[policy.method]
     full = []
     for ids in tqdm(prompts, desc="full-depth references", disable=not progress):
-        out = exits.generate(model, ids, max_new_tokens, method="full",
-                             eos_token_id=generate_params.get("eos_token_id"))
-        full.append(out.sequences[0, ids.shape[1]:])
+        out = decoding.decode(model, ids, max_new_tokens, decoding.Full(), eos_token_id=eos_token_id)
+        full.append(out.new_tokens(ids.shape[1])[0])
     risks, layers = {}, {}
     for candidate in tqdm(sorted(candidates, reverse=True), desc="candidates", disable=not progress):
+        candidate_policy = dataclasses.replace(policy, **{field: candidate})
         losses, used, count = [], 0.0, 0
         for ids, reference in zip(prompts, full, strict=True):
-            out = exits.generate(model, ids, max_new_tokens, method=method, **{key: candidate}, **generate_params)
-            losses.append(disagreement(out.sequences[0, ids.shape[1]:], reference, distance, decode))
+            out = decoding.decode(model, ids, max_new_tokens, candidate_policy, eos_token_id=eos_token_id,
+                                  exit_transform=exit_transform)
+            losses.append(disagreement(out.new_tokens(ids.shape[1])[0], reference, distance, decode))
             used += float(out.exit_layers.double().sum())
             count += out.exit_layers.numel()
         risks[candidate], layers[candidate] = losses, used / count
