@@ -193,6 +193,7 @@ def decode(
     _synchronize(device)
     started = time.perf_counter()
     cache = adapter.new_cache()
+    strategy.prepare_cache(cache)
     state = DecodeState(adapter, cache, extras, next_token=prompt[:, -1:], position=0, max_new_tokens=max_new_tokens,
                         generated=0, offsets=offsets, prompt_mask=prompt_mask)
     hidden = adapter.embed(prompt, position_ids=state.position_ids(0, prompt.shape[1]), cache=cache)

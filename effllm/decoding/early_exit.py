@@ -212,13 +212,22 @@ class AdaptiveThreshold:
         return self.grid[-1]
 
 
+def allow_crop(cache: Any) -> None:
+    """Let :func:`crop_cache` roll back sliding-window layers (Mistral, Gemma 3): such a layer forgets positions
+    older than its window unless it records them until the next crop."""
+    for layer in getattr(cache, "self_attention_cache", cache).layers:
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+
+
 def crop_cache(cache: Any, length: int) -> None:
-    """Drop every cached position >= ``length`` in every layer (FREE's rollback, rejected drafts)."""
+    """Drop every cached position >= ``length`` in every layer (FREE's rollback, rejected drafts). Sliding-window
+    layers need :func:`allow_crop` once, before decoding; cropping also trims what they recorded."""
     self_cache = getattr(cache, "self_attention_cache", cache)
     for layer in range(len(self_cache.layers)):
         surplus = int(self_cache.get_seq_length(layer)) - length
-        if surplus > 0:
-            self_cache.layers[layer].crop(-surplus)  # transformers 5: a negative count removes that many
+        if surplus > 0 or getattr(self_cache.layers[layer], "record_past", False):
+            self_cache.layers[layer].crop(-max(surplus, 0))  # transformers 5: a negative count removes that many
 
 
 @dataclass
@@ -271,6 +280,10 @@ class ExitStrategy(Strategy):
         self.pending: dict[int, list] = {}
         self.rollbacks = 0
         self.first_position = 0
+
+    def prepare_cache(self, cache: Any) -> None:
+        if getattr(self.policy, "rollback_threshold", None) is not None:
+            allow_crop(cache)
 
     def after_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.first_position = state.position  # where the first generated token is fed

@@ -93,6 +93,8 @@ class Policy:
         """The policy as flat table columns: ``method`` and every parameter that has a plain value."""
         out: dict[str, Any] = {"method": self.method}
         for f in dataclasses.fields(self):
+            if not f.compare:  # objects (a classifier, an estimator, controllers), not settings
+                continue
             value = getattr(self, f.name)
             if isinstance(value, VocabPruning):
                 out.update(value.columns())

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from effllm.decoding.early_exit import crop_cache, head_flops
+from effllm.decoding.early_exit import allow_crop, crop_cache, head_flops
 from effllm.decoding.policies import SelfSpec
 from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
 
@@ -39,6 +39,9 @@ class SelfSpecStrategy(Strategy):
         self.prompt_layers = range(self.n_layers)
         self.drafted = self.accepted = 0
         self.rounds: list[tuple[int, int]] = []  # (drafted, accepted) per verification
+
+    def prepare_cache(self, cache) -> None:
+        allow_crop(cache)
 
     def first_token(self, state: DecodeState, hidden: torch.Tensor) -> Emitted:
         token = self.adapter.logits(hidden[:, -1:]).argmax(-1).to(state.next_token.device)

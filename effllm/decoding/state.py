@@ -75,6 +75,9 @@ class Strategy:
 
     prompt_layers: Sequence[int]
 
+    def prepare_cache(self, cache: Any) -> None:
+        """Called once with the new cache, before the prompt pass (e.g. to allow rolling it back)."""
+
     def after_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:
         """Called with the prompt's last-layer states (before the first token is picked)."""
 
