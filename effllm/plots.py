@@ -96,6 +96,50 @@ def caption(
 
 
 # --------------------------------------------------------------------------------------------------
+# One colour per method, in every figure
+
+# Method families (the ``method`` column of experiment tables, plus model-level methods) -> colour. Taken from
+# seaborn's colour-blind palette so that figures stay readable in grey and for colour-blind readers.
+_CB = ["#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc", "#ca9161", "#fbafe4", "#949494", "#ece133", "#56b4e9"]
+METHOD_COLOURS: dict[str, str] = {
+    "hf": "#000000", "full": "#4d4d4d", "dense": "#4d4d4d",
+    "static": _CB[7], "calm": _CB[0], "free": _CB[1], "self-spec": _CB[2], "skip": _CB[4], "early-exit": _CB[5],
+    "controller": _CB[9], "random": _CB[6],
+    "wanda": _CB[3], "magnitude": _CB[8], "sparsegpt": _CB[6],
+    "slicegpt": _CB[9], "constant": _CB[9], "dynamic": _CB[2], "shortgpt": _CB[5],
+    "vocab": _CB[0], "combination": "#7f3c8d",
+}
+
+
+def colour(method: str) -> str:
+    """The colour of a method family in every figure (``"calm"``, ``"free"``, ``"wanda"``, ...); a label such as
+    ``"calm-softmax 0.9"`` or ``"FREE + rollback"`` takes the colour of the family it starts with."""
+    key = str(method).lower()
+    if key in METHOD_COLOURS:
+        return METHOD_COLOURS[key]
+    for name in sorted(METHOD_COLOURS, key=len, reverse=True):
+        if key.startswith(name):
+            return METHOD_COLOURS[name]
+    raise ValueError(f"no colour for method {method!r}; known families: {', '.join(METHOD_COLOURS)}")
+
+
+def token_html(tokens: list[str], values: list[int], vmax: int, title: str, value_name: str = "layer") -> str:
+    """One generation as HTML: each token's background shows its ``values`` (e.g. exit layers 1..vmax, viridis:
+    dark early, yellow late); hover a token for its value."""
+    import html as html_lib
+
+    import matplotlib as mpl
+
+    colormap = mpl.colormaps["viridis"]
+    spans = "".join(
+        f'<span title="{value_name} {v}" style="background:{mpl.colors.to_hex(colormap((v - 1) / max(vmax - 1, 1)))};'
+        f'color:{"black" if v > vmax * 0.6 else "white"};padding:1px 0">{html_lib.escape(t)}</span>'
+        for t, v in zip(tokens, values, strict=True))
+    return (f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'><p><b>{html_lib.escape(title)}</b>: "
+            f"background = {value_name} (dark: early, yellow: {vmax}); hover for the {value_name}.</p>{spans}</div>")
+
+
+# --------------------------------------------------------------------------------------------------
 # Saving
 
 

@@ -27,20 +27,21 @@
 # al. 2023) that make the intermediate layers predictive, and every speed is **measured** on this machine.
 
 # %%
-import html
-
 import matplotlib as mpl
 import pandas as pd
 import torch
 from IPython.display import HTML, display
 
-from effllm import exits, models, plots
+from effllm import models, plots
 from effllm.adapters import get_adapter
-from effllm.bench import device_description
-from effllm.bench.early_exit import early_exit_rows, generated_ids, prompt_budget, prompt_format, task_prompts
-from effllm.calibration import calibrate_threshold, disagreement
 from effllm.data import calibration as calibration_windows
-from effllm.lens import cached_linear_exits, logit_lens_agreement
+from effllm.decoding import AdaptiveThreshold, Calm, Free, StaticExit, decode
+from effllm.experiments.analyses import exit_histogram, token_exits
+from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
+from effllm.experiments.runs import run_policies
+from effllm.experiments.timing import device_description
+from effllm.lens import cached_linear_exits, fit_meta_classifier, logit_lens_agreement
+from effllm.ltt import calibrate_threshold, disagreement
 
 # %% tags=["parameters"]
 profile = "default"  # smoke | default | paper (set by run_all.py)
@@ -50,6 +51,7 @@ figures_dir = None  # None: the repository's figures/ folder
 prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
 n_prompts = 4  # timed prompts per data set, decoded by every setting
 max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
+rounds = 3  # interleaved timing rounds; a speed ratio is their median
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 lens_corpora = ["python-docs", "python-code"]  # text for the logit-lens agreement
 lens_sequences = 1  # windows per corpus
@@ -57,7 +59,10 @@ lens_seq_len = 128  # tokens per window
 exit_min_layer = None  # CALM's first checked layer; None: 2 L // 3 (fitted exits agree poorly below it)
 shallow_exit_layer = None  # FREE's shallow exit; None: 2 L // 3
 static_exit_layers = None  # static exits to compare; None: L // 2, 2 L // 3, L - 2
-thresholds = [0.99, 0.95, 0.9, 0.7]  # CALM / FREE confidence thresholds for the speed-quality curve
+thresholds = [0.99, 0.95, 0.9, 0.7]  # CALM (softmax, meta) / FREE confidence thresholds for the speed-quality curve
+state_thresholds = [0.999, 0.99, 0.95]  # CALM's hidden-state saturation cos(h_{l-1}, h_l)
+exit_position_temp = 4.0  # CALM's decaying threshold (the seed's temperature), at the middle threshold
+meta_windows = 4  # calibration windows per corpus to fit CALM's meta classifier (0: no meta rows)
 rollback_threshold = 2.0  # FREE rollback: deep cross-entropy (nats) above which a shallow token is revised
 calibration_prompts = 12  # Learn-then-Test prompts (disjoint from the timed ones)
 calibration_tokens = 12
@@ -109,13 +114,14 @@ else:
     fig, ax = plots.new_figure()
     for name, group in lens.groupby("exits", sort=False):
         ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=name)
-    ax.axvline(exit_min_layer, color="0.6", ls=":", lw=1)
-    ax.set_xlabel("layer")
+    ax.axvline(exit_min_layer, color="0.6", ls=":", lw=1, label=f"CALM's first check (layer {exit_min_layer})")
+    ax.set_xlabel("layer (1-based)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("top-1 agreement with the last layer")
     ax.set_ylim(0, 1.02)
     ax.legend()
     ax.set_title("Exit agreement per layer, before and after fitted exits\n" + plots.provenance(
-        model=model_name, data=", ".join(lens_corpora), extra=f"{windows.numel()} tokens"))
+        model=model_name, data=", ".join(lens_corpora), extra=f"n = {windows.numel()} tokens"))
     plots.save_figure(fig, "01_exit_agreement", table=lens)
 
 # %% [markdown]
@@ -131,9 +137,12 @@ if len(lens):
 # %% [markdown]
 # ## 2. Speed and quality over thresholds
 #
-# Every setting decodes the same prompts, batch 1, greedy, for exactly `max_new_tokens` tokens. Speed is
-# measured tokens/s relative to Hugging Face `generate` in the same run; quality is ROUGE-L and per-position
-# token agreement with the engine's full-depth output.
+# Every setting decodes the same prompts, batch 1, greedy, for exactly `max_new_tokens` tokens, in `rounds`
+# interleaved timing rounds. Speed is tokens/s relative to Hugging Face `generate` in the same round (the
+# median over rounds, with the spread as error bars); quality is ROUGE-L over token ids against the engine's
+# full-depth output (the mean over prompts with its 95% bootstrap interval). CALM runs with three confidence
+# measures (softmax gap, hidden-state saturation, and the meta classifier fitted here), once with the decaying
+# threshold; FREE with fixed thresholds, the adaptive threshold and rollback.
 
 # %%
 fmt = prompt_format(model, tokenizer, model_name)
@@ -141,47 +150,66 @@ budget = prompt_budget(model, max(max_new_tokens, calibration_tokens, adaptive_t
 prompts, calibration_set, adaptive_set = [], [], []
 for name in prompt_data:
     prompts += task_prompts(tokenizer, name, n_prompts, offset=0, fmt=fmt, max_tokens=budget)
-    calibration_set += task_prompts(tokenizer, name, calibration_prompts, offset=n_prompts, fmt=fmt, max_tokens=budget)
-    adaptive_set += task_prompts(tokenizer, name, adaptive_prompts, offset=n_prompts + calibration_prompts, fmt=fmt,
-                                 max_tokens=budget)
+    calibration_set += [p.input_ids for p in task_prompts(tokenizer, name, calibration_prompts, offset=n_prompts,
+                                                           fmt=fmt, max_tokens=budget)]
+    adaptive_set += [p.input_ids for p in task_prompts(tokenizer, name, adaptive_prompts,
+                                                        offset=n_prompts + calibration_prompts, fmt=fmt,
+                                                        max_tokens=budget)]
 print(f"{len(prompts)} timed prompts ({fmt} format), {len(calibration_set)} calibration prompts, "
       f"{len(adaptive_set)} prompts for the adaptive threshold")
 
-free_base = {"method": "free", "shallow_exit_layer": shallow_exit_layer}
-settings = [{"label": f"static@{e}", "method": "static", "static_exit_layer": e} for e in static_exit_layers]
-settings += [{"label": "CALM softmax", "method": "calm", "exit_conf_type": "softmax", "exit_min_layer": exit_min_layer,
-              "exit_conf_threshold": t} for t in thresholds]
-settings += [{"label": "FREE", **free_base, "shallow2deep_conf_threshold": t} for t in thresholds]
+meta = None
+if meta_windows and not encoder_decoder:
+    meta_ids = torch.cat([calibration_windows(c, tokenizer, meta_windows, lens_seq_len, seed=seed + 1)
+                          for c in lens_corpora])
+    meta = fit_meta_classifier(model, meta_ids, exit_transform=transform, min_layer=exit_min_layer,
+                               progress=False).bind(model)
+middle = thresholds[len(thresholds) // 2]
+settings = {f"static@{e}": StaticExit(e) for e in static_exit_layers}
+settings |= {f"CALM softmax {t}": Calm("softmax", t, exit_min_layer) for t in thresholds}
+settings[f"CALM softmax {middle} decaying"] = Calm("softmax", middle, exit_min_layer,
+                                                   exit_position_temp=exit_position_temp)
+settings |= {f"CALM state {t}": Calm("state", t, exit_min_layer) for t in state_thresholds}
+if meta is not None:
+    settings |= {f"CALM meta {t}": Calm("meta", t, exit_min_layer, meta_classifier=meta) for t in thresholds}
+settings |= {f"FREE {t}": Free(shallow_exit_layer, t) for t in thresholds}
+settings["FREE adaptive"] = Free(shallow_exit_layer, middle, use_adapt_threshold=True)
 rollback_at = thresholds[-1]
-settings += [{"label": "FREE + rollback", **free_base, "shallow2deep_conf_threshold": rollback_at,
-              "rollback_threshold": rollback_threshold}]
-with torch.inference_mode():
-    rows, outputs = early_exit_rows(model, tokenizer, prompts, max_new_tokens, settings, exit_transform=transform,
-                                    return_outputs=True)
-curve = pd.DataFrame(rows).drop(columns="params")
-curve["family"] = curve.method.str.replace(r"@\d+", "", regex=True)
-display(curve.round(3))
+settings[f"FREE {rollback_at} + rollback"] = Free(shallow_exit_layer, rollback_at, rollback_threshold=rollback_threshold)
+run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds)
+curve = run.summary
+curve["threshold"] = curve.get("exit_conf_threshold").combine_first(curve.get("shallow2deep_conf_threshold"))
+curve["variant"] = curve.label.str.replace(r" [0-9.]+$", "", regex=True).str.replace(r" [0-9.]+ ", " ", regex=True)
+display(curve[["label", "method", "threshold", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max",
+               "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
+               "identical_to_full"]].round(3))
 
 # %%
-fig, axes = plots.new_figure(1, 2)
-for family, group in curve[curve.method != "hf_generate"].groupby("family", sort=False):
+shown = curve[curve.method != "hf"]
+fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8))
+markers = {"CALM softmax": "o", "CALM softmax decaying": "v", "CALM state": "s", "CALM meta": "D", "FREE": "o",
+           "FREE adaptive": "*", "FREE + rollback": "P"}
+for variant, group in shown.groupby("variant", sort=False):
     group = group.sort_values("speedup_vs_hf")
+    colour = plots.colour(group.method.iloc[0])
     for ax, x in zip(axes, ("speedup_vs_hf", "avg_layers"), strict=True):
-        ax.plot(group[x], group.rougeL_vs_full, marker="o", markersize=4, label=family,
-                ls="-" if family in ("CALM softmax", "FREE") else "none")
-        for _, row in group.iterrows():
-            note = f"{row.threshold:g}" if pd.notna(row.threshold) else row.method.split("@")[-1]
-            ax.annotate(note, (row[x], row.rougeL_vs_full), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        xerr = ([group.speedup_vs_hf - group.speedup_vs_hf_min, group.speedup_vs_hf_max - group.speedup_vs_hf]
+                if x == "speedup_vs_hf" else None)
+        yerr = [group.rougeL_vs_full - group.rougeL_vs_full_ci_low, group.rougeL_vs_full_ci_high - group.rougeL_vs_full]
+        ax.errorbar(group[x], group.rougeL_vs_full, xerr=xerr, yerr=yerr, color=colour, label=variant,
+                    marker=markers.get(variant.split("@")[0], "^"), markersize=5, lw=0.8, capsize=2,
+                    ls="-" if len(group) > 2 and variant in ("CALM softmax", "CALM state", "CALM meta", "FREE") else "none")
 axes[0].axvline(1.0, color="0.6", ls=":", lw=1)
-axes[0].set_xlabel("measured speedup over HF generate (tokens/s ratio)")
-axes[1].set_xlabel("average layers per token")
+axes[0].set_xlabel("speed vs HF generate (tokens/s ratio; bars: min-max over rounds)")
+axes[1].set_xlabel("average layers per generated token")
+axes[1].xaxis.get_major_locator().set_params(integer=True)
 for ax in axes:
-    ax.set_ylabel("ROUGE-L vs full-depth output")
+    ax.set_ylabel("ROUGE-L vs full-depth output (95% CI)")
     ax.set_ylim(-0.02, 1.02)
-axes[0].legend(fontsize=7)
-fig.suptitle("Early exit: speed and quality over thresholds (labels: threshold or exit layer)")
+axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+fig.suptitle("Early exit: speed and quality of every setting (one point per threshold; values in the CSV)")
 plots.caption(fig, model=model_name, data=", ".join(prompt_data),
-              extra=f"{len(prompts)} prompts x {max_new_tokens} tokens, batch 1, greedy · {machine}")
+              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens, batch 1, greedy, {rounds} rounds · {machine}")
 plots.save_figure(fig, "01_speed_quality", table=curve)
 
 # %% [markdown]
@@ -191,11 +219,13 @@ plots.save_figure(fig, "01_speed_quality", table=curve)
 # fastest setting that keeps ROUGE-L >= 0.9 in this run.
 
 # %%
-good = curve[(curve.rougeL_vs_full >= 0.9) & (curve.method != "hf_generate")]
+good = curve[(curve.rougeL_vs_full >= 0.9) & (curve.method != "hf")]
 if len(good):
     best = good.sort_values("speedup_vs_hf").iloc[-1]
-    print(f"fastest setting with ROUGE-L >= 0.9: {best.method} (threshold {best.threshold}) at "
-          f"{best.speedup_vs_hf:.2f}x HF generate, {best.avg_layers:.1f} layers/token, ROUGE-L {best.rougeL_vs_full:.3f}")
+    print(f"fastest setting with ROUGE-L >= 0.9: {best.label} at {best.speedup_vs_hf:.2f}x HF generate "
+          f"(rounds {best.speedup_vs_hf_min:.2f}-{best.speedup_vs_hf_max:.2f}), {best.avg_layers:.1f} layers/token, "
+          f"ROUGE-L {best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}], "
+          f"n = {best.n_prompts} prompts")
 else:
     print("no setting reached ROUGE-L >= 0.9 in this run")
 
@@ -206,35 +236,26 @@ else:
 # the curve (the first token of every prompt leaves from the prompt pass, at full depth or the static depth).
 
 # %%
-middle = thresholds[len(thresholds) // 2]
-histogram_rows = []
-for row, outs in zip(rows, outputs, strict=True):
-    chosen = row["method"].startswith("static") or (
-        row["method"] in ("CALM softmax", "FREE") and row["threshold"] == middle)
-    if outs is None or not chosen:
-        continue
-    layers = torch.cat([o.exit_layers[0] for o in outs])
-    counts = torch.bincount(layers, minlength=L + 1)[1:]
-    label = row["method"] + ("" if row["method"].startswith("static") else f" @ {middle:g}")
-    histogram_rows += [{"method": label, "exit_layer": layer, "tokens": int(c), "fraction": float(c) / len(layers)}
-                       for layer, c in enumerate(counts.tolist(), start=1)]
-histograms = pd.DataFrame(histogram_rows)
-methods = list(dict.fromkeys(histograms.method))
-fig, axes = plots.new_figure(1, len(methods), sharey=True, figsize=(2.6 * len(methods), 2.8))
-for ax, method in zip(axes if len(methods) > 1 else [axes], methods, strict=True):
-    group = histograms[histograms.method == method]
-    ax.bar(group.exit_layer, group.fraction, width=0.8)
-    ax.set_title(method, fontsize=8)
-    ax.set_xlabel("exit layer")
-(axes[0] if len(methods) > 1 else axes).set_ylabel("fraction of generated tokens")
+chosen = [label for label in settings if label.startswith("static")
+          or label in (f"CALM softmax {middle}", f"FREE {middle}")]
+histograms = exit_histogram({label: run.output(label) for label in chosen}, L)
+fig, axes = plots.new_figure(1, len(chosen), sharey=True, figsize=(2.6 * len(chosen), 2.8), squeeze=False)
+for ax, label in zip(axes[0], chosen, strict=True):
+    group = histograms[histograms.setting == label]
+    ax.bar(group.exit_layer, group.fraction, width=0.8, color=plots.colour(settings[label].method))
+    ax.set_title(label, fontsize=8)
+    ax.set_xlabel("exit layer (1-based)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+axes[0][0].set_ylabel("fraction of generated tokens")
 fig.suptitle("Exit-layer histograms")
-plots.caption(fig, model=model_name, data=", ".join(prompt_data), extra=f"{len(prompts)} prompts x {max_new_tokens} tokens")
+plots.caption(fig, model=model_name, data=", ".join(prompt_data),
+              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens")
 plots.save_figure(fig, "01_exit_histograms", table=histograms)
 
 # %%
-summary = histograms.assign(weighted=histograms.exit_layer * histograms.fraction).groupby("method", sort=False).agg(
+summary = histograms.assign(weighted=histograms.exit_layer * histograms.fraction).groupby("setting", sort=False).agg(
     mean_exit_layer=("weighted", "sum"))
-summary["at_full_depth"] = histograms[histograms.exit_layer == L].set_index("method").fraction
+summary["at_full_depth"] = histograms[histograms.exit_layer == L].set_index("setting").fraction
 display(summary.round(3))
 
 # %% [markdown]
@@ -246,32 +267,36 @@ display(summary.round(3))
 # ## 4. Calibrating CALM's threshold with Learn-then-Test
 #
 # On separate calibration prompts, each candidate threshold's risk is the mean disagreement between its
-# output and the full model's (`ltt_distance`: 1 - ROUGE-L, or the fraction of mismatched tokens). Candidates are tested from the safest down with a Hoeffding-Bentkus p-value;
-# the lowest certified one guarantees risk <= delta with probability >= 1 - epsilon.
+# output and the full model's (`ltt_distance`: 1 - ROUGE-L, or the fraction of mismatched tokens). Candidates
+# are tested from the safest down with a Hoeffding-Bentkus p-value; the lowest certified one guarantees
+# risk <= delta with probability >= 1 - epsilon.
 
 # %%
+calm_base = Calm("softmax", 0.9, exit_min_layer)
 with torch.inference_mode():
     ltt = calibrate_threshold(model, calibration_set, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
-                              method="calm", distance=ltt_distance, decode=tokenizer.decode, progress=False,
-                              eos_token_id=[], exit_conf_type="softmax", exit_min_layer=exit_min_layer,
-                              exit_transform=transform)
+                              calm_base, distance=ltt_distance, decode=tokenizer.decode, exit_transform=transform,
+                              eos_token_id=[], progress=False)
 display(ltt.table.round(4))
 print(f"delta = {ltt_delta}, epsilon = {ltt_epsilon}, n = {ltt.n} prompts: chosen threshold {ltt.threshold}")
 
-fig, ax = plots.new_figure()
-ax.plot(ltt.table.candidate, ltt.table.risk, marker="o", label=f"empirical risk ({ltt_distance} distance)")
-ax.plot(ltt.table.candidate, ltt.table.p_value, marker="s", ls="--", label="p-value")
+fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
+axes[0].plot(ltt.table.candidate, ltt.table.risk, marker="o", color=plots.colour("calm"),
+             label=f"empirical risk ({ltt_distance} distance)")
+axes[0].axhline(ltt_delta, color="C3", lw=1, ls="--", label=f"delta = {ltt_delta} (allowed risk)")
+axes[0].set_ylabel("mean disagreement with full depth")
+axes[1].plot(ltt.table.candidate, ltt.table.p_value, marker="s", color="0.3", label="p-value of risk > delta")
+axes[1].axhline(ltt_epsilon, color="C3", lw=1, ls="--", label=f"epsilon = {ltt_epsilon} (allowed error rate)")
+axes[1].set_ylabel("Hoeffding-Bentkus p-value")
 certified = ltt.table[ltt.table.certified]
-ax.scatter(certified.candidate, certified.risk, s=80, facecolors="none", edgecolors="C2", label="certified")
-ax.axhline(ltt_delta, color="C3", lw=1, label=f"delta = {ltt_delta}")
-ax.axhline(ltt_epsilon, color="0.5", lw=1, ls=":", label=f"epsilon = {ltt_epsilon}")
-ax.invert_xaxis()
-ax.set_xlabel("CALM threshold (tested from the left)")
-ax.set_ylabel("risk / p-value")
-ax.set_ylim(0, 1.02)
-ax.legend(fontsize=7)
-ax.set_title("Learn-then-Test calibration of CALM's threshold\n" + plots.provenance(
-    model=model_name, data=f"{ltt.n} calibration prompts x {calibration_tokens} tokens"))
+axes[1].scatter(certified.candidate, certified.p_value, s=80, facecolors="none", edgecolors="C2", label="certified")
+for ax in axes:
+    ax.invert_xaxis()
+    ax.set_xlabel("CALM threshold (tested from the left)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+fig.suptitle("Learn-then-Test calibration of CALM's threshold: risk against delta (left), p-value against epsilon (right)")
+plots.caption(fig, model=model_name, data=f"n = {ltt.n} calibration prompts x {calibration_tokens} tokens")
 plots.save_figure(fig, "01_ltt_calibration", table=ltt.table)
 
 # %% [markdown]
@@ -281,16 +306,16 @@ plots.save_figure(fig, "01_ltt_calibration", table=ltt.table)
 
 # %%
 if ltt.threshold is not None:
-    full_outputs = outputs[[r["method"] for r in rows].index("full")]
+    certified_policy = Calm("softmax", ltt.threshold, exit_min_layer)
+    full_outputs = run.output("full")
     with torch.inference_mode():
-        held_out = [exits.generate(model, ids, max_new_tokens, method="calm", exit_conf_type="softmax",
-                                   exit_min_layer=exit_min_layer, exit_conf_threshold=ltt.threshold,
-                                   exit_transform=transform, eos_token_id=[]) for ids in prompts]
-    risks = [disagreement(generated_ids(model, o.sequences, p), generated_ids(model, f.sequences, p), ltt_distance,
-                          tokenizer.decode) for o, f, p in zip(held_out, full_outputs, prompts, strict=True)]
+        held_out = [decode(model, p.input_ids, max_new_tokens, certified_policy, eos_token_id=[],
+                           exit_transform=transform) for p in prompts]
+    risks = [disagreement(o.new_tokens(0)[0], f.new_tokens(0)[0], ltt_distance, tokenizer.decode)
+             for o, f in zip(held_out, full_outputs, strict=True)]
     layers_used = torch.cat([o.exit_layers[0] for o in held_out]).double().mean()
     print(f"held-out prompts at threshold {ltt.threshold}: mean {ltt_distance} risk {sum(risks) / len(risks):.3f} "
-          f"(delta {ltt_delta}), {float(layers_used):.1f} layers/token")
+          f"(delta {ltt_delta}, n = {len(risks)}), {float(layers_used):.1f} layers/token")
 else:
     print(f"no candidate certified at delta={ltt_delta}, epsilon={ltt_epsilon} with {ltt.n} prompts: "
           "raise delta or calibration_prompts")
@@ -304,22 +329,22 @@ else:
 # estimator persists over a sequence of prompts.
 
 # %%
-estimator = exits.AdaptiveThreshold(initial=0.9)
+estimator = AdaptiveThreshold(initial=0.9)
+adaptive_policy = Free(shallow_exit_layer, 0.9, use_adapt_threshold=True, adapt_threshold=estimator)
 with torch.inference_mode():
     for ids in adaptive_set:
-        exits.generate(model, ids, adaptive_tokens, method="free", shallow_exit_layer=shallow_exit_layer,
-                       shallow2deep_conf_threshold=0.9, use_adapt_threshold=True, adapt_threshold=estimator,
-                       exit_transform=transform, eos_token_id=[])
+        decode(model, ids, adaptive_tokens, adaptive_policy, eos_token_id=[], exit_transform=transform)
 convergence = pd.DataFrame(estimator.history, columns=["sequence", "samples", "threshold"])
 fig, ax = plots.new_figure()
-ax.step(convergence.samples, convergence.threshold, where="post")
+ax.step(convergence.samples, convergence.threshold, where="post", color=plots.colour("free"))
 for _, first in convergence.groupby("sequence").head(1).iterrows():
     ax.axvline(first.samples, color="0.85", lw=0.8, zorder=0)
 ax.set_xlabel("recorded deep tokens (grey lines: a new prompt starts)")
 ax.set_ylabel("FREE threshold")
 ax.set_ylim(0.25, 0.95)
 ax.set_title("FREE adaptive threshold: convergence over prompts\n" + plots.provenance(
-    model=model_name, data=f"{len(adaptive_set)} prompts x {adaptive_tokens} tokens", extra=f"shallow exit {shallow_exit_layer}"))
+    model=model_name, data=f"n = {len(adaptive_set)} prompts x {adaptive_tokens} tokens",
+    extra=f"shallow exit {shallow_exit_layer}"))
 plots.save_figure(fig, "01_adaptive_threshold", table=convergence)
 
 # %%
@@ -333,7 +358,8 @@ else:
 # %% [markdown]
 # The threshold stays at its start value until both classes have a few samples, then moves to where the
 # two Beta components cross the posterior level; a flat tail means the estimate has settled for this model
-# and these prompts (FREE freezes it after 300 sequences).
+# and these prompts (FREE freezes it after 300 sequences). Section 2's "FREE adaptive" row decoded the timed
+# prompts with a fresh estimator, which starts learning on those prompts.
 
 # %% [markdown]
 # ## 6. One generation, coloured by exit layer
@@ -342,28 +368,20 @@ else:
 # (an interactive HTML render, and a static figure with the same numbers).
 
 # %%
-calm_index = next(i for i, r in enumerate(rows) if r["method"] == "CALM softmax" and r["threshold"] == middle)
-example = outputs[calm_index][0]
-new_ids = generated_ids(model, example.sequences, prompts[0])
-pieces = [tokenizer.decode([int(t)]) for t in new_ids]
-coloured = pd.DataFrame({"position": range(len(pieces)), "token": pieces,
-                         "exit_layer": example.exit_layers[0].tolist()})
-colormap = mpl.colormaps["viridis"]
-spans = "".join(
-    f'<span title="layer {layer}" style="background:{mpl.colors.to_hex(colormap((layer - 1) / max(L - 1, 1)))};'
-    f'color:{"black" if layer > L * 0.6 else "white"};padding:1px 0">{html.escape(piece)}</span>'
-    for piece, layer in zip(coloured.token, coloured.exit_layer, strict=True))
-page = (f"<div style='font-family:monospace;white-space:pre-wrap;line-height:1.6'><p><b>CALM softmax, threshold "
-        f"{middle}, {model_name}</b>: background = exit layer (dark: early, yellow: layer {L}); hover for the "
-        f"layer.</p>{spans}</div>")
+example = run.output(f"CALM softmax {middle}")[0]
+coloured = token_exits(example, tokenizer)
+page = plots.token_html(coloured.token.tolist(), coloured.exit_layer.tolist(), L,
+                        f"CALM softmax, threshold {middle}, {model_name}", "exit layer")
 plots.save_html(page, "01_generation_by_exit_layer")
 display(HTML(page))
 
-fig, ax = plots.new_figure(figsize=(max(4.5, 0.16 * len(pieces)), 3.0))
+fig, ax = plots.new_figure(figsize=(max(4.5, 0.16 * len(coloured)), 3.0))
+colormap = mpl.colormaps["viridis"]
 ax.bar(coloured.position, coloured.exit_layer, color=[colormap((v - 1) / max(L - 1, 1)) for v in coloured.exit_layer])
-ax.set_xticks(coloured.position, [p.replace("\n", "\\n") for p in coloured.token], rotation=90, fontsize=6)
-ax.set_ylabel("exit layer")
+ax.set_xticks(coloured.position, [t.replace("\n", "\\n") for t in coloured.token], rotation=90, fontsize=6)
+ax.set_ylabel("exit layer (1-based)")
 ax.set_ylim(0, L + 0.5)
+ax.yaxis.get_major_locator().set_params(integer=True)
 ax.set_title(f"One CALM generation (threshold {middle}) coloured by exit layer\n"
              + plots.provenance(model=model_name, data=f"{prompt_data[0]} prompt 0"))
 plots.save_figure(fig, "01_generation_by_exit_layer", table=coloured)
@@ -381,28 +399,30 @@ plots.save_figure(fig, "01_generation_by_exit_layer", table=coloured)
 # and decoding resumes from there. Same prompts and threshold, from the runs of section 2.
 
 # %%
-rollback_rows = []
-for row, outs in zip(rows, outputs, strict=True):
-    if row["method"] in ("FREE", "FREE + rollback") and row["threshold"] == rollback_at:
-        rollback_rows.append({**{k: row[k] for k in ("method", "threshold", "tokens_per_s", "speedup_vs_hf",
-                                                     "avg_layers", "rougeL_vs_full", "token_agreement_vs_full")},
-                              "rollbacks": sum(o.rollbacks for o in outs)})
-rollback = pd.DataFrame(rollback_rows)
+rollback_labels = [f"FREE {rollback_at}", f"FREE {rollback_at} + rollback"]
+rollback = curve.set_index("label").loc[rollback_labels, ["threshold", "speedup_vs_hf", "speedup_vs_hf_min",
+                                                          "speedup_vs_hf_max", "avg_layers", "rougeL_vs_full",
+                                                          "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
+                                                          "rollbacks", "n_prompts"]].reset_index()
 display(rollback.round(3))
 fig, axes = plots.new_figure(1, 3, figsize=(9, 2.8))
-for ax, column in zip(axes, ("speedup_vs_hf", "rougeL_vs_full", "rollbacks"), strict=True):
-    ax.bar(rollback.method, rollback[column], color=["C0", "C1"][: len(rollback)])
-    ax.set_title(column, fontsize=8)
-    ax.tick_params(axis="x", labelsize=7)
+panels = [("speedup_vs_hf", "speed vs HF generate (x)", ("speedup_vs_hf_min", "speedup_vs_hf_max")),
+          ("rougeL_vs_full", "ROUGE-L vs full depth", ("rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high")),
+          ("rollbacks", "tokens revised (all prompts)", None)]
+for ax, (column, title, bounds) in zip(axes, panels, strict=True):
+    yerr = None if bounds is None else [rollback[column] - rollback[bounds[0]], rollback[bounds[1]] - rollback[column]]
+    ax.bar(["off", "on"], rollback[column], yerr=yerr, capsize=3, color=[plots.colour("free"), "#7f3c8d"])
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("rollback")
 fig.suptitle(f"FREE at threshold {rollback_at}: rollback off / on ({rollback_threshold} nats)")
-plots.caption(fig, model=model_name, data=", ".join(prompt_data), extra=f"{len(prompts)} prompts x {max_new_tokens} tokens · {machine}")
+plots.caption(fig, model=model_name, data=", ".join(prompt_data),
+              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens · {machine}")
 plots.save_figure(fig, "01_rollback", table=rollback)
 
 # %%
-if len(rollback) == 2:
-    off, on = rollback.iloc[0], rollback.iloc[1]
-    print(f"rollback revised {int(on.rollbacks)} tokens: ROUGE-L {off.rougeL_vs_full:.3f} -> {on.rougeL_vs_full:.3f}, "
-          f"speed {off.speedup_vs_hf:.2f}x -> {on.speedup_vs_hf:.2f}x HF generate")
+off, on = rollback.iloc[0], rollback.iloc[1]
+print(f"rollback revised {int(on.rollbacks)} tokens: ROUGE-L {off.rougeL_vs_full:.3f} -> {on.rougeL_vs_full:.3f}, "
+      f"speed {off.speedup_vs_hf:.2f}x -> {on.speedup_vs_hf:.2f}x HF generate (n = {int(on.n_prompts)} prompts)")
 
 # %% [markdown]
 # Rollback trades speed for quality: every revision discards the tokens after it and decodes them again,

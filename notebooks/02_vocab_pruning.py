@@ -30,11 +30,13 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import exits, models, plots, vocab
+from effllm import models, plots, vocab
 from effllm.adapters import get_adapter
-from effllm.bench import device_description
-from effllm.bench.early_exit import early_exit_rows, prompt_budget, prompt_format, task_prompts
 from effllm.data import calibration as calibration_windows
+from effllm.decoding import Calm, Full, VocabPruning, decode
+from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
+from effllm.experiments.runs import run_policies
+from effllm.experiments.timing import device_description
 from effllm.lens import cached_linear_exits
 
 # %% tags=["parameters"]
@@ -55,6 +57,7 @@ analysis_sequences = 1  # windows per corpus
 analysis_seq_len = 128
 n_prompts = 4  # generation prompts per model
 max_new_tokens = 24
+rounds = 3  # interleaved timing rounds; a speed ratio is their median
 cost_min_run_time = 0.2  # seconds per timing of one confidence check
 
 # %%
@@ -98,10 +101,10 @@ for name, item in loaded.items():
         # T5: the decoder reads the reference answers of the task (teacher forcing), the encoder the prompt
         sources = task_prompts(item["tokenizer"], prompt_data[model_names.index(name)], 2 * analysis_sequences,
                                fmt="t5")
-        length = min(p.shape[1] for p in sources)
-        encoder_ids = torch.cat([p[:, :length] for p in sources])
+        length = min(p.input_ids.shape[1] for p in sources)
+        encoder_ids = torch.cat([p.input_ids[:, :length] for p in sources])
         with torch.inference_mode():  # the full model's own greedy output as the decoder input
-            targets = exits.generate(item["model"], encoder_ids, analysis_seq_len, method="full", eos_token_id=[])
+            targets = decode(item["model"], encoder_ids, analysis_seq_len, Full(), eos_token_id=[])
         decoder_ids = targets.sequences[:, :-1]  # starts with the decoder start token
     else:
         encoder_ids = None
@@ -233,25 +236,25 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     model, tokenizer = item["model"], item["tokenizer"]
     fmt = prompt_format(model, tokenizer, name)
     prompts = task_prompts(tokenizer, data_name, n_prompts, fmt=fmt, max_tokens=prompt_budget(model, max_new_tokens))
-    base = {"method": "calm", "exit_conf_type": "softmax", "exit_min_layer": item["prune_layer"],
-            "exit_conf_threshold": threshold}
-    settings = [{"label": "none", **base}]
-    settings += [{"label": "fixed", **base, "type_vocab_reduct": "fixed", "k": size}
-                 for size in generation_ks if size <= item["adapter"].vocab_size]
-    settings += [{"label": reduct, **base, "type_vocab_reduct": reduct, "k": k} for reduct in ("decaying", "adaptive")]
-    with torch.inference_mode():
-        rows = early_exit_rows(model, tokenizer, prompts, max_new_tokens, settings, exit_transform=item["transform"])
-    for row in rows:
-        row["k"] = row["params"].get("k") if row["params"].get("type_vocab_reduct", "none") != "none" else None
-    generation.append(pd.DataFrame(rows).drop(columns="params").assign(model=name))
+    base = {"exit_conf_type": "softmax", "exit_conf_threshold": threshold, "exit_min_layer": item["prune_layer"]}
+    settings = {"none": Calm(**base)}
+    settings |= {f"fixed k={size}": Calm(**base, vocab=VocabPruning("fixed", size))
+                 for size in generation_ks if size <= item["adapter"].vocab_size}
+    settings |= {reduct: Calm(**base, vocab=VocabPruning(reduct, k)) for reduct in ("decaying", "adaptive")}
+    run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
+                       rounds=rounds)
+    generation.append(run.summary[~run.summary.label.isin(["hf_generate", "full"])].assign(model=name))
 generation = pd.concat(generation, ignore_index=True)
-display(generation.round(3))
+generation["reduction"] = generation.type_vocab_reduct.fillna("none")
+display(generation[["model", "label", "reduction", "k", "speedup_vs_hf", "avg_layers", "rougeL_vs_full",
+                    "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "confidence_flops_per_token",
+                    "confidence_ms_per_token", "n_prompts"]].round(3))
 
 # %%
 fig, axes = plots.new_figure(1, 3, figsize=(12, 3.2))
 for i, (name, group) in enumerate(generation.groupby("model", sort=False)):
-    fixed = group[group.method == "fixed"].sort_values("k")
-    unpruned = group[group.method == "none"].iloc[0]
+    fixed = group[group.reduction == "fixed"].sort_values("k")
+    unpruned = group[group.label == "none"].iloc[0]
     colour = f"C{i}"
     axes[0].plot(fixed.k, fixed.rougeL_vs_full, marker="o", markersize=3, color=colour, label=f"{name}, fixed k")
     axes[0].axhline(unpruned.rougeL_vs_full, color=colour, ls=":", lw=1, label=f"{name}, no pruning")
@@ -270,32 +273,35 @@ axes[0].legend(fontsize=6)
 axes[1].legend(fontsize=6)
 fig.suptitle(f"CALM with a pruned vocabulary against k (threshold {threshold})")
 plots.caption(fig, data=", ".join(dict.fromkeys(prompt_data)),
-              extra=f"{n_prompts} prompts x {max_new_tokens} tokens per model, batch 1, greedy · {machine}")
+              extra=f"n = {n_prompts} prompts x {max_new_tokens} tokens per model, batch 1, greedy · {machine}")
 plots.save_figure(fig, "02_quality_vs_k", table=generation)
 
 # %%
-variants = generation[generation.method.isin(["none", "decaying", "adaptive"])
-                      | ((generation.method == "fixed") & (generation.k == k))].copy()
-variants["variant"] = variants.method + variants.k.map(lambda v: "" if pd.isna(v) else f" (k = {int(v)})")
-columns = ["speedup_vs_hf", "rougeL_vs_full", "avg_layers", "confidence_flops_per_token", "confidence_ms_per_token"]
+variants = generation[generation.reduction.isin(["none", "decaying", "adaptive"])
+                      | ((generation.reduction == "fixed") & (generation.k == k))].copy()
+variants["variant"] = variants.reduction + variants.k.map(lambda v: "" if pd.isna(v) else f" (k = {int(v)})")
+columns = {"speedup_vs_hf": "speed vs HF generate (x)", "rougeL_vs_full": "ROUGE-L vs full depth",
+           "avg_layers": "layers per token", "confidence_flops_per_token": "check FLOPs per token",
+           "confidence_ms_per_token": "check time per token (ms)"}
 fig, axes = plots.new_figure(1, len(columns), figsize=(2.6 * len(columns), 3.0))
-for ax, column in zip(axes, columns, strict=True):
+for ax, (column, title) in zip(axes, columns.items(), strict=True):
     table = variants.pivot(index="variant", columns="model", values=column).reindex(
         list(dict.fromkeys(variants.variant)))
-    table.plot.bar(ax=ax, legend=ax is axes[0], rot=60, fontsize=7)
-    ax.set_title(column, fontsize=8)
+    table.plot.bar(ax=ax, legend=False, rot=60, fontsize=7)
+    ax.set_title(title, fontsize=8)
     ax.set_xlabel("")
     if column.startswith("confidence"):
         ax.set_yscale("log")
-axes[0].legend(fontsize=6)
+handles, labels = axes[0].get_legend_handles_labels()
+fig.legend(handles, labels, loc="outside upper right", fontsize=7)
 fig.suptitle("Fixed vs decaying vs adaptive candidate sets (CALM softmax, threshold 0.9)")
 plots.caption(fig, extra=f"{n_prompts} prompts x {max_new_tokens} tokens per model · {machine}")
 plots.save_figure(fig, "02_fixed_decaying_adaptive", table=variants)
 
 # %%
 for name, group in variants.groupby("model", sort=False):
-    unpruned = group[group.method == "none"].iloc[0]
-    for row in group[group.method != "none"].itertuples():
+    unpruned = group[group.reduction == "none"].iloc[0]
+    for row in group[group.reduction != "none"].itertuples():
         print(f"{name}, {row.variant}: {row.tokens_per_s / unpruned.tokens_per_s:.2f}x the tokens/s of CALM without "
               f"pruning, ROUGE-L {row.rougeL_vs_full:.3f} (unpruned {unpruned.rougeL_vs_full:.3f}), confidence cost "
               f"{row.confidence_flops_per_token / unpruned.confidence_flops_per_token:.3f}x the FLOPs")

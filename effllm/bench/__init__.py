@@ -15,21 +15,12 @@ import argparse
 import importlib
 import json
 import pkgutil
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from effllm.experiments.timing import device_description  # noqa: F401  (results record the machine)
 from effllm.paths import REPO_ROOT
-
-
-def device_description() -> str:
-    """The machine a number was measured on, as written into every result."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, width: int = 14) -> None:

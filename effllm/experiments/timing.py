@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,13 @@ from torch import nn
 from torch.utils.benchmark import Timer
 
 from effllm.adapters import get_adapter
+
+
+def device_description() -> str:
+    """The machine a number was measured on, as written into every result."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _synchronize(device: torch.device) -> None:
