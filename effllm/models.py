@@ -349,6 +349,10 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=False,
                             tie_word_embeddings=True)),
+    # Gemma v1 laid out as Gemma-1.1-7b-it: as many K/V heads as query heads, and heads * head_dim (96) wider
+    # than d (64), so q/k/v/o are not square (the 7B: 16 x 256 = 4096 against d = 3072).
+    "gemma": ("gemma", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=24, max_position_embeddings=256)),
     "gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                                    sliding_window=8, query_pre_attn_scalar=16)),
@@ -357,14 +361,19 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
     "t5": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
                       decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    # Original T5 (T5-large, the FREE / vocabulary-pruning checkpoints): ReLU MLP (wi, wo) and tied embeddings, so
+    # transformers scales the decoder output by d_model**-0.5 before the LM head (config.scale_decoder_outputs).
+    "t5-tied": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
+                           decoder_start_token_id=0, feed_forward_proj="relu", tie_word_embeddings=True)),
 }
 
 
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """A randomly initialised small model of ``family`` (eval mode, float32) and :func:`tiny_tokenizer`.
 
-    Families: llama, mistral, qwen2, gemma3 (the Llama family), opt, gpt2, t5. ``overrides`` go to the
-    config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
+    Families: llama, mistral, qwen2, gemma (v1), gemma3 (the Llama family), opt, gpt2, t5 (T5 v1.1 layout:
+    gated MLP, untied head) and t5-tied (original T5 / T5-large: ReLU MLP, tied and scaled head).
+    ``overrides`` go to the config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
     """
     from transformers import AutoConfig
 
@@ -380,7 +389,7 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
     config._attn_implementation = "eager" if family in ("gemma3",) else "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_config(config, dtype=torch.float32)
     return model.eval(), tiny_tokenizer()
 

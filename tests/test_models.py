@@ -32,7 +32,7 @@ def test_tiny_name_through_load_model():
 
 
 def test_unknown_tiny_family_lists_families():
-    with pytest.raises(ModelNotAvailableError, match="allowed: gemma3, gpt2, llama, mistral, opt, qwen2, t5"):
+    with pytest.raises(ModelNotAvailableError, match="allowed: gemma, gemma3, gpt2, llama, mistral, opt, qwen2, t5, t5-tied"):
         tiny_model("bert")
 
 
