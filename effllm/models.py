@@ -269,6 +269,10 @@ def load_model(
     (``{0: "70GiB", "cpu": "200GiB"}``) and offloading the rest to ``offload_folder``. Hub ids get
     ``device_map="auto"`` by default when a CUDA GPU is present. Pruning and slicing then run layer by
     layer (effllm.capture), and the adapters move states between the layers' devices.
+
+    With stand-ins on (``EFFLLM_STANDINS=1``, see :mod:`effllm.standins`) a hub id gives a tiny random model of
+    the same family and structure (``model._effllm_standin`` says which id it stands in for) without touching
+    the hub; a hub id without a stand-in raises :class:`ModelNotAvailableError` listing those with one.
     """
     if not isinstance(name, str) or not name:
         raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
@@ -281,6 +285,9 @@ def load_model(
         model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
         model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
         return (_dispatch_tiny(model, placement) if placement else model), tokenizer
+
+    if _is_hub_id(name) and _standins_on():
+        return _load_standin(name, dtype, device, placement)
 
     if name in EMBEDDED_MODELS:
         path: str | Path = embedded_model_dir(name)
@@ -309,6 +316,30 @@ def load_model(
     if device is not None:
         model = model.to(device)
     if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _standins_on() -> bool:
+    from effllm import standins
+
+    return standins.enabled()
+
+
+def _load_standin(
+    name: str, dtype: torch.dtype | None, device: str | torch.device | None, placement: dict[str, Any]
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The stand-in of hub id ``name`` (effllm.standins), placed as the real model would be."""
+    from effllm import standins
+
+    try:
+        model, tokenizer = standins.load_standin_model(name)
+    except standins.NoStandInError as error:
+        raise ModelNotAvailableError(str(error)) from error
+    model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    if placement:
+        model = _dispatch_tiny(model, placement)
+    if tokenizer.pad_token_id is None:  # as for hub tokenizers (Llama 3 and Mistral have no pad token)
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
