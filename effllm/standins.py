@@ -1,7 +1,7 @@
 """Stand-ins: tiny random models and small generated data sets in place of the papers' hub models and data.
 
 The ``paper`` profile loads the papers' own checkpoints and hub data sets, which need a GPU and the Hugging
-Face hub. With stand-ins on, the same names load offline, in seconds, with no network:
+Face hub. With stand-ins on, the same names load offline, with no network:
 
     EFFLLM_STANDINS=1 python ...            # or, from code:
     from effllm import standins
