@@ -555,7 +555,9 @@ def _not_available(name: str, reason: str) -> DataNotAvailableError:
     builtins = ", ".join(f"{n} ({info.kind})" for n, info in BUILTIN.items())
     return DataNotAvailableError(
         f"Cannot load data set {name!r}: the Hugging Face hub cannot be reached ({reason}). Hub data sets "
-        f"need network access (the `paper` profile). Built-in alternatives that work offline: {builtins}."
+        f"need network access (the `paper` profile). Built-in alternatives that work offline: {builtins}. "
+        "To check a pipeline without the hub, EFFLLM_STANDINS=1 gives small generated sets with the hub "
+        "sets' schemas (effllm.standins; their numbers mean nothing)."
     )
 
 

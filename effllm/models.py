@@ -172,7 +172,8 @@ def _unavailable_message(name: str, reason: str) -> str:
         f"Cannot load model {name!r}: {reason}. Embedded models that work offline: "
         f"{', '.join(sorted(EMBEDDED_MODELS))}; random test models: "
         f"{', '.join(TINY_PREFIX + f for f in sorted(TINY_FAMILIES))}; or a local folder saved with "
-        "save_pretrained. Hub ids need network access to the Hugging Face hub (the `paper` profile)."
+        "save_pretrained. Hub ids need network access to the Hugging Face hub (the `paper` profile); "
+        "EFFLLM_STANDINS=1 gives tiny random stand-ins of the papers' hub models instead (effllm.standins)."
     )
 
 

@@ -166,7 +166,7 @@ def test_embedded_tiny_and_folder_names_are_not_stood_in(standins_on):
 # --------------------------------------------------------------------------------------------------
 # Data
 
-# Column names in the order of each hub set's card (effllm.standins.DATA_FEATURES holds the full spec).
+# Column names in the order of each hub set's card (effllm.standins.data_features holds the full spec).
 CARD_COLUMNS = {
     "squad": ["id", "title", "context", "question", "answers"],
     "samsum": ["id", "dialogue", "summary"],
