@@ -393,8 +393,10 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
     "t5": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
                       decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    # Original T5 (T5-large, the FREE / vocabulary-pruning checkpoints): ReLU MLP (wi, wo) and tied embeddings, so
-    # transformers scales the decoder output by d_model**-0.5 before the LM head (config.scale_decoder_outputs).
+    # Original T5 (T5-large, the FREE / vocabulary-pruning checkpoints): ReLU MLP (wi, wo) and tie_word_embeddings
+    # left on, so transformers scales the decoder output by d_model**-0.5 before the LM head
+    # (config.scale_decoder_outputs). transformers 5.24 ties T5's head to the embeddings in both families; with
+    # tie_word_embeddings=False ("t5", the v1.1 setting) it only drops the scaling.
     "t5-tied": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
                            decoder_start_token_id=0, feed_forward_proj="relu", tie_word_embeddings=True)),
 }
@@ -404,7 +406,8 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
     """A randomly initialised small model of ``family`` (eval mode, float32) and :func:`tiny_tokenizer`.
 
     Families: llama, mistral, qwen2, gemma (v1), gemma3 (the Llama family), opt, gpt2, t5 (T5 v1.1 layout:
-    gated MLP, untied head) and t5-tied (original T5 / T5-large: ReLU MLP, tied and scaled head).
+    gated MLP, tie_word_embeddings=False: no output scaling) and t5-tied (original T5 / T5-large: ReLU MLP,
+    decoder output scaled by d_model**-0.5 before the tied head).
     ``overrides`` go to the config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
     """
     from transformers import AutoConfig
