@@ -11,7 +11,7 @@ through an adapter, never through attribute paths of its own:
         hidden = adapter.run_layer(i, hidden, context)          # updates layer i's K/V in `cache`
     logits = adapter.logits(hidden)                             # final norm + LM head   [batch, seq, V]
 
-Families: the Llama family (Llama, Mistral, Qwen2, Gemma 3), OPT, GPT-2, and the T5 decoder (its
+Families: the Llama family (Llama, Mistral, Qwen2, Gemma v1, Gemma 3), OPT, GPT-2, and the T5 decoder (its
 encoder output is given to :meth:`T5Adapter.context`). Parts are returned by role so that methods can
 say "the q projection of layer 12" for any family:
 
@@ -32,7 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.pytorch_utils import Conv1D
 
 
@@ -220,7 +224,7 @@ class ArchitectureAdapter:
         rest of the layer: CALM's state propagation for layers an early exit skipped."""
         raise UnsupportedArchitectureError(
             f"K/V-only propagation is not implemented for the {self.family!r} adapter; "
-            "implemented for: llama family (llama, mistral, qwen2, gemma3), opt, gpt2, t5"
+            "implemented for: llama family (llama, mistral, qwen2, gemma, gemma3), opt, gpt2, t5"
         )
 
     def _causal_mask(self, i: int, context: LayerContext, cache: Cache | None = None) -> Any:
@@ -231,7 +235,7 @@ class ArchitectureAdapter:
         if key not in context._masks:
             context._masks[key] = create_causal_mask(
                 config=self.config, inputs_embeds=context.hidden, attention_mask=context.attention_mask,
-                past_key_values=cache, position_ids=context.position_ids, layer_idx=i,
+                cache=cache, position_ids=context.position_ids, layer_idx=i,
             )
         return context._masks[key]
 
@@ -290,7 +294,14 @@ class ArchitectureAdapter:
 
 
 class LlamaFamilyAdapter(ArchitectureAdapter):
-    """Llama, Mistral, Qwen2 and Gemma 3 (text): pre-norm blocks with rotary positions."""
+    """Llama, Mistral, Qwen2, Gemma v1 and Gemma 3 (text): pre-norm blocks with rotary positions.
+
+    Gemma v1 (Gemma-1.1-7b-it, model_type "gemma") is a Llama block with three differences that live inside
+    its own modules, so the adapter needs no branch for them: the embedding scales by sqrt(d)
+    (GemmaTextScaledWordEmbedding, as Gemma 3's), RMSNorm multiplies by (1 + weight), and the MLP's
+    activation is GELU (tanh). Unlike Gemma 3 it has no sandwich norms, no q/k norms, no sliding layers and no
+    logit soft-capping; the 7B has 16 K/V heads (no GQA) of head_dim 256, so q/k/v are wider than d.
+    """
 
     family = "llama"
 
@@ -354,7 +365,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
                 config=self.config,
                 inputs_embeds=context.hidden,
                 attention_mask=context.attention_mask,
-                past_key_values=context.cache,
+                cache=context.cache,
                 position_ids=context.position_ids,
                 layer_idx=i,
             )
@@ -374,7 +385,7 @@ class LlamaFamilyAdapter(ArchitectureAdapter):
             hidden.to(device),
             attention_mask=to_device(self._mask(i, context), device),
             position_ids=context.position_ids.to(device),
-            past_key_values=context.cache,
+            cache=context.cache,
             use_cache=context.cache is not None,
             position_embeddings=to_device(self._rotary(i, context), device),
         )
@@ -461,7 +472,7 @@ class OPTAdapter(ArchitectureAdapter):
         device = self.layer_device(i)
         out = self.layer(i)(
             hidden.to(device), attention_mask=to_device(self._causal_mask(i, context), device),
-            past_key_values=context.cache, use_cache=context.cache is not None,
+            cache=context.cache, use_cache=context.cache is not None,
             position_ids=context.position_ids.to(device),
         )
         return out[0] if isinstance(out, tuple) else out
@@ -535,7 +546,7 @@ class GPT2Adapter(ArchitectureAdapter):
     def run_layer(self, i, hidden, context):
         device = self.layer_device(i)
         out = self.layer(i)(
-            hidden.to(device), context.cache, to_device(self._causal_mask(i, context), device),
+            hidden.to(device), cache=context.cache, attention_mask=to_device(self._causal_mask(i, context), device),
             use_cache=context.cache is not None, position_ids=context.position_ids.to(device),
         )
         return out[0] if isinstance(out, tuple) else out
@@ -603,12 +614,34 @@ class T5Adapter(ArchitectureAdapter):
         return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
 
     def encode(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Encoder states [batch, source, d] of ``input_ids`` [batch, source] (``attention_mask``: 1 = token,
+        0 = padding), computed where the encoder lives (the ids may come from the CPU)."""
+        device = module_device(self.model.encoder)
+        return self.model.encoder(
+            input_ids=input_ids.to(device), attention_mask=to_device(attention_mask, device)
+        ).last_hidden_state
 
     def context(self, hidden, position_ids=None, cache=None, attention_mask=None, **extras):
+        """As the base class; ``encoder_hidden_states`` (from :meth:`encode`) is required and
+        ``encoder_attention_mask`` (the 2-D padding mask of the source, [batch, source]) optional."""
         if "encoder_hidden_states" not in extras:
             raise ValueError("T5Adapter.context needs encoder_hidden_states=adapter.encode(source_ids)")
         return super().context(hidden, position_ids, cache, attention_mask, **extras)
+
+    def _encoder_mask(self, context: LayerContext) -> Any:
+        """The cross-attention mask in the form T5Attention adds to its scores: what T5Stack builds with
+        create_bidirectional_mask from the 2-D source padding mask (a 4-D mask [batch, 1, q, source], or
+        None when nothing is padded). A raw 2-D 0/1 mask would be *added* to the scores (+1 on real tokens,
+        0 on padding): no masking at all, and a broadcasting error on batches."""
+        if "encoder" not in context._masks:
+            encoder_mask = context.extras.get("encoder_attention_mask")
+            if encoder_mask is not None:
+                encoder_mask = create_bidirectional_mask(
+                    config=self.config, inputs_embeds=context.hidden, attention_mask=encoder_mask,
+                    encoder_hidden_states=context.extras["encoder_hidden_states"],
+                )
+            context._masks["encoder"] = encoder_mask
+        return context._masks["encoder"]
 
     def _self_attention_inputs(self, i, context):
         past = self.cached_length(context.cache, i)
@@ -617,17 +650,22 @@ class T5Adapter(ArchitectureAdapter):
             self_cache = context.cache.self_attention_cache if context.cache is not None else None
             mask = self._causal_mask(i, context, cache=self_cache)
             q = context.hidden.shape[1]
-            bias = self.attention(0).compute_bias(q, past + q, device=context.hidden.device, past_seen_tokens=past)
+            # the bias table lives in layer 0's attention, which may sit on another device than the states
+            bias = self.attention(0).compute_bias(q, past + q, device=module_device(self.attention(0)),
+                                                  past_seen_tokens=past)
             context._masks[key] = (mask, bias)
         return context._masks[key]
 
     def run_layer(self, i, hidden, context):
         device = self.layer_device(i)
         mask, bias = to_device(self._self_attention_inputs(i, context), device)
-        encoder_mask = to_device(context.extras.get("encoder_attention_mask"), device)
         out = self.layer(i)(
-            hidden.to(device), mask, bias, context.extras["encoder_hidden_states"].to(device), encoder_mask, None,
-            past_key_values=context.cache,
+            hidden.to(device),
+            attention_mask=mask,
+            position_bias=bias,
+            encoder_hidden_states=context.extras["encoder_hidden_states"].to(device),
+            encoder_attention_mask=to_device(self._encoder_mask(context), device),
+            cache=context.cache,
         )
         return out[0]
 
@@ -649,6 +687,7 @@ _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {
     "llama": LlamaFamilyAdapter,
     "mistral": LlamaFamilyAdapter,
     "qwen2": LlamaFamilyAdapter,
+    "gemma": LlamaFamilyAdapter,
     "gemma3_text": LlamaFamilyAdapter,
     "opt": OPTAdapter,
     "gpt2": GPT2Adapter,

@@ -54,7 +54,8 @@ class HubDataset:
     path: str
     config: str | None = None
     splits: tuple[str, ...] = ("train", "validation", "test")
-    text_field: str | None = None  # the column corpus_text / calibration join, for corpora
+    # the column corpus_text / calibration read ("a.b": field b of column a; a tuple: fields joined by newlines)
+    text_field: str | tuple[str, ...] | None = None
     data_files: dict[str, str] | None = None
     revision: str | None = None
 
@@ -114,6 +115,12 @@ BUILTIN: dict[str, BuiltinDataset] = {
     ),
 }
 
+# The papers' hub data sets (the `paper` profile, the Wanda sweep, the seeds): datasets.load_dataset arguments,
+# splits as on each set's card, and the column(s) corpus_text / calibration read ("a.b": field b of column a;
+# a tuple: those fields joined by newlines). Repositories that still hold a loading script, which datasets>=4
+# refuses, are read from a script-free copy: their parquet export (revision refs/convert/parquet), a parquet
+# mirror, or their data files through the json loader. None of these could be fetched from the machine that
+# wrote this table (no hub access); effllm.standins holds each set's schema and a stand-in with it.
 HUB: dict[str, HubDataset] = {
     "squad": HubDataset("rajpurkar/squad", splits=("train", "validation"), text_field="context"),
     "samsum": HubDataset("knkarthick/samsum", text_field="dialogue"),
@@ -131,17 +138,49 @@ HUB: dict[str, HubDataset] = {
     ),
     "gsm8k": HubDataset("openai/gsm8k", "main", splits=("train", "test"), text_field="question"),
     "hellaswag": HubDataset("Rowan/hellaswag", text_field="ctx"),
+    # Wanda's / seed 004's zero-shot suite (lm-eval loads these itself for scoring; here for data.load)
+    "winogrande": HubDataset("allenai/winogrande", "winogrande_xl", text_field="sentence"),
+    "arc_easy": HubDataset("allenai/ai2_arc", "ARC-Easy", text_field="question"),
+    "arc_challenge": HubDataset("allenai/ai2_arc", "ARC-Challenge", text_field="question"),
+    "piqa": HubDataset("ybisk/piqa", "default", revision="refs/convert/parquet", text_field="goal"),
+    "mmlu": HubDataset("cais/mmlu", "all", splits=("test", "validation", "dev", "auxiliary_train"),
+                       text_field="question"),
+    "boolq": HubDataset("google/boolq", splits=("train", "validation"), text_field="passage"),
+    "rte": HubDataset("nyu-mll/glue", "rte", text_field="sentence1"),
     "alpaca": HubDataset("tatsu-lab/alpaca", splits=("train",), text_field="text"),
-    # Calibration sets of seed 002 (domain sub-models) that have one text column; columns as on their cards.
+    # Calibration sets of seed 002 (domain sub-models, sweeps/wanda_calibration_sets.yaml); names are the seed's.
+    # code
     "python_alpaca": HubDataset("iamtarun/python_code_instructions_18k_alpaca", splits=("train",),
                                 text_field="output"),
+    "apps": HubDataset("json", splits=("train", "test"), text_field="question",
+                       data_files={"train": "hf://datasets/codeparrot/apps/train.jsonl",
+                                   "test": "hf://datasets/codeparrot/apps/test.jsonl"}),
+    # Python files from GitHub: the validation part of CodeParrot's cleaned GitHub Python corpus (61k files; the
+    # train part is 5.3M), one split.
+    "github_python": HubDataset("codeparrot/codeparrot-clean-valid", splits=("train",), text_field="content"),
+    # commonsense reasoning
     "openbookqa": HubDataset("allenai/openbookqa", "main", text_field="question_stem"),
     "commonsenseqa": HubDataset("tau/commonsense_qa", text_field="question"),
+    # translation (en-fr)
+    "wmt14": HubDataset("wmt/wmt14", "fr-en", text_field=("translation.en", "translation.fr")),
+    "song_translation": HubDataset("Nicolas-BZRD/English_French_Songs_Lyrics_Translation_Original",
+                                   splits=("train",), text_field=("original_version", "french_version")),
+    "opus_books": HubDataset("Helsinki-NLP/opus_books", "en-fr", splits=("train",),
+                             text_field=("translation.en", "translation.fr")),
+    # math
+    "math_qa": HubDataset("regisss/math_qa", text_field="Problem"),  # allenai/math_qa's parquet copy
     "math_instruct": HubDataset("TIGER-Lab/MathInstruct", splits=("train",), text_field="instruction"),
-    "orca_math": HubDataset("microsoft/orca-math-word-problems-200k", splits=("train",), text_field="question"),
-    # The original repository is a loading script, which datasets>=4 refuses; its parquet export works.
-    "iwslt2017": HubDataset("IWSLT/iwslt2017", "iwslt2017-en-de", revision="refs/convert/parquet"),
+    "math_orca": HubDataset("microsoft/orca-math-word-problems-200k", splits=("train",), text_field="question"),
+    # Seed 002's second code benchmark (MBPP, pass@k next to HumanEval)
+    "mbpp": HubDataset("google-research-datasets/mbpp", "full", splits=("train", "test", "validation", "prompt"),
+                       text_field="text"),
+    # FREE's machine-translation set; the original repository is a loading script: its parquet export works.
+    "iwslt2017": HubDataset("IWSLT/iwslt2017", "iwslt2017-en-de", revision="refs/convert/parquet",
+                            text_field=("translation.en", "translation.de")),
 }
+# Other spellings -> the canonical HUB name (the paper profile and effllm.domains wrote orca_math, the seed
+# and its sweep math_orca).
+HUB_ALIASES: dict[str, str] = {"orca_math": "math_orca"}
 
 SPLIT_FRACTIONS = {"train": 0.90, "validation": 0.05, "test": 0.05}
 ARITHMETIC_SEED = 1234
@@ -483,8 +522,20 @@ def _builtin_records(name: str) -> list[dict[str, Any]]:
 
 
 def _allowed_names() -> str:
-    return (f"built-in (offline): {', '.join(BUILTIN)}; hub (paper profile): {', '.join(HUB)}; "
+    aliases = ", ".join(f"{alias} (= {name})" for alias, name in HUB_ALIASES.items())
+    return (f"built-in (offline): {', '.join(BUILTIN)}; hub (paper profile): {', '.join(HUB)}; also {aliases}; "
             "or any owner/name hub id")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with a hub alias replaced by its HUB name (``orca_math`` -> ``math_orca``); others unchanged."""
+    return HUB_ALIASES.get(name, name)
+
+
+def _standins_on() -> bool:
+    from effllm import standins
+
+    return standins.enabled()
 
 
 def _check_builtin(name: str) -> None:
@@ -505,7 +556,9 @@ def _not_available(name: str, reason: str) -> DataNotAvailableError:
     builtins = ", ".join(f"{n} ({info.kind})" for n, info in BUILTIN.items())
     return DataNotAvailableError(
         f"Cannot load data set {name!r}: the Hugging Face hub cannot be reached ({reason}). Hub data sets "
-        f"need network access (the `paper` profile). Built-in alternatives that work offline: {builtins}."
+        f"need network access (the `paper` profile). Built-in alternatives that work offline: {builtins}. "
+        "To check a pipeline without the hub, EFFLLM_STANDINS=1 gives small generated sets with the hub "
+        "sets' schemas (effllm.standins; their numbers mean nothing)."
     )
 
 
@@ -543,6 +596,10 @@ def _load_hub(name: str, split: str):
     spec = HUB.get(name, HubDataset(name, splits=()))
     if spec.splits:
         _check_split(name, split, spec.splits)
+    if _standins_on():  # a small generated set with the hub set's schema (effllm.standins), never the network
+        from effllm import standins
+
+        return standins.load_standin_data(name, split)
     if _hub_offline():  # before load_dataset, which may otherwise wait on network time-outs
         raise _not_available(name, "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set")
     kwargs: dict[str, Any] = {"split": split}
@@ -559,13 +616,16 @@ def _load_hub(name: str, split: str):
 def load(name: str, split: str | None = None):
     """Load data set ``name`` as a ``datasets.Dataset``.
 
-    ``name`` is a built-in set (see ``BUILTIN``; works offline), a paper's hub name (see ``HUB``) or an
-    owner/name hub id. ``split`` defaults to ``"train"``, or ``"test"`` for test-only sets (humaneval);
-    built-in sets also accept ``"all"``. Hub sets raise :class:`DataNotAvailableError` when the hub
-    cannot be reached.
+    ``name`` is a built-in set (see ``BUILTIN``; works offline), a paper's hub name (see ``HUB``; aliases in
+    ``HUB_ALIASES``) or an owner/name hub id. ``split`` defaults to ``"train"``, or ``"test"`` for test-only
+    sets (humaneval); built-in sets also accept ``"all"``. Hub sets raise :class:`DataNotAvailableError` when
+    the hub cannot be reached. With stand-ins on (``EFFLLM_STANDINS=1``, see :mod:`effllm.standins`) a hub name
+    gives a small generated set with the hub set's schema, and an owner/name id without a stand-in raises
+    :class:`effllm.standins.NoStandInError`.
     """
     import datasets
 
+    name = canonical_name(name)
     split = split or _default_split(name)
     if name in BUILTIN:
         _check_split(name, split, (*BUILTIN[name].splits, "all"))
@@ -580,7 +640,8 @@ def load(name: str, split: str | None = None):
 def documents(name: str, split: str | None = None) -> list[str]:
     """The texts of a data set: corpus documents, question + solution (arithmetic), prompt +
     canonical_solution (humaneval), the item with its right choice (arithmetic-mc, prose-mc), or the
-    ``text_field`` column of a hub set."""
+    ``text_field`` column(s) of a hub set."""
+    name = canonical_name(name)
     if name in BUILTIN:  # straight from the records: faster than going through a datasets.Dataset
         split = split or _default_split(name)
         _check_split(name, split, (*BUILTIN[name].splits, "all"))
@@ -597,7 +658,20 @@ def documents(name: str, split: str | None = None) -> list[str]:
     spec = HUB.get(name)
     if spec is not None and spec.text_field is None:
         raise ValueError(f"Hub data set {name!r} has no single text column; it cannot serve as a corpus.")
-    return list(load(name, split)[spec.text_field if spec else "text"])
+    text_field = spec.text_field if spec else "text"
+    rows = load(name, split)
+    columns = [_column(rows, path) for path in ((text_field,) if isinstance(text_field, str) else text_field)]
+    return columns[0] if len(columns) == 1 else ["\n".join(parts) for parts in zip(*columns, strict=True)]
+
+
+def _column(rows: Any, path: str) -> list[str]:
+    """The values at a dotted ``path`` of every record (``translation.en``: field en of column translation),
+    read column-wise (a whole C4 shard is 356k documents)."""
+    column, *keys = path.split(".")
+    values = list(rows[column])
+    for key in keys:
+        values = [value[key] for value in values]
+    return values
 
 
 def corpus_text(name: str, split: str | None = None) -> str:
@@ -650,8 +724,10 @@ def calibration_tokens(
     Documents are tokenized separately (in parallel) without special tokens and joined with the
     tokens of the blank-line separator; for a byte-level tokenizer this equals tokenizing the text.
     """
+    name = canonical_name(name)
+    # stand-in data and the hub set share a name: the memo must not hand one out for the other
     memo_key = (name, split or _default_split(name), type(tokenizer).__name__,
-                getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_chars)
+                getattr(tokenizer, "name_or_path", ""), len(tokenizer), max_chars, _standins_on())
     if memo_key not in _TOKEN_MEMO:
         docs = _capped_documents(name, split, max_chars)
         encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False)

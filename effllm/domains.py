@@ -48,8 +48,11 @@ CALIBRATION_SETS: dict[str, tuple[str, str]] = {
 }
 # The seed's hub calibration sets (the `paper` profile; effllm.data.HUB names) and their domains
 HUB_CALIBRATION_DOMAINS: dict[str, str] = {
-    "python_alpaca": "code", "openbookqa": "commonsense", "commonsenseqa": "commonsense", "hellaswag": "commonsense",
-    "math_instruct": "math", "orca_math": "math", "gsm8k": "math", "c4": "web text",
+    "python_alpaca": "code", "apps": "code", "github_python": "code",
+    "openbookqa": "commonsense", "commonsenseqa": "commonsense", "hellaswag": "commonsense",
+    "wmt14": "translation", "song_translation": "translation", "opus_books": "translation",
+    "math_qa": "math", "math_instruct": "math", "math_orca": "math", "orca_math": "math", "gsm8k": "math",
+    "c4": "web text",
 }
 # Domain -> the held-out corpus its perplexity is measured on
 PERPLEXITY_CORPORA: dict[str, str] = {"code": "python-code", "prose": "python-docs", "math": "arithmetic"}

@@ -172,7 +172,8 @@ def _unavailable_message(name: str, reason: str) -> str:
         f"Cannot load model {name!r}: {reason}. Embedded models that work offline: "
         f"{', '.join(sorted(EMBEDDED_MODELS))}; random test models: "
         f"{', '.join(TINY_PREFIX + f for f in sorted(TINY_FAMILIES))}; or a local folder saved with "
-        "save_pretrained. Hub ids need network access to the Hugging Face hub (the `paper` profile)."
+        "save_pretrained. Hub ids need network access to the Hugging Face hub (the `paper` profile); "
+        "EFFLLM_STANDINS=1 gives tiny random stand-ins of the papers' hub models instead (effllm.standins)."
     )
 
 
@@ -269,6 +270,10 @@ def load_model(
     (``{0: "70GiB", "cpu": "200GiB"}``) and offloading the rest to ``offload_folder``. Hub ids get
     ``device_map="auto"`` by default when a CUDA GPU is present. Pruning and slicing then run layer by
     layer (effllm.capture), and the adapters move states between the layers' devices.
+
+    With stand-ins on (``EFFLLM_STANDINS=1``, see :mod:`effllm.standins`) a hub id gives a tiny random model of
+    the same family and structure (``model._effllm_standin`` says which id it stands in for) without touching
+    the hub; a hub id without a stand-in raises :class:`ModelNotAvailableError` listing those with one.
     """
     if not isinstance(name, str) or not name:
         raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
@@ -281,6 +286,9 @@ def load_model(
         model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
         model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
         return (_dispatch_tiny(model, placement) if placement else model), tokenizer
+
+    if _is_hub_id(name) and _standins_on():
+        return _load_standin(name, dtype, device, placement)
 
     if name in EMBEDDED_MODELS:
         path: str | Path = embedded_model_dir(name)
@@ -309,6 +317,30 @@ def load_model(
     if device is not None:
         model = model.to(device)
     if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _standins_on() -> bool:
+    from effllm import standins
+
+    return standins.enabled()
+
+
+def _load_standin(
+    name: str, dtype: torch.dtype | None, device: str | torch.device | None, placement: dict[str, Any]
+) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
+    """The stand-in of hub id ``name`` (effllm.standins), placed as the real model would be."""
+    from effllm import standins
+
+    try:
+        model, tokenizer = standins.load_standin_model(name)
+    except standins.NoStandInError as error:
+        raise ModelNotAvailableError(str(error)) from error
+    model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    if placement:
+        model = _dispatch_tiny(model, placement)
+    if tokenizer.pad_token_id is None:  # as for hub tokenizers (Llama 3 and Mistral have no pad token)
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
@@ -349,6 +381,10 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=256, use_sliding_window=False,
                             tie_word_embeddings=True)),
+    # Gemma v1 laid out as Gemma-1.1-7b-it: as many K/V heads as query heads, and heads * head_dim (96) wider
+    # than d (64), so q/k/v/o are not square (the 7B: 16 x 256 = 4096 against d = 3072).
+    "gemma": ("gemma", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=4, head_dim=24, max_position_embeddings=256)),
     "gemma3": ("gemma3_text", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                                    sliding_window=8, query_pre_attn_scalar=16)),
@@ -357,14 +393,22 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=256)),
     "t5": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
                       decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    # Original T5 (T5-large, the FREE / vocabulary-pruning checkpoints): ReLU MLP (wi, wo) and tie_word_embeddings
+    # left on, so transformers scales the decoder output by d_model**-0.5 before the LM head
+    # (config.scale_decoder_outputs). transformers 5.24 ties T5's head to the embeddings in both families; with
+    # tie_word_embeddings=False ("t5", the v1.1 setting) it only drops the scaling.
+    "t5-tied": ("t5", dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=4, num_heads=4,
+                           decoder_start_token_id=0, feed_forward_proj="relu", tie_word_embeddings=True)),
 }
 
 
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """A randomly initialised small model of ``family`` (eval mode, float32) and :func:`tiny_tokenizer`.
 
-    Families: llama, mistral, qwen2, gemma3 (the Llama family), opt, gpt2, t5. ``overrides`` go to the
-    config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
+    Families: llama, mistral, qwen2, gemma (v1), gemma3 (the Llama family), opt, gpt2, t5 (T5 v1.1 layout:
+    gated MLP, tie_word_embeddings=False: no output scaling) and t5-tied (original T5 / T5-large: ReLU MLP,
+    decoder output scaled by d_model**-0.5 before the tied head).
+    ``overrides`` go to the config (for example ``num_hidden_layers=6``). The weights depend only on ``seed``.
     """
     from transformers import AutoConfig
 
@@ -380,7 +424,7 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
     config._attn_implementation = "eager" if family in ("gemma3",) else "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        auto = AutoModelForSeq2SeqLM if family == "t5" else AutoModelForCausalLM
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_config(config, dtype=torch.float32)
     return model.eval(), tiny_tokenizer()
 

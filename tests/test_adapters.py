@@ -10,7 +10,7 @@ FAMILIES = sorted(TINY_FAMILIES)
 
 
 def _reference_and_kwargs(family, model, adapter, ids):
-    if family == "t5":
+    if model.config.is_encoder_decoder:
         source = torch.randint(3, 250, (ids.shape[0], 9), generator=torch.Generator().manual_seed(1))
         reference = model(input_ids=source, decoder_input_ids=ids).logits
         return reference, {"encoder_hidden_states": adapter.encode(source)}
@@ -82,7 +82,7 @@ def test_layer_index_out_of_range():
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(UnsupportedArchitectureError, match="supported: gemma3_text, gpt2, llama"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gemma, gemma3_text, gpt2, llama"):
         get_adapter(torch.nn.Linear(2, 2))
 
 

@@ -177,6 +177,7 @@ def test_english_prose_is_built_from_fortune_files(tmp_path, monkeypatch):
 
 
 def test_offline_hub_name_raises_before_touching_the_network(monkeypatch):
+    monkeypatch.delenv("EFFLLM_STANDINS", raising=False)  # stand-ins off: the real hub path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
     with pytest.raises(data.DataNotAvailableError, match="wikitext2") as error:
@@ -189,6 +190,7 @@ def test_offline_hub_name_raises_before_touching_the_network(monkeypatch):
 def test_hub_connection_failure_becomes_data_not_available(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("EFFLLM_STANDINS", raising=False)
     calls = []
 
     def unreachable(*args, **kwargs):
@@ -204,7 +206,7 @@ def test_hub_connection_failure_becomes_data_not_available(monkeypatch):
 def test_unknown_name_lists_allowed_names():
     with pytest.raises(ValueError, match="Unknown data set 'wikitext-9'") as error:
         data.load("wikitext-9")
-    assert all(name in str(error.value) for name in [*data.BUILTIN, *data.HUB])
+    assert all(name in str(error.value) for name in [*data.BUILTIN, *data.HUB, *data.HUB_ALIASES])
 
 
 def test_bad_split_lists_splits(built_cache):
