@@ -88,7 +88,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                                    "calibration_tokens": 4, "ltt_candidates": [0.5], "humaneval_problems": 1,
                                    "slice_levels": [0.2],
                                    "humaneval_max_new_tokens": 8, "zero_shot_task": "arithmetic-mc",
-                                   "zero_shot_limit": 2, "batch_size": 4},
+                                   "zero_shot_limit": 2, "batch_size": 4, "speed_prompts": 1, "rounds": 1},
     },
     # The embedded SmolLM2-135M on a 2-core CPU: minutes per notebook; what `make run` runs.
     "default": {

@@ -123,6 +123,18 @@ def colour(method: str) -> str:
     raise ValueError(f"no colour for method {method!r}; known families: {', '.join(METHOD_COLOURS)}")
 
 
+def label_points(ax: Axes, xs: Any, ys: Any, labels: Any, fontsize: float = 6) -> list[Text]:
+    """Name every point of a scatter without overprinting: the labels are moved apart (and tied to their points
+    with a thin line where they moved) by adjustText, which is what it is for."""
+    from adjustText import adjust_text
+
+    texts = [ax.text(x, y, str(label), fontsize=fontsize) for x, y, label in zip(xs, ys, labels, strict=True)
+             if pd.notna(x) and pd.notna(y)]
+    if texts:
+        adjust_text(texts, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5}, expand=(1.2, 1.4))
+    return texts
+
+
 def token_html(tokens: list[str], values: list[int], vmax: int, title: str, value_name: str = "layer") -> str:
     """One generation as HTML: each token's background shows its ``values`` (e.g. exit layers 1..vmax, viridis:
     dark early, yellow late); hover a token for its value."""

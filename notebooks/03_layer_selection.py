@@ -25,16 +25,20 @@
 # CE + alpha * fraction of executed layers) on the hidden state barely beat controllers on a fixed input
 # (learned per-layer skip rates); and that a **per-sequence oracle**, picking for each sequence one of the
 # 4 / 8 / 12 / 24-layer models under an average budget (a multiple-choice knapsack), matches the full
-# model with 23.3% of the layers on average. This notebook repeats each analysis with `effllm.skipping`,
-# whose skipped layers are really not computed.
+# model with 23.3% of the layers on average. This notebook repeats each analysis with effllm's decoding core
+# (`effllm.decoding.Skip`), whose skipped layers are really not computed.
 
 # %%
 import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import data, models, plots, skipping
+from effllm import controllers, data, models, oracle, plots
 from effllm.adapters import get_adapter
+from effllm.decoding import Skip, plans
+from effllm.experiments.analyses import hidden_similarity
+from effllm.experiments.prompts import answer_examples, prompt_format, task_prompts
+from effllm.experiments.runs import run_policies
 from effllm.paths import cache_dir
 
 # %% tags=["parameters"]
@@ -56,6 +60,7 @@ controller_examples = 48  # training examples (task's train split) for the skip 
 controller_steps = 30  # one example per step, frozen backbone
 controller_alpha = 1.0  # weight of the layer cost in CE + alpha * fraction of executed layers
 controller_lr = 0.1
+rounds = 1  # interleaved timing rounds (speed: their median)
 
 # %%
 torch.manual_seed(seed)
@@ -63,14 +68,15 @@ plots.set_figures_dir(figures_dir)
 model, tokenizer = models.load_model(model_name, device=device)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
-items = skipping.task_prompts(task, tokenizer, n_prompts, seed=seed)
+fmt = prompt_format(model, tokenizer, model_name)
+items = [p.to(model.device) for p in task_prompts(tokenizer, task, n_prompts, fmt=fmt)]
 budget_table = pd.DataFrame({
     "budget": budgets,
-    "layers run": [skipping.budget_layer_count(n_layers, b) for b in budgets],
-    "skipping keeps (0-based)": [skipping.static_layers(n_layers, budget=b) for b in budgets],
-    "early exit keeps": [f"0..{skipping.budget_layer_count(n_layers, b) - 1}" for b in budgets],
+    "layers run": [plans.budget_layer_count(n_layers, b) for b in budgets],
+    "skipping keeps (0-based)": [plans.static_layers(n_layers, budget=b) for b in budgets],
+    "early exit keeps": [f"0..{plans.budget_layer_count(n_layers, b) - 1}" for b in budgets],
 })
-print(f"{model_name}: {n_layers} layers; {len(items)} {task} prompts")
+print(f"{model_name}: {n_layers} layers; {len(items)} {task} test prompts (items 0..{len(items) - 1})")
 with pd.option_context("display.max_colwidth", None):
     display(budget_table)
 
@@ -87,7 +93,7 @@ windows = data.calibration(similarity_corpus, tokenizer, n_samples=similarity_wi
                            seq_len=similarity_seq_len, seed=seed)
 counts = sorted({*torch.linspace(1, n_layers, similarity_points).round().int().tolist(),
                  *budget_table["layers run"]})
-similarity = skipping.hidden_similarity(model, windows, similarity_prompt_len, counts)
+similarity = hidden_similarity(model, windows, similarity_prompt_len, counts)
 display(similarity.pivot(index="layers_run", columns="method", values=["cosine", "cosine_normed"]).round(3).T)
 
 # %%
@@ -95,7 +101,8 @@ fig, axes = plots.new_figure(1, 2, sharey=True)
 for ax, column, name in zip(axes, ["cosine", "cosine_normed"], ["before the final norm", "after the final norm"],
                             strict=True):
     for method, group in similarity.groupby("method"):
-        ax.plot(group.layer_fraction, group[column], marker="o", markersize=3, label=method)
+        ax.plot(group.layer_fraction, group[column], marker="o", markersize=3, label=method,
+                color=plots.colour("skip" if method == "skipping" else "early-exit"))
     ax.set_xlabel("fraction of layers run per token")
     ax.set_title(f"last state {name}")
 axes[0].set_ylabel("cosine similarity to the full model")
@@ -127,41 +134,53 @@ print(f"At {closer} of the {len(at_budgets)} budgets' layer counts, skipping kee
 # relative to the full-depth run of the same engine, measured in the same run.
 
 # %%
-settings = [{"label": "full", "skip_mode": "static", "layers": n_layers},
-            *skipping.budget_settings(n_layers, [b for b in budgets if b < 1], modes=("static", "early-exit"))]
-generations = skipping.score_generations(
-    skipping.run_generations(model, tokenizer, items, settings, max_new_tokens), items, full_label="full")
-quality = generations.groupby(["label", "skip_mode", "layers"], as_index=False, sort=False).agg(
-    layer_fraction=("layer_fraction", "mean"), rougeL_reference=("rougeL_reference", "mean"),
-    rougeL_full=("rougeL_full", "mean"), new_tokens=("new_tokens", "sum"), seconds=("seconds", "sum"))
-quality["tokens_per_s"] = quality.new_tokens / quality.seconds
-quality["speedup_vs_full"] = quality.tokens_per_s / quality.tokens_per_s[quality.label == "full"].iloc[0]
-display(quality.round(3))
+layer_counts = {"full": n_layers}
+settings = {}
+for b in budgets:
+    n = plans.budget_layer_count(n_layers, b)
+    if n < n_layers:
+        settings[f"skipping {n}/{n_layers}"] = Skip("static", budget=b)
+        settings[f"early exit {n}/{n_layers}"] = Skip("early-exit", budget=b)
+        layer_counts |= {f"skipping {n}/{n_layers}": n, f"early exit {n}/{n_layers}": n}
+run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rounds)
+generations = run.items[run.items.label != "hf_generate"].copy()
+generations["layers"] = generations.label.map(layer_counts)
+generations["mode"] = generations.label.str.extract(r"^(skipping|early exit|full)")[0]
+quality = run.summary[run.summary.label != "hf_generate"].copy()
+quality["layers"] = quality.label.map(layer_counts)
+quality["mode"] = quality.label.str.extract(r"^(skipping|early exit|full)")[0]
+display(quality[["label", "layers", "avg_layers", "rougeL_vs_reference", "rougeL_vs_reference_ci_low",
+                 "rougeL_vs_reference_ci_high", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
+                 "speedup_vs_full", "n_prompts"]].round(3))
 with pd.option_context("display.max_colwidth", 120):
-    display(generations[generations.item == 0][["label", "text"]])
+    display(generations[generations.prompt == 0][["label", "text"]])
 
 # %%
 fig, axes = plots.new_figure(1, 2, sharey=True)
 full_row = quality[quality.label == "full"].iloc[0]
-for ax, column, name in zip(axes, ["rougeL_reference", "rougeL_full"], ["the reference answer", "the full model"],
+for ax, column, name in zip(axes, ["rougeL_vs_reference", "rougeL_vs_full"], ["the reference answer", "the full model"],
                             strict=True):
-    for mode, label in [("static", "skipping"), ("early-exit", "early exit")]:
-        group = pd.concat([quality[quality.skip_mode == mode], quality[quality.label == "full"]])
-        ax.plot(group.layers / n_layers, group[column], marker="o", label=label)
-    ax.set_xlabel("fraction of layers run per decoded token")
+    for mode, family in [("skipping", "skip"), ("early exit", "early-exit")]:
+        # each curve: its budgets, then the full model once as its right end (no duplicate point)
+        group = pd.concat([quality[quality["mode"] == mode], quality[quality.label == "full"]]).sort_values("layers")
+        ax.errorbar(group.layers / n_layers, group[column],
+                    yerr=[group[column] - group[f"{column}_ci_low"], group[f"{column}_ci_high"] - group[column]],
+                    marker="o", capsize=2, label=mode, color=plots.colour(family))
+    ax.set_xlabel("fraction of layers run per generated token")
     ax.set_title(f"ROUGE-L against {name}")
-axes[0].set_ylabel("mean ROUGE-L F")
+axes[0].set_ylabel("mean ROUGE-L F (95% CI over prompts)")
 axes[0].legend()
 fig.suptitle(f"Static skipping vs early exit: {task}, greedy, {max_new_tokens} new tokens")
-plots.caption(fig, model=model_name, data=f"{task} ({len(items)} prompts)",
+plots.caption(fig, model=model_name, data=f"{task} (n = {len(items)} prompts)",
               extra=f"CPU, {torch.get_num_threads()} threads")
-plots.save_figure(fig, "03_generation_quality", table=generations.drop(columns=["text"]))
+plots.save_figure(fig, "03_generation_quality", table=quality)
 
 # %%
-best = quality[quality.label != "full"].sort_values("rougeL_full", ascending=False).iloc[0]
-print(f"Full model: ROUGE-L {full_row.rougeL_reference:.3f} against the references. Closest to it below full "
-      f"depth: {best.label} (ROUGE-L {best.rougeL_reference:.3f} against the references, {best.rougeL_full:.3f} "
-      f"against the full model, {best.speedup_vs_full:.2f}x its decoding speed).")
+best = quality[quality.label != "full"].sort_values("rougeL_vs_full", ascending=False).iloc[0]
+print(f"Full model: ROUGE-L {full_row.rougeL_vs_reference:.3f} against the references (n = {full_row.n_prompts}). "
+      f"Closest to it below full depth: {best.label} (ROUGE-L {best.rougeL_vs_reference:.3f} against the references, "
+      f"{best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}] against the "
+      f"full model, {best.speedup_vs_full:.2f}x its decoding speed).")
 
 # %% [markdown]
 # Each curve shows how fast quality falls as layers are removed; the right panel isolates how far each
@@ -181,17 +200,19 @@ print(f"Full model: ROUGE-L {full_row.rougeL_reference:.3f} against the referenc
 # baseline.
 
 # %%
-examples = skipping.controller_examples(task, tokenizer, controller_examples, split="train", seed=seed)
+# Training examples come from the items after the test prompts: the same split for tasks that have only one
+# (Alpaca), never the same item.
+examples = answer_examples(tokenizer, task, controller_examples, offset=n_prompts, fmt=fmt)
 controller_paths, histories = {}, []
 for kind, fixed in [("hidden state", False), ("fixed input", True)]:
-    controllers, history = skipping.train_controllers(
+    trained, history = controllers.train_controllers(
         model, examples, with_fixed_input=fixed, alpha=controller_alpha, steps=controller_steps, lr=controller_lr,
         seed=seed, model_name=model_name)
     name = f"{'fixed' if fixed else 'hidden'}-alpha{controller_alpha}-steps{controller_steps}-seed{seed}.safetensors"
-    controller_paths[kind] = controllers.save(cache_dir() / "skip_controllers" / model_name.replace("/", "--") / name)
+    controller_paths[kind] = trained.save(cache_dir() / "skip_controllers" / model_name.replace("/", "--") / name)
     histories.append(history.assign(controller=kind))
 histories = pd.concat(histories, ignore_index=True)
-reloaded = {kind: skipping.SkipControllers.load(path, model) for kind, path in controller_paths.items()}
+reloaded = {kind: controllers.SkipControllers.load(path, model) for kind, path in controller_paths.items()}
 keep_rates = pd.DataFrame({"layer": range(n_layers),
                            "keep_probability": reloaded["fixed input"].keep_probabilities().numpy()})
 
@@ -199,12 +220,14 @@ keep_rates = pd.DataFrame({"layer": range(n_layers),
 fig, axes = plots.new_figure(1, 3)
 for kind, group in histories.groupby("controller"):
     smooth = group[["ce", "layer_fraction"]].rolling(5, min_periods=1).mean()
-    axes[0].plot(group.step, smooth.ce, label=kind)
-    axes[1].plot(group.step, smooth.layer_fraction, label=kind)
+    colour = plots.colour("controller" if kind == "hidden state" else "random")
+    axes[0].plot(group.step, smooth.ce, label=kind, color=colour)
+    axes[1].plot(group.step, smooth.layer_fraction, label=kind, color=colour)
 axes[0].set(xlabel="step", ylabel="cross-entropy on answers (5-step mean)")
 axes[1].set(xlabel="step", ylabel="fraction of layers executed (5-step mean)")
 axes[0].legend()
-axes[2].bar(keep_rates.layer, keep_rates.keep_probability)
+axes[2].bar(keep_rates.layer, keep_rates.keep_probability, color=plots.colour("random"))
+axes[2].xaxis.get_major_locator().set_params(integer=True)
 axes[2].set(xlabel="layer (0-based)", ylabel="keep probability", title="fixed-input controller")
 fig.suptitle(f"Controller training: CE + {controller_alpha} x layer fraction, frozen backbone")
 plots.caption(fig, model=model_name, data=f"{task} train ({len(examples)} examples)",
@@ -212,41 +235,45 @@ plots.caption(fig, model=model_name, data=f"{task} train ({len(examples)} exampl
 plots.save_figure(fig, "03_controller_training", table=histories)
 
 # %%
-controller_settings = [{"label": f"controller ({kind})", "skip_mode": "controller", "controller": reloaded[kind],
-                        "seed": seed} for kind in reloaded]
-controlled = skipping.run_generations(model, tokenizer, items, controller_settings, max_new_tokens)
-random_settings = [{"label": f"random at {kind} budget", "skip_mode": "random", "seed": seed,
-                    "budget": min(1.0, max(1 / n_layers, float(controlled[controlled.label == s["label"]]
-                                                               .layer_fraction.mean())))}
-                   for kind, s in zip(reloaded, controller_settings, strict=True)]
-randomised = skipping.run_generations(model, tokenizer, items, random_settings, max_new_tokens)
-compared = skipping.score_generations(
-    pd.concat([generations[generations.label == "full"], controlled, randomised], ignore_index=True),
-    items, full_label="full")
-controller_quality = compared.groupby("label", as_index=False, sort=False).agg(
-    layer_fraction=("layer_fraction", "mean"), rougeL_reference=("rougeL_reference", "mean"),
-    rougeL_full=("rougeL_full", "mean"))
-display(controller_quality.round(3))
+controller_settings = {f"controller ({kind})": Skip("controller", controller=reloaded[kind], seed=seed)
+                       for kind in reloaded}
+controlled = run_policies(model, tokenizer, items, controller_settings, max_new_tokens, hf=False, rounds=rounds)
+fractions = controlled.summary.set_index("label").avg_layers / n_layers
+random_settings = {f"random at {kind} budget": Skip("random", budget=min(1.0, max(1 / n_layers,
+                                                                                   float(fractions[f"controller ({kind})"]))),
+                                                    seed=seed)
+                   for kind in reloaded}
+randomised = run_policies(model, tokenizer, items, random_settings, max_new_tokens, hf=False, rounds=rounds)
+controller_quality = pd.concat([controlled.summary, randomised.summary[randomised.summary.label != "full"]],
+                               ignore_index=True)
+controller_quality["layer_fraction"] = controller_quality.avg_layers / n_layers
+display(controller_quality[["label", "layer_fraction", "rougeL_vs_reference", "rougeL_vs_full",
+                            "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "n_prompts"]].round(3))
 
 # %%
 fig, ax = plots.new_figure()
-static = pd.concat([quality[quality.skip_mode == "static"], quality[quality.label == "full"]])
-ax.plot(static.layers / n_layers, static.rougeL_full, color="0.6", marker="o", label="static skipping")
+static = quality[quality["mode"].isin(["skipping", "full"])].sort_values("layers")
+ax.plot(static.layers / n_layers, static.rougeL_vs_full, color=plots.colour("skip"), marker="o",
+        label="static skipping (section 2)")
 for row in controller_quality[controller_quality.label != "full"].itertuples():
-    ax.scatter(row.layer_fraction, row.rougeL_full, marker="s" if row.label.startswith("random") else "D",
-               s=40, label=row.label, zorder=3)
-ax.set_xlabel("fraction of layers run per decoded token")
-ax.set_ylabel("mean ROUGE-L F against the full model")
+    family = "random" if row.label.startswith("random") else "controller"
+    ax.errorbar(row.layer_fraction, row.rougeL_vs_full,
+                yerr=[[row.rougeL_vs_full - row.rougeL_vs_full_ci_low], [row.rougeL_vs_full_ci_high - row.rougeL_vs_full]],
+                marker="s" if family == "random" else ("D" if "hidden" in row.label else "^"), markersize=6, capsize=2,
+                ls="none", label=row.label, color=plots.colour(family), zorder=3)
+ax.set_xlabel("fraction of layers run per generated token")
+ax.set_ylabel("mean ROUGE-L F against the full model (95% CI)")
 ax.legend(fontsize="small")
 ax.set_title("Controllers on the hidden state vs a fixed input\n"
-             + plots.provenance(model=model_name, data=f"{task} ({len(items)} prompts)", extra="CPU"))
+             + plots.provenance(model=model_name, data=f"{task} (n = {len(items)} prompts)", extra="CPU"))
 plots.save_figure(fig, "03_controllers", table=controller_quality)
 
 # %%
-hidden_row, fixed_row = (controller_quality.set_index("label").loc[f"controller ({k})"] for k in reloaded)
+by_label = controller_quality.set_index("label")
+hidden_row, fixed_row = (by_label.loc[f"controller ({k})"] for k in reloaded)
 print(f"Hidden-state controller: {hidden_row.layer_fraction:.2f} of the layers, ROUGE-L vs full "
-      f"{hidden_row.rougeL_full:.3f}; fixed-input controller: {fixed_row.layer_fraction:.2f}, "
-      f"{fixed_row.rougeL_full:.3f}.")
+      f"{hidden_row.rougeL_vs_full:.3f}; fixed-input controller: {fixed_row.layer_fraction:.2f}, "
+      f"{fixed_row.rougeL_vs_full:.3f} (n = {int(hidden_row.n_prompts)} prompts).")
 
 # %% [markdown]
 # A hidden-state controller that is worth its input should sit above the fixed-input one at a similar
@@ -259,38 +286,45 @@ print(f"Hidden-state controller: {hidden_row.layer_fraction:.2f} of the layers, 
 # For each test prompt, the oracle may pick one of the budget models (static skipping with
 # `budgets`, the last being the full model) and must keep the average number of layers under a budget.
 # That is a multiple-choice knapsack; the costs are integer layer counts, so dynamic programming over the
-# total layer count solves it exactly for every budget at once (`skipping.oracle_frontier`). Quality is
+# total layer count solves it exactly for every budget at once (`effllm.oracle.oracle_frontier`, costs and qualities paired by label). Quality is
 # ROUGE-L against the reference answer.
 
 # %%
-budget_labels = [s["label"] for s in settings if s["skip_mode"] == "static" and s["label"] != "full"] + ["full"]
-layer_costs = [s["layers"] for s in settings if s["label"] in budget_labels]
-per_item = generations.pivot(index="item", columns="label", values="rougeL_reference")[budget_labels]
-frontier = skipping.oracle_frontier(per_item.to_numpy(), layer_costs, n_layers)
+# Quality per prompt and budget model, and each model's layer cost, both keyed by label: the oracle pairs them by
+# label (effllm.oracle), so the order of the columns cannot mispair them.
+budget_costs = {label: n for label, n in layer_counts.items() if label == "full" or label.startswith("skipping")}
+per_item = generations[generations.label.isin(budget_costs)].pivot(index="prompt", columns="label",
+                                                                  values="rougeL_vs_reference")
+frontier = oracle.oracle_frontier(per_item, budget_costs, n_layers)
 full_quality = float(per_item["full"].mean())
-needed = skipping.oracle_fraction_to_match(per_item.to_numpy(), layer_costs, full_quality, n_layers)
+needed = oracle.oracle_fraction_to_match(per_item, budget_costs, full_quality, n_layers)
 display(per_item.round(3))
 
 # %%
+means = per_item.mean()
 fig, ax = plots.new_figure()
-ax.plot(frontier.layer_fraction, frontier.mean_quality, drawstyle="steps-post", label="per-sequence oracle")
-ax.scatter([c / n_layers for c in layer_costs], per_item.mean().to_numpy(), color="C1", zorder=3,
-           label="one budget for every sequence")
+ax.plot(frontier.layer_fraction, frontier.mean_quality, drawstyle="steps-post", color=plots.colour("controller"),
+        label="per-sequence oracle")
+ax.scatter([budget_costs[c] / n_layers for c in means.index], means.to_numpy(), color=plots.colour("skip"), zorder=3,
+           label="one budget model for every sequence")
 ax.axhline(full_quality, color="0.5", linestyle="--", linewidth=1, label="full model")
-ax.axvline(needed, color="C2", linestyle=":", linewidth=1, label=f"oracle matches full at {needed:.1%}")
+ax.axvline(needed, color=plots.colour("self-spec"), linestyle=":", linewidth=1, label=f"oracle matches full at {needed:.1%}")
 ax.set_xlabel("average fraction of layers per sequence")
 ax.set_ylabel("mean ROUGE-L F against references")
 ax.legend(fontsize="small")
 ax.set_title("Per-sequence oracle over the budget models (exact knapsack)\n"
-             + plots.provenance(model=model_name, data=f"{task} ({len(items)} prompts)"))
+             + plots.provenance(model=model_name, data=f"{task} (n = {len(per_item)} prompts)"))
 plots.save_figure(fig, "03_oracle", table=frontier)
 
 # %%
-cheapest = [min((c for c, q in zip(layer_costs, row, strict=True) if q >= row.iloc[-1]), default=n_layers)
+# A second, independent count: for each sequence, the cheapest budget model at least as good as the full model
+# on that sequence (a per-sequence bound; the oracle may trade quality between sequences and need less).
+cheapest = [min((budget_costs[c] for c in per_item.columns if row[c] >= row["full"]), default=n_layers)
             for _, row in per_item.iterrows()]
-print(f"The oracle matches the full model's mean ROUGE-L ({full_quality:.3f}) with {needed:.1%} of the layers on "
-      f"average (the paper: 23.3% on OPT-IML-1.3b / Alpaca); taking for each sequence the cheapest budget model "
-      f"that is as good as the full model on it needs {sum(cheapest) / len(cheapest) / n_layers:.1%}.")
+print(f"The oracle matches the full model's mean ROUGE-L ({full_quality:.3f}, n = {len(per_item)} prompts) with "
+      f"{needed:.1%} of the layers on average (the paper: 23.3% on OPT-IML-1.3b / Alpaca); taking for each sequence "
+      f"the cheapest budget model that is as good as the full model on it needs "
+      f"{sum(cheapest) / len(cheapest) / n_layers:.1%}.")
 
 # %% [markdown]
 # The step curve is the best mean quality any per-sequence assignment reaches under each average budget;

@@ -38,9 +38,10 @@ import torch
 from IPython.display import display
 from matplotlib.ticker import MaxNLocator
 
-from effllm import domains, models, plots
+from effllm import domains, models, plots, pruning
 from effllm.adapters import get_adapter
-from effllm.bench.prune import WANDA_GOAL, prune_rows
+from effllm.experiments import evaluate
+from effllm.experiments.compression import WANDA_GOAL, prune_rows
 from effllm.pruning import jaccard_matrix, linear_roles, pairwise_jaccard, random_mask_jaccard
 
 # %% tags=["parameters"]
@@ -79,7 +80,7 @@ plots.set_figures_dir(figures_dir)
 model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
 adapter = get_adapter(model)
 machine = torch.cuda.get_device_name() if next(model.parameters()).is_cuda else "CPU"
-settings = domains.EvaluationSettings(
+settings = evaluate.EvaluationSettings(
     perplexity_seq_len=perplexity_seq_len, perplexity_windows=perplexity_windows,
     humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
     arithmetic_problems=arithmetic_problems, arithmetic_max_new_tokens=arithmetic_max_new_tokens,
@@ -117,10 +118,10 @@ with pd.option_context("display.max_colwidth", None):
 
 # %%
 bank = domains.SubModelBank(model)
-results = {domains.DENSE: domains.evaluate_submodel(model, tokenizer, settings)}
+results = {domains.DENSE: evaluate.evaluate_submodel(model, tokenizer, settings)}
 for name, ids in calibration.items():
     bank.prune(name, ids, method, sparsity if pattern == "unstructured" else None, pattern)
-    results[name] = domains.evaluate_submodel(model, tokenizer, settings)
+    results[name] = evaluate.evaluate_submodel(model, tokenizer, settings)
 bank.restore_dense()
 table = domains.domain_table(results)
 table.insert(2, "prune_seconds", [bank.seconds.get(name) for name in table.calibration])
@@ -228,15 +229,15 @@ weight_a, weight_b = bank.weight(first, linear), bank.weight(second, linear)
 mask_a, mask_b = bank.masks[first][linear], bank.masks[second][linear]
 if adapter.weight(dict(model.named_modules())[linear]) is not dict(model.named_modules())[linear].weight:
     weight_a, weight_b, mask_a, mask_b = weight_a.t(), weight_b.t(), mask_a.t(), mask_b.t()  # GPT-2 Conv1D
-fig = domains.plot_weight_views(
+fig = plots.plot_weight_views(
     weight_a, weight_b, mask_a, mask_b, (first, second),
     f"{linear}: sub-models calibrated on {first} and {second} · " + plots.provenance(model=model_name, extra=machine))
-difference = domains.mask_difference(mask_a, mask_b)
+difference = pruning.mask_difference(mask_a, mask_b)
 view_table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
                                                         f"pruned only in {second}", "pruned in both"],
                            "weights": [int((difference == k).sum()) for k in range(4)]})
 plots.save_figure(fig, "04_weight_views", table=view_table)
-html_path = plots.save_html(domains.treescope_weight_views(weight_a, weight_b, mask_a, mask_b, (first, second)),
+html_path = plots.save_html(plots.treescope_weight_views(weight_a, weight_b, mask_a, mask_b, (first, second)),
                             "04_weight_views_treescope")
 display(view_table)
 print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e6:.1f} MB)")

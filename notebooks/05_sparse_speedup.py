@@ -34,6 +34,7 @@ from IPython.display import display
 
 from effllm import models, plots, sparse
 from effllm.adapters import get_adapter
+from effllm.experiments import sparse_speed, timing
 from effllm.pruning import prune
 
 # %% tags=["parameters"]
@@ -135,7 +136,7 @@ labels = {"model": model_name, "codellama-13b": "CodeLlama-13B (shapes)"}
 tables = []
 for shape_name in shape_sets:
     shapes = sparse.shape_set(shape_name, model)
-    table = sparse.projection_timings(shapes, token_counts[shape_name], fmt, target, dtype, min_run_time,
+    table = sparse_speed.projection_timings(shapes, token_counts[shape_name], fmt, target, dtype, min_run_time,
                                       rounds, seed, threads=threads)
     table.insert(0, "shapes", labels.get(shape_name, shape_name))
     tables.append(table)
@@ -213,11 +214,11 @@ else:
     prune(pruned, "magnitude", sparsity, pattern=pattern, progress=False)
 sparse_model, conversion = sparse.sparse_copy(pruned, fmt)
 display(conversion.groupby(["kind", "format"], sort=False).size().rename("linears").to_frame())
-prompt = sparse.benchmark_prompt(tokenizer, prompt_tokens, prompt_corpus).to(target)
-with sparse.num_threads(threads):
-    agreement = sparse.output_agreement(pruned, sparse_model, prompt, decode_tokens)
+prompt = sparse_speed.benchmark_prompt(tokenizer, prompt_tokens, prompt_corpus).to(target)
+with timing.num_threads(threads):
+    agreement = sparse_speed.output_agreement(pruned, sparse_model, prompt, decode_tokens)
 display(pd.Series(agreement, name=f"{fmt} vs dense storage").to_frame())
-end_to_end = sparse.end_to_end_timings(pruned, sparse_model, prompt, decode_tokens, min_run_time, rounds,
+end_to_end = sparse_speed.end_to_end_timings(pruned, sparse_model, prompt, decode_tokens, min_run_time, rounds,
                                        threads=threads)
 end_to_end.insert(0, "model", model_name)
 end_to_end["format"], end_to_end["device"] = fmt, env["device"]

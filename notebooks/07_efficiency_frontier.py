@@ -27,18 +27,19 @@
 
 # %%
 import copy
-import functools
 
 import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import data, exits, frontier, metrics, models, plots, pruning, zeroshot
+from effllm import data, frontier, models, plots, pruning
 from effllm.adapters import get_adapter
-from effllm.bench import device_description
-from effllm.bench.early_exit import bench_prompts, prompt_budget, prompt_format
-from effllm.calibration import calibrate_threshold
+from effllm.decoding import Calm, Free, Skip, VocabPruning
+from effllm.experiments.frontier import FrontierTable
+from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
+from effllm.experiments.timing import device_description
 from effllm.lens import cached_linear_exits
+from effllm.ltt import calibrate_threshold
 from effllm.slicing import layer_scores, slice_fractions, slice_model
 
 # %% tags=["parameters"]
@@ -56,6 +57,8 @@ eval_windows = 4  # perplexity windows
 eval_seq_len = 256  # tokens per perplexity window
 n_prompts = 4  # decode prompts (arithmetic questions and HumanEval prompts, alternating)
 max_new_tokens = 32  # new tokens per decode prompt (no EOS stop: every row does the same work)
+speed_prompts = 4  # the first prompts, timed in `rounds` rounds back to back with the dense model
+rounds = 3  # timing rounds; a speed ratio is their median
 prefill_tokens = 128  # prompt length of the prefill timing
 prefill_min_run_time = 0.5  # seconds of repeated prefill per row (median kept)
 slice_levels = [0.1, 0.2, 0.3]  # mean slice fractions M of constant and dynamic slicing
@@ -97,9 +100,9 @@ calibration = data.calibration(calibration_data, tokenizer, n_samples=calibratio
 eval_tokens = data.calibration_tokens(eval_data, tokenizer, split="test")
 fmt = prompt_format(dense, tokenizer, model_name)
 budget = prompt_budget(dense, max(max_new_tokens, calibration_tokens))
-prompts = [p.to(device) for p in bench_prompts(tokenizer, n_prompts, fmt=fmt, max_tokens=budget)]
-ltt_prompts = [p.to(device) for p in bench_prompts(tokenizer, calibration_prompts, offset=n_prompts, fmt=fmt,
-                                                    max_tokens=budget)]
+prompts = [p.to(device) for p in task_prompts(tokenizer, "builtin", n_prompts, fmt=fmt, max_tokens=budget)]
+ltt_prompts = [p.input_ids.to(device) for p in task_prompts(tokenizer, "builtin", calibration_prompts,
+                                                             offset=n_prompts, fmt=fmt, max_tokens=budget)]
 prefill_ids = data.calibration(eval_data, tokenizer, n_samples=1, seq_len=prefill_tokens, seed=seed).to(device)
 transform = cached_linear_exits(dense, tokenizer, model_name) if use_fitted_exits else None
 transform_flops = 2 * hidden * hidden if transform is not None else 0  # one d x d exit map per check
@@ -112,64 +115,25 @@ print(f"{model_name}: {n_layers} layers, d = {hidden}; CALM from layer {exit_min
 # %% [markdown]
 # ## Step 1: the measurement
 #
-# Every row decodes the same prompts with the same engine (`effllm.exits.generate`, or
-# `effllm.skipping.generate` for layer skipping), batch 1, greedy, a fixed number of new tokens, so that
-# tokens/s compares like with like. Quality against the dense model is ROUGE-L over the generated token ids
-# (and per-position token agreement) of those generations; FLOPs per decoded token come from `effllm.frontier.decode_flops`, which
-# counts the layers each token actually ran and what its skipped layers still cost (K/V projections under
-# state propagation, the whole layer for FREE's deferred synchronized pass). A model-level method (pruning,
-# slicing, layer removal) also gets held-out perplexity, prefill time and, when enabled, HumanEval pass@1 and
-# zero-shot accuracy; a decode-time method (early exit, skipping) inherits its base model's parameters and
-# prefill time (the prompt runs at full depth) and has no perplexity of its own.
+# Every row decodes the same prompts with the same engine (`effllm.decoding.decode` with the row's policy),
+# batch 1, greedy, a fixed number of new tokens, so that tokens/s compares like with like; speed is timed on the
+# first `speed_prompts` prompts in `rounds` rounds, each round the row and then the dense model back to back,
+# and the speed ratio is the median over rounds. Quality against the dense model is ROUGE-L over the generated
+# token ids (with a 95% interval over prompts) and per-position token agreement; FLOPs per decoded token come
+# from `effllm.frontier.decode_flops`, which counts the layers each token actually ran and what its skipped
+# layers still cost (K/V projections under state propagation, the whole layer for FREE's deferred synchronized
+# pass). A model-level method (pruning, slicing, layer removal) also gets held-out perplexity, prefill time and,
+# when enabled, HumanEval pass@1 and zero-shot accuracy; a decode-time method (early exit, skipping) inherits
+# its base model's parameters and prefill time (the prompt runs at full depth) and has no perplexity of its own.
 
 # %%
-rows = []
-reference = None  # the dense model's generations
-
-
-def full_decoder(model, new_tokens):
-    return functools.partial(exits.generate, model, max_new_tokens=new_tokens, method="full", eos_token_id=[])
-
-
-def record(label, family, model, decode, kv_policy="propagate", base=None, uses_transform=False, warmup=False,
-           **extra):
-    """Decode the prompts with `decode`, score against the dense generations, and add one row."""
-    global reference
-    run = frontier.measure_decode(prompts, decode, warmup=warmup)
-    if reference is None:
-        reference = run.new_tokens
-    rouge, agreement = frontier.rouge_vs_reference(run.new_tokens, reference)
-    row = {"method": label, "family": family, "tokens_per_s": run.tokens_per_s,
-           "gflops_per_token": frontier.decode_flops(model, run.outputs, prompts, kv_policy,
-                                                     transform_flops if uses_transform else 0) / 1e9,
-           "avg_layers": sum(float(o.exit_layers.double().sum()) for o in run.outputs)
-           / sum(o.exit_layers.numel() for o in run.outputs),
-           "rougeL_vs_dense": rouge, "token_agreement": agreement}
-    if base is None:  # a model-level method: measure the model itself
-        row.update(parameters_M=frontier.parameter_count(model) / 1e6,
-                   nonzero_parameters_M=sum(int(torch.count_nonzero(p)) for p in
-                                            {p.data_ptr(): p for p in model.parameters()}.values()) / 1e6,
-                   prefill_ms=1e3 * frontier.measure_prefill(model, prefill_ids, prefill_min_run_time),
-                   perplexity=metrics.perplexity(model, eval_tokens, seq_len=eval_seq_len, batch_size=batch_size,
-                                                 max_windows=eval_windows))
-        if zero_shot_task:
-            row[f"accuracy_{zero_shot_task}"] = zeroshot.zero_shot_accuracy(
-                model, tokenizer, zero_shot_task, limit=zero_shot_limit, batch_size=batch_size)["accuracy"]
-    else:  # a decode-time method on `base`'s model
-        row.update({key: base[key] for key in ("parameters_M", "nonzero_parameters_M", "prefill_ms")},
-                   perplexity=float("nan"))
-    if humaneval_problems:
-        row["humaneval_pass@1"] = frontier.humaneval_pass_at_1(
-            lambda ids: decode(ids, max_new_tokens=humaneval_max_new_tokens, eos_token_id=None), tokenizer,
-            humaneval_problems)
-    row.update(extra)
-    rows.append(row)
-    print(f"{label:<28} {row['tokens_per_s']:6.1f} tok/s  ROUGE-L {rouge:.3f}  "
-          f"{row['gflops_per_token']:.3f} GFLOPs/token  ppl {row['perplexity']:.2f}")
-    return row
-
-
-dense_row = record("dense", "dense", dense, full_decoder(dense, max_new_tokens), warmup=True)  # warms the engine
+table_rows = FrontierTable(dense, tokenizer, prompts, max_new_tokens, prefill_ids=prefill_ids, eval_tokens=eval_tokens,
+                           eval_seq_len=eval_seq_len, eval_windows=eval_windows, batch_size=batch_size,
+                           speed_prompts=speed_prompts, rounds=rounds, prefill_min_run_time=prefill_min_run_time,
+                           zero_shot_task=zero_shot_task, zero_shot_limit=zero_shot_limit,
+                           humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
+                           exit_transform=transform, transform_flops=transform_flops)
+dense_row = table_rows.add_model("dense", "dense", dense)
 
 # %% [markdown]
 # ## Step 2: model-level methods
@@ -189,24 +153,24 @@ kept = {}  # models the combinations reuse
 def variant(label, family, transform_model, keep=None, **extra):
     model = copy.deepcopy(dense)
     transform_model(model)
-    record(label, family, model, full_decoder(model, max_new_tokens), **extra)
+    table_rows.add_model(label, family, model, **extra)
     if keep:
         kept[keep] = model
 
 
-variant("Wanda 50%", "pruning", lambda m: pruning.prune(m, "wanda", 0.5, calibration=calibration,
-                                                        batch_size=batch_size, progress=False), keep="wanda50")
-variant("Wanda 2:4", "pruning", lambda m: pruning.prune(m, "wanda", None, pattern="2:4", calibration=calibration,
-                                                        batch_size=batch_size, progress=False))
+variant("Wanda 50%", "wanda", lambda m: pruning.prune(m, "wanda", 0.5, calibration=calibration,
+                                                      batch_size=batch_size, progress=False), keep="wanda50")
+variant("Wanda 2:4", "wanda", lambda m: pruning.prune(m, "wanda", None, pattern="2:4", calibration=calibration,
+                                                      batch_size=batch_size, progress=False))
 for level in slice_levels:
-    variant(f"SliceGPT M={level}", "slicing", lambda m, level=level: slice_model(
+    variant(f"SliceGPT M={level}", "slicegpt", lambda m, level=level: slice_model(
         m, calibration, mean=level, batch_size=batch_size), keep="sliced" if level == min(slice_levels) else None)
     amplitude = min(slice_amplitude, level)
     fractions = slice_fractions(lr_scores, level, amplitude)
-    variant(f"dynamic M={level}", "slicing", lambda m, fractions=fractions: slice_model(
+    variant(f"dynamic M={level}", "dynamic", lambda m, fractions=fractions: slice_model(
         m, calibration, fractions=fractions, batch_size=batch_size), amplitude=amplitude)
 removed = round(shortgpt_fraction * n_layers)
-variant(f"ShortGPT -{removed} layers", "layer removal", lambda m: slice_model(
+variant(f"ShortGPT -{removed} layers", "shortgpt", lambda m: slice_model(
     m, calibration, mean=removed / n_layers, method="shortgpt", scores=bi_scores, batch_size=batch_size))
 
 # %% [markdown]
@@ -221,49 +185,34 @@ variant(f"ShortGPT -{removed} layers", "layer removal", lambda m: slice_model(
 
 # %%
 thresholds = {}
-for method, params in [("calm", {"exit_conf_type": "softmax", "exit_min_layer": exit_min_layer}),
-                       ("free", {"shallow_exit_layer": shallow_exit_layer})]:
-    ltt = calibrate_threshold(dense, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
-                              method=method, distance="rougeL", decode=tokenizer.decode, eos_token_id=[],
-                              exit_transform=transform, progress=False, **params)
+for name, base in [("calm", Calm("softmax", 0.9, exit_min_layer)), ("free", Free(shallow_exit_layer, 0.9))]:
+    ltt = calibrate_threshold(dense, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon, base,
+                              distance="rougeL", decode=tokenizer.decode, exit_transform=transform, eos_token_id=[],
+                              progress=False)
     certified = ltt.threshold is not None
-    thresholds[method] = (ltt.threshold if certified else max(ltt_candidates), certified)
-    print(f"{method}: Learn-then-Test on {ltt.n} prompts (delta={ltt_delta}, epsilon={ltt_epsilon}) -> "
+    thresholds[name] = (ltt.threshold if certified else max(ltt_candidates), certified)
+    print(f"{name}: Learn-then-Test on {ltt.n} prompts (delta={ltt_delta}, epsilon={ltt_epsilon}) -> "
           + (f"threshold {ltt.threshold}" if certified else f"none certified; using {max(ltt_candidates)}"))
     display(ltt.table.round(4))
 
 calm_threshold, calm_certified = thresholds["calm"]
 free_threshold, free_certified = thresholds["free"]
+vocab = VocabPruning("fixed", k)
+calm = Calm("softmax", calm_threshold, exit_min_layer)
+calm_vocab = Calm("softmax", calm_threshold, exit_min_layer, vocab=vocab)
+free = Free(shallow_exit_layer, free_threshold)
+free_vocab = Free(shallow_exit_layer, free_threshold, vocab=vocab, prune_layer=prune_layer)
+skip = Skip("static", budget=skip_budget)
 
-
-def calm(model, vocab="none"):
-    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="calm",
-                             exit_conf_type="softmax", exit_conf_threshold=calm_threshold,
-                             exit_min_layer=exit_min_layer, exit_transform=transform, type_vocab_reduct=vocab, k=k,
-                             eos_token_id=[])
-
-
-def free(model, vocab="none"):
-    extra = {"exit_min_layer": prune_layer} if vocab != "none" else {}
-    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="free",
-                             shallow_exit_layer=shallow_exit_layer, shallow2deep_conf_threshold=free_threshold,
-                             exit_transform=transform, type_vocab_reduct=vocab, k=k, eos_token_id=[], **extra)
-
-
-def skip(model):
-    return functools.partial(exits.generate, model, max_new_tokens=max_new_tokens, method="skip",
-                             skip_mode="static", budget=skip_budget, eos_token_id=[])
-
-
-record(f"CALM λ={calm_threshold}", "early exit", dense, calm(dense), base=dense_row, uses_transform=True,
-       threshold=calm_threshold, certified=calm_certified)
-record(f"CALM λ={calm_threshold} + vocab k={k}", "early exit + vocab", dense, calm(dense, "fixed"), base=dense_row,
-       uses_transform=True, threshold=calm_threshold, certified=calm_certified)
-record(f"FREE λ={free_threshold}", "early exit", dense, free(dense), kv_policy="deferred", base=dense_row,
-       uses_transform=True, threshold=free_threshold, certified=free_certified)
-record(f"FREE λ={free_threshold} + vocab k={k}", "early exit + vocab", dense, free(dense, "fixed"),
-       kv_policy="deferred", base=dense_row, uses_transform=True, threshold=free_threshold, certified=free_certified)
-record(f"static skip {skip_budget:.0%} layers", "layer skipping", dense, skip(dense), base=dense_row)
+table_rows.add_decoder(f"CALM λ={calm_threshold}", "calm", dense, calm, "dense", threshold=calm_threshold,
+                       certified=calm_certified)
+table_rows.add_decoder(f"CALM λ={calm_threshold} + vocab k={k}", "calm", dense, calm_vocab, "dense",
+                       threshold=calm_threshold, certified=calm_certified)
+table_rows.add_decoder(f"FREE λ={free_threshold}", "free", dense, free, "dense", threshold=free_threshold,
+                       certified=free_certified)
+table_rows.add_decoder(f"FREE λ={free_threshold} + vocab k={k}", "free", dense, free_vocab, "dense",
+                       threshold=free_threshold, certified=free_certified)
+table_rows.add_decoder(f"static skip {skip_budget:.0%} layers", "skip", dense, skip, "dense")
 
 # %% [markdown]
 # ## Step 4: combinations
@@ -273,13 +222,10 @@ record(f"static skip {skip_budget:.0%} layers", "layer skipping", dense, skip(de
 # recalibrating), and a sliced model can still skip layers.
 
 # %%
-by_label = {row["method"]: row for row in rows}
-wanda_row = by_label["Wanda 50%"]
-record(f"Wanda 50% + CALM + vocab k={k}", "combination", kept["wanda50"], calm(kept["wanda50"], "fixed"),
-       base=wanda_row, uses_transform=True, threshold=calm_threshold, certified=calm_certified)
-sliced_row = by_label[f"SliceGPT M={min(slice_levels)}"]
-record(f"SliceGPT M={min(slice_levels)} + skip {skip_budget:.0%}", "combination", kept["sliced"],
-       skip(kept["sliced"]), base=sliced_row)
+table_rows.add_decoder(f"Wanda 50% + CALM + vocab k={k}", "combination", kept["wanda50"], calm_vocab, "Wanda 50%",
+                       threshold=calm_threshold, certified=calm_certified)
+table_rows.add_decoder(f"SliceGPT M={min(slice_levels)} + skip {skip_budget:.0%}", "combination", kept["sliced"], skip,
+                       f"SliceGPT M={min(slice_levels)}")
 kept.clear()
 
 # %% [markdown]
@@ -290,9 +236,7 @@ kept.clear()
 # dashed step line are the Pareto front: no other row is both cheaper (or faster) and better.
 
 # %%
-table = pd.DataFrame(rows)
-table.insert(table.columns.get_loc("tokens_per_s") + 1, "speedup_vs_dense",
-             table.tokens_per_s / dense_row["tokens_per_s"])
+table = table_rows.frame()
 cost_axes = {"tokens_per_s": ("decode tokens/s (higher is better)", False),
              "prefill_ms": (f"prefill time of {prefill_tokens} tokens (ms)", True),
              "parameters_M": ("parameters (millions)", True),
@@ -302,26 +246,23 @@ for cost, (_, minimize) in cost_axes.items():
 with pd.option_context("display.max_columns", None, "display.width", 200):
     display(table.drop(columns=[c for c in table.columns if c.startswith("front_")]).round(3))
 
-families = list(dict.fromkeys(table.family))
-colors = {family: f"C{i}" for i, family in enumerate(families)}
 for cost, (xlabel, minimize) in cost_axes.items():
     fig, axes = plots.new_figure(1, 2, figsize=(12, 4.8))
-    for ax, quality, maximize, ylabel in [(axes[0], "rougeL_vs_dense", True, "ROUGE-L vs dense generations"),
+    for ax, quality, maximize, ylabel in [(axes[0], "rougeL_vs_dense", True, "ROUGE-L vs dense generations (mean)"),
                                           (axes[1], "perplexity", False, f"perplexity ({eval_data} test)")]:
         shown = table[table[quality].notna()]
         front = frontier.pareto_front(shown, cost, quality, minimize_cost=minimize, maximize_quality=maximize)
         for family, group in shown.groupby("family", sort=False):
-            ax.scatter(group[cost], group[quality], color=colors[family], label=family, s=36,
+            ax.scatter(group[cost], group[quality], color=plots.colour(family), label=family, s=36,
                        edgecolors=["black" if front[i] else "none" for i in group.index], linewidths=1.2)
         line = shown[front].sort_values(cost)
         # The staircase of what is reachable: a cost holds its quality to the right, a benefit to the left.
         ax.step(line[cost], line[quality], where="post" if minimize else "pre", color="0.3", linestyle="--",
                 linewidth=1)
-        for _, row in shown.iterrows():
-            ax.annotate(row.method, (row[cost], row[quality]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel=xlabel, ylabel=ylabel)
         if quality == "perplexity":
             ax.set_yscale("log")
+        plots.label_points(ax, shown[cost], shown[quality], shown.method)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"Efficiency frontier: quality against {xlabel.split(' (')[0]}\n"
                  + plots.provenance(model=model_name, data=f"{calibration_data} calibration, built-in prompts",
@@ -358,11 +299,11 @@ print(f"1. Speed. On {machine}, the dense model decodes {dense_row['tokens_per_s
 model_rows = table[table.perplexity.notna() & (table.method != "dense")]
 smaller = model_rows[model_rows.parameters_M < dense_row["parameters_M"]]
 size_front = model_rows[frontier.pareto_front(model_rows, "parameters_M", "perplexity", maximize_quality=False)]
-slicing = table[table.family == "slicing"].assign(
+slicing = table[table.family.isin(["slicegpt", "dynamic"])].assign(
     kind=lambda t: t.method.str.split(" ").str[0], level=lambda t: t.method.str.split("=").str[1].astype(float))
 pivot = slicing.pivot(index="level", columns="kind", values="perplexity")
 dynamic_wins = pivot[pivot["dynamic"] < pivot["SliceGPT"]].index.tolist()
-wanda = table[table.family == "pruning"]
+wanda = table[table.family == "wanda"]
 print(f"2. Size. Dense: {dense_row['parameters_M']:.1f} M parameters, perplexity {dense_row['perplexity']:.2f}. "
       f"Wanda keeps every stored parameter but zeroes, of all parameters (embeddings are not pruned), "
       + ", ".join(f"{1 - r.nonzero_parameters_M / r.parameters_M:.0%} ({r.method}, perplexity {r.perplexity:.2f})"
@@ -377,7 +318,7 @@ print(f"2. Size. Dense: {dense_row['parameters_M']:.1f} M parameters, perplexity
          + ", ".join(f"{r['method']} {r[f'accuracy_{zero_shot_task}']:.3f}" for _, r in model_rows.iterrows())
          + "." if zero_shot_task else "") + "\n")
 
-exit_rows = table[table.family.str.startswith("early exit")]
+exit_rows = table[table.family.isin(["calm", "free"])]
 calm_rows = exit_rows[exit_rows.method.str.startswith("CALM")]
 free_rows = exit_rows[exit_rows.method.str.startswith("FREE")]
 
