@@ -9,7 +9,8 @@
     run.outputs     # setting label -> the DecodeOutput of each prompt
 
 Every setting decodes the same prompts, batch 1, greedy, for exactly ``max_new_tokens`` tokens (end of sequence
-ignored, so that every row does the same work) unless ``stop_at_eos``. Two references always run: ``full``
+ignored, so that every row does the same work) unless ``stop_at_eos``. With ``speed_prompts`` only the first
+prompts are timed (in every round); quality always covers every prompt. Two references always run: ``full``
 (the engine at full depth: the quality reference, and the speed of the engine itself) and, with ``hf=True``,
 ``hf_generate`` (HF ``generate``: the speed reference). Timing runs ``rounds`` times with the settings
 interleaved (a different order each round), and a speed ratio is the median of the per-round ratios, each
@@ -95,16 +96,20 @@ def run_policies(
     exit_transform: Any = None,
     hf: bool = True,
     rounds: int = 1,
+    speed_prompts: int | None = None,
     stop_at_eos: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Decode every prompt with every setting (plus the references ``full`` and, with ``hf``, ``hf_generate``)
     and measure speed and quality; see the module docstring. ``exit_transform`` applies to every early-exit
-    setting (None: the model's attached exits, if any)."""
+    setting (None: the model's attached exits, if any). ``speed_prompts``: time only the first N prompts in the
+    ``rounds`` rounds (quality always comes from every prompt, decoded once more when N is smaller)."""
     checks.positive_int("max_new_tokens", max_new_tokens)
     checks.positive_int("rounds", rounds)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt")
+    speed_prompts = len(prompts) if speed_prompts is None else min(checks.positive_int("speed_prompts", speed_prompts),
+                                                                   len(prompts))
     policies = normalize_settings(settings)
     if FULL_LABEL not in policies:
         policies = {FULL_LABEL: Full(), **policies}
@@ -117,9 +122,11 @@ def run_policies(
 
     runners: dict[str, Any] = {}
     if hf:
-        runners[HF_LABEL] = lambda: [hf_generate(model, tokenizer, i, max_new_tokens, stop_at_eos) for i in ids]
+        runners[HF_LABEL] = lambda some: [hf_generate(model, tokenizer, i, max_new_tokens, stop_at_eos) for i in some]
     for label, policy in policies.items():
-        runners[label] = (lambda policy=policy: _decode_all(model, ids, max_new_tokens, policy, exit_transform, eos))
+        runners[label] = (lambda some, policy=policy: _decode_all(model, some, max_new_tokens, policy, exit_transform,
+                                                                  eos))
+    timed = ids[:speed_prompts]
 
     with torch.inference_mode():  # first-call allocations out of the timings
         warm = ids[0][:, :4]
@@ -132,12 +139,13 @@ def run_policies(
         jobs = [(r, labels[(k + r) % len(labels)]) for r in range(rounds) for k in range(len(labels))]
         for r, label in tqdm(jobs, desc="decode", disable=not progress):
             start = time.perf_counter()
-            outputs = runners[label]()
+            outputs = runners[label](timed)
             seconds = time.perf_counter() - start
             if label not in results:
-                results[label] = outputs
+                rest = runners[label](ids[speed_prompts:]) if speed_prompts < len(ids) else []
+                results[label] = [*outputs, *rest]
             new = sum(len(generated_ids(model, o if isinstance(o, torch.Tensor) else o.sequences, p))
-                      for o, p in zip(outputs, ids, strict=True))
+                      for o, p in zip(outputs, timed, strict=True))
             timing_rows.append({"round": r, "label": label, "seconds": seconds, "new_tokens": new,
                                 "tokens_per_s": new / seconds})
     timings = pd.DataFrame(timing_rows)

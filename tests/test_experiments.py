@@ -1,0 +1,105 @@
+"""The experiment layer: runs, intervals, prompts, task evaluation with a policy, the frontier table."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from effllm import metrics
+from effllm.decoding import Calm, Full, Skip, StaticExit, decode
+from effllm.experiments import evaluate, prompts, stats
+from effllm.experiments.frontier import FrontierTable
+from effllm.experiments.runs import normalize_settings, run_policies
+from effllm.models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama")
+
+
+def test_run_policies_times_a_subset_and_scores_every_prompt(tiny):
+    model, tokenizer = tiny
+    items = prompts.task_prompts(tokenizer, "builtin", 3, fmt="plain")
+    run = run_policies(model, tokenizer, items, [StaticExit(2)], 5, rounds=2, speed_prompts=1, progress=False)
+    assert set(run.items.label) == {"hf_generate", "full", "static@2"} and len(run.items) == 9
+    assert (run.timings.new_tokens == 5).all() and len(run.timings) == 6  # 1 prompt x 5 tokens, 3 labels x 2 rounds
+    summary = run.summary.set_index("label")
+    assert summary.loc["static@2", "n_prompts"] == 3 and summary.loc["static@2", "new_tokens"] == 15
+    ratios = (run.timings.pivot(index="round", columns="label", values="tokens_per_s")
+              .pipe(lambda t: t["static@2"] / t["hf_generate"]))
+    assert summary.loc["static@2", "speedup_vs_hf"] == pytest.approx(float(ratios.median()))
+    # references have their text ROUGE-L against the task's answers
+    assert summary.loc["full", "rougeL_vs_reference"] == pytest.approx(
+        np.mean([metrics.rouge_l([t], [p.reference]) for t, p in
+                 zip(run.items[run.items.label == "full"].text, items, strict=True)]))
+    for label in summary.index:
+        assert summary.loc[label, "rougeL_vs_full_ci_low"] <= summary.loc[label, "rougeL_vs_full"] \
+            <= summary.loc[label, "rougeL_vs_full_ci_high"]
+
+
+def test_settings_need_unique_labels_and_policies():
+    with pytest.raises(ValueError, match="used twice"):
+        normalize_settings([("a", Full()), ("a", StaticExit(2))])
+    with pytest.raises(ValueError, match="must be a decoding policy"):
+        normalize_settings({"a": {"method": "calm"}})
+    assert list(normalize_settings([Calm(), StaticExit(3)])) == ["calm-softmax", "static@3"]
+
+
+def test_mean_ci_and_paired_difference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 1.0, 200)
+    mean, low, high = stats.mean_ci(x)
+    assert mean == pytest.approx(x.mean()) and low < mean < high
+    assert high - low == pytest.approx(2 * 1.96 * x.std(ddof=1) / math.sqrt(200), rel=0.15)  # normal theory
+    small = stats.mean_ci(x[:20])
+    assert small[2] - small[1] > high - low  # fewer items, wider interval
+    y = x + rng.normal(0.1, 0.01, 200)  # nearly the same items, shifted: a tight paired interval
+    diff, d_low, d_high = stats.paired_difference_ci(y, x)
+    assert d_low < diff < d_high and d_high - d_low < 0.01 and diff == pytest.approx(0.1, abs=0.01)
+    assert stats.mean_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    assert all(math.isnan(v) for v in stats.mean_ci([0.3])[1:])
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.paired_difference_ci([1, 2], [1])
+    assert stats.ratio_summary([1.2, 0.8, 1.0]) == {"median": 1.0, "min": 0.8, "max": 1.2}
+
+
+def test_answer_examples_follow_the_evaluation_prompts(tiny):
+    _, tokenizer = tiny
+    test = prompts.task_prompts(tokenizer, "arithmetic", 3, fmt="plain")
+    examples = prompts.answer_examples(tokenizer, "arithmetic", 2, offset=3, fmt="plain")
+    assert [p.index for p in test] == [0, 1, 2]
+    for ids, mask in examples:
+        assert mask.any() and not any(torch.equal(ids[:, : p.input_ids.shape[1]], p.input_ids) for p in test
+                                      if p.input_ids.shape[1] <= ids.shape[1])
+
+
+def test_completion_with_a_policy_is_the_policys_decoding(tiny):
+    model, tokenizer = tiny
+    prompt_ids = [tokenizer("def f(x):", add_special_tokens=False)["input_ids"]]
+    policy = Skip("static", budget=0.5)
+    [text] = evaluate.complete(model, tokenizer, prompt_ids, 6, policy=policy)
+    out = decode(model, torch.tensor(prompt_ids), 6, policy)
+    assert text == tokenizer.decode(out.new_tokens(0)[0], skip_special_tokens=True)
+    [hf_text] = evaluate.complete(model, tokenizer, prompt_ids, 6)
+    assert hf_text == evaluate.complete(model, tokenizer, prompt_ids, 6, policy=Full())[0]
+
+
+def test_frontier_table_rows(tiny):
+    model, tokenizer = tiny
+    items = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
+    eval_tokens = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(0))
+    table = FrontierTable(model, tokenizer, items, 4, prefill_ids=items[0].input_ids, eval_tokens=eval_tokens,
+                          eval_seq_len=32, eval_windows=2, speed_prompts=1, rounds=2, prefill_min_run_time=0.01,
+                          progress=False)
+    dense = table.add_model("dense", "dense", model)
+    assert dense["rougeL_vs_dense"] == 1.0 and dense["identical_to_dense"] == 1.0 and dense["n_prompts"] == 2
+    assert dense["perplexity"] == pytest.approx(metrics.perplexity(model, eval_tokens, seq_len=32, max_windows=2))
+    skip = table.add_decoder("skip half", "skip", model, Skip("static", budget=0.5), "dense")
+    assert skip["parameters_M"] == dense["parameters_M"] and math.isnan(skip["perplexity"])
+    assert skip["speedup_vs_dense_min"] <= skip["speedup_vs_dense"] <= skip["speedup_vs_dense_max"]
+    assert skip["avg_layers"] == pytest.approx((4 + 3 * 2) / 4)  # first token at full depth, then 2 of 4
+    with pytest.raises(ValueError, match="no row labelled 'pruned'"):
+        table.add_decoder("x", "skip", model, Skip("static", budget=0.5), "pruned")
+    assert list(table.frame().method) == ["dense", "skip half"]
