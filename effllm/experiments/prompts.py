@@ -29,7 +29,7 @@ from effllm.models import chat_input_ids
 PLAIN_TEXT_MODELS = ("gemma3-270m",)
 PROMPT_FORMATS = ("chat", "plain", "t5")
 # Task -> the split its prompts come from (the evaluation split; Alpaca has only one).
-TASK_SPLITS = {"arithmetic": "test", "humaneval": "test", "squad": "validation", "samsum": "test",
+TASK_SPLITS = {"arithmetic": "test", "humaneval": "test", "docstrings": "test", "squad": "validation", "samsum": "test",
                "cnn_dailymail": "test", "alpaca": "train", "gsm8k": "test"}
 PROMPT_DATA = ("builtin", *TASK_SPLITS)
 MAX_PROMPT_TOKENS = 512  # as the seeds' --max_seq_length 512
@@ -87,6 +87,12 @@ def _item(task: str, row: dict[str, Any], fmt: str) -> tuple[str, str | None, bo
         return text, row["answer"], True
     if task == "humaneval":
         return row["prompt"], row["canonical_solution"], False
+    if task == "docstrings":  # a real reference: the function's own docstring summary, written by its author
+        if fmt == "chat":
+            return (f"Summarize in one sentence what this Python function does.\n\n```python\n{row['code']}```",
+                    row["summary"], True)
+        prefix = "summarize: " if fmt == "t5" else ""
+        return f"{prefix}{row['code']}\n# One-sentence summary of the function above:\n#", row["summary"], True
     if task == "squad":
         answer = row["answers"]["text"][0] if row["answers"]["text"] else ""
         if fmt == "t5":
