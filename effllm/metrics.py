@@ -36,21 +36,22 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def perplexity(
+def window_losses(
     model: torch.nn.Module,
     token_ids: torch.Tensor,
     seq_len: int,
     batch_size: int = 1,
     max_windows: int | None = None,
     progress: bool = False,
-) -> float:
-    """Perplexity of a causal LM on a token stream, in non-overlapping windows of ``seq_len`` tokens.
+) -> torch.Tensor:
+    """Mean next-token negative log-likelihood (nats) of every window [n_windows] of a token stream cut into
+    non-overlapping windows of ``seq_len`` tokens: the per-item numbers behind :func:`perplexity`, for intervals
+    and paired comparisons over windows.
 
-    The evaluation of Wanda and SparseGPT: the stream is cut into ``N // seq_len`` windows (the
-    remainder is dropped), each window is scored independently, and the first token of a window is
-    not predicted. ``ppl = exp(sum of NLL / number of predicted tokens)``, with the cross-entropy
-    computed in float32. ``max_windows`` keeps only the first windows (a quick estimate). The model
-    runs in eval mode under ``torch.no_grad`` on its own device; its training flag is restored after.
+    The evaluation of Wanda and SparseGPT: the stream is cut into ``N // seq_len`` windows (the remainder is
+    dropped), each window is scored independently, and the first token of a window is not predicted; the
+    cross-entropy is computed in float32. ``max_windows`` keeps only the first windows. The model runs in eval
+    mode under ``torch.no_grad`` on its own device; its training flag is restored after.
     """
     ids = torch.as_tensor(token_ids)
     if ids.dim() == 2 and ids.shape[0] == 1:
@@ -81,8 +82,7 @@ def perplexity(
     device = _model_device(model)
     windows = ids[: n_windows * seq_len].reshape(n_windows, seq_len).long()  # [n_windows, seq_len]
     extra = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
-    total_nll = 0.0  # a Python float (double) so long streams do not lose precision
-    total_tokens = 0
+    losses = []
     was_training = model.training
     model.eval()
     try:
@@ -94,16 +94,26 @@ def perplexity(
                 batch = windows[start : start + batch_size].to(device)  # [b, seq_len]
                 logits = model(batch, **extra).logits  # [b, seq_len, vocab]
                 shifted = logits[:, :-1, :].float()
-                labels = batch[:, 1:]
-                nll = F.cross_entropy(
-                    shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1), reduction="sum"
-                )
-                total_nll += nll.item()
-                total_tokens += labels.numel()
+                nll = F.cross_entropy(shifted.transpose(1, 2), batch[:, 1:], reduction="none")  # [b, seq_len - 1]
+                losses.append(nll.double().mean(dim=1).cpu())
                 bar.update(batch.shape[0])
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return torch.cat(losses)
+
+
+def perplexity(
+    model: torch.nn.Module,
+    token_ids: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 1,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Perplexity of a causal LM on a token stream, in non-overlapping windows of ``seq_len`` tokens (see
+    :func:`window_losses`): ``exp(mean NLL over every predicted token)``; every window predicts ``seq_len - 1``
+    tokens, so that is the exp of the mean of the windows' mean NLLs."""
+    return math.exp(float(window_losses(model, token_ids, seq_len, batch_size, max_windows, progress).mean()))
 
 
 def perplexity_of_text(
