@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from effllm.experiments.stats import mean_ci, paired_difference_ci
+from effllm.experiments.stats import paired_difference_ci
 
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "undecided at this n"
 VERDICTS = (HOLDS, FAILS, UNDECIDED)
