@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import jupytext
+import nbformat
 import pytest
 
 import run_all
@@ -50,6 +51,25 @@ def test_twins_are_in_sync(ipynb):
     )
     for index, (a, b) in enumerate(zip(from_ipynb, from_py, strict=True)):
         assert a == b, f"cell {index} differs between {ipynb.name} and {twin.name}: {hint}\n{a}\n!=\n{b}"
+
+
+PYTHON3_KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+@pytest.mark.parametrize("ipynb", IPYNBS, ids=lambda p: p.stem)
+def test_notebook_names_its_kernel_and_language(ipynb):
+    """JupyterLab opens a notebook without a kernelspec with a "Select kernel" dialog, and nbconvert and
+    GitHub highlight code by `language_info`; both twins carry the kernelspec so a sync keeps it."""
+    metadata = nbformat.read(ipynb, as_version=4).metadata
+    hint = (f"add it to {ipynb.name}'s metadata and to the header of {ipynb.stem}.py, then run "
+            f"`.venv/bin/jupytext --sync notebooks/{ipynb.name}`")
+    kernelspec = {k: metadata.get("kernelspec", {}).get(k) for k in PYTHON3_KERNELSPEC}
+    assert kernelspec == PYTHON3_KERNELSPEC, f"{ipynb.name}: kernelspec is {kernelspec}, not {PYTHON3_KERNELSPEC}: {hint}"
+    assert metadata.get("language_info", {}).get("name") == "python", (
+        f"{ipynb.name}: language_info is {metadata.get('language_info')}, not {{'name': 'python', ...}}: {hint}")
+    twin = jupytext.read(ipynb.with_suffix(".py")).metadata.get("kernelspec", {})
+    assert {k: twin.get(k) for k in PYTHON3_KERNELSPEC} == PYTHON3_KERNELSPEC, (
+        f"{ipynb.stem}.py has no python3 kernelspec in its jupytext header: {hint}")
 
 
 @pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
