@@ -1,4 +1,4 @@
-"""Shared test set-up: make the repository root importable (``import run_all``)."""
+"""Shared test set-up: this clone first on sys.path, so its effllm (and run_all.py) are the ones imported."""
 
 import sys
 from pathlib import Path
