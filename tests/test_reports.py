@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import stat
 import subprocess
 import textwrap
 from pathlib import Path
@@ -86,6 +87,14 @@ def test_report_has_no_error_outputs(report):
     html = report["path"].read_text(encoding="utf-8")
     # error outputs and stderr render as <div ... data-mime-type="application/vnd.jupyter.stderr">
     assert 'data-mime-type="application/vnd.jupyter.stderr"' not in html and "Traceback" not in html
+
+
+def test_report_is_readable_like_any_new_file(report):
+    """Published with the permissions a plain new file gets (the umask's), not a temporary file's 0600."""
+    plain = report["path"].parent / "plain.txt"
+    plain.write_text("x")
+    assert stat.S_IMODE(report["path"].stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    plain.unlink()
 
 
 def test_render_report_writes_the_page_atomically(report, tmp_path):
