@@ -41,9 +41,11 @@ if TYPE_CHECKING:
     import psutil
 
 OK, FAILED, INTERRUPTED, NOT_RUN = "ok", "failed", "interrupted", "not run"
-# The kernel's matplotlib backend: the inline one JupyterLab uses, so the executed copy (and its HTML
-# report) shows every figure as the reader would see it; it draws with Agg and needs no display.
+# The kernel's environment. MPLBACKEND: the inline backend JupyterLab uses, so the executed copy (and its
+# HTML report) shows every figure as the reader would see it; it draws with Agg and needs no display.
+# TQDM_DISABLE: no progress bars, which headless would be frozen widgets ("0%| | 0/8") in the report.
 KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
+KERNEL_ENV = {"MPLBACKEND": KERNEL_MPLBACKEND, "TQDM_DISABLE": "1"}
 # After Ctrl-C, how long `run` waits for the stopped jobs to notice their dead kernels (nbclient checks
 # every second) before it reports them anyway.
 INTERRUPT_GRACE_S = 30.0
@@ -339,7 +341,7 @@ def run_job(job: Job, cancellation: Cancellation | None = None) -> JobResult:
             # The kernel's working folder. Not papermill's `cwd=`: that calls os.chdir, which is
             # process-wide and races between parallel jobs.
             resources={"metadata": {"path": str(job.notebook.parent)}},
-            kernel_manager_class=_kernel_manager_class({"MPLBACKEND": KERNEL_MPLBACKEND, **job.env},
+            kernel_manager_class=_kernel_manager_class({**KERNEL_ENV, **job.env},
                                                        job.time_limit, timers, kernels, cancellation),
         )
     except PapermillExecutionError as exc:
