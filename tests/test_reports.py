@@ -39,6 +39,9 @@ ax.set_title("squares")
 fig.savefig(pathlib.Path(figures_dir) / "squares.png")
 
 # %%
+from tqdm.auto import tqdm
+for _ in tqdm(range(3), desc="squares-progress"):
+    pass
 print("report-check: the last cell ran")
 """
 
@@ -74,10 +77,22 @@ def test_report_embeds_the_figure_and_fetches_nothing(report):
     assert base64.b64decode(images[0]).startswith(b"\x89PNG\r\n\x1a\n")
     assert "<title>00_plot</title>" in html and "Squares, drawn" in html
     assert "report-check: the last cell ran" in html
-    # Nothing to load from elsewhere: no script, stylesheet or image from a URL (MathJax and require.js from a
-    # CDN are what nbconvert would add by default).
-    external = re.findall(r'<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)="(?!data:)([^"#][^"]*)"', html)
+    # Nothing to load from elsewhere: no script at all (nbconvert's template would fetch require.js, MathJax,
+    # Mermaid and the widget renderer from a CDN), no stylesheet, image or frame from a URL.
+    assert re.findall(r"<script\b[^>]*>", html) == []
+    external = re.findall(r'<(?:link|img|iframe)\b[^>]*\b(?:src|href)="(?!data:)([^"#]*)"', html)
     assert external == []
+    assert "cdnjs" not in html and "unpkg" not in html
+
+
+def test_report_leaves_out_frozen_progress_bars(report):
+    """A tqdm bar is a widget: the executed notebook keeps it, the static page leaves it out (it would show
+    its text fallback, frozen where it started)."""
+    bar = re.compile(r"squares-progress:\s+\d+%")  # the bar's text fallback, not the code that made it
+    executed = report["executed"].read_text(encoding="utf-8")
+    assert bar.search(executed) and "application/vnd.jupyter.widget-view+json" in executed
+    html = report["path"].read_text(encoding="utf-8")
+    assert not bar.search(html) and "application/vnd.jupyter.widget-view+json" not in html
 
 
 def test_report_has_no_error_outputs(report):

@@ -37,7 +37,7 @@ time.sleep(sleep_s)
 out = pathlib.Path(figures_dir)
 (out / "tables").mkdir(parents=True, exist_ok=True)
 received = dict(profile=profile, model_name=model_name, seed=seed, n_items=n_items, figures_dir=figures_dir,
-                cwd=os.getcwd(), MPLBACKEND=os.environ.get("MPLBACKEND"), TQDM_DISABLE=os.environ.get("TQDM_DISABLE"),
+                cwd=os.getcwd(), MPLBACKEND=os.environ.get("MPLBACKEND"),
                 EFFLLM_FIGURES=os.environ.get("EFFLLM_FIGURES"), start=start, end=time.time())
 (out / "alpha.json").write_text(json.dumps(received))
 (out / "tables" / "alpha.csv").write_text("x,y\\n1,2\\n")
@@ -109,7 +109,6 @@ def test_profile_parameters_reach_the_notebook(mixed_run):
     assert Path(received["EFFLLM_FIGURES"]) == staging
     # JupyterLab's inline backend (headless, draws with Agg): figures appear in the executed copy and its report
     assert received["MPLBACKEND"] == "module://matplotlib_inline.backend_inline"
-    assert received["TQDM_DISABLE"] == "1"  # progress bars would be frozen widgets in the report
     assert Path(received["cwd"]) == mixed_run["notebooks"]
 
 

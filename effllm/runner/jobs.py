@@ -41,11 +41,10 @@ if TYPE_CHECKING:
     import psutil
 
 OK, FAILED, INTERRUPTED, NOT_RUN = "ok", "failed", "interrupted", "not run"
-# The kernel's environment. MPLBACKEND: the inline backend JupyterLab uses, so the executed copy (and its
-# HTML report) shows every figure as the reader would see it; it draws with Agg and needs no display.
-# TQDM_DISABLE: no progress bars, which headless would be frozen widgets ("0%| | 0/8") in the report.
+# The kernel's matplotlib backend: the inline one JupyterLab uses, so the executed copy (and its HTML
+# report) shows every figure as the reader would see it; it draws with Agg and needs no display.
 KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
-KERNEL_ENV = {"MPLBACKEND": KERNEL_MPLBACKEND, "TQDM_DISABLE": "1"}
+KERNEL_ENV = {"MPLBACKEND": KERNEL_MPLBACKEND}
 # After Ctrl-C, how long `run` waits for the stopped jobs to notice their dead kernels (nbclient checks
 # every second) before it reports them anyway.
 INTERRUPT_GRACE_S = 30.0
