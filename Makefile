@@ -27,9 +27,17 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+# JupyterLab on notebooks/. Jupyter refuses to run as root without --allow-root (containers, cloud VMs):
+# given only then. With no display to open a browser on (SSH, containers), the server is started with
+# --no-browser and prints its URL with the token: open that (from another machine through
+# `ssh -L 8888:localhost:8888 HOST`).
+LAB_ROOT     := $(if $(filter 0,$(shell id -u)),--allow-root)
+LAB_HEADLESS := $(if $(or $(DISPLAY),$(WAYLAND_DISPLAY),$(filter Darwin,$(shell uname -s))),,yes)
+
 lab: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[lab]"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install --quiet -e ".[lab]"
+	@$(if $(LAB_HEADLESS),echo "No display here: open the URL below that starts with http://127.0.0.1:8888/lab?token= (port may differ) in a browser.")
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ROOT) $(if $(LAB_HEADLESS),--no-browser)
 
 clean-build:
 	rm -rf build/

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import platformdirs
@@ -28,11 +28,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     (and processes writing the same file at once) see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # open(..., "xb") rather than tempfile.mkstemp: the file gets the permissions any new file gets (the
+    # umask's, e.g. 0644), where mkstemp's 0600 would make published figures and reports unreadable to others.
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    file = open(temporary, "xb")  # closed by the with below, before the rename
     try:
-        with os.fdopen(descriptor, "wb") as file:
+        with file:
             file.write(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise

@@ -1,5 +1,6 @@
-"""Shared test set-up: make the repository root importable (``import run_all``) and print, at the top of every
-run, the versions of the libraries whose APIs effllm follows (CI logs then say what a pass was run with)."""
+"""Shared test set-up: this clone first on sys.path, so its effllm (and run_all.py) are the ones imported, and,
+at the top of every run, the versions of the libraries whose APIs effllm follows (CI logs then say what a pass
+was run with)."""
 
 import platform
 import sys

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import jupytext
+import nbformat
 import pytest
 
-import run_all
+from effllm import runner
 
-NOTEBOOKS_DIR = run_all.REPO_ROOT / "notebooks"
-TWINS = run_all.discover_notebooks(NOTEBOOKS_DIR)  # NN_title.py
+NOTEBOOKS_DIR = runner.REPO_ROOT / "notebooks"
+TWINS = runner.discover_notebooks(NOTEBOOKS_DIR)  # NN_title.py
 IPYNBS = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -52,21 +53,49 @@ def test_twins_are_in_sync(ipynb):
         assert a == b, f"cell {index} differs between {ipynb.name} and {twin.name}: {hint}\n{a}\n!=\n{b}"
 
 
+PYTHON3_KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+@pytest.mark.parametrize("ipynb", IPYNBS, ids=lambda p: p.stem)
+def test_notebook_names_its_kernel_and_language(ipynb):
+    """JupyterLab opens a notebook without a kernelspec with a "Select kernel" dialog, and nbconvert and
+    GitHub highlight code by `language_info`; both twins carry the kernelspec so a sync keeps it."""
+    metadata = nbformat.read(ipynb, as_version=4).metadata
+    hint = (f"add it to {ipynb.name}'s metadata and to the header of {ipynb.stem}.py, then run "
+            f"`.venv/bin/jupytext --sync notebooks/{ipynb.name}`")
+    kernelspec = {k: metadata.get("kernelspec", {}).get(k) for k in PYTHON3_KERNELSPEC}
+    assert kernelspec == PYTHON3_KERNELSPEC, f"{ipynb.name}: kernelspec is {kernelspec}, not {PYTHON3_KERNELSPEC}: {hint}"
+    assert metadata.get("language_info", {}).get("name") == "python", (
+        f"{ipynb.name}: language_info is {metadata.get('language_info')}, not {{'name': 'python', ...}}: {hint}")
+    twin = jupytext.read(ipynb.with_suffix(".py")).metadata.get("kernelspec", {})
+    assert {k: twin.get(k) for k in PYTHON3_KERNELSPEC} == PYTHON3_KERNELSPEC, (
+        f"{ipynb.stem}.py has no python3 kernelspec in its jupytext header: {hint}")
+
+
 @pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
 def test_notebook_declares_the_common_parameters(notebook):
-    nb = run_all.read_notebook(notebook)
-    assert run_all.has_parameters_cell(nb), f'{notebook.name} has no `# %% tags=["parameters"]` cell'
-    declared = run_all.declared_parameters(notebook)
-    missing = [name for name in run_all.COMMON_PARAMETERS if name not in declared]
+    nb = runner.read_notebook(notebook)
+    assert runner.has_parameters_cell(nb), f'{notebook.name} has no `# %% tags=["parameters"]` cell'
+    declared = runner.declared_parameters(notebook)
+    missing = [name for name in runner.COMMON_PARAMETERS if name not in declared]
     assert not missing, f"{notebook.name} does not declare {missing} (it declares {declared})"
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
 def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
-    (job,), _ = run_all.build_jobs([notebook], "smoke", tmp_path / "build", timeout=600)
-    result = run_all.run_job(job)
+    (job,), _ = runner.build_jobs([notebook], "smoke", tmp_path / "build", timeout=600)
+    result = runner.run_job(job)
     assert result.status == "ok", f"{notebook.name} failed: {result.error} (executed copy: {result.executed})"
     assert result.figures, f"{notebook.name} wrote no figure into figures_dir"
     assert all((job.publish_dir / name).is_file() for name in result.figures)
     assert job.publish_dir.is_relative_to(tmp_path)  # smoke never touches figures/
+    # The HTML report: published beside the figures, every saved figure shown in it, no error output.
+    assert result.report == str(job.publish_dir / "notebooks" / f"{notebook.stem}.html")
+    html = Path(result.report).read_text(encoding="utf-8")
+    pngs = [name for name in result.figures if name.endswith(".png")]
+    shown = html.count('src="data:image/png;base64,')
+    assert shown >= len(pngs) > 0, f"{notebook.stem}: {len(pngs)} PNG figures saved, {shown} embedded in the report"
+    errors = [o for cell in nbformat.read(result.executed, as_version=4).cells
+              for o in cell.get("outputs", []) if o.output_type == "error"]
+    assert errors == [], f"{notebook.stem}: error outputs in the executed copy: {[e.ename for e in errors]}"

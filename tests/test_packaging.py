@@ -8,14 +8,14 @@ import sys
 import pytest
 import yaml
 
-import run_all
+from effllm import runner
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     tomllib = pytest.importorskip("tomli")
 
-ROOT = run_all.REPO_ROOT
+ROOT = runner.REPO_ROOT
 
 
 def normalize(requirement: str) -> str:

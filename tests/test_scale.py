@@ -8,12 +8,14 @@ import csv
 import importlib.util
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-import run_all
-from effllm.scale import Resources, SweepError, load_sweep, point_slug
+from effllm import runner
+from effllm.runner import cli
+from effllm.runner.sweeps import Resources, SweepError, load_sweep, point_slug
 
 # Draws a figure through effllm.plots.save_figure and records what it received; fails for pattern "broken".
 SWEPT = """\
@@ -76,7 +78,7 @@ def sweep_setup(tmp_path):
 
 def run_sweep(root: Path, notebooks: Path, sweep_file: Path, *extra: str) -> tuple[int, Path, Path]:
     build = root / "build"
-    code = run_all.main(["--sweep", str(sweep_file), "--notebooks-dir", str(notebooks), "--build-dir", str(build),
+    code = cli.main(["--sweep", str(sweep_file), "--notebooks-dir", str(notebooks), "--build-dir", str(build),
                          *extra])
     return code, build, build / "smoke" / "figures" / "sweeps" / "tiny"
 
@@ -91,7 +93,7 @@ def check_sweep_outcome(code: int, build: Path, figures: Path) -> dict:
     ok = [r for r in runs.values() if r["status"] == "ok"]
     (failed,) = [r for r in runs.values() if r["status"] == "failed"]
     assert failed["run_id"].startswith("002") and "deliberate failure for pattern=broken" in failed["error"]
-    assert failed["figures"] == [] and not (figures / failed["run_id"]).exists()
+    assert failed["figures"] == [] and failed["report"] is None and not (figures / failed["run_id"]).exists()
     assert len(ok) == 2
     for run in ok:
         folder = figures / run["run_id"]
@@ -108,6 +110,9 @@ def check_sweep_outcome(code: int, build: Path, figures: Path) -> dict:
         assert Path(run["executed"]) == executed and executed.is_file()
         table = (folder / "bars.csv").read_text()
         assert str(run["parameters"]["sparsity"]) in table and run["parameters"]["pattern"] in table
+        # the run's HTML report beside its figures (on Ray and SLURM shipped back from the worker)
+        assert run["report"] == f"{run['run_id']}/00_swept.html"
+        assert 'src="data:image/png;base64,' in (folder / "00_swept.html").read_text(encoding="utf-8")
     with open(figures / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["run_id"], r["pattern"], r["sparsity"], r["status"]) for r in rows] == [
@@ -130,7 +135,7 @@ def test_points_are_the_union_of_products(tmp_path):
 
 
 def test_example_sweep_file_parses():
-    sweep = load_sweep(run_all.REPO_ROOT / "sweeps" / "wanda_calibration_sets.yaml")
+    sweep = load_sweep(runner.REPO_ROOT / "sweeps" / "wanda_calibration_sets.yaml")
     assert sweep.name == "wanda_calibration_sets"
     (key,) = {k for p in sweep.points() for k in p if "calibration" in k}
     sets = {json.dumps(p[key]) for p in sweep.points()}
@@ -163,7 +168,7 @@ def test_bad_sweep_files_say_what_is_allowed(tmp_path, text, expected):
 def test_sweep_jobs_parameters_and_folders(sweep_setup):
     root, notebooks, sweep_file = sweep_setup
     sweep = load_sweep(sweep_file)
-    jobs, points = run_all.build_sweep_jobs(sweep, run_all.discover_notebooks(notebooks), "smoke", root / "build",
+    jobs, points = runner.build_sweep_jobs(sweep, runner.discover_notebooks(notebooks), "smoke", root / "build",
                                             overrides={"hold_s": 0.5})
     assert [j.run_id for j in jobs] == sweep.run_ids()
     for job, point in zip(jobs, points, strict=True):
@@ -178,11 +183,11 @@ def test_sweep_bad_input_exits_2(sweep_setup, capsys):
     root, notebooks, _ = sweep_setup
     undeclared = write(root, "u.yaml", "notebook: 00_swept\ngrid: {sparsty: [0.1]}\n")
     with pytest.raises(SystemExit) as exit_info:
-        run_all.main(["--sweep", str(undeclared), "--notebooks-dir", str(notebooks), "--build-dir", str(root / "b")])
+        cli.main(["--sweep", str(undeclared), "--notebooks-dir", str(notebooks), "--build-dir", str(root / "b")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "sparsty" in err and "sparsity" in err
     with pytest.raises(SystemExit) as exit_info:
-        run_all.main(["--sweep", str(undeclared), "--notebooks-dir", str(notebooks), "--executor", "local",
+        cli.main(["--sweep", str(undeclared), "--notebooks-dir", str(notebooks), "--executor", "local",
                       "--address", "ray://x:1"])
     assert exit_info.value.code == 2 and "--address is for --executor ray" in capsys.readouterr().err
 
@@ -197,9 +202,9 @@ def test_sweep_on_the_local_executor(sweep_setup, capsys):
 
 def test_time_limit_stops_the_kernel(tmp_path):
     notebooks = write(tmp_path / "nb", "00_slow.py", SWEPT.replace("hold_s = 0.0", "hold_s = 60.0"))
-    (job,), _ = run_all.build_jobs(run_all.discover_notebooks(tmp_path / "nb"), "smoke", tmp_path / "build")
-    job = run_all.replace(job, time_limit=8.0)
-    result = run_all.run_job(job)
+    (job,), _ = runner.build_jobs(runner.discover_notebooks(tmp_path / "nb"), "smoke", tmp_path / "build")
+    job = replace(job, time_limit=8.0)
+    result = runner.run_job(job)
     assert notebooks.exists() and result.status == "failed"
     assert "time limit of 8 s exceeded" in result.error and result.seconds < 40
 
@@ -228,7 +233,7 @@ def test_sweep_on_a_local_ray_with_two_workers(sweep_setup, capsys):
 @needs_ray
 def test_ray_refuses_a_run_no_node_can_hold():
     """Ray queues an infeasible task forever; the executor checks the nodes first (here a fake cluster)."""
-    from effllm.scale import RayExecutor
+    from effllm.runner.executors import RayExecutor
 
     class FakeRay:
         @staticmethod
@@ -257,8 +262,8 @@ def test_sweep_through_submitit_local_cluster(sweep_setup, capsys):
 
 def test_slurm_without_sbatch_is_a_clear_error(sweep_setup, capsys, monkeypatch):
     root, notebooks, sweep_file = sweep_setup
-    monkeypatch.setattr(run_all.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit) as exit_info:
-        run_all.main(["--sweep", str(sweep_file), "--notebooks-dir", str(notebooks), "--executor", "slurm"])
+        cli.main(["--sweep", str(sweep_file), "--notebooks-dir", str(notebooks), "--executor", "slurm"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "sbatch not found" in err and "--slurm-cluster local" in err
