@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from effllm import data, metrics, zeroshot
 from effllm.adapters import get_adapter
+from effllm.execution import require_code_execution
 from effllm.pruning import _check_arguments, apply_masks, prune
 
 SELF_GENERATED = "self-generated"
@@ -209,6 +210,8 @@ class EvaluationSettings:
     zero_shot_limit: int | None = 100
     batch_size: int = 8
     perplexity_domains: dict[str, str] = field(default_factory=lambda: dict(PERPLEXITY_CORPORA))
+    # HumanEval runs the model's programs: only with the caller's opt-in (or EFFLLM_ALLOW_CODE_EXECUTION=1)
+    allow_code_execution: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -257,13 +260,18 @@ def generate_greedy(
 
 
 def humaneval_pass_at_1(
-    model: nn.Module, tokenizer: Any, problems: int, max_new_tokens: int, batch_size: int = 8, progress: bool = False
+    model: nn.Module, tokenizer: Any, problems: int, max_new_tokens: int, batch_size: int = 8, progress: bool = False,
+    allow_code_execution: bool = False,
 ) -> dict[str, Any]:
-    """Greedy pass@1 on the first ``problems`` HumanEval problems (prompt completion, one sample each)."""
+    """Greedy pass@1 on the first ``problems`` HumanEval problems (prompt completion, one sample each). The
+    completions are programs run on this machine (confined, :mod:`effllm.execution`), so this needs the caller's
+    opt-in: ``allow_code_execution=True`` or ``EFFLLM_ALLOW_CODE_EXECUTION=1``; checked before generating."""
+    require_code_execution(allow_code_execution)
     tasks = data.load("humaneval").to_list()[:problems]
     prompts = [tokenizer(task["prompt"], add_special_tokens=False)["input_ids"] for task in tasks]
     completions = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, HUMANEVAL_STOP, progress)
-    result = metrics.pass_at_k(tasks, {t["task_id"]: [c] for t, c in zip(tasks, completions, strict=True)}, k=1)
+    result = metrics.pass_at_k(tasks, {t["task_id"]: [c] for t, c in zip(tasks, completions, strict=True)}, k=1,
+                               allow_code_execution=True)
     return {"pass@1": result["pass@1"], "n": len(tasks), "completions": completions}
 
 
@@ -293,6 +301,8 @@ def evaluate_submodel(
     ``ppl_<domain>`` (held-out perplexity), ``humaneval_pass@1``, ``<math_task>_em``, ``zs_<task>`` (lm-eval
     zero-shot accuracy) and ``zs_<task>_norm`` (its length-normalised variant)."""
     s = settings or EvaluationSettings()
+    if s.humaneval_problems:  # refuse now, not after minutes of perplexity and generation
+        require_code_execution(s.allow_code_execution)
     result: dict[str, float] = {}
     for domain, corpus in s.perplexity_domains.items():
         ids = tokenizer(held_out_text(corpus), return_tensors="pt", add_special_tokens=False).input_ids
@@ -300,7 +310,8 @@ def evaluate_submodel(
                                                      max_windows=s.perplexity_windows)
     if s.humaneval_problems:
         result["humaneval_pass@1"] = humaneval_pass_at_1(model, tokenizer, s.humaneval_problems,
-                                                         s.humaneval_max_new_tokens, s.batch_size, progress)["pass@1"]
+                                                         s.humaneval_max_new_tokens, s.batch_size, progress,
+                                                         allow_code_execution=True)["pass@1"]
     if s.arithmetic_problems:
         result[f"{s.math_task}_em"] = arithmetic_exact_match(model, tokenizer, s.arithmetic_problems,
                                                              s.arithmetic_max_new_tokens, s.batch_size,

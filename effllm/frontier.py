@@ -203,14 +203,19 @@ def rouge_vs_reference(new_tokens: Sequence[torch.LongTensor],
     return rouge, agree / max(1, sum(len(t) for t in new_tokens))
 
 
-def humaneval_pass_at_1(decode_fn: Callable[[torch.LongTensor], Any], tokenizer: Any, problems: int) -> float:
+def humaneval_pass_at_1(decode_fn: Callable[[torch.LongTensor], Any], tokenizer: Any, problems: int,
+                        allow_code_execution: bool = False) -> float:
     """Greedy pass@1 on the first ``problems`` HumanEval problems with any decoder ``decode_fn(ids)`` (so early
-    exit and layer skipping are scored the same way as a pruned model), cut at the Codex stop sequences."""
+    exit and layer skipping are scored the same way as a pruned model), cut at the Codex stop sequences. Runs
+    the model's programs (confined, effllm.execution): needs ``allow_code_execution=True`` or
+    ``EFFLLM_ALLOW_CODE_EXECUTION=1``, checked before decoding."""
     from effllm import data, metrics
     from effllm.domains import HUMANEVAL_STOP
+    from effllm.execution import require_code_execution
 
     if isinstance(problems, bool) or not isinstance(problems, int) or problems < 1:
         raise ValueError(f"problems must be a positive integer; got {problems!r}")
+    require_code_execution(allow_code_execution)
     tasks = data.load("humaneval").to_list()[:problems]
     samples = {}
     for task in tasks:
@@ -220,7 +225,7 @@ def humaneval_pass_at_1(decode_fn: Callable[[torch.LongTensor], Any], tokenizer:
         text = tokenizer.decode(new, skip_special_tokens=True)
         cut = min((text.find(s) for s in HUMANEVAL_STOP if s in text), default=len(text))
         samples[task["task_id"]] = [text[:cut]]
-    return float(metrics.pass_at_k(tasks, samples, k=1)["pass@1"])
+    return float(metrics.pass_at_k(tasks, samples, k=1, allow_code_execution=True)["pass@1"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import data, exits, frontier, metrics, models, plots, pruning, zeroshot
+from effllm import data, execution, exits, frontier, metrics, models, plots, pruning, zeroshot
 from effllm.adapters import get_adapter
 from effllm.bench import device_description
 from effllm.bench.early_exit import bench_prompts, prompt_budget, prompt_format
@@ -73,6 +73,9 @@ ltt_delta = 0.2  # allowed mean disagreement with the full model (1 - ROUGE-L)
 ltt_epsilon = 0.2  # allowed probability that the risk exceeds delta
 humaneval_problems = 0  # HumanEval pass@1 on the first N problems per row (0: skip; minutes per row here)
 humaneval_max_new_tokens = 96
+# HumanEval runs the model's programs on this machine (confined; README "Running model-written code"): opt in
+# with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); with humaneval_problems > 0 and no opt-in the notebook stops here.
+allow_code_execution = False
 # Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile runs
 # prose-mc on 40 items: lm-eval takes tens of seconds per model on a 2-core CPU, and there are 10 models).
 zero_shot_task = None
@@ -81,6 +84,8 @@ batch_size = 8
 quality_bar = 0.9  # ROUGE-L consistency a row must reach to count as "keeps the output" in the summary
 
 # %%
+if humaneval_problems:  # refuse now, not after the models are built and timed
+    execution.require_code_execution(allow_code_execution)
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
 if device == "auto":
@@ -161,7 +166,7 @@ def record(label, family, model, decode, kv_policy="propagate", base=None, uses_
     if humaneval_problems:
         row["humaneval_pass@1"] = frontier.humaneval_pass_at_1(
             lambda ids: decode(ids, max_new_tokens=humaneval_max_new_tokens, eos_token_id=None), tokenizer,
-            humaneval_problems)
+            humaneval_problems, allow_code_execution=allow_code_execution)
     row.update(extra)
     rows.append(row)
     print(f"{label:<28} {row['tokens_per_s']:6.1f} tok/s  ROUGE-L {rouge:.3f}  "

