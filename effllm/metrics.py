@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from effllm import checks
 from effllm.execution import require_code_execution, run_program
 
 # --------------------------------------------------------------------------------------------------
@@ -30,6 +31,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _vocabulary_size(model: torch.nn.Module) -> int | None:
+    """Rows of the input embedding table (the ids the model accepts); None when the model does not say."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return None if weight is None else int(weight.shape[0])
 
 
 def perplexity(
@@ -48,14 +59,14 @@ def perplexity(
     computed in float32. ``max_windows`` keeps only the first windows (a quick estimate). The model
     runs in eval mode under ``torch.no_grad`` on its own device; its training flag is restored after.
     """
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1:
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1:
+        token_ids = token_ids.unsqueeze(0)
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2 and token_ids.shape[0] != 1:
         raise ValueError(
-            f"token_ids must be 1-D or of shape [1, N]; got shape {tuple(ids.shape)}. "
+            f"token_ids must be 1-D or of shape [1, N]; got shape {tuple(token_ids.shape)}. "
             "Concatenate the documents into one stream first."
         )
+    ids = checks.token_ids("token_ids", token_ids, vocab_size=_vocabulary_size(model))[0]  # [N]
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one context token and one predicted); got {seq_len}.")
     if batch_size < 1:
