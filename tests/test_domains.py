@@ -138,7 +138,7 @@ def test_evaluate_submodel_measures_every_domain(model_and_tokenizer):
     settings = domains.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=2, humaneval_problems=1,
                                           humaneval_max_new_tokens=4, arithmetic_problems=2,
                                           arithmetic_max_new_tokens=4, zero_shot_tasks=("prose-mc",),
-                                          zero_shot_limit=2, batch_size=2)
+                                          zero_shot_limit=2, batch_size=2, allow_code_execution=True)
     result = domains.evaluate_submodel(model, tokenizer, settings)
     assert set(result) == {"ppl_code", "ppl_prose", "ppl_math", "humaneval_pass@1", "arithmetic_em",
                            "zs_prose-mc", "zs_prose-mc_norm"}
