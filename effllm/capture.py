@@ -39,9 +39,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effllm import checks
 from effllm.adapters import get_adapter
 
 EXEC_DEVICE_ATTRIBUTE = "_effllm_exec_device"
+
+
+def check_calibration(model: nn.Module, input_ids: torch.Tensor, name: str = "calibration") -> torch.LongTensor:
+    """Calibration token ids for ``model``: an integer tensor [n_samples >= 1, seq_len >= 1] whose ids all lie
+    in the model's embedding table (:func:`effllm.checks.token_ids`), else a ``ValueError`` that says what was
+    given. Pruning, slicing and layer scores check theirs here, before any weight changes."""
+    vocab_size = get_adapter(model).embed_tokens.weight.shape[0]
+    return checks.token_ids(f"{name} (token ids [n_samples, seq_len])", input_ids, vocab_size=vocab_size)
 
 
 @contextmanager
@@ -133,8 +142,7 @@ class LayerByLayer:
         exec_device: str | torch.device | None = None,
         **context_kwargs,
     ):
-        if input_ids.dim() != 2:
-            raise ValueError(f"calibration ids must be [n_samples, seq_len]; got shape {tuple(input_ids.shape)}")
+        input_ids = check_calibration(model, input_ids)
         if exec_device is None:
             exec_device = getattr(model, EXEC_DEVICE_ATTRIBUTE, None)
         self.exec_device = None if exec_device is None else torch.device(exec_device)

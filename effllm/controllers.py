@@ -12,7 +12,6 @@ During training every layer runs on every token and a skipped token's output is 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from effllm import io
 from effllm.adapters import get_adapter
+from effllm.models import fingerprint
 
 CONTROLLER_FORMAT = "effllm-skip-controllers/1"
 
@@ -41,20 +41,6 @@ def hard_gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, generator: torch
     soft = torch.softmax((logits.float() + gumbel) / tau, dim=-1)
     hard = torch.nn.functional.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
     return (hard - soft.detach() + soft).to(logits.dtype)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's architecture and a sample of its weights: what a controller file
-    records, so that controllers trained for one model are never used on another."""
-    adapter = get_adapter(model)
-    digest = hashlib.sha256()
-    digest.update(f"{model.config.model_type}:{adapter.num_layers}:{adapter.hidden_size}".encode())
-    samples = [adapter.embed_tokens.weight[:4, :64]]
-    for i in (0, adapter.num_layers - 1):
-        samples += [adapter.weight(m)[:4, :64] for m in adapter.mlp_projections(i).values()]
-    for sample in samples:
-        digest.update(sample.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class ControllerMismatchError(ValueError):
@@ -128,10 +114,10 @@ class SkipControllers(nn.Module):
                 "controllers for it with effllm.controllers.train_controllers"
             )
         recorded = self.meta.get("fingerprint")
-        if recorded is not None and recorded != model_fingerprint(model):
+        if recorded is not None and recorded != fingerprint(model):
             raise ControllerMismatchError(
                 f"skip controllers trained for {trained_for} (weights fingerprint {recorded}) do not belong to this "
-                f"model (fingerprint {model_fingerprint(model)}): same shape, other weights. Train controllers for "
+                f"model (fingerprint {fingerprint(model)}): same shape, other weights. Train controllers for "
                 "it with effllm.controllers.train_controllers"
             )
 
@@ -248,7 +234,7 @@ def train_controllers(
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     meta = {"model": model_name or getattr(model.config, "_name_or_path", "") or model.config.model_type,
-            "fingerprint": model_fingerprint(model), "alpha": alpha, "steps": steps, "lr": lr, "seed": seed,
+            "fingerprint": fingerprint(model), "alpha": alpha, "steps": steps, "lr": lr, "seed": seed,
             "examples": len(examples), "loss": "CE + alpha * mean fraction of executed layers"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -84,6 +84,25 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def check_replaceable(folder: str | Path, kind: str) -> Path:
+    """Raise ``ValueError`` unless ``folder`` may be replaced by a new ``kind`` artefact: it does not exist, is
+    empty, or is an earlier artefact of that kind (its seal says so). Saving over a folder of other files
+    would delete them. Returns the path."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; give a folder to save the {kind} in")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return folder
+    try:
+        found = json.loads((folder / SEAL_FILE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        found = None
+    if found != kind:
+        raise ValueError(f"{folder} already holds files that are not a saved {kind}; saving replaces the whole "
+                         "folder, so choose a new or empty folder (or remove this one)")
+    return folder
+
+
 # ---- tensor files ---------------------------------------------------------------------------------
 
 
@@ -181,24 +200,27 @@ def is_sealed(folder: str | Path, kind: str) -> bool:
     return True
 
 
-def _remove_stale_stagings(final: Path) -> None:
+def _remove_stale_stagings(final: Path, stale_after: float) -> None:
     now = time.time()
-    for leftover in final.parent.glob(f".{final.name}.staging-*"):
-        try:
-            if now - leftover.stat().st_mtime > STALE_STAGING_SECONDS:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            pass
+    # .staging-*: a writer killed before the rename; .old-*: one killed between its two renames
+    for pattern in (f".{final.name}.staging-*", f".{final.name}.old-*"):
+        for leftover in final.parent.glob(pattern):
+            try:
+                if now - leftover.stat().st_mtime >= stale_after:
+                    shutil.rmtree(leftover, ignore_errors=True)
+            except OSError:
+                pass
 
 
 @contextmanager
-def staging(final: str | Path) -> Iterator[Path]:
+def staging(final: str | Path, stale_after: float = STALE_STAGING_SECONDS) -> Iterator[Path]:
     """A fresh folder beside ``final`` to write an artefact into; it replaces ``final`` when the block ends
     normally and is removed when it raises (KeyboardInterrupt included). Leftovers of killed writers older
-    than a few hours are removed first."""
+    than ``stale_after`` seconds (default a few hours, so a concurrent writer's folder is left alone) are
+    removed first; a writer that holds a lock on ``final`` passes 0."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stagings(final)
+    _remove_stale_stagings(final, stale_after)
     temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
         yield temporary

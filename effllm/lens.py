@@ -10,14 +10,17 @@ no gradient steps and no LoRA, which is why effllm uses them as its default fitt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from effllm import io
 from effllm.adapters import get_adapter
+
+EXITS_FILE = "linear_exits.safetensors"
+EXITS_KIND = "effllm-linear-exits"
 
 
 @torch.no_grad()
@@ -89,23 +92,21 @@ class LinearExits(torch.nn.Module):
         return hidden @ self.weight[layer - 1] + self.bias[layer - 1]
 
     def save(self, folder: str | Path) -> Path:
-        from safetensors.torch import save_file
-
+        """Write ``folder/linear_exits.safetensors`` and its checksummed sidecar (effllm.io), atomically."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.data.contiguous(), "bias": self.bias.data.contiguous()},
-                  folder / "linear_exits.safetensors")
-        (folder / "linear_exits.json").write_text(json.dumps(self.meta, indent=1))
+        io.save_tensors(folder / EXITS_FILE, {"weight": self.weight.data, "bias": self.bias.data}, self.meta,
+                        EXITS_KIND)
         return folder
 
     @classmethod
     def load(cls, folder: str | Path, model: torch.nn.Module | None = None) -> LinearExits:
-        """Load exits saved by :meth:`save`; with ``model``, check they were fitted for its shape."""
-        from safetensors.torch import load_file
-
+        """Load exits saved by :meth:`save` after checking them against their checksum
+        (:class:`effllm.io.ArtifactError` when changed, cut short or saved by an older effllm); with ``model``,
+        check they were fitted for its shape."""
         folder = Path(folder)
-        tensors = load_file(folder / "linear_exits.safetensors")
-        meta = json.loads((folder / "linear_exits.json").read_text())
+        tensors, meta = io.load_tensors(folder / EXITS_FILE, EXITS_KIND)
+        if set(tensors) != {"weight", "bias"}:
+            raise io.ArtifactError(f"{folder / EXITS_FILE} holds {sorted(tensors)}, not the weight and bias of exits")
         exits = cls(tensors["weight"], tensors["bias"], meta)
         if model is not None:
             adapter = get_adapter(model)
@@ -169,11 +170,12 @@ def cached_linear_exits(
 
     settings = f"{'+'.join(corpora)}-{n_per_corpus}x{seq_len}-seed{seed}"
     folder = cache_dir() / "exits" / model_name.replace("/", "--") / settings
-    if not refit and (folder / "linear_exits.json").is_file():
+    if not refit:
         try:
             return LinearExits.load(folder, model=model).to(next(model.parameters()).device)
-        except (OSError, ValueError, KeyError, SafetensorError):  # corrupt or for another shape: fit again
+        except (OSError, ValueError, SafetensorError):  # missing, corrupt, old format or another shape: fit again
             pass
+    (folder / "linear_exits.json").unlink(missing_ok=True)  # the metadata file of older effllm versions
     ids = torch.cat([data.calibration(c, tokenizer, n_per_corpus, seq_len, seed=seed) for c in corpora])
     exits = fit_linear_exits(model, ids, meta={"model": model_name, "corpora": list(corpora), "seed": seed})
     exits.save(folder)

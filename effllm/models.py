@@ -7,19 +7,25 @@ models for tests.
     model, tokenizer = tiny_model("llama", num_hidden_layers=4)
 
 Embedded models are converted once from the packaged GGUF (dequantised to float32) into a
-safetensors folder under ``cache_dir()/models/NAME``. A manifest with the SHA-256 of every file is
-written last; a folder whose manifest is missing or whose files do not match it is rebuilt, never used.
+safetensors folder under ``cache_dir()/models/NAME``, written in a staging folder and sealed
+(:mod:`effllm.io`: the SHA-256 of every file and one checksum over them) before it takes the folder's
+place. A folder whose seal is missing (a conversion killed part-way, or a cache written by an older
+effllm) or whose files do not match it is rebuilt, never used; staging leftovers of killed conversions
+are removed.
+
+    fingerprint(model)                 # SHA-256 of the weights pruning leaves alone (embeddings, norms)
+
+Pruning and slicing mark a model they stopped on part-way (:func:`mark_incomplete`); :func:`check_complete`
+refuses such a model with the message that says what happened.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +34,13 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from effllm import io
 from effllm.paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
-MANIFEST = "effllm-manifest.json"
+MODEL_CACHE_KIND = "effllm-model-cache"
+MANIFEST = io.SEAL_FILE  # the seal written last: names every file with its SHA-256 (effllm.io)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 # Gemma 3's chat format; the packaged GGUF carries no template.
 GEMMA3_CHAT_TEMPLATE = (
@@ -92,34 +101,19 @@ class ModelNotAvailableError(RuntimeError):
 
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks (cache manifests, saved sliced models)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    return io.sha256_file(path)
 
 
 def cache_is_valid(folder: Path) -> bool:
-    """True when ``folder`` holds a complete conversion: a manifest whose checksums all match."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    if not files:
-        return False
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != expected:
-            return False
-    return True
+    """True when ``folder`` holds a complete conversion: sealed, and every file matches its checksum. A cache
+    from an older effllm (no seal) is not valid: it is rebuilt."""
+    return io.is_sealed(folder, MODEL_CACHE_KIND)
 
 
 def _convert_embedded(spec: EmbeddedModel, folder: Path) -> None:
-    """Dequantise the packaged GGUF to float32 and save it as a safetensors folder, atomically."""
+    """Dequantise the packaged GGUF to float32 and save it as a sealed safetensors folder. Call it holding the
+    conversion's lock: a staging folder left beside ``folder`` is then from a killed conversion and is removed."""
     gguf = spec.gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -129,19 +123,14 @@ def _convert_embedded(spec: EmbeddedModel, folder: Path) -> None:
         del model.config.quantization_config
     if spec.name == "gemma3-270m" and not tokenizer.chat_template:
         tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=folder.parent))
-    try:
+    # Earlier effllm versions staged in ".NAME-XXXX" folders; remove those a killed conversion left too.
+    for leftover in folder.parent.glob(f".{spec.name}-*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    with io.staging(folder, stale_after=0) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        io.seal(staging, MODEL_CACHE_KIND, {"model": spec.name, "source": gguf.name})
 
 
 def embedded_model_dir(name: str, rebuild: bool = False) -> Path:
@@ -235,6 +224,16 @@ def _parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
+def _check_dtype(dtype: Any) -> torch.dtype | None:
+    """None, a floating torch.dtype, or its name ("float32", "bfloat16", "torch.float16", ...)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name or the torch.dtype) or None (float32 for "
+                     f"embedded and tiny models, the checkpoint's own dtype for hub models); got {dtype!r}")
+
+
 def _is_hub_id(name: str) -> bool:
     return (name not in EMBEDDED_MODELS and not name.startswith(TINY_PREFIX) and name.count("/") == 1
             and not name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir())
@@ -277,8 +276,7 @@ def load_model(
     """
     if not isinstance(name, str) or not name:
         raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _check_dtype(dtype)
     placement = _device_map_options(name, device, device_map, max_memory, offload_folder)
     if device == "auto":
         device = None
@@ -427,6 +425,65 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> tuple[torch.nn.M
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_config(config, dtype=torch.float32)
     return model.eval(), tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity and integrity of a loaded model
+
+
+def _stored_tensor(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The value of a parameter, also when accelerate keeps it offloaded (the module holds a "meta" tensor)."""
+    if tensor.device.type != "meta":
+        return tensor
+    weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    if weights is None:
+        raise ValueError(f"{type(module).__name__}.{name} is on the meta device and has no offloaded value")
+    return weights[name]
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of the weights that identify ``model`` and that pruning leaves alone: the token embeddings
+    and every norm's parameters (each decoder layer's and the final one), with their names, shapes and dtypes.
+
+    Two models share a fingerprint when these weights are equal byte for byte: the same checkpoint before and
+    after pruning does; another checkpoint of the same architecture, or the same one in another dtype, does
+    not. Slicing rotates the embeddings and replaces the norms, so a sliced model gets another fingerprint.
+    Offloaded weights are read from accelerate's store."""
+    from effllm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    modules: list[tuple[str, torch.nn.Module]] = [("embed_tokens", adapter.embed_tokens)]
+    for i in range(adapter.num_layers):
+        modules += [(f"layers.{i}.{role}", norm) for role, norm in adapter.norms(i).items() if norm is not None]
+    if adapter.final_norm is not None:
+        modules.append(("final_norm", adapter.final_norm))
+    digest = hashlib.sha256()
+    for prefix, module in modules:
+        for name, parameter in module.named_parameters(recurse=False):
+            value = _stored_tensor(module, name, parameter).detach()
+            digest.update(f"{prefix}.{name}:{tuple(value.shape)}:{value.dtype}\n".encode())
+            digest.update(value.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+INCOMPLETE_ATTRIBUTE = "_effllm_incomplete"
+
+
+class IncompleteModelError(ValueError):
+    """A model that pruning or slicing stopped on part-way (an exception, Ctrl-C): some layers are changed,
+    others are not. Reload it."""
+
+
+def mark_incomplete(model: torch.nn.Module, message: str) -> None:
+    """Record on ``model`` that a change stopped part-way; :func:`check_complete` refuses it from then on."""
+    object.__setattr__(model, INCOMPLETE_ATTRIBUTE, message)  # a plain attribute: copy.deepcopy keeps it
+
+
+def check_complete(model: torch.nn.Module, action: str) -> None:
+    """Raise :class:`IncompleteModelError` when ``model`` was marked by :func:`mark_incomplete`."""
+    message = getattr(model, INCOMPLETE_ATTRIBUTE, None)
+    if message is not None:
+        raise IncompleteModelError(f"cannot {action}: {message}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,9 +12,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cache_dir() -> Path:
-    """Root of effllm's cache: ``$EFFLLM_CACHE`` or the user cache folder (e.g. ~/.cache/effllm)."""
-    path = Path(os.environ.get("EFFLLM_CACHE") or platformdirs.user_cache_dir("effllm"))
-    path.mkdir(parents=True, exist_ok=True)
+    """Root of effllm's cache: ``$EFFLLM_CACHE`` or the user cache folder (e.g. ~/.cache/effllm), created if
+    needed. A ``ValueError`` that names the path says so when it cannot be used (a file, not creatable, not
+    writable)."""
+    configured = os.environ.get("EFFLLM_CACHE")
+    path = Path(configured or platformdirs.user_cache_dir("effllm")).expanduser()
+    where = f"EFFLLM_CACHE={configured!r}" if configured else f"effllm's default cache folder {str(path)!r}"
+    fix = ("point EFFLLM_CACHE at a writable folder (e.g. export EFFLLM_CACHE=/tmp/effllm-cache)"
+           + (" or unset it to use the user cache folder" if configured else ""))
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{where} is a file, not a folder: effllm keeps converted models and built data sets "
+                         f"there; {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{where} cannot be created ({error.strerror or error}); {fix}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{where} is not writable for this user; {fix}")
     return path
 
 

@@ -30,7 +30,6 @@ Selection rules (the ``scores`` are [out, in], higher is kept):
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -41,8 +40,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from effllm import io, models
 from effllm.adapters import get_adapter
-from effllm.capture import LayerByLayer, capture_inputs
+from effllm.capture import LayerByLayer, capture_inputs, check_calibration
+from effllm.models import check_complete, mark_incomplete
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {  # the **method_kwargs each method accepts, with defaults
@@ -51,8 +52,9 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {  # the **method_kwargs each method
     "sparsegpt": {"blocksize": 128, "percdamp": 0.01},
 }
 MASKS_FILE = "pruning_masks.safetensors"
-INFO_FILE = "pruning.json"
-MASKS_FORMAT = "effllm-masks/1"
+MASKS_FORMAT = "effllm-masks/2"
+MASKS_KIND = "effllm-masks"  # effllm.io kinds: a masks file (with its sidecar), a saved pruned-model folder
+PRUNED_KIND = "effllm-pruned"
 
 
 class MaskMismatchError(ValueError):
@@ -114,9 +116,7 @@ def _check_arguments(
                 f"Method {method!r} needs calibration token ids (LongTensor [n_samples, seq_len], e.g. from "
                 "effllm.data.calibration(...)); only 'magnitude' prunes without them."
             )
-        if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-            shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-            raise ValueError(f"calibration must be integer token ids of shape [n_samples, seq_len]; got {shape}.")
+        check_calibration(model, calibration)
     if method == "sparsegpt" and n_m is not None and options["blocksize"] % n_m[1]:
         raise ValueError(f"SparseGPT's blocksize ({options['blocksize']}) must be a multiple of M={n_m[1]}.")
     if n_m is not None:
@@ -299,32 +299,57 @@ def prune(
     ``method``: "magnitude" (no calibration needed; ``calibration`` is ignored), "wanda" or "sparsegpt"
     (``calibration`` token ids [n_samples, seq_len] required). ``sparsity`` in [0, 1); with an N:M
     ``pattern`` ("2:4", "4:8") pass None or N/M. Options: magnitude ``per_row=True``; sparsegpt
-    ``blocksize=128, percdamp=0.01``. All arguments are checked before any weight changes (a failure inside
-    the algorithm itself, such as a Hessian that stays singular, leaves the layers below already pruned).
+    ``blocksize=128, percdamp=0.01``. All arguments are checked before any weight changes. A failure or
+    Ctrl-C after the first weight changed leaves the layers below pruned: the model is then marked, and
+    ``prune``, ``slice_model``, ``save_pruned`` and ``save_sliced`` refuse it with a message that says where
+    it stopped (:class:`effllm.models.IncompleteModelError`); reload it.
     """
+    check_complete(model, "prune this model")
     sparsity, n_m, options = _check_arguments(model, method, sparsity, pattern, calibration, method_kwargs)
     adapter = get_adapter(model)
     runner = None if method == "magnitude" else LayerByLayer(model, calibration, batch_size=batch_size)
     masks: dict[str, torch.Tensor] = {}
-    for i in tqdm(range(adapter.num_layers), desc=f"{method} {pattern}", unit="layer", disable=not progress):
-        linears = adapter.linears(i)
+    n_layers, layer, changed = adapter.num_layers, 0, False
+    try:
+        for layer in tqdm(range(n_layers), desc=f"{method} {pattern}", unit="layer", disable=not progress):
+            linears = adapter.linears(layer)
+            if runner is not None:
+                statistics, tokens = _input_statistics(runner, layer, linears, method)
+            for name, module in linears.items():
+                weight = adapter.weight(module)  # [out, in]
+                if method == "magnitude":
+                    mask = magnitude_mask(weight, sparsity, n_m, per_row=options["per_row"])
+                elif method == "wanda":
+                    mask = wanda_mask(weight, statistics.pop(name), sparsity, n_m)
+                else:
+                    hessian = 2 * statistics.pop(name) / tokens[name]
+                    new_weight, mask = sparsegpt_prune(weight, hessian, sparsity, n_m, **options)
+                    changed = True
+                    weight.copy_(new_weight.to(weight.dtype))
+                stored = _stored_mask(module, mask)
+                changed = True
+                module.weight[stored] = 0
+                masks[name] = stored.cpu()
+            if runner is not None:
+                runner.advance(layer)  # the next layer is calibrated on this pruned layer's outputs
+    except BaseException as error:
+        # Undoing would need a copy of every weight pruned so far (SparseGPT changes all of a layer's weights,
+        # Wanda zeroes half of them): as much memory as the model's linears. The model is marked instead.
         if runner is not None:
-            statistics, tokens = _input_statistics(runner, i, linears, method)
-        for name, module in linears.items():
-            weight = adapter.weight(module)  # [out, in]
-            if method == "magnitude":
-                mask = magnitude_mask(weight, sparsity, n_m, per_row=options["per_row"])
-            elif method == "wanda":
-                mask = wanda_mask(weight, statistics.pop(name), sparsity, n_m)
-            else:
-                hessian = 2 * statistics.pop(name) / tokens[name]
-                new_weight, mask = sparsegpt_prune(weight, hessian, sparsity, n_m, **options)
-                weight.copy_(new_weight.to(weight.dtype))
-            stored = _stored_mask(module, mask)
-            module.weight[stored] = 0
-            masks[name] = stored.cpu()
-        if runner is not None:
-            runner.advance(i)  # the next layer is calibrated on this pruned layer's outputs
+            try:
+                runner.offload()  # the layer on the compute device goes back where it lives
+            except Exception:  # noqa: S110 - the first error is the one to report
+                pass
+        if changed:
+            mark_incomplete(model, (
+                f"pruning ({method} {pattern}, sparsity {sparsity:g}) was interrupted at layer {layer} of {n_layers} "
+                f"(0-based) by {type(error).__name__}: layers 0-{layer - 1} are pruned and layer {layer} may be "
+                "partly; the model is partly pruned: reload it (effllm.models.load_model) and prune again"
+                if layer else
+                f"pruning ({method} {pattern}, sparsity {sparsity:g}) was interrupted in layer 0 of {n_layers} by "
+                f"{type(error).__name__}: layer 0 may be partly pruned: reload it (effllm.models.load_model) and "
+                "prune again"))
+        raise
     object.__setattr__(model, "_effllm_pruning", {"method": method, "sparsity": sparsity, "pattern": pattern,
                                                   "options": options, "masks": masks})
     return masks
@@ -334,9 +359,10 @@ def prune(
 # Masks: checking, applying, saving
 
 
-def model_fingerprint(model: nn.Module, names: list[str] | None = None) -> dict[str, Any]:
-    """What masks must agree with: model_type, layer count and the weight shape of each named linear
-    (default: every prunable linear)."""
+def mask_target(model: nn.Module, names: list[str] | None = None) -> dict[str, Any]:
+    """What masks must agree with: model_type, layer count, the weight shape of each named linear (default:
+    every prunable linear) and :func:`effllm.models.fingerprint` of the weights pruning leaves alone, so that
+    masks bind to the model they came from, not only to its shapes."""
     adapter = get_adapter(model)
     modules = dict(model.named_modules())
     if names is None:
@@ -345,12 +371,31 @@ def model_fingerprint(model: nn.Module, names: list[str] | None = None) -> dict[
         "model_type": adapter.config.model_type,
         "num_layers": adapter.num_layers,
         "weights": {name: list(modules[name].weight.shape) for name in names if name in modules},
+        "weights_sha256": models.fingerprint(model),
     }
 
 
+def _check_mask_values(masks: dict[str, torch.Tensor]) -> None:
+    """Every mask is a bool tensor whose bytes are 0 or 1. A bool tensor read from corrupt bytes holds other
+    values, which indexing treats as True: such masks are refused, not used."""
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            kind = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise MaskMismatchError(f"Mask {name!r} is {kind}; masks must be bool tensors (True = zeroed).")
+        raw = mask.detach().contiguous().view(torch.uint8)
+        if raw.numel() and int(raw.max()) > 1:
+            bad = int((raw > 1).sum())
+            raise MaskMismatchError(
+                f"Mask {name!r} holds {bad} of {raw.numel()} bytes that are neither 0 nor 1: corrupt mask data. "
+                "Load the masks from an intact file (or prune again)."
+            )
+
+
 def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], fingerprint: dict[str, Any] | None = None) -> None:
-    """Raise :class:`MaskMismatchError` unless every mask names a module of ``model`` with a weight of the
-    mask's shape (and, if given, the saved ``fingerprint`` matches the model's type and depth)."""
+    """Raise :class:`MaskMismatchError` unless every mask is a clean bool tensor naming a module of ``model``
+    with a weight of the mask's shape, and, if given, the saved ``fingerprint`` (:func:`mask_target`)
+    matches the model's type, depth and weights."""
+    _check_mask_values(masks)
     adapter = get_adapter(model)
     if fingerprint is not None:
         here = (adapter.config.model_type, adapter.num_layers)
@@ -359,6 +404,13 @@ def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], fingerprint: d
             raise MaskMismatchError(
                 f"These masks were saved for a {saved[0]} model with {saved[1]} layers; this model is a {here[0]} "
                 f"model with {here[1]} layers. Use masks pruned from this model (or prune it again)."
+            )
+        saved_weights = fingerprint.get("weights_sha256")
+        if saved_weights is not None and saved_weights != (here_weights := models.fingerprint(model)):
+            raise MaskMismatchError(
+                f"These masks were computed on another model: its embeddings and norms have fingerprint "
+                f"{saved_weights[:12]}..., this model's {here_weights[:12]}... (another checkpoint of the same "
+                "shapes, or the same one in another dtype). Use masks pruned from this model (or prune it again)."
             )
     modules = dict(model.named_modules())
     missing = [name for name in masks if name not in modules or not hasattr(modules[name], "weight")]
@@ -369,9 +421,9 @@ def check_masks(model: nn.Module, masks: dict[str, torch.Tensor], fingerprint: d
         )
     for name, mask in masks.items():
         shape = tuple(modules[name].weight.shape)
-        if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+        if tuple(mask.shape) != shape:
             raise MaskMismatchError(
-                f"Mask {name!r} has shape {tuple(mask.shape)} ({mask.dtype}); the model's weight there is {shape} "
+                f"Mask {name!r} has shape {tuple(mask.shape)}; the model's weight there is {shape} "
                 "and masks must be bool of that shape. Masks for another model? Nothing was changed."
             )
 
@@ -389,41 +441,38 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def save_masks(masks: dict[str, torch.Tensor], path: str | Path, model: nn.Module | None = None) -> Path:
-    """Write ``masks`` to a safetensors file; with ``model``, also its fingerprint (checked on loading)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": MASKS_FORMAT}
+    """Write ``masks`` to a safetensors file and its checksummed sidecar ``path.json`` (effllm.io); with
+    ``model``, also the model's :func:`mask_target`, which :func:`load_masks` checks."""
+    meta: dict[str, Any] = {"format": MASKS_FORMAT}
     if model is not None:
         check_masks(model, masks)
-        metadata["fingerprint"] = json.dumps(model_fingerprint(model, list(masks)))
-    save_file({name: mask.contiguous().cpu() for name, mask in masks.items()}, str(path), metadata=metadata)
-    return path
+        meta["fingerprint"] = mask_target(model, list(masks))
+    else:
+        _check_mask_values(masks)
+    return io.save_tensors(path, masks, meta, MASKS_KIND)
 
 
 def load_masks(path: str | Path, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """Read masks written by :func:`save_masks`; with ``model``, check that they fit it (else
-    :class:`MaskMismatchError`)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        masks = {name: handle.get_tensor(name) for name in handle.keys()}
-    if metadata.get("format") != MASKS_FORMAT:
-        raise ValueError(f"{path} is not an effllm masks file (format {metadata.get('format')!r}, expected {MASKS_FORMAT!r}).")
+    """Read masks written by :func:`save_masks` after checking the file against its sidecar's checksum
+    (:class:`effllm.io.ArtifactError` when it was changed, cut short or never finished) and that every byte
+    is 0 or 1; with ``model``, check that they fit it, its weights included (else :class:`MaskMismatchError`)."""
+    masks, meta = io.load_tensors(path, MASKS_KIND)
+    if meta.get("format") != MASKS_FORMAT:
+        raise io.ArtifactError(f"{path} has masks format {meta.get('format')!r}; this effllm reads {MASKS_FORMAT!r}")
+    _check_mask_values(masks)
     if model is not None:
-        fingerprint = json.loads(metadata["fingerprint"]) if "fingerprint" in metadata else None
-        check_masks(model, masks, fingerprint)
+        check_masks(model, masks, meta.get("fingerprint"))
     return masks
 
 
 def save_pruned(
     model: nn.Module, folder: str | Path, masks: dict[str, torch.Tensor] | None = None, tokenizer: Any = None
 ) -> Path:
-    """Save a pruned model (``save_pretrained``), its masks and a small JSON (fingerprint, pruning settings).
-
-    ``masks`` defaults to those of the last :func:`prune` call on ``model``."""
+    """Save a pruned model (``save_pretrained``: config and weights), its masks, the tokenizer if given, and
+    the pruning settings and fingerprint, sealed with one checksum over every file (effllm.io): the folder
+    appears whole, in one rename, or not at all. ``masks`` defaults to those of the last :func:`prune` call on
+    ``model``. An existing ``folder`` is replaced only when it is empty or an earlier saved pruned model."""
+    check_complete(model, "save this model")
     recorded = getattr(model, "_effllm_pruning", None)
     if masks is None:
         if recorded is None:
@@ -431,34 +480,36 @@ def save_pruned(
         masks = recorded["masks"]
     check_masks(model, masks)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    save_masks(masks, folder / MASKS_FILE, model)
+    io.check_replaceable(folder, PRUNED_KIND)
     settings = {}
     if recorded is not None and masks is recorded["masks"]:  # the settings describe these masks
         settings = {key: value for key, value in recorded.items() if key != "masks"}
-    info = {"format": MASKS_FORMAT, "fingerprint": model_fingerprint(model, list(masks)), "pruning": settings}
-    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    info = {"format": MASKS_FORMAT, "fingerprint": mask_target(model, list(masks)), "pruning": settings}
+    with io.staging(folder) as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        io.save_tensors(staging / MASKS_FILE, masks, {"format": MASKS_FORMAT, "fingerprint": info["fingerprint"]},
+                        MASKS_KIND)
+        io.seal(staging, PRUNED_KIND, info)
     return folder
 
 
 def load_pruned(folder: str | Path, **from_pretrained_kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Load a folder written by :func:`save_pruned`: ``(model in eval mode, masks)``, after checking that the
-    masks fit the model and that the weights are zero wherever the masks say."""
+    """Load a folder written by :func:`save_pruned`: ``(model in eval mode, masks)``, after checking every file
+    against the folder's seal (:class:`effllm.io.ArtifactError` for a missing, changed or added file, or a
+    folder saved by an older effllm), that the masks fit the model, its weights included, and that the weights
+    are zero wherever the masks say."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     folder = Path(folder)
-    if not (folder / MASKS_FILE).is_file() or not (folder / INFO_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a pruned-model folder: it needs {MASKS_FILE} and {INFO_FILE} (save_pruned).")
+    info = io.verify(folder, PRUNED_KIND)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **from_pretrained_kwargs)
     except ValueError:  # encoder-decoder checkpoints (T5)
         model = AutoModelForSeq2SeqLM.from_pretrained(folder, **from_pretrained_kwargs)
     model.eval()
-    info = json.loads((folder / INFO_FILE).read_text())
-    masks = load_masks(folder / MASKS_FILE, model)
+    masks = load_masks(folder / MASKS_FILE)
     check_masks(model, masks, info["fingerprint"])
     modules = dict(model.named_modules())
     for name, mask in masks.items():

@@ -51,7 +51,6 @@ layer 0's fraction and the head the last layer's).
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -59,18 +58,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from effllm import io
 from effllm.adapters import ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
-from effllm.capture import LayerByLayer, capture_inputs
-from effllm.models import sha256_file
+from effllm.capture import LayerByLayer, capture_inputs, check_calibration
+from effllm.models import check_complete, mark_incomplete
 
 SLICEGPT_FAMILIES = ("llama", "mistral", "qwen2", "opt")
 SHORTGPT_FAMILIES = ("llama", "mistral", "qwen2", "gemma3_text", "opt")
-SLICED_FORMAT = "effllm-sliced/1"
-SLICED_INFO_FILE = "effllm-sliced.json"
+SLICED_FORMAT = "effllm-sliced/2"
+SLICED_KIND = "effllm-sliced"  # the effllm.io kind of a saved sliced-model folder
 SLICED_WEIGHTS_FILE = "model.safetensors"
 
 
-class SlicedModelError(ValueError):
+class SlicedModelError(io.ArtifactError):
     """A folder that is not a complete, consistent sliced-model folder (see :func:`load_sliced`)."""
 
 
@@ -98,6 +98,7 @@ def layer_scores(
     """
     if kind not in ("lr", "bi"):
         raise ValueError(f"kind must be 'lr' (layer redundancy) or 'bi' (block influence); got {kind!r}.")
+    check_calibration(model, calibration)
     runner = LayerByLayer(model, calibration, batch_size=batch_size)
     distance = torch.zeros(runner.num_layers, dtype=torch.float64)  # sum over tokens of (1 - cos)
     n_tokens = sum(state.shape[0] * state.shape[1] for state in runner.states)
@@ -176,10 +177,6 @@ def _check_family(model: nn.Module, method: str) -> ArchitectureAdapter:
     return adapter
 
 
-def _check_calibration(calibration: torch.Tensor) -> None:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.numel() == 0:
-        shape = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-        raise ValueError(f"calibration must be token ids [n_samples, seq_len]; got {shape}.")
 
 
 def sliced_dims(fractions: torch.Tensor | list[float], hidden_size: int) -> list[int]:
@@ -385,7 +382,9 @@ def _fuse_norms(model: nn.Module, adapter: ArchitectureAdapter, family: str) -> 
 
 
 @torch.no_grad()
-def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batch_size: int) -> nn.Module:
+def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batch_size: int,
+              where: dict[str, str]) -> nn.Module:
+    """SliceGPT in place; ``where["step"]`` says how far it got (for the mark left by an interruption)."""
     adapter = get_adapter(model)
     family = "opt" if model.config.model_type == "opt" else "llama"
     full = adapter.hidden_size
@@ -393,6 +392,7 @@ def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batc
     layer_class = SlicedOPTLayer if family == "opt" else SlicedLlamaLayer
     _fuse_norms(model, adapter, family)
 
+    where["step"] = "after folding the norms, before layer 0"
     runner = LayerByLayer(model, calibration, batch_size=batch_size)  # embeddings, original basis
     basis = _pca(_covariance(runner.states))[:, : dims[0]]  # [D, d_0]
     embeddings = [adapter.embed_tokens] + ([adapter.decoder.embed_positions] if family == "opt" else [])
@@ -401,6 +401,7 @@ def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batc
     runner.states = [(s.double() @ basis).to(s.dtype) for s in runner.states]
 
     for i in range(adapter.num_layers):
+        where["step"] = f"at layer {i} of {adapter.num_layers} (0-based; layers before it are sliced)"
         d_in, d_mid = dims[i], dims[i]
         d_out = dims[i + 1] if i + 1 < len(dims) else dims[i]
         layer, norms = adapter.layer(i), adapter.norms(i)
@@ -438,6 +439,7 @@ def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batc
         runner.advance(i, [(o.double() @ out_basis).to(o.dtype) for o in outputs])
         basis = out_basis
 
+    where["step"] = "at the final norm and LM head (every layer is sliced)"
     final = adapter.final_norm
     _replace_module(model, final, _rms_norm(basis.shape[1], full, _norm_eps(final), like))
     _rotate_input(adapter.lm_head, basis)
@@ -449,18 +451,38 @@ def _slicegpt(model: nn.Module, calibration: torch.Tensor, dims: list[int], batc
 
 
 def _remove_layers(model: nn.Module, adapter: ArchitectureAdapter, remove: list[int]) -> None:
+    """Remove the layers ``remove`` in place, or, if anything fails part-way (Ctrl-C included), put back the
+    layer list, the attention layer indices and the config as they were: cheap, since the removed layers
+    are still in memory until this returns."""
     layers = adapter.layers
+    before = list(layers)
+    attentions = [adapter.attention(i) for i in range(len(layers))]
+    indices = [getattr(attention, "layer_idx", None) for attention in attentions]
+    config = (model.config.num_hidden_layers, getattr(model.config, "layer_types", None))
     keep = [i for i in range(len(layers)) if i not in set(remove)]
-    for i in sorted(remove, reverse=True):
-        del layers[i]
-    for new_index in range(len(layers)):  # KV-cache slots are indexed by layer_idx
-        attention = adapter.attention(new_index)
-        if hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index
-    model.config.num_hidden_layers = len(layers)
-    if getattr(model.config, "layer_types", None) is not None:
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model.__dict__.pop("_effllm_adapter", None)  # the cached adapter holds per-layer facts
+    try:
+        for i in sorted(remove, reverse=True):
+            del layers[i]
+        for new_index in range(len(layers)):  # KV-cache slots are indexed by layer_idx
+            attention = adapter.attention(new_index)
+            if hasattr(attention, "layer_idx"):
+                attention.layer_idx = new_index
+        model.config.num_hidden_layers = len(layers)
+        if config[1] is not None:
+            model.config.layer_types = [config[1][i] for i in keep]
+    except BaseException:
+        while len(layers):
+            del layers[len(layers) - 1]
+        layers.extend(before)
+        for attention, index in zip(attentions, indices, strict=True):
+            if index is not None:
+                attention.layer_idx = index
+        model.config.num_hidden_layers = config[0]
+        if config[1] is not None:
+            model.config.layer_types = config[1]
+        raise
+    finally:
+        model.__dict__.pop("_effllm_adapter", None)  # the cached adapter holds per-layer facts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,11 +520,17 @@ def slice_model(
     ``scores``: this model's :func:`layer_scores` (LR for dynamic slicing, BI for ShortGPT) when they are
     already computed, to save a calibration pass. Every input is checked before the model is touched.
     The settings are recorded in ``model._effllm_slicing`` (and written by :func:`save_sliced`).
+
+    All or nothing: ShortGPT puts every removed layer back if it is interrupted (Ctrl-C, an error) part-way;
+    SliceGPT cannot be undone without a copy of the whole model, so an interrupted SliceGPT marks the model,
+    and ``slice_model``, ``prune``, ``save_sliced`` and ``save_pruned`` refuse it with a message that says
+    where it stopped (:class:`effllm.models.IncompleteModelError`): reload it.
     """
+    check_complete(model, "slice this model")
     if method not in ("slicegpt", "shortgpt"):
         raise ValueError(f"method must be 'slicegpt' or 'shortgpt'; got {method!r}.")
     adapter = _check_family(model, method)
-    _check_calibration(calibration)
+    check_calibration(model, calibration)
     n_layers = adapter.num_layers
 
     if method == "shortgpt":
@@ -536,7 +564,14 @@ def slice_model(
     if len(fractions) != n_layers:
         raise ValueError(f"fractions has {len(fractions)} entries; the model has {n_layers} layers (one each).")
     dims = sliced_dims(fractions, adapter.hidden_size)
-    _slicegpt(model, calibration, dims, batch_size)
+    where = {"step": "while folding the norms into the linears"}
+    try:
+        _slicegpt(model, calibration, dims, batch_size, where)
+    except BaseException as error:
+        mark_incomplete(model, f"slicing (SliceGPT, mean {sum(dims) / len(dims) / adapter.hidden_size:.3g} of "
+                               f"the width kept) was interrupted {where['step']} by {type(error).__name__}; the "
+                               "model is partly sliced: reload it (effllm.models.load_model) and slice again")
+        raise
     _record(model, {"method": "slicegpt", "mean": mean, "amplitude": amplitude,
                     "fractions": [float(p) for p in fractions], "dims": dims})
     return model
@@ -666,19 +701,18 @@ def sliced_layout(model: nn.Module) -> dict[str, Any]:
 
 
 def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Save a model sliced by :func:`slice_model` (SliceGPT or ShortGPT): its config (``config.json``),
-    weights (``model.safetensors``) and ``effllm-sliced.json`` (the sliced shapes of
-    :func:`sliced_layout`, the slicing settings, the weights' SHA-256). ``tokenizer`` is saved too if given.
-    :func:`load_sliced` rebuilds it."""
+    """Save a model sliced by :func:`slice_model` (SliceGPT or ShortGPT): its config (``config.json``), weights
+    (``model.safetensors``), the tokenizer if given, and in the folder's seal the sliced shapes of
+    :func:`sliced_layout` (norm eps included), the slicing settings and the dtype. One checksum covers every
+    file and the seal (effllm.io): an edited config or a swapped weights file is refused on loading. The folder
+    appears whole, in one rename, or not at all; an existing one is replaced only when it is empty or an
+    earlier saved sliced model. :func:`load_sliced` rebuilds the model."""
     from safetensors.torch import save_model
 
+    check_complete(model, "save this model")
     get_adapter(model)  # a supported family, or a clear error
     layout = sliced_layout(model)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    weights = folder / SLICED_WEIGHTS_FILE
-    save_model(model, str(weights))  # handles tied tensors (a ShortGPT model keeps its tied head)
+    folder = io.check_replaceable(Path(folder), SLICED_KIND)
     info = {
         "format": SLICED_FORMAT,
         "layout": layout,
@@ -686,11 +720,13 @@ def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> 
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "parameters": _unique_parameters(model),
-        "weights_sha256": sha256_file(weights),
     }
-    (folder / SLICED_INFO_FILE).write_text(json.dumps(info, indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    with io.staging(folder) as staging:
+        model.config.save_pretrained(staging)
+        save_model(model, str(staging / SLICED_WEIGHTS_FILE))  # handles tied tensors (ShortGPT keeps its tied head)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        io.seal(staging, SLICED_KIND, info)
     return folder
 
 
@@ -734,38 +770,30 @@ def _build_sliced_skeleton(model: nn.Module, layout: dict[str, Any]) -> None:
 
 def load_sliced(folder: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """Rebuild a model written by :func:`save_sliced` (eval mode; the tokenizer, if saved, loads with
-    ``AutoTokenizer.from_pretrained(folder)``). A folder with missing files, weights that do not match
-    their checksum, or weights that do not fit the recorded shapes raises :class:`SlicedModelError`."""
+    ``AutoTokenizer.from_pretrained(folder)``). A folder that is not sealed (missing, cut short, or saved by an
+    older effllm), any file that was changed, removed or added since (weights, ``config.json``, tokenizer,
+    the seal itself), or weights that do not fit the recorded shapes raise :class:`SlicedModelError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
-    needed = [SLICED_INFO_FILE, SLICED_WEIGHTS_FILE, "config.json"]
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if missing:
-        raise SlicedModelError(
-            f"{folder} is not a sliced-model folder: {', '.join(missing)} missing (it needs {', '.join(needed)}, "
-            "written by effllm.slicing.save_sliced)."
-        )
     try:
-        info = json.loads((folder / SLICED_INFO_FILE).read_text())
+        info = io.verify(folder, SLICED_KIND)
+    except io.ArtifactError as error:
+        raise SlicedModelError(f"{error} (a sliced model is saved by effllm.slicing.save_sliced)") from None
+    try:
         layout = info["layout"]
         dtype = getattr(torch, info["dtype"])
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SlicedModelError(f"{folder / SLICED_INFO_FILE} is unreadable or incomplete ({error!r}).") from error
+    except (KeyError, TypeError, AttributeError) as error:
+        raise SlicedModelError(f"{folder}: the seal's metadata is incomplete ({error!r}).") from error
     if info.get("format") != SLICED_FORMAT:
         raise SlicedModelError(f"{folder} has format {info.get('format')!r}; this effllm reads {SLICED_FORMAT!r}.")
-    if sha256_file(folder / SLICED_WEIGHTS_FILE) != info.get("weights_sha256"):
-        raise SlicedModelError(
-            f"{folder / SLICED_WEIGHTS_FILE} does not match the checksum in {SLICED_INFO_FILE}: the file is "
-            "corrupt or was replaced. Save the sliced model again."
-        )
     config = AutoConfig.from_pretrained(folder)
     if (config.model_type, config.num_hidden_layers) != (layout["model_type"], layout["num_layers"]):
         raise SlicedModelError(
-            f"{folder}: config.json describes a {config.model_type} with {config.num_hidden_layers} layers, "
-            f"{SLICED_INFO_FILE} a {layout['model_type']} with {layout['num_layers']}: the files do not belong together."
+            f"{folder}: config.json describes a {config.model_type} with {config.num_hidden_layers} layers, the "
+            f"seal a {layout['model_type']} with {layout['num_layers']}: the files do not belong together."
         )
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
@@ -814,8 +842,9 @@ def compare_methods(
     import pandas as pd
     from tqdm.auto import tqdm
 
+    check_complete(model, "compare slicing methods on this model")
     adapter = _check_family(model, "slicegpt")
-    _check_calibration(calibration)
+    check_calibration(model, calibration)
     for mean in means:
         _check_mean(mean)
     n_layers = adapter.num_layers

@@ -38,7 +38,7 @@ import torch
 from IPython.display import display
 from matplotlib.ticker import MaxNLocator
 
-from effllm import domains, models, plots, pruning
+from effllm import domains, execution, models, plots, pruning
 from effllm.adapters import get_adapter
 from effllm.experiments import evaluate
 from effllm.experiments.compression import WANDA_GOAL, prune_rows
@@ -62,6 +62,9 @@ perplexity_windows = 4
 perplexity_seq_len = 256
 humaneval_problems = 4  # the first N of 164: greedy generation is slow on a CPU
 humaneval_max_new_tokens = 96
+# HumanEval runs the model's programs on this machine (confined; README "Running model-written code"): opt in
+# with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); with humaneval_problems > 0 and no opt-in the notebook stops here.
+allow_code_execution = False
 math_task = "arithmetic"  # or "gsm8k" (hub)
 arithmetic_problems = 16
 arithmetic_max_new_tokens = 40
@@ -75,6 +78,8 @@ speed_seq_len = 128
 speed_patterns = ["unstructured"]
 
 # %%
+if humaneval_problems:  # refuse now, not after the calibration and pruning
+    execution.require_code_execution(allow_code_execution)
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
 model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
@@ -85,7 +90,7 @@ settings = evaluate.EvaluationSettings(
     humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
     arithmetic_problems=arithmetic_problems, arithmetic_max_new_tokens=arithmetic_max_new_tokens,
     math_task=math_task, zero_shot_tasks=tuple(zero_shot_tasks), zero_shot_limit=zero_shot_limit,
-    batch_size=batch_size, perplexity_domains=dict(perplexity_domains),
+    batch_size=batch_size, perplexity_domains=dict(perplexity_domains), allow_code_execution=allow_code_execution,
 )
 print(f"{model_name}: {adapter.num_layers} layers; {method} {pattern} at sparsity {sparsity}; {machine}")
 

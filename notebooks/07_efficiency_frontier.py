@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import data, frontier, models, plots, pruning
+from effllm import data, execution, frontier, models, plots, pruning
 from effllm.adapters import get_adapter
 from effllm.decoding import Calm, Free, Skip, VocabPruning
 from effllm.experiments.frontier import FrontierTable
@@ -80,6 +80,9 @@ ltt_delta = 0.2  # allowed mean disagreement with the full model (1 - ROUGE-L)
 ltt_epsilon = 0.2  # allowed probability that the risk exceeds delta
 humaneval_problems = 0  # HumanEval pass@1 on the first N problems per row (0: skip; minutes per row here)
 humaneval_max_new_tokens = 96
+# HumanEval runs the model's programs on this machine (confined; README "Running model-written code"): opt in
+# with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); with humaneval_problems > 0 and no opt-in the notebook stops here.
+allow_code_execution = False
 # Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile runs
 # prose-mc on 40 items: lm-eval takes tens of seconds per model on a 2-core CPU, and there are 10 models).
 zero_shot_task = None
@@ -88,6 +91,8 @@ batch_size = 8
 quality_bar = 0.9  # ROUGE-L consistency a row must reach to count as "keeps the output" in the summary
 
 # %%
+if humaneval_problems:  # refuse now, not after the models are built and timed
+    execution.require_code_execution(allow_code_execution)
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
 if device == "auto":
@@ -136,7 +141,8 @@ table_rows = FrontierTable(dense, tokenizer, prompts, max_new_tokens, prefill_id
                            speed_prompts=speed_prompts, rounds=rounds, prefill_min_run_time=prefill_min_run_time,
                            zero_shot_task=zero_shot_task, zero_shot_limit=zero_shot_limit,
                            humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
-                           exit_transform=transform, transform_flops=transform_flops)
+                           allow_code_execution=allow_code_execution, exit_transform=transform,
+                           transform_flops=transform_flops)
 dense_row = table_rows.add_model("dense", "dense", dense)
 
 # %% [markdown]

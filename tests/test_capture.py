@@ -44,6 +44,26 @@ def test_calibration_shape_is_checked():
         LayerByLayer(model, torch.tensor([1, 2, 3]))
 
 
+@pytest.mark.parametrize("ids, message", [
+    (torch.ones(0, 16, dtype=torch.long), r"calibration \(token ids \[n_samples, seq_len\]\) must be \[batch >= 1, "
+                                          r"length >= 1\]; got shape \(0, 16\)"),
+    (torch.ones(3, 0, dtype=torch.long), r"got shape \(3, 0\)"),
+    (torch.ones(2, 8), r"must hold integer token ids \(torch.long\); got dtype torch.float32"),
+    (torch.tensor([[5, 900]]), r"holds ids 5..900, outside this model's vocabulary 0..383"),
+])
+def test_empty_float_and_out_of_vocabulary_calibration_is_refused(ids, message):
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        LayerByLayer(model, ids)
+
+
+@pytest.mark.parametrize("kind", ["disk", "cpu_offload"])
+def test_fingerprint_of_offloaded_weights_equals_the_resident_model(kind, tmp_path):
+    from effllm.models import fingerprint
+
+    assert fingerprint(offloaded_model(kind, tmp_path)) == fingerprint(tiny_model("llama")[0])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Layers that live elsewhere: offloaded by accelerate (parameters on "meta"), moved to the compute device
 # for their computation and back.

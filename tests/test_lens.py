@@ -68,6 +68,24 @@ def test_corrupt_cached_exits_are_refitted(tmp_path, monkeypatch):
     assert LinearExits.load(weights.parent, model=model).weight.shape == first.weight.shape
 
 
+def test_exits_cached_by_an_older_effllm_are_refitted_not_crashed_on(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from effllm.lens import cached_linear_exits
+
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    model, tokenizer = tiny_model("llama")
+    fresh = cached_linear_exits(model, tokenizer, "tiny-llama", n_per_corpus=2, seq_len=32)
+    (weights,) = tmp_path.glob("exits/tiny-llama/*/linear_exits.safetensors")
+    # the old format: the tensors with a metadata JSON beside them, no checksummed sidecar
+    weights.with_name("linear_exits.safetensors.json").unlink()
+    save_file({"weight": torch.zeros_like(fresh.weight), "bias": torch.zeros_like(fresh.bias)}, weights)
+    weights.with_name("linear_exits.json").write_text('{"model": "tiny-llama"}')
+    again = cached_linear_exits(model, tokenizer, "tiny-llama", n_per_corpus=2, seq_len=32)
+    torch.testing.assert_close(again.weight, fresh.weight)  # refitted, not the old zeros
+    assert not weights.with_name("linear_exits.json").exists()
+
+
 def test_meta_classifier_learns_something_and_drives_calm():
     """Trained on the tiny model's own agreement labels, it beats the constant predictor's loss."""
     import math

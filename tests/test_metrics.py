@@ -119,6 +119,14 @@ def test_perplexity_errors_name_the_numbers(llama):
         perplexity(model, _stream(20, 50).reshape(2, 10), seq_len=4)
 
 
+def test_perplexity_refuses_float_and_out_of_vocabulary_ids(llama):
+    model, _ = llama
+    with pytest.raises(ValueError, match=r"token_ids must hold integer token ids.*got dtype torch.float32"):
+        perplexity(model, _stream(64, 50).float(), seq_len=16)
+    with pytest.raises(ValueError, match=r"token_ids holds ids \d+..384, outside this model's vocabulary 0..383"):
+        perplexity(model, torch.cat([_stream(63, 50), torch.tensor([384])]), seq_len=16)
+
+
 # --------------------------------------------------------------------------------------------------
 # ROUGE
 
@@ -149,6 +157,12 @@ def test_rouge_length_mismatch():
 
 # --------------------------------------------------------------------------------------------------
 # HumanEval execution and pass@k
+
+
+@pytest.fixture(autouse=True)
+def _opt_in_to_code_execution(monkeypatch):
+    """These tests run the toy and canonical programs (tests/test_execution.py covers the refusal)."""
+    monkeypatch.setenv("EFFLLM_ALLOW_CODE_EXECUTION", "1")
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,93 @@ def test_partial_cache_without_manifest_is_invalid(tmp_path):
     assert not cache_is_valid(tmp_path)
 
 
+def test_cache_from_an_older_effllm_is_stale_not_used(tmp_path):
+    import json
+
+    from effllm.io import sha256_file
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    files = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
+    (tmp_path / "effllm-manifest.json").write_text(json.dumps({"source": "x.gguf", "files": files}))
+    assert not cache_is_valid(tmp_path)  # rebuilt by embedded_model_dir, never read
+
+
+def fake_embedded(monkeypatch, name="tiny-embedded"):
+    """An embedded-model spec whose "conversion" builds tiny-llama (no GGUF), to test the cache machinery."""
+    spec = models.EmbeddedModel(name, "no_such_package", "a tiny stand-in")
+    monkeypatch.setattr(models.EmbeddedModel, "gguf_path", lambda self: models.Path("/nowhere/tiny.gguf"))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: models.tiny_tokenizer())
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama")[0])
+    monkeypatch.setitem(models.EMBEDDED_MODELS, name, spec)
+    return spec
+
+
+def test_conversion_killed_part_way_leaves_no_staging_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    fake_embedded(monkeypatch)
+    folder = tmp_path / "models" / "tiny-embedded"
+    folder.parent.mkdir(parents=True)
+    for leftover in (".tiny-embedded-k1ll3d", ".tiny-embedded.staging-k1ll3d"):  # SIGKILLed conversions, old and new
+        (folder.parent / leftover).mkdir()
+        (folder.parent / leftover / "model.safetensors").write_bytes(b"\0" * 1024)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tiny_model("llama")[0]), "save_pretrained", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            models.embedded_model_dir("tiny-embedded")
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".tiny-embedded.lock"]
+
+    converted = models.embedded_model_dir("tiny-embedded")
+    assert cache_is_valid(converted) and sorted(p.name for p in folder.parent.iterdir()) == [
+        ".tiny-embedded.lock", "tiny-embedded"]
+    (converted / "config.json").write_text("{}")  # corrupt: rebuilt on the next load
+    assert cache_is_valid(models.embedded_model_dir("tiny-embedded"))
+
+
+def test_bad_dtype_names_the_allowed_ones():
+    for dtype in ("float99", "int8", 16, torch.int64):
+        with pytest.raises(ValueError, match=f"dtype must be one of float32, float16, bfloat16, float64.*got {dtype!r}"):
+            load_model("tiny-llama", dtype=dtype)
+    assert next(load_model("tiny-llama", dtype="bfloat16")[0].parameters()).dtype == torch.bfloat16
+    assert next(load_model("tiny-llama", dtype="torch.float16")[0].parameters()).dtype == torch.float16
+
+
+def test_unusable_cache_folder_says_what_to_do(tmp_path, monkeypatch):
+    import os
+
+    from effllm.paths import cache_dir
+
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    monkeypatch.setenv("EFFLLM_CACHE", str(afile))
+    with pytest.raises(ValueError, match=r"EFFLLM_CACHE='.*a-file' is a file, not a folder.*point EFFLLM_CACHE at"):
+        cache_dir()
+    monkeypatch.setenv("EFFLLM_CACHE", str(afile / "below"))
+    with pytest.raises(ValueError, match=r"cannot be created \(Not a directory\).*writable folder"):
+        cache_dir()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only folder (root may write anyway)
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="is not writable for this user"):
+        cache_dir()
+
+
+def test_fingerprint_follows_the_identifying_weights():
+    from effllm.models import fingerprint
+
+    model, _ = tiny_model("llama")
+    assert fingerprint(model) == fingerprint(tiny_model("llama")[0])
+    assert fingerprint(model) != fingerprint(tiny_model("llama", seed=1)[0])
+    assert fingerprint(model) != fingerprint(tiny_model("llama")[0].to(torch.bfloat16))
+    with torch.no_grad():
+        get_adapter(model).norms(2)["mlp"].weight[0] += 1e-3  # one norm weight
+    assert fingerprint(model) != fingerprint(tiny_model("llama")[0])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Placement: device_map, max_memory, offload folder; the decoding engine on a model spread over devices
 

@@ -2,12 +2,15 @@
 magnitude on reconstruction, masks round-trip and never half-apply, bad input fails before any change;
 mask similarity (Jaccard) equals a brute-force set computation and is 1/3 for random 50% masks."""
 
+import json
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from effllm import io, pruning
 from effllm.adapters import get_adapter
-from effllm.models import tiny_model
+from effllm.models import IncompleteModelError, fingerprint, tiny_model
 from effllm.pruning import (
     MaskMismatchError,
     apply_masks,
@@ -286,7 +289,13 @@ BAD_INPUTS = [
     (dict(method="obs", sparsity=0.5), "Unknown pruning method 'obs'.*magnitude, wanda, sparsegpt"),
     (dict(method="wanda", sparsity=0.5, calibration=None), "'wanda' needs calibration token ids"),
     (dict(method="sparsegpt", sparsity=0.5, calibration=None), "'sparsegpt' needs calibration token ids"),
-    (dict(method="wanda", sparsity=0.5, calibration=torch.ones(2, 8)), "integer token ids of shape"),
+    (dict(method="wanda", sparsity=0.5, calibration=torch.ones(2, 8)), "integer token ids.*float32"),
+    (dict(method="wanda", sparsity=0.5, calibration=torch.ones(0, 8, dtype=torch.long)),
+     r"calibration.*\[batch >= 1, length >= 1\]; got shape \(0, 8\)"),
+    (dict(method="sparsegpt", sparsity=0.5, calibration=torch.ones(4, 0, dtype=torch.long)),
+     r"calibration.*got shape \(4, 0\)"),
+    (dict(method="wanda", sparsity=0.5, calibration=torch.full((2, 8), 384)),
+     "ids 384..384, outside this model's vocabulary 0..383"),
 ]
 
 
@@ -405,3 +414,137 @@ def test_jaccard_of_masks_from_different_models_raises():
         mask_jaccard(a, {"model.layers.0.mlp.up_proj": torch.zeros(4, 8, dtype=torch.bool)})
     with pytest.raises(ValueError, match="at least two mask sets"):
         pairwise_jaccard({"a": a})
+
+
+# ------------------------------------------------------------------------------------------------
+# All or nothing: an interrupted prune marks the model, and later calls refuse it
+
+RAISING = {"magnitude": "magnitude_mask", "wanda": "wanda_mask", "sparsegpt": "sparsegpt_prune"}
+
+
+def fail_on_call(monkeypatch, function_name, call, error):
+    """Make pruning.<function_name> raise ``error`` on its ``call``-th call (1-based)."""
+    original, calls = getattr(pruning, function_name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pruning, function_name, wrapper)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("Hessian")], ids=["ctrl-c", "error"])
+@pytest.mark.parametrize("method", list(RAISING))
+def test_interrupted_pruning_marks_the_model_and_later_calls_refuse_it(method, error, monkeypatch, tmp_path):
+    model, _ = tiny_model("llama")  # 4 layers of 7 linears
+    fail_on_call(monkeypatch, RAISING[method], 2 * 7 + 3, error)  # the third linear of layer 2
+    with pytest.raises(type(error)):
+        prune(model, method, 0.5, calibration=calibration_ids(), progress=False)
+    monkeypatch.undo()
+    zeros = [int((m.weight == 0).sum()) for i in range(4) for m in get_adapter(model).linears(i).values()]
+    assert all(zeros[: 2 * 7]) and not any(zeros[2 * 7 + 2 :])  # layers 0-1 pruned, layer 2 in part, 3 not
+    expected = f"pruning \\({method} unstructured, sparsity 0.5\\) was interrupted at layer 2 of 4.*{type(error).__name__}"
+    from effllm.slicing import save_sliced, slice_model
+
+    calls = {
+        "prune": lambda: prune(model, method, 0.5, calibration=calibration_ids(), progress=False),
+        "save_pruned": lambda: save_pruned(model, tmp_path / "pruned", masks={}),
+        "slice_model": lambda: slice_model(model, calibration_ids(), mean=0.25),
+        "save_sliced": lambda: save_sliced(model, tmp_path / "sliced"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(IncompleteModelError, match=expected + ".*partly pruned: reload it"):
+            call()
+        assert not (tmp_path / name.split("_")[-1]).exists()
+
+
+def test_pruning_that_fails_before_any_weight_changes_leaves_the_model_usable(monkeypatch):
+    model, _ = tiny_model("llama")
+    before = snapshot(model)
+    fail_on_call(monkeypatch, "wanda_mask", 1, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        prune(model, "wanda", 0.5, calibration=calibration_ids(), progress=False)
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    masks = prune(model, "wanda", 0.5, calibration=calibration_ids(), progress=False)  # not refused
+    reference, _ = tiny_model("llama")
+    expected = prune(reference, "wanda", 0.5, calibration=calibration_ids(), progress=False)
+    assert all(torch.equal(masks[name], expected[name]) for name in expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Saved masks and pruned models: checksummed, bound to the model's weights, bytes 0/1
+
+
+def mask_data_offset(path):
+    """Where the tensor data of a safetensors file starts (8-byte header length, then the JSON header)."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_flipped_mask_bytes_are_refused(tmp_path):
+    model, _ = tiny_model("llama")
+    masks = prune(model, "magnitude", 0.5, progress=False)
+    path = save_masks(masks, tmp_path / "masks.safetensors", model)
+    data = bytearray(path.read_bytes())
+    data[mask_data_offset(path) + 10] = 2  # a byte that safetensors would read as True
+    path.write_bytes(bytes(data))
+    with pytest.raises(io.ArtifactError, match="does not match the checksum"):
+        load_masks(path, model)
+
+    # the same bytes with a fresh checksum (written outside save_masks): still refused, by value
+    name = next(iter(masks))
+    corrupt = masks[name].clone()
+    corrupt.view(torch.uint8)[0, 0] = 2
+    io.save_tensors(tmp_path / "resealed.safetensors", {**masks, name: corrupt},
+                    {"format": pruning.MASKS_FORMAT}, pruning.MASKS_KIND)
+    with pytest.raises(MaskMismatchError, match="neither 0 nor 1"):
+        load_masks(tmp_path / "resealed.safetensors")
+    dense, _ = tiny_model("llama")
+    before = snapshot(dense)
+    with pytest.raises(MaskMismatchError, match="neither 0 nor 1"):
+        apply_masks(dense, {**masks, name: corrupt})
+    assert_unchanged(dense, before)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_masks_bind_to_the_weights_of_their_model_not_only_its_shapes(method, tmp_path):
+    model, _ = tiny_model("llama")
+    dense_fingerprint = fingerprint(model)
+    masks = prune(model, method, 0.5, calibration=calibration_ids(), progress=False)
+    assert fingerprint(model) == dense_fingerprint  # pruning leaves embeddings and norms alone
+    path = save_masks(masks, tmp_path / "masks.safetensors", model)
+    same_checkpoint, _ = tiny_model("llama")
+    assert load_masks(path, same_checkpoint).keys() == masks.keys()
+    other, _ = tiny_model("llama", seed=1)  # same architecture and shapes, other weights
+    with pytest.raises(MaskMismatchError, match="computed on another model"):
+        load_masks(path, other)
+    with pytest.raises(MaskMismatchError, match="computed on another model"):
+        load_masks(path, tiny_model("llama")[0].to(torch.bfloat16))
+
+
+def test_saved_pruned_model_is_one_checksum_over_every_file(tmp_path):
+    model, tokenizer = tiny_model("llama")
+    prune(model, "magnitude", 0.5, progress=False)
+    folder = save_pruned(model, tmp_path / "pruned", tokenizer=tokenizer)
+    sealed = json.loads((folder / io.SEAL_FILE).read_text())["files"]
+    assert {"config.json", "model.safetensors", pruning.MASKS_FILE, pruning.MASKS_FILE + ".json",
+            "tokenizer.json"} <= set(sealed)
+    load_pruned(folder)  # intact
+
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = 5.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(io.ArtifactError, match="config.json does not match the checksum"):
+        load_pruned(folder)
+
+    folder = save_pruned(model, tmp_path / "pruned")  # replaces its own earlier save
+    (folder / "extra.bin").write_bytes(b"x")
+    with pytest.raises(io.ArtifactError, match="holds files"):
+        load_pruned(folder)
+    (folder / io.SEAL_FILE).unlink()  # as a folder saved by an older effllm
+    with pytest.raises(io.ArtifactError, match="missing"):
+        load_pruned(folder)
+    with pytest.raises(ValueError, match="already holds files that are not a saved effllm-pruned"):
+        save_pruned(model, folder)  # would delete files it did not write

@@ -20,7 +20,7 @@ from effllm.decoding.policies import SKIPPED_KV
 from effllm.experiments import analyses
 from effllm.experiments.prompts import task_prompts
 from effllm.experiments.runs import run_policies
-from effllm.models import tiny_model
+from effllm.models import fingerprint, tiny_model
 
 FAMILIES = ["llama", "opt", "gpt2"]
 
@@ -248,7 +248,7 @@ def test_skipped_layers_are_never_called(family, mode, tmp_path):
     params = {"static": {"skip_pattern": "every-2"}, "random": {"budget": 0.5}}.get(mode, {})
     if mode == "controller":
         controllers = ctl.SkipControllers(6, get_adapter(model).hidden_size, meta={
-            "fingerprint": ctl.model_fingerprint(model)})
+            "fingerprint": fingerprint(model)})
         params = {"controller": controllers}
     calls = _count_calls(model)
     out = _skip(model, _prompt(9), 12, skip_mode=mode, skipped_kv="propagate", eos_token_id=[], **params)
@@ -461,7 +461,7 @@ def test_bad_patterns_and_budgets_are_clear_errors():
 def test_controllers_for_another_model_are_a_clear_error(tmp_path):
     model = _model("llama")
     controllers = ctl.SkipControllers(6, 64, meta={"model": "tiny-llama seed 0",
-                                                       "fingerprint": ctl.model_fingerprint(model)})
+                                                       "fingerprint": fingerprint(model)})
     path = controllers.save(tmp_path / "c.safetensors")
     other_weights = _model("llama", seed=1)
     with pytest.raises(ctl.ControllerMismatchError, match="tiny-llama seed 0.*same shape, other weights"):

@@ -182,8 +182,8 @@ def _saved(tmp_path, name="sliced", family="llama", mean=0.25):
     return save_sliced(model, tmp_path / name)
 
 
-def test_load_sliced_refuses_missing_corrupt_and_mismatched_folders(tmp_path):
-    with pytest.raises(SlicedModelError, match="effllm-sliced.json, model.safetensors, config.json missing"):
+def test_load_sliced_refuses_missing_corrupt_and_edited_folders(tmp_path):
+    with pytest.raises(SlicedModelError, match="effllm-artifact.json is missing: not a saved effllm-sliced"):
         load_sliced(tmp_path)
 
     folder = _saved(tmp_path, "corrupt")
@@ -191,25 +191,50 @@ def test_load_sliced_refuses_missing_corrupt_and_mismatched_folders(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(SlicedModelError, match="checksum"):
+    with pytest.raises(SlicedModelError, match="model.safetensors does not match the checksum"):
         load_sliced(folder)
 
     folder, other = _saved(tmp_path, "a", mean=0.25), _saved(tmp_path, "b", mean=0.5)
     (folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
-    info = json.loads((folder / "effllm-sliced.json").read_text())
-    info["weights_sha256"] = json.loads((other / "effllm-sliced.json").read_text())["weights_sha256"]
-    (folder / "effllm-sliced.json").write_text(json.dumps(info))
-    with pytest.raises(SlicedModelError, match="do not fit the recorded shapes"):
+    with pytest.raises(SlicedModelError, match="model.safetensors does not match the checksum"):
         load_sliced(folder)
 
+    # config.json and the recorded layout are inside the checksum: an edited RoPE theta or norm eps would
+    # load without an error and give other logits
     folder = _saved(tmp_path, "c")
-    (folder / "config.json").write_text((_saved(tmp_path, "opt", family="opt") / "config.json").read_text())
-    with pytest.raises(SlicedModelError, match="do not belong together"):
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = 100.0
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlicedModelError, match="config.json does not match the checksum"):
         load_sliced(folder)
 
-    (folder / "effllm-sliced.json").write_text("{not json")
+    folder = _saved(tmp_path, "d")
+    seal = json.loads((folder / "effllm-artifact.json").read_text())
+    seal["meta"]["layout"]["layers"][0]["norm_eps"] = [1e-2, 1e-2]
+    (folder / "effllm-artifact.json").write_text(json.dumps(seal))
+    with pytest.raises(SlicedModelError, match="changed after it was written"):
+        load_sliced(folder)
+
+    (folder / "effllm-artifact.json").write_text("{not json")
     with pytest.raises(SlicedModelError, match="unreadable"):
         load_sliced(folder)
+
+    folder = _saved(tmp_path, "e")
+    (folder / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(SlicedModelError, match="holds files"):
+        load_sliced(folder)
+
+
+def test_sliced_folder_saved_by_an_older_effllm_is_refused_with_a_message(tmp_path):
+    folder = _saved(tmp_path, "old")
+    seal = json.loads((folder / "effllm-artifact.json").read_text())
+    (folder / "effllm-artifact.json").unlink()
+    (folder / "effllm-sliced.json").write_text(json.dumps({"format": "effllm-sliced/1", **seal["meta"]}))
+    with pytest.raises(SlicedModelError, match="not a saved effllm-sliced.*save_sliced"):
+        load_sliced(folder)
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="already holds files that are not a saved effllm-sliced"):
+        save_sliced(model, folder)
 
 
 @torch.no_grad()
@@ -355,6 +380,15 @@ BAD_CALLS = {
     "shortgpt mean 1": dict(mean=1.0, method="shortgpt"),
     "unknown method": dict(mean=0.2, method="wanda"),
     "calibration 1-D": dict(mean=0.2),
+    "calibration empty": dict(mean=0.2),
+    "calibration float": dict(mean=0.2),
+    "calibration outside the vocabulary": dict(mean=0.2, method="shortgpt"),
+}
+BAD_CALIBRATION = {
+    "calibration 1-D": lambda ids: ids[0],
+    "calibration empty": lambda ids: ids[:0],
+    "calibration float": lambda ids: ids.float(),
+    "calibration outside the vocabulary": lambda ids: ids + 1000,
 }
 
 
@@ -364,7 +398,7 @@ def test_bad_input_leaves_the_model_untouched(case):
     ids = calibration_ids()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"\S"):
-        slice_model(model, ids[0] if case == "calibration 1-D" else ids, **BAD_CALLS[case])
+        slice_model(model, BAD_CALIBRATION.get(case, lambda x: x)(ids), **BAD_CALLS[case])
     after = model.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -415,3 +449,77 @@ def test_rotation_keeps_smollm2_logits():
     before = logits(model, held_out)
     slice_model(model, ids, mean=0.0)
     assert relative_error(logits(model, held_out), before) < 1e-4
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.ones(0, 8, dtype=torch.long), r"\[batch >= 1, length >= 1\]; got shape \(0, 8\)"),
+    (torch.ones(2, 8), "integer token ids.*float32"),
+    (torch.full((2, 8), -1), "ids -1..-1, outside this model's vocabulary 0..383"),
+])
+def test_layer_scores_reject_bad_calibration(ids, message):
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match=message):
+        layer_scores(model, ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# All or nothing: an interrupted ShortGPT is undone, an interrupted SliceGPT marks the model
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["ctrl-c", "error"])
+def test_interrupted_slicegpt_marks_the_model_and_later_calls_refuse_it(error, monkeypatch, tmp_path):
+    from effllm import slicing
+    from effllm.models import IncompleteModelError
+    from effllm.pruning import prune, save_pruned
+
+    model, _ = tiny_model("llama")
+    original, calls = slicing._pca, [0]
+
+    def pca(covariance):
+        calls[0] += 1
+        if calls[0] == 4:  # embeddings, layer 0 (middle, output), then layer 1's middle signal
+            raise error
+        return original(covariance)
+
+    monkeypatch.setattr(slicing, "_pca", pca)
+    with pytest.raises(type(error)):
+        slice_model(model, calibration_ids(), mean=0.25)
+    monkeypatch.undo()
+    expected = (f"slicing \\(SliceGPT.*was interrupted at layer 1 of 4.*by {type(error).__name__}.*partly sliced: "
+                "reload it")
+    for call in (lambda: slice_model(model, calibration_ids(), mean=0.25),
+                 lambda: slice_model(model, calibration_ids(), mean=0.25, method="shortgpt"),
+                 lambda: save_sliced(model, tmp_path / "sliced"),
+                 lambda: prune(model, "magnitude", 0.5, progress=False),
+                 lambda: save_pruned(model, tmp_path / "pruned", masks={})):
+        with pytest.raises(IncompleteModelError, match=expected):
+            call()
+    assert not (tmp_path / "sliced").exists() and not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["ctrl-c", "error"])
+def test_interrupted_shortgpt_puts_every_layer_back(error, monkeypatch):
+    model, _ = tiny_model("gemma3")  # layer_types and layer_idx must come back too
+    ids = calibration_ids()
+    before, config = logits(model, ids), model.config.to_dict()
+    adapter_class = type(get_adapter(model))
+    original, calls = adapter_class.attention, [0]
+
+    def attention(self, i):
+        calls[0] += 1
+        if calls[0] == 4 + 2:  # the removal has begun: layers deleted, the renumbering half done
+            raise error
+        return original(self, i)
+
+    monkeypatch.setattr(adapter_class, "attention", attention)
+    with pytest.raises(type(error)):
+        slice_model(model, ids, mean=0.5, method="shortgpt")
+    monkeypatch.undo()
+    assert get_adapter(model).num_layers == 4 and model.config.to_dict() == config
+    assert [get_adapter(model).attention(i).layer_idx for i in range(4)] == [0, 1, 2, 3]
+    assert torch.equal(logits(model, ids), before)
+    assert not hasattr(model, "_effllm_incomplete")
+    reference, _ = tiny_model("gemma3")
+    slice_model(reference, ids, mean=0.5, method="shortgpt")
+    slice_model(model, ids, mean=0.5, method="shortgpt")  # and it can be sliced now
+    assert torch.equal(logits(model, ids), logits(reference, ids))

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import pkgutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from effllm import io
 from effllm.experiments.timing import device_description  # noqa: F401  (results record the machine)
 from effllm.paths import REPO_ROOT
 
@@ -40,10 +40,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, wi
 
 
 def write_result(result: dict[str, Any], out: Path | None, default_name: str) -> Path:
-    """Write ``result`` as JSON to ``out`` (default results/<default_name>) and say where."""
+    """Write ``result`` as JSON to ``out`` (default results/<default_name>) atomically (effllm.io.write_json:
+    a reader sees the old file or the whole new one) and say where."""
     out = Path(out) if out else REPO_ROOT / "results" / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    io.write_json(out, result)
     print(f"wrote {out}")
     return out
 
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub_parser)
         sub_parser.set_defaults(_parser=sub_parser)
     args = parser.parse_args(argv)
+    # An unwritable --out (or results/ folder) would otherwise surface only after the whole run.
+    out = getattr(args, "out", None)
+    try:
+        io.check_writable(Path(out) if out else REPO_ROOT / "results" / f"{args.benchmark}.json")
+    except ValueError as error:
+        args._parser.error(f"--out: {error}")
     return modules[args.benchmark].run(args)
 
 

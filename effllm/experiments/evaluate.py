@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from effllm import data, metrics, zeroshot
 from effllm.decoding import Policy, decode
 from effllm.domains import PERPLEXITY_CORPORA
+from effllm.execution import require_code_execution
 
 HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # Codex paper's stop sequences
 MATH_TASKS = ("arithmetic", "gsm8k")  # built-in (offline) and the seed's GSM8K (hub; answers after '####')
@@ -87,18 +88,22 @@ def complete(
 
 def humaneval_pass_at_1(
     model: nn.Module, tokenizer: Any, problems: int, max_new_tokens: int, batch_size: int = 8, progress: bool = False,
-    *, policy: Policy | None = None, exit_transform: Any = None,
+    *, policy: Policy | None = None, exit_transform: Any = None, allow_code_execution: bool = False,
 ) -> dict[str, Any]:
     """Greedy pass@1 on the first ``problems`` HumanEval problems (prompt completion, one sample each, cut at the
     Codex stop sequences), with HF ``generate`` or a decoding ``policy``: ``{"pass@1", "n", "passed" (per
-    problem), "completions"}``."""
+    problem), "completions"}``. The completions are programs run on this machine (confined,
+    :mod:`effllm.execution`), so this needs the caller's opt-in: ``allow_code_execution=True`` or
+    ``EFFLLM_ALLOW_CODE_EXECUTION=1``, checked before anything is generated."""
     if isinstance(problems, bool) or not isinstance(problems, int) or problems < 1:
         raise ValueError(f"problems must be a positive integer; got {problems!r}")
+    require_code_execution(allow_code_execution)
     tasks = data.load("humaneval").to_list()[:problems]
     prompts = [tokenizer(task["prompt"], add_special_tokens=False)["input_ids"] for task in tasks]
     completions = complete(model, tokenizer, prompts, max_new_tokens, policy=policy, exit_transform=exit_transform,
                            batch_size=batch_size, stop_strings=HUMANEVAL_STOP, progress=progress)
-    result = metrics.pass_at_k(tasks, {t["task_id"]: [c] for t, c in zip(tasks, completions, strict=True)}, k=1)
+    result = metrics.pass_at_k(tasks, {t["task_id"]: [c] for t, c in zip(tasks, completions, strict=True)}, k=1,
+                               allow_code_execution=True)
     return {"pass@1": result["pass@1"], "n": len(tasks), "passed": [bool(r["correct"]) for r in result["per_task"]],
             "completions": completions}
 
@@ -138,6 +143,8 @@ class EvaluationSettings:
     zero_shot_limit: int | None = 100
     batch_size: int = 8
     perplexity_domains: dict[str, str] = field(default_factory=lambda: dict(PERPLEXITY_CORPORA))
+    # HumanEval runs the model's programs: only with the caller's opt-in (or EFFLLM_ALLOW_CODE_EXECUTION=1)
+    allow_code_execution: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,14 +157,17 @@ def evaluate_submodel(
     ``ppl_<domain>`` (held-out perplexity), ``humaneval_pass@1``, ``<math_task>_em``, ``zs_<task>`` (lm-eval
     zero-shot accuracy) and ``zs_<task>_norm`` (its length-normalised variant)."""
     s = settings or EvaluationSettings()
+    if s.humaneval_problems:
+        require_code_execution(s.allow_code_execution)  # before any slow work
     result: dict[str, float] = {}
     for domain, corpus in s.perplexity_domains.items():
         ids = tokenizer(data.held_out_text(corpus), return_tensors="pt", add_special_tokens=False).input_ids
         result[f"ppl_{domain}"] = metrics.perplexity(model, ids, s.perplexity_seq_len, batch_size=s.batch_size,
                                                      max_windows=s.perplexity_windows)
     if s.humaneval_problems:
-        result["humaneval_pass@1"] = humaneval_pass_at_1(model, tokenizer, s.humaneval_problems,
-                                                         s.humaneval_max_new_tokens, s.batch_size, progress)["pass@1"]
+        result["humaneval_pass@1"] = humaneval_pass_at_1(
+            model, tokenizer, s.humaneval_problems, s.humaneval_max_new_tokens, s.batch_size, progress,
+            allow_code_execution=s.allow_code_execution)["pass@1"]
     if s.arithmetic_problems:
         result[f"{s.math_task}_em"] = arithmetic_exact_match(model, tokenizer, s.arithmetic_problems,
                                                              s.arithmetic_max_new_tokens, s.batch_size,

@@ -27,6 +27,7 @@ from torch import nn
 
 from effllm import frontier, metrics, zeroshot
 from effllm.decoding import DecodeOutput, Full, Policy, decode
+from effllm.execution import require_code_execution
 from effllm.experiments.evaluate import humaneval_pass_at_1
 from effllm.experiments.prompts import Prompt, as_ids
 from effllm.experiments.stats import mean_ci, ratio_summary
@@ -44,7 +45,8 @@ class FrontierTable:
                  eval_seq_len: int = 256, eval_windows: int | None = 4, batch_size: int = 8, speed_prompts: int = 4,
                  rounds: int = 3, prefill_min_run_time: float = 0.5, zero_shot_task: str | None = None,
                  zero_shot_limit: int | None = None, humaneval_problems: int = 0, humaneval_max_new_tokens: int = 96,
-                 exit_transform: Any = None, transform_flops: int = 0, progress: bool = True):
+                 allow_code_execution: bool = False, exit_transform: Any = None, transform_flops: int = 0,
+                 progress: bool = True):
         self.dense, self.tokenizer = dense, tokenizer
         self.prompts = as_ids(prompts)
         self.max_new_tokens = max_new_tokens
@@ -54,6 +56,9 @@ class FrontierTable:
         self.prefill_min_run_time = prefill_min_run_time
         self.zero_shot_task, self.zero_shot_limit = zero_shot_task, zero_shot_limit
         self.humaneval_problems, self.humaneval_max_new_tokens = humaneval_problems, humaneval_max_new_tokens
+        self.allow_code_execution = allow_code_execution
+        if humaneval_problems:
+            require_code_execution(allow_code_execution)  # before any slow work
         self.exit_transform, self.transform_flops = exit_transform, transform_flops
         self.progress = progress
         self.rows: list[dict[str, Any]] = []
@@ -104,7 +109,8 @@ class FrontierTable:
     def _task_quality(self, model: nn.Module, policy: Policy | None, row: dict[str, Any]) -> None:
         if self.humaneval_problems:
             result = humaneval_pass_at_1(model, self.tokenizer, self.humaneval_problems, self.humaneval_max_new_tokens,
-                                         self.batch_size, policy=policy, exit_transform=self.exit_transform)
+                                         self.batch_size, policy=policy, exit_transform=self.exit_transform,
+                                         allow_code_execution=self.allow_code_execution)
             mean, low, high = mean_ci([float(p) for p in result["passed"]])
             row.update({"humaneval_pass@1": mean, "humaneval_ci_low": low, "humaneval_ci_high": high,
                         "humaneval_n": result["n"]})
