@@ -14,7 +14,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from effllm import domains, execution, frontier, metrics
+from effllm import execution, metrics
+from effllm.decoding import Full
+from effllm.experiments import evaluate
 from effllm.execution import CodeExecutionNotAllowedError, run_program
 
 PROBLEM = {"task_id": "toy/add", "prompt": "def add(a, b):\n", "entry_point": "add",
@@ -61,10 +63,10 @@ def test_code_execution_needs_an_opt_in_and_says_how(monkeypatch, tmp_path):
         "run_program": lambda: run_program(program, 5.0),
         "check_completion": lambda: metrics.check_completion(PROBLEM, "    return a + b\n"),
         "pass_at_k": lambda: metrics.pass_at_k([PROBLEM], {"toy/add": ["    return a + b\n"]}),
-        # both refuse before generating: the model and tokenizer are never touched
-        "domains.humaneval_pass_at_1": lambda: domains.humaneval_pass_at_1(None, None, 1, 8),
-        "frontier.humaneval_pass_at_1": lambda: frontier.humaneval_pass_at_1(None, None, 1),
-        "evaluate_submodel": lambda: domains.evaluate_submodel(None, None, domains.EvaluationSettings()),
+        # these refuse before generating: the model and tokenizer are never touched
+        "humaneval_pass_at_1": lambda: evaluate.humaneval_pass_at_1(None, None, 1, 8),
+        "humaneval_pass_at_1 with a policy": lambda: evaluate.humaneval_pass_at_1(None, None, 1, 8, policy=Full()),
+        "evaluate_submodel": lambda: evaluate.evaluate_submodel(None, None, evaluate.EvaluationSettings()),
     }
     for name, call in calls.items():
         with pytest.raises(CodeExecutionNotAllowedError, match="allow_code_execution=True") as caught:
