@@ -16,8 +16,8 @@ import pytest
 
 from effllm import execution, metrics
 from effllm.decoding import Full
-from effllm.experiments import evaluate
 from effllm.execution import CodeExecutionNotAllowedError, run_program
+from effllm.experiments import evaluate
 
 PROBLEM = {"task_id": "toy/add", "prompt": "def add(a, b):\n", "entry_point": "add",
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
