@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml requirements-embedded.txt tools/install_torch.sh
 # Regenerate every figure with the default profile (embedded model, 2-core CPU).
 run: $(STAMP)
 	$(PY) run_all.py --profile $(PROFILE) --jobs $(JOBS)
+	@if [ "$(PROFILE)" = default ]; then $(PY) -m effllm.experiments.claims; fi  # figures/claims.csv, README block
 
 test: $(STAMP)
 	$(PY) -m ruff check .

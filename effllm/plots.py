@@ -243,6 +243,16 @@ def save_figure(
     return _write_all(targets)
 
 
+def save_table(table: pd.DataFrame, name: str, out_dir: str | Path | None = None) -> Path:
+    """Write a tidy table that no single figure draws (per-item data behind a claim) to ``<dir>/<name>.csv``,
+    atomically, in the folder :func:`save_figure` uses."""
+    _check_name(name)
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"table must be a pandas DataFrame; got {type(table).__name__}.")
+    folder = _out_dir(out_dir)
+    return _write_all({"csv": (folder / f"{name}.csv", lambda path: table.to_csv(path, index=False))})["csv"]
+
+
 def save_html(html: str, name: str, out_dir: str | Path | None = None) -> Path:
     """Write an interactive render (e.g. ``treescope.render_to_html(...)``) to ``<dir>/<name>.html``."""
     _check_name(name)

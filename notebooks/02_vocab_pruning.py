@@ -235,7 +235,7 @@ for row in costs[costs.k == k].itertuples():
 # and token agreement with the full-depth output; speed is measured against HF `generate`.
 
 # %%
-generation = []
+generation, generation_items, generation_timings = [], [], []
 for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     model, tokenizer = item["model"], item["tokenizer"]
     fmt = prompt_format(model, tokenizer, name)
@@ -248,7 +248,12 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
                        rounds=rounds)
     generation.append(run.summary[~run.summary.label.isin(["hf_generate", "full"])].assign(model=name))
+    generation_items.append(run.items.drop(columns="text").assign(model=name))
+    generation_timings.append(run.timings.assign(model=name))
 generation = pd.concat(generation, ignore_index=True)
+# the per-prompt and per-round tables behind the comparisons below (and the claims report)
+plots.save_table(pd.concat(generation_items, ignore_index=True), "02_generation_items")
+plots.save_table(pd.concat(generation_timings, ignore_index=True), "02_generation_timings")
 generation["reduction"] = generation.type_vocab_reduct.fillna("none")
 display(generation[["model", "label", "reduction", "k", "speedup_vs_hf", "avg_layers", "rougeL_vs_full",
                     "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "confidence_flops_per_token",

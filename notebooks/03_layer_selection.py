@@ -146,6 +146,7 @@ run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rou
 generations = run.items[run.items.label != "hf_generate"].copy()
 generations["layers"] = generations.label.map(layer_counts)
 generations["mode"] = generations.label.str.extract(r"^(skipping|early exit|full)")[0]
+plots.save_table(generations.drop(columns="text"), "03_generation_items")  # per prompt: behind the claims report
 quality = run.summary[run.summary.label != "hf_generate"].copy()
 quality["layers"] = quality.label.map(layer_counts)
 quality["mode"] = quality.label.str.extract(r"^(skipping|early exit|full)")[0]
@@ -296,6 +297,8 @@ budget_costs = {label: n for label, n in layer_counts.items() if label == "full"
 per_item = generations[generations.label.isin(budget_costs)].pivot(index="prompt", columns="label",
                                                                   values="rougeL_vs_reference")
 frontier = oracle.oracle_frontier(per_item, budget_costs, n_layers)
+plots.save_table(per_item.reset_index(), "03_oracle_items")
+plots.save_table(pd.DataFrame({"label": list(budget_costs), "layers": list(budget_costs.values())}), "03_oracle_costs")
 full_quality = float(per_item["full"].mean())
 needed = oracle.oracle_fraction_to_match(per_item, budget_costs, full_quality, n_layers)
 display(per_item.round(3))
