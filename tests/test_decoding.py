@@ -264,3 +264,20 @@ def test_the_package_has_no_import_cycles():
     for name in sorted(graph):
         visit(name, [name])
     assert not cycles, f"import cycles: {cycles[:3]}"
+
+
+# ---- bfloat16 --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt", "gpt2"])
+def test_bfloat16_decoding_equals_hf_generate_and_self_speculation_stays_exact(family):
+    """The embedded models load in bfloat16 where the CPU computes in it: with exits disabled the engine still
+    gives HF generate's tokens in that dtype, and self-speculation still gives the engine's."""
+    model, _ = tiny_model(family)
+    model = model.to(torch.bfloat16)
+    for seed in range(3):
+        ids = _prompt(20 + seed, length=9)
+        full = decode(model, ids, 16, Full(), eos_token_id=[])
+        assert torch.equal(full.sequences, _hf(model, ids, 16)), (family, seed)
+        for policy in (Calm(exit_conf_threshold=2.0, exit_min_layer=1), Free(2, 2.0), SelfSpec(2, 4)):
+            assert torch.equal(decode(model, ids, 16, policy, eos_token_id=[]).sequences, full.sequences), policy
