@@ -1,0 +1,147 @@
+"""Training a model to exit early: the seeds' fine-tuning, and fitted exit modules on a frozen model.
+
+The early-exit papers' speed-ups come from models trained to exit: CALM and static exiting train with
+``weighted_ce`` (every layer's loss through the shared head, w_l = l), FREE (seed 001) with
+``shallowdeep_kd_dyna`` (the shallow model's and the deep model's losses plus a dynamic layer-wise
+distillation, ``shallow_exit_layer``, ``distill_layer_alpha``), LayerSkip with layer dropout and an
+early-exit loss. All of them are here (:mod:`effllm.training.losses`), for decoder-only models and the T5
+decoder, with the backbone frozen, adapted with peft LoRA (merged at the end) or fully fine-tuned:
+
+    from effllm.training import recipe, train_exits
+    model, tokenizer, exits, result = train_exits(recipe("default", model="smollm2-135m"))
+    model, tokenizer, exits, result = train_exits(recipe("free", model="tiny-t5"))
+
+    model, tokenizer = load_model("smollm2-135m-ee")   # trained on first use with `default`, then cached
+    exits = model._effllm_exits                         # exit_transform(layer, hidden) -> hidden, or None
+
+**The exit contract.** ``model._effllm_exits`` (set with ``object.__setattr__`` so that it is not a submodule)
+is ``exit_transform(layer: int, hidden: Tensor[b, q, d]) -> Tensor[b, q, d]``: 1-based layer, the result goes
+through the model's final norm and LM head, position-wise (no attention, no cache), the identity at layers
+without a trained exit; None when the training changed the model's own weights and left no exit module
+(LoRA merged: the returned model simply is the fine-tuned model). ``exits.layers`` lists the trained layers.
+
+**Data without a hub** (:mod:`effllm.training.data`): windows of the built-in corpora and the original
+model's own greedy answers to built-in prompts (self-distillation); the seeds' data sets by name
+(``corpora=("samsum",)``, the ``paper`` recipe) through :func:`effllm.data.load`.
+
+**Runs** are seeded and deterministic (the same configuration gives the same numbers), show a tqdm bar,
+write resumable checkpoints (sealed, checksummed folders of :mod:`effllm.io`; a corrupt one is refused and
+the run starts over) and cache their result by a hash of the configuration (:func:`cache_key`).
+``python -m effllm.training --model smollm2-135m --recipe default`` trains (or loads) and writes
+``results/exit_training_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effllm import io
+from effllm.training.core import (
+    RECIPES,
+    RESULT_KIND,
+    ExitTrainingConfig,
+    autocast_dtype,
+    cache_key,
+    recipe,
+    train,
+    training_dir,
+)
+from effllm.training.modules import ExitModules, build_exit_modules
+
+__all__ = ["RECIPES", "ExitModules", "ExitTrainingConfig", "cache_key", "load_exit_trained", "recipe",
+           "result_folder", "train", "train_exits"]
+
+EXIT_MODULES_KIND = "exit-modules"
+MODEL_WEIGHTS_KIND = "exit-trained-weights"
+
+
+def result_folder(config: ExitTrainingConfig, compute_dtype: torch.dtype) -> Path:
+    """Where the trained result of ``config`` is cached: ``cache_dir()/exit_training/<model>/<cache key>``."""
+    return training_dir(config.model) / cache_key(config, compute_dtype)
+
+
+def _unique_state(model) -> dict[str, torch.Tensor]:
+    """The model's state dict without second names of one tensor (tied embeddings), for safetensors."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor
+    return state
+
+
+def _save(folder: Path, config: ExitTrainingConfig, model, exits: ExitModules | None, result: dict[str, Any]) -> None:
+    with io.staging(folder) as tmp:
+        if exits is not None:
+            io.save_tensors(tmp / "exits.safetensors", exits.state_dict(),
+                            {"kind": exits.kind, "layers": exits.layers}, EXIT_MODULES_KIND)
+        if config.backbone != "frozen":
+            io.save_tensors(tmp / "model.safetensors", _unique_state(model), {"model": config.model},
+                            MODEL_WEIGHTS_KIND)
+        io.write_json(tmp / "result.json", result)
+        io.seal(tmp, RESULT_KIND, {"config": config.to_dict()})
+
+
+def _load(folder: Path, config: ExitTrainingConfig, model) -> tuple[Any, ExitModules | None, dict[str, Any]]:
+    import json
+
+    io.verify(folder, RESULT_KIND)
+    exits = None
+    if (folder / "exits.safetensors").exists():
+        tensors, meta = io.load_tensors(folder / "exits.safetensors", EXIT_MODULES_KIND)
+        exits = build_exit_modules(model, meta["kind"], list(meta["layers"]))
+        exits.load_state_dict(tensors)
+        exits.requires_grad_(False).eval()
+    if config.backbone != "frozen":
+        tensors, _ = io.load_tensors(folder / "model.safetensors", MODEL_WEIGHTS_KIND)
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in tensors.items()}, strict=False)
+    return model, exits, json.loads((folder / "result.json").read_text())
+
+
+def train_exits(config: ExitTrainingConfig, progress: bool = True, retrain: bool = False, model=None, tokenizer=None
+                ) -> tuple[Any, Any, ExitModules | None, dict[str, Any]]:
+    """Train (or load the cached result of) ``config``: returns (model, tokenizer, exits, result).
+
+    ``model``/``tokenizer`` default to ``load_model(config.model)``. A valid cached result is loaded in
+    seconds; a corrupt one is refused and trained again; ``retrain`` ignores it. An interrupted run resumes
+    from its checkpoint."""
+    from effllm.models import load_model
+
+    if model is None:
+        model, tokenizer = load_model(config.model)
+    compute_dtype = autocast_dtype(config, next(model.parameters()).device)
+    folder = result_folder(config, compute_dtype)
+    if not retrain and io.is_sealed(folder, RESULT_KIND):
+        try:
+            model, exits, result = _load(folder, config, model)
+            return model, tokenizer, exits, result
+        except (io.ArtifactError, KeyError, RuntimeError):
+            pass
+    checkpoints = folder.with_name(folder.name + ".checkpoint")
+    model, exits, result = train(model, tokenizer, config, progress=progress, checkpoint_dir=checkpoints)
+    _save(folder, config, model, exits, result)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return model, tokenizer, exits, result
+
+
+def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                      recipe_name: str = "default", progress: bool = True):
+    """``load_model("<model>-ee")``: the model with its exits trained by recipe ``recipe_name``, trained on first
+    use (a progress bar; minutes on the embedded model) and loaded from the cache after. The exits are
+    attached as ``model._effllm_exits`` (see the package docstring); returns ``(model, tokenizer)``."""
+    from effllm.models import EXIT_TRAINED_SUFFIX, resolve_dtype
+
+    base = name.removesuffix(EXIT_TRAINED_SUFFIX)
+    model, tokenizer, exits, result = train_exits(recipe(recipe_name, model=base), progress=progress)
+    dtype = resolve_dtype(dtype)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+        if exits is not None and device is not None:
+            exits = exits.to(device)
+    object.__setattr__(model, "_effllm_exits", exits)
+    object.__setattr__(model, "_effllm_exit_training", result)
+    return model.eval(), tokenizer
