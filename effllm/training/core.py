@@ -162,8 +162,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": {"corpora": ("samsum",), "self_distill_prompts": 0},
 }
 # Tiny models: seconds, for tests (exits on layer 2 of 4).
-TINY_OVERRIDES: dict[str, Any] = {"exit_layers": (2,), "windows_per_corpus": 4, "seq_len": 32,
-                                  "self_distill_prompts": 2, "answer_tokens": 8, "heldout_windows_per_corpus": 2,
+TINY_OVERRIDES: dict[str, Any] = {"exit_layers": (2,), "corpora": ("python-docs",), "windows_per_corpus": 4,
+                                  "seq_len": 32, "self_distill_prompts": 1, "answer_tokens": 8,
+                                  "heldout_windows_per_corpus": 2,
                                   "steps": 6, "batch_tokens": 64, "batch_windows": 2, "eval_every": 3,
                                   "checkpoint_every": 3, "warmup_steps": 1, "top_k": 8}
 
@@ -297,7 +298,7 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
         pass
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     train_ids, heldout_ids = build_windows(model, tokenizer, config, progress)
     n_layers = adapter.num_layers
     tensors: dict[str, torch.Tensor] = {"train_ids": train_ids, "heldout_ids": heldout_ids}
@@ -336,6 +337,7 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
         tensors[f"train_states.{layer}"] = torch.cat(train_states[layer])
         tensors[f"heldout_states.{layer}"] = torch.cat(heldout_states[layer])
     meta = {"heldout_nll": nll / max(counted, 1), "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
             "train_windows": len(train_ids), "heldout_windows": len(heldout_ids), "layers": list(layers),
             "model": config.model}
     io.save_tensors(path, tensors, meta, STATES_KIND)
@@ -439,7 +441,8 @@ class TrainState:
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per step: losses per exit
     curve: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock seconds of training (without the teacher pass)
+    cpu_seconds: float = 0.0  # this process's CPU seconds of training (all threads): robust to a busy machine
 
 
 def _trainable(model, exits: ExitModules | None) -> dict[str, torch.nn.Parameter]:
@@ -625,10 +628,10 @@ def train(model, tokenizer, config: ExitTrainingConfig, progress: bool = True, c
         checks.layer("shallow_exit_layer", config.shallow_exit_layer, n_layers, high=n_layers - 1)
     device = next(model.parameters()).device
     compute_dtype = autocast_dtype(config, device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     if teacher is None:
         teacher = teacher_pass(model, tokenizer, config, compute_dtype, progress)
-    teacher_seconds = time.perf_counter() - started
+    teacher_seconds, teacher_cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
     torch.manual_seed(config.seed)
     exits = build_exit_modules(model, config.exit_module, list(config.exit_layers)) if config.exit_module else None
@@ -657,9 +660,10 @@ def train(model, tokenizer, config: ExitTrainingConfig, progress: bool = True, c
     model.train(config.backbone != "frozen")
     bar = tqdm(range(state.step, last), desc=f"exit training ({config.model})", disable=not progress,
                initial=state.step, total=config.steps)
-    clock = time.perf_counter()
+    clock, cpu_clock = time.perf_counter(), time.process_time()
     for step in bar:
         rows = _batch_rows(n_rows, batch, config, step)
+        torch.manual_seed(config.seed * 1_000_033 + step)  # dropout inside the model: a function of the step too
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(config, step)
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
@@ -678,13 +682,17 @@ def train(model, tokenizer, config: ExitTrainingConfig, progress: bool = True, c
         if exits is not None and config.fast_path and (state.step % config.eval_every == 0 or state.step == last):
             agreement = exit_agreement(model, exits, teacher, list(config.exit_layers))
             now = state.seconds + time.perf_counter() - clock
+            cpu_now = state.cpu_seconds + time.process_time() - cpu_clock
             state.curve.append({"step": state.step, "minutes": (teacher_seconds + now) / 60,
+                                "cpu_minutes": (teacher_cpu + cpu_now) / 60,
                                 **{f"agreement_{k}": v for k, v in agreement.items()}})
         if checkpoint_dir is not None and (state.step % config.checkpoint_every == 0) and state.step < config.steps:
             state.seconds += time.perf_counter() - clock
-            clock = time.perf_counter()
+            state.cpu_seconds += time.process_time() - cpu_clock
+            clock, cpu_clock = time.perf_counter(), time.process_time()
             _save_checkpoint(checkpoint_dir, config, params, optimizer, state)
     state.seconds += time.perf_counter() - clock
+    state.cpu_seconds += time.process_time() - cpu_clock
     model.train(was_training)
     model.requires_grad_(False)
     if exits is not None:
@@ -693,7 +701,8 @@ def train(model, tokenizer, config: ExitTrainingConfig, progress: bool = True, c
         _merge_lora(model)
     result = {"config": config.to_dict(), "compute_dtype": str(compute_dtype).removeprefix("torch."),
               "steps_done": state.step, "teacher_pass_minutes": teacher_seconds / 60,
-              "training_minutes": state.seconds / 60, "loss_history": state.history, "agreement_curve": state.curve,
+              "teacher_pass_cpu_minutes": teacher_cpu / 60, "training_minutes": state.seconds / 60,
+              "training_cpu_minutes": state.cpu_seconds / 60, "threads": torch.get_num_threads(), "loss_history": state.history, "agreement_curve": state.curve,
               "teacher_meta": teacher.meta}
     if state.step >= config.steps:
         result.update(_final_metrics(model, exits, config, teacher))
