@@ -285,3 +285,29 @@ def test_embedded_models_load_in_the_default_dtype_and_tiny_ones_in_float32(monk
     with pytest.raises(OSError):
         models.load_model("smollm2-135m")
     assert captured["dtype"] is torch.float32
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "t5", "opt"])
+def test_mlp_exits_start_as_the_last_layers_mlp_update(family):
+    from effllm.adapters import get_adapter
+    from effllm.training.modules import build_exit_modules
+
+    model, _ = models.tiny_model(family)
+    adapter = get_adapter(model)
+    exits = build_exit_modules(model, "mlp", [2])
+    hidden = torch.randn(2, 3, adapter.hidden_size)
+    with torch.no_grad():
+        got = exits(2, hidden)
+        last = adapter.num_layers - 1
+        if family == "llama":
+            expected = hidden + adapter.mlp(last)(adapter.norms(last)["mlp"](hidden))
+        elif family == "gemma3":
+            norms = adapter.norms(last)
+            expected = hidden + norms["mlp_out"](adapter.mlp(last)(norms["mlp"](hidden)))
+        elif family == "t5":
+            expected = adapter.layer(last).layer[-1](hidden)
+        else:  # no MLP to copy: a fresh block whose output projection starts at zero
+            expected = hidden
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(exits(1, hidden), hidden)  # identity where no exit was trained
+    assert exits.position_wise

@@ -359,31 +359,25 @@ def _teacher_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 
 
 @torch.no_grad()
-def exit_agreement(model, exits: ExitModules, teacher: TeacherData, layers: list[int],
-                   batch_tokens: int = 2048) -> dict[int, float]:
-    """Held-out top-1 agreement of each exit in ``layers`` with the untouched last layer, from the cached
-    held-out states (the frozen backbone's, so the model is not run again)."""
+def exit_agreement(model, exits: ExitModules, teacher: TeacherData, layers: list[int], split: str = "heldout",
+                   windows: int | None = None) -> dict[int, float]:
+    """Top-1 agreement of each exit in ``layers`` with the untouched last layer, from the cached states of the
+    frozen backbone (the model is not run again): on the held-out windows, or (``split="train"``) on the
+    first ``windows`` training windows, which tells fitting from generalising."""
     adapter = get_adapter(model)
-    target = teacher.heldout_argmax.reshape(-1)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if split == "heldout":
+        states, target = teacher.heldout_states, teacher.heldout_argmax
+    else:
+        states, target = teacher.train_states, teacher.train_topk_ids[..., 0]
+    target = target[:windows]
     result = {}
-    if not exits.position_wise:  # attention: whole windows
-        device = next(model.parameters()).device
-        for layer in layers:
-            hits = 0
-            for start in range(0, len(teacher.heldout_ids), 4):
-                hidden = exits(layer, teacher.heldout_states[layer][start:start + 4].to(device))
-                predicted = adapter.logits(hidden.to(next(model.parameters()).dtype)).argmax(-1).cpu()
-                hits += int((predicted == teacher.heldout_argmax[start:start + 4]).sum())
-            result[layer] = hits / len(target)
-        return result
     for layer in layers:
-        states = teacher.heldout_states[layer].reshape(-1, teacher.heldout_states[layer].shape[-1])
         hits = 0
-        for start in range(0, len(states), batch_tokens):
-            hidden = states[start:start + batch_tokens].to(next(model.parameters()).device)
-            hidden = exits(layer, hidden.unsqueeze(0)).to(next(model.parameters()).dtype)
-            hits += int((adapter.logits(hidden)[0].argmax(-1).cpu() == target[start:start + batch_tokens]).sum())
-        result[layer] = hits / len(target)
+        for start in range(0, len(target), 4):  # 4 windows at a time: whole windows suit every exit kind
+            hidden = exits(layer, states[layer][start:min(start + 4, len(target))].to(device)).to(dtype)
+            hits += int((adapter.logits(hidden).argmax(-1).cpu() == target[start:start + 4]).sum())
+        result[layer] = hits / target.numel()
     return result
 
 
@@ -681,11 +675,14 @@ def train(model, tokenizer, config: ExitTrainingConfig, progress: bool = True, c
             on_step(state.step)
         if exits is not None and config.fast_path and (state.step % config.eval_every == 0 or state.step == last):
             agreement = exit_agreement(model, exits, teacher, list(config.exit_layers))
+            fitted = exit_agreement(model, exits, teacher, list(config.exit_layers), "train",
+                                    windows=len(teacher.heldout_ids))
             now = state.seconds + time.perf_counter() - clock
             cpu_now = state.cpu_seconds + time.process_time() - cpu_clock
             state.curve.append({"step": state.step, "minutes": (teacher_seconds + now) / 60,
                                 "cpu_minutes": (teacher_cpu + cpu_now) / 60,
-                                **{f"agreement_{k}": v for k, v in agreement.items()}})
+                                **{f"agreement_{k}": v for k, v in agreement.items()},
+                                **{f"train_agreement_{k}": v for k, v in fitted.items()}})
         if checkpoint_dir is not None and (state.step % config.checkpoint_every == 0) and state.step < config.steps:
             state.seconds += time.perf_counter() - clock
             state.cpu_seconds += time.process_time() - cpu_clock

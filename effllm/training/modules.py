@@ -10,6 +10,7 @@ Kinds (``kind``), all position-wise except ``layer``:
 - ``mlp``: h + MLP(norm(h)), a copy of the last decoder layer's MLP with the norm in front of it
   (Llama family, T5), or a fresh pre-norm GELU MLP with a zero output projection (other families). It
   starts as "layer l's state plus the last layer's MLP update", then learns.
+- ``mlp2``: two such blocks, copies of the last two layers' MLPs (twice the cost of ``mlp``).
 - ``affine+mlp``: the affine map, then the MLP block.
 - ``layer``: a copy of the whole last decoder layer, attention included (Kangaroo, Liu et al. 2024). Not
   position-wise: a decoder needs a K/V cache per exit for it (see the package docstring); Llama family only.
@@ -24,7 +25,7 @@ from torch import nn
 
 from effllm.adapters import get_adapter
 
-EXIT_KINDS = ("affine", "mlp", "affine+mlp", "layer")
+EXIT_KINDS = ("affine", "mlp", "mlp2", "affine+mlp", "layer")
 
 
 class AffineExit(nn.Module):
@@ -71,9 +72,10 @@ def _fresh_mlp(hidden_size: int) -> MLPExit:
     return MLPExit(nn.LayerNorm(hidden_size), nn.Sequential(up, nn.GELU(), down))
 
 
-def _mlp_exit(model: nn.Module) -> nn.Module:
+def _mlp_exit(model: nn.Module, last: int | None = None) -> nn.Module:
+    """An MLP block copied from layer ``last`` (0-based; default the last layer)."""
     adapter = get_adapter(model)
-    last = adapter.num_layers - 1
+    last = adapter.num_layers - 1 if last is None else last
     if adapter.family == "llama":
         norms = adapter.norms(last)
         post = copy.deepcopy(norms["mlp_out"]) if "mlp_out" in norms else None  # Gemma 3's sandwich norm
@@ -140,6 +142,8 @@ def build_exit_modules(model: nn.Module, kind: str, layers: list[int]) -> ExitMo
             block: nn.Module = AffineExit(adapter.hidden_size)
         elif kind == "mlp":
             block = _mlp_exit(model)
+        elif kind == "mlp2":
+            block = nn.Sequential(_mlp_exit(model, adapter.num_layers - 2), _mlp_exit(model))
         elif kind == "affine+mlp":
             block = nn.Sequential(AffineExit(adapter.hidden_size), _mlp_exit(model))
         elif kind == "layer":
