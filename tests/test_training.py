@@ -311,3 +311,18 @@ def test_mlp_exits_start_as_the_last_layers_mlp_update(family):
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.equal(exits(1, hidden), hidden)  # identity where no exit was trained
     assert exits.position_wise
+
+
+def test_command_writes_the_result_json(tmp_path):
+    import json
+
+    from effllm.training.__main__ import main
+
+    out = tmp_path / "exit_training_tiny-llama.json"
+    assert main(["--model", "tiny-llama", "--out", str(out), "--set", "self_distill_prompts=0", "--set", "steps=4"]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["steps"] == 4 and result["recipe"] == "default"
+    assert set(result["agreement_before"]) == set(result["agreement_after"]) == {"1", "2", "3", "4"}
+    assert result["agreement_after"]["4"] == result["agreement_before"]["4"] == 1.0  # the last layer agrees with itself
+    assert [row["step"] for row in result["loss_history"]] == [1, 2, 3, 4] and "exit_2" in result["loss_history"][0]
+    assert result["perplexity_ratio"] == 1.0 and result["total_minutes"] > 0
