@@ -49,7 +49,7 @@ class ExitTrainingConfig:
 
     model: str = "smollm2-135m"
     exit_layers: tuple[int, ...] = (20,)
-    exit_module: str | None = "mlp"
+    exit_module: str | None = "mlp2"
     backbone: str = "frozen"
     loss: str = "distill"
     shallow_exit_layer: int | None = None
@@ -63,20 +63,20 @@ class ExitTrainingConfig:
     lora_alpha: float = 16.0
     lora_top_layer: int | None = None
     corpora: tuple[str, ...] = ("python-docs", "python-code")
-    windows_per_corpus: int = 48
+    windows_per_corpus: int = 64
     seq_len: int = 128
     self_distill_prompts: int = 16
     answer_tokens: int = 64
     heldout_windows_per_corpus: int = 8
     top_k: int = 32
     vocab: str = "batch"
-    steps: int = 600
+    steps: int = 300
     batch_tokens: int = 1024
     batch_windows: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    eval_every: int = 100
+    eval_every: int = 50
     checkpoint_every: int = 100
     seed: int = 0
     autocast: str = "auto"
@@ -158,7 +158,7 @@ RECIPES: dict[str, dict[str, Any]] = {
              "exit_layers": (20,), "steps": 60},
     "layerskip": {"exit_module": None, "backbone": "lora", "loss": "layerskip", "layer_dropout": 0.1,
                   "curriculum_rotation": 4, "exit_layers": (), "steps": 60},
-    "lora-anchor": {"exit_module": "mlp", "backbone": "lora", "loss": "distill", "steps": 60},
+    "lora-anchor": {"exit_module": "mlp", "backbone": "lora", "loss": "distill", "steps": 60, "eval_every": 100},
     "paper": {"corpora": ("samsum",), "self_distill_prompts": 0},
 }
 # Tiny models: seconds, for tests (exits on layer 2 of 4).
@@ -294,7 +294,7 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
     try:
         tensors, meta = io.load_tensors(path, STATES_KIND)
         return _teacher_from_tensors(tensors, meta)
-    except io.ArtifactError:
+    except (io.ArtifactError, KeyError):  # missing, corrupt or incomplete: compute it again
         pass
     adapter = get_adapter(model)
     device = next(model.parameters()).device
