@@ -22,10 +22,10 @@ without a trained exit; None when the training changed the model's own weights a
 
 **Attention exits** (``exit_module="layer"``, a copy of the last decoder layer run on h_l) are trained and
 measured here but are not position-wise: a decoder using one needs its own K/V cache per exit layer, with
-one entry for every earlier position computed from that position's h_l. Every token passes layer l (exits
-are at or above the layers every token runs), so the decoder can fill that cache as each token's h_l appears,
-by running the exit layer's K/V projections on it (or the whole exit layer where it checks the exit). Not
-worth it on SmolLM2: 0.40 agreement against 0.46 for a position-wise exit at equal minutes (below).
+one entry for every earlier position computed from that position's h_l. With one exit layer (FREE's shallow
+layer) every token reaches it, so the decoder fills that cache as each token's h_l appears, by running the
+exit layer's K/V projections on it (or the whole exit layer where it checks the exit); a token that left at
+a lower layer would need its state copied up first (CALM's state propagation). Not worth it on SmolLM2: 0.40 agreement against 0.46 for a position-wise exit at equal minutes (below).
 
 **Data without a hub** (:mod:`effllm.training.data`): windows of the built-in corpora and the original
 model's own greedy answers to built-in prompts (self-distillation); the seeds' data sets by name
