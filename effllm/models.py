@@ -5,6 +5,7 @@ models for tests.
     model, tokenizer = load_model("gemma3-270m")
     model, tokenizer = load_model("facebook/opt-iml-1.3b", dtype=torch.float16, device="cuda")
     model, tokenizer = tiny_model("llama", num_hidden_layers=4)
+    model, tokenizer = load_model("smollm2-135m-ee")    # fine-tuned to exit early (effllm.training)
 
 Embedded models are converted once from the packaged GGUF (dequantised to float32) into a
 safetensors folder under ``cache_dir()/models/NAME``, written in a staging folder and sealed
@@ -90,10 +91,65 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 TINY_PREFIX = "tiny-"
+# "smollm2-135m-ee", "tiny-llama-ee": the model with exits trained by effllm.training (see load_exit_trained)
+EXIT_TRAINED_SUFFIX = "-ee"
 
 
 class ModelNotAvailableError(RuntimeError):
     """A model name that cannot be loaded here (unknown, or a hub id while offline)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Default precision: bfloat16 where the hardware computes in it, float32 elsewhere
+
+# /proc/cpuinfo flags of x86 CPUs with bfloat16 arithmetic (AVX-512 BF16 dot products, AMX tiles).
+# Without them bfloat16 is emulated: one SmolLM2 forward pass over 4 x 128 tokens under bfloat16 autocast took
+# 36.9 s against 18.4 s in float32 on a busy AVX2-only 2-core VM; on an AVX-512 BF16 CPU, HF generate
+# ran 1.9x faster in bfloat16 than in float32 (shared/DESIGN.md).
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (Linux /proc/cpuinfo), empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_supports_bfloat16() -> bool:
+    """True when this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX), so bfloat16 is faster than
+    float32 rather than emulated. PyTorch's capability string names AVX-512 but not its BF16 extension,
+    hence the flags; an AMX capability (newer PyTorch) counts too."""
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return "AMX" in capability or any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """The precision embedded models load in: bfloat16 on a CUDA GPU that supports it and on a CPU with
+    native bfloat16 (:func:`cpu_supports_bfloat16`), float32 elsewhere."""
+    kind = torch.device(device).type if device not in (None, "auto") else "cpu"
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_supports_bfloat16() else torch.float32
+    return torch.float32
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype: None, a floating torch.dtype of ``DTYPES``, or its name ("float32", "bfloat16",
+    "torch.float16", ...)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name or the torch.dtype) or None (the model's "
+                     f"default: bfloat16 where the hardware computes in it for embedded models, else float32; the "
+                     f"checkpoint's own dtype for hub models); got {dtype!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,16 +280,6 @@ def _parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
-def _check_dtype(dtype: Any) -> torch.dtype | None:
-    """None, a floating torch.dtype, or its name ("float32", "bfloat16", "torch.float16", ...)."""
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in DTYPES.values()):
-        return dtype
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name or the torch.dtype) or None (float32 for "
-                     f"embedded and tiny models, the checkpoint's own dtype for hub models); got {dtype!r}")
-
-
 def _is_hub_id(name: str) -> bool:
     return (name not in EMBEDDED_MODELS and not name.startswith(TINY_PREFIX) and name.count("/") == 1
             and not name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir())
@@ -261,8 +307,12 @@ def load_model(
     """Load ``name`` in eval mode and return ``(model, tokenizer)``.
 
     ``name`` is an embedded model (``smollm2-135m``, ``gemma3-270m``), ``tiny-FAMILY`` (a random tiny
-    model, see :func:`tiny_model`), a local folder, or a Hugging Face hub id. ``dtype`` defaults to
-    float32 (embedded, tiny) or the checkpoint's own dtype (hub); ``device`` to CPU.
+    model, see :func:`tiny_model`), a local folder, or a Hugging Face hub id; any of these with the suffix
+    ``-ee`` (``smollm2-135m-ee``, ``tiny-llama-ee``) is that model fine-tuned to exit early, trained on first
+    use and cached (:func:`effllm.training.load_exit_trained`). ``dtype`` (a torch dtype or "float32",
+    "bfloat16", "float16") defaults to :func:`default_dtype` for embedded models (bfloat16 on CUDA GPUs and
+    CPUs with native bfloat16, float32 elsewhere), float32 for tiny models and the checkpoint's own dtype for
+    hub ids; ``device`` to CPU.
 
     Models larger than one device: ``device_map="auto"`` (or "balanced", "sequential", or a dict of
     module name -> GPU index / "cpu" / "disk") spreads the layers with accelerate, within ``max_memory``
@@ -276,7 +326,12 @@ def load_model(
     """
     if not isinstance(name, str) or not name:
         raise ModelNotAvailableError(_unavailable_message(repr(name), "the name must be a non-empty string"))
-    dtype = _check_dtype(dtype)
+    if name.endswith(EXIT_TRAINED_SUFFIX) and not Path(name).expanduser().is_dir():
+        # A model fine-tuned to exit early (effllm.training): trained on first use, then cached.
+        from effllm.training import load_exit_trained
+
+        return load_exit_trained(name, dtype=dtype, device=device)
+    dtype = resolve_dtype(dtype)
     placement = _device_map_options(name, device, device_map, max_memory, offload_folder)
     if device == "auto":
         device = None
@@ -301,7 +356,9 @@ def load_model(
     else:
         path = name
 
-    kwargs: dict[str, Any] = {"dtype": dtype or (torch.float32 if name in EMBEDDED_MODELS else "auto"), **placement}
+    if dtype is None and name in EMBEDDED_MODELS:
+        dtype = default_dtype(device)
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", **placement}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
