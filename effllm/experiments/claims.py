@@ -54,7 +54,8 @@ class Claim:
         """Set the verdict ("the quantity is above / below ``bar``") and, when undecided, the n that would
         decide it at the same spread: an interval's half-width shrinks as 1 / sqrt(n)."""
         judge = verdict_above if above else verdict_below
-        self.verdict = judge(self.ci_low, self.ci_high, self.bar)
+        # one item or one timing round has no spread to speak of: nothing can be decided from it
+        self.verdict = judge(self.ci_low, self.ci_high, self.bar) if self.n >= 2 else UNDECIDED
         distance = abs(self.measured - self.bar)
         if self.verdict == UNDECIDED and self.n and math.isfinite(distance) and distance > 0:
             half_width = (self.ci_high - self.ci_low) / 2
@@ -153,6 +154,16 @@ def vocab_pruning_speeds_up_calm(folder: Path) -> Claim:
 # ---- seed 001: early exit (FREE, CALM, self-speculation) ----------------------------------------------
 
 
+TRAINED = "after: trained"  # notebook 08's rows decoded through the trained exits
+
+
+def _trained(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of the exit-trained model (notebook 08 has before / after rows in an ``exits`` column)."""
+    if table is None or "exits" not in table:
+        return table
+    return table[table.exits == TRAINED]
+
+
 def _fastest(summary: pd.DataFrame, methods: tuple[str, ...], bar: float = 0.9) -> pd.Series | None:
     """The fastest row of ``methods`` whose ROUGE-L vs full depth (its interval's low end) reaches ``bar``."""
     rows = summary[summary.method.isin(methods) & (summary.rougeL_vs_full_ci_low >= bar)]
@@ -163,7 +174,8 @@ def free_faster_than_calm(folder: Path, table: str = "08_speed_quality") -> Clai
     claim = Claim("001", "FREE is faster than CALM at equal quality (fastest of each whose ROUGE-L vs full depth "
                          "has its 95% low end >= 0.9; tokens/s ratio FREE / CALM above 1)",
                   "FREE 1.5-2.2x vs CALM's 1.2-1.6x at ~99% of full quality (T5-large, trained exits)")
-    summary, timings = _read(folder, table), _read(folder, table.replace("speed_quality", "timings"))
+    summary = _trained(_read(folder, table))
+    timings = _trained(_read(folder, table.replace("speed_quality", "timings")))
     if summary is None or timings is None:
         return _missing(claim, table, table.replace("speed_quality", "timings"))
     free, calm = _fastest(summary, ("free",)), _fastest(summary, ("calm",))
@@ -182,7 +194,7 @@ def free_speedup(folder: Path, table: str = "08_speed_quality", bar: float = 1.7
     claim = Claim("001", f"FREE decodes at least {bar}x faster than HF generate while keeping ROUGE-L >= 0.9 against "
                          "the full-depth output (speed ratio range over rounds above the bar)",
                   "FREE: up to 2.16x at ~99% of full quality")
-    summary = _read(folder, table)
+    summary = _trained(_read(folder, table))
     if summary is None:
         return _missing(claim, table)
     free = _fastest(summary, ("free",))
@@ -201,7 +213,7 @@ def self_speculation_lossless_speedup(folder: Path, table: str = "08_speed_quali
     claim = Claim("001", "Self-speculative decoding gives exactly the full model's tokens and is faster than HF "
                          "generate (speed ratio range over rounds above 1; every prompt identical)",
                   "LayerSkip: 1.8-2.2x on Llama, identical output")
-    summary = _read(folder, table)
+    summary = _trained(_read(folder, table))
     if summary is None:
         return _missing(claim, table)
     rows = summary[summary.method == "self-spec"]

@@ -1,0 +1,250 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %%
+
+# %% [markdown]
+# # 08 · Models trained to exit, and lossless self-speculation
+#
+# The early-exit papers' speedups come from models **trained to exit**: CALM and static exiting fine-tune with
+# `weighted_ce` (every layer's loss through the shared head), FREE (seed 001) with `shallowdeep_kd_dyna` (the
+# shallow model distilled from the deep one), and LayerSkip with layer dropout and an early-exit loss, after
+# which it decodes **self-speculatively**: the first layers draft a few tokens, one full-depth pass verifies them
+# all, and the output is exactly the full model's. This notebook trains the embedded model's exit
+# (`load_model("<model>-ee")`: a frozen model with a small exit module at layer 20, self-distilled from the
+# model's own outputs; `effllm.training`), shows what the training buys (agreement of the exit with the last
+# layer, per layer and over training), and measures static exit, CALM, FREE and self-speculation before and
+# after, against HF `generate` on the same model in the same run. Self-speculation's speed hinges on its
+# acceptance rate, measured last against the draft layer and the draft length.
+
+# %%
+import pandas as pd
+import torch
+from IPython.display import display
+
+from effllm import models, plots
+from effllm.adapters import get_adapter
+from effllm.data import calibration as calibration_windows
+from effllm.decoding import Calm, Free, SelfSpec, StaticExit
+from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
+from effllm.experiments.runs import run_policies
+from effllm.experiments.timing import device_description
+from effllm.lens import cached_linear_exits, logit_lens_agreement
+
+# %% tags=["parameters"]
+profile = "default"  # smoke | default | paper (set by run_all.py)
+model_name = "smollm2-135m"  # the base model; its exit-trained version is load_model(model_name + "-ee")
+seed = 0
+figures_dir = None  # None: the repository's figures/ folder
+prompt_data = "builtin"  # arithmetic + HumanEval prompts
+n_prompts = 16  # prompts decoded by every setting (quality)
+speed_prompts = 4  # of which the first are timed, in every round
+rounds = 3  # interleaved timing rounds; a speed ratio is their median
+max_new_tokens = 32
+thresholds = [0.9, 0.7, 0.5]  # CALM / FREE confidence thresholds
+draft_lengths = [1, 2, 4, 8]  # self-speculation: tokens drafted per verification
+draft_layers = None  # None: the trained exit's layer and two lower ones
+spec_prompts = 4  # prompts for the acceptance-rate grid
+agreement_windows = 2  # held-out windows per corpus for the per-layer agreement (fitted exits)
+agreement_seq_len = 128
+
+# %%
+torch.manual_seed(seed)
+plots.set_figures_dir(figures_dir)
+model, tokenizer = models.load_model(f"{model_name}-ee")  # trains the exit on first use (minutes), then cached
+adapter = get_adapter(model)
+L = adapter.num_layers
+training = model._effllm_exit_training
+exit_layer = int(training["config"]["exit_layers"][0])
+minutes = training["teacher_pass_minutes"] + training["training_minutes"]
+fitted = cached_linear_exits(model, tokenizer, model_name)  # the untrained baseline: least-squares exits
+machine = device_description()
+print(f"{model_name}: {L} layers, trained exit at layer {exit_layer} ({training['config']['exit_module']}, "
+      f"{training['config']['backbone']} backbone, {minutes:.1f} min of training"
+      f"{', loaded from the cache' if training.get('loaded_from_cache') else ''}); {machine}")
+
+# %% [markdown]
+# ## 1. Training: the exit's loss and its agreement with the last layer over time
+#
+# The exit is trained on windows of the built-in corpora and on the model's own greedy answers to built-in
+# prompts (self-distillation: no hub data). Agreement is top-1 agreement of the exit's prediction with the
+# untouched model's last layer on held-out windows, measured every few steps.
+
+# %%
+history = pd.DataFrame(training["loss_history"])
+curve = pd.DataFrame(training["agreement_curve"])
+fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
+loss_columns = [c for c in history.columns if c.startswith("exit_")]
+for column in loss_columns:
+    axes[0].plot(history.step, history[column].rolling(10, min_periods=1).mean(), label=f"layer {column[5:]} exit",
+                 color=plots.colour("free"))
+axes[0].set(xlabel="training step", ylabel="distillation loss (10-step mean)")
+axes[0].legend()
+axes[1].plot(curve.minutes, curve[f"agreement_{exit_layer}"], marker="o", color=plots.colour("free"),
+             label="held-out windows")
+if f"train_agreement_{exit_layer}" in curve:
+    axes[1].plot(curve.minutes, curve[f"train_agreement_{exit_layer}"], marker="o", ls="--", color="0.5",
+                 label="training windows")
+axes[1].set(xlabel="wall minutes of training (teacher pass included)", ylabel=f"layer-{exit_layer} top-1 agreement",
+            ylim=(0, 1))
+axes[1].legend()
+fig.suptitle(f"Training the layer-{exit_layer} exit ({training['config']['exit_module']}, frozen model)")
+plots.caption(fig, model=model_name, data=", ".join(training["config"]["corpora"]) + " + self-distilled answers",
+              extra=f"n = {training['heldout_tokens']} held-out tokens · {training['compute_dtype']} · {machine}")
+plots.save_figure(fig, "08_training", table=history.merge(curve, on="step", how="left"))
+
+# %%
+print(f"held-out agreement of the layer-{exit_layer} exit: {training['agreement_before'][str(exit_layer)]:.3f} before "
+      f"(logit lens) -> {training['agreement_after'][str(exit_layer)]:.3f} after; last-layer perplexity "
+      f"{training['perplexity_before']:.2f} -> {training['perplexity_after']:.2f} (ratio {training['perplexity_ratio']:.4f}; "
+      f"n = {training['heldout_tokens']} tokens)")
+
+# %% [markdown]
+# Where the held-out curve flattens while the training-windows curve keeps rising, the exit is fitting its
+# training text rather than learning to generalise: more (teacher-labelled) data, not more steps, is what would
+# move it.
+
+# %% [markdown]
+# ## 2. Agreement with the last layer, per layer: logit lens, fitted linear exits, trained exit
+
+# %%
+windows = torch.cat([calibration_windows(c, tokenizer, agreement_windows, agreement_seq_len, seed=seed, split="validation")
+                     for c in training["config"]["corpora"]])
+agreement = pd.concat([
+    logit_lens_agreement(model, windows, progress=False).assign(exits="logit lens"),
+    logit_lens_agreement(model, windows, progress=False, exit_transform=fitted).assign(exits="fitted linear (least squares)"),
+    logit_lens_agreement(model, windows, progress=False, exit_transform=model._effllm_exits).assign(exits="trained exit"),
+], ignore_index=True)
+fig, ax = plots.new_figure()
+for (name, group), colour in zip(agreement.groupby("exits", sort=False), ("0.6", plots.colour("calm"),
+                                                                             plots.colour("free")), strict=True):
+    ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=name, color=colour)
+ax.set(xlabel="layer (1-based)", ylabel="top-1 agreement with the last layer", ylim=(0, 1.02))
+ax.xaxis.get_major_locator().set_params(integer=True)
+ax.legend()
+ax.set_title("What each kind of exit predicts, layer by layer\n" + plots.provenance(
+    model=model_name, data=", ".join(training["config"]["corpora"]) + " (validation)",
+    extra=f"n = {windows.numel()} tokens"))
+plots.save_figure(fig, "08_agreement", table=agreement)
+display(agreement[agreement.layer == exit_layer].set_index("exits").agreement.round(3))
+
+# %% [markdown]
+# ## 3. Static exit, CALM, FREE and self-speculation, before and after training
+#
+# The same settings on the same model: "before" reads the intermediate layers through fitted linear exits,
+# "after" through the trained exit (the model's attached exits). Speed is against HF `generate` on this model in
+# the same run (median of interleaved rounds, bars: their range), quality is ROUGE-L against the engine's
+# full-depth output (mean over prompts with its 95% interval). Self-speculation's output is the full model's by
+# construction: its quality is 1 and only its speed can move.
+
+# %%
+fmt = prompt_format(model, tokenizer, model_name)
+prompts = task_prompts(tokenizer, prompt_data, n_prompts, fmt=fmt, max_tokens=prompt_budget(model, max_new_tokens))
+settings = {f"static@{exit_layer}": StaticExit(exit_layer)}
+settings |= {f"CALM {t}": Calm("softmax", t, exit_layer) for t in thresholds}
+settings |= {f"FREE {t}": Free(exit_layer, t) for t in thresholds}
+settings[f"self-spec@{exit_layer}x4"] = SelfSpec(exit_layer, 4)
+runs, summaries, timings = {}, [], []
+for exits, transform in (("before: fitted linear", fitted), ("after: trained", None)):
+    runs[exits] = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform,
+                               rounds=rounds, speed_prompts=speed_prompts)
+    summaries.append(runs[exits].summary.assign(exits=exits))
+    timings.append(runs[exits].timings.assign(exits=exits))
+speed_quality = pd.concat(summaries, ignore_index=True)
+plots.save_table(pd.concat(timings, ignore_index=True), "08_timings")
+display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
+                       "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
+                       "acceptance_rate", "n_prompts"]].round(3))
+
+# %%
+fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
+                              strict=True):
+    for method, rows in group.groupby("method", sort=False):
+        rows = rows.sort_values("speedup_vs_hf")
+        ax.errorbar(rows.speedup_vs_hf, rows.rougeL_vs_full,
+                    xerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_min, rows.speedup_vs_hf_max - rows.speedup_vs_hf],
+                    yerr=[rows.rougeL_vs_full - rows.rougeL_vs_full_ci_low,
+                          rows.rougeL_vs_full_ci_high - rows.rougeL_vs_full],
+                    color=plots.colour(method), marker="o", capsize=2, lw=0.8, label=method,
+                    ls="-" if len(rows) > 1 else "none")
+    plots.label_points(ax, group.speedup_vs_hf, group.rougeL_vs_full, group.label)
+    ax.axvline(1.0, color="0.6", ls=":", lw=1)
+    ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
+axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
+axes[1].legend(fontsize=7)
+fig.suptitle(f"Early exit at layer {exit_layer} before and after exit training")
+plots.caption(fig, model=model_name, data=prompt_data, extra=f"n = {n_prompts} prompts x {max_new_tokens} tokens "
+              f"(speed: {speed_prompts} prompts, {rounds} rounds), batch 1, greedy · {machine}")
+plots.save_figure(fig, "08_speed_quality", table=speed_quality)
+
+# %%
+after = speed_quality[speed_quality.exits == "after: trained"].set_index("label")
+keeps = after[(after.rougeL_vs_full_ci_low >= 0.9) & (after.method != "hf")]
+best = keeps.speedup_vs_hf.idxmax() if len(keeps) else None
+print("after training: fastest setting whose ROUGE-L interval stays above 0.9: "
+      + (f"{best} at {keeps.loc[best].speedup_vs_hf:.2f}x HF generate (rounds {keeps.loc[best].speedup_vs_hf_min:.2f}-"
+         f"{keeps.loc[best].speedup_vs_hf_max:.2f}), ROUGE-L {keeps.loc[best].rougeL_vs_full:.3f}"
+         if best is not None else "none"))
+spec = after.loc[f"self-spec@{exit_layer}x4"]
+print(f"self-speculation at layer {exit_layer}: identical to full depth on {spec.identical_to_full:.0%} of "
+      f"{int(spec.n_prompts)} prompts, acceptance {spec.acceptance_rate:.2f}, {spec.speedup_vs_hf:.2f}x HF generate")
+
+# %% [markdown]
+# ## 4. Self-speculation: acceptance against the draft layer and the draft length
+#
+# A round drafts g tokens at layer E and verifies them in one full pass; with acceptance rate a and a draft that
+# costs c of a full token per drafted token, the expected speedup is (1 - a^(g+1)) / ((1 - a)(g c + 1)). Below,
+# the trained exit's layer and two lower layers (read through the trained exit where it exists, else the fitted
+# linear exits) at several draft lengths.
+
+# %%
+draft_layers = draft_layers or sorted({max(1, exit_layer // 2), max(1, (3 * exit_layer) // 4), exit_layer})
+grid_settings = {f"self-spec@{e}x{g}": SelfSpec(e, g) for e in draft_layers for g in draft_lengths if e < L}
+trained_exits = model._effllm_exits
+
+
+def exit_map(layer, hidden):
+    """The trained exit where it was trained, else the fitted linear exit."""
+    return trained_exits(layer, hidden) if layer == exit_layer else fitted(layer, hidden)
+
+
+grid = run_policies(model, tokenizer, prompts[:spec_prompts], grid_settings, max_new_tokens, exit_transform=exit_map,
+                    rounds=rounds).summary
+grid = grid[grid.method == "self-spec"].copy()
+display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "speedup_vs_hf",
+              "speedup_vs_hf_min", "speedup_vs_hf_max", "identical_to_full", "n_prompts"]].round(3))
+fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
+for layer, rows in grid.groupby("draft_exit_layer"):
+    rows = rows.sort_values("num_draft_tokens")
+    axes[0].plot(rows.num_draft_tokens, rows.acceptance_rate, marker="o", label=f"draft at layer {layer}")
+    axes[1].errorbar(rows.num_draft_tokens, rows.speedup_vs_hf,
+                     yerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_min, rows.speedup_vs_hf_max - rows.speedup_vs_hf],
+                     marker="o", capsize=2, label=f"draft at layer {layer}")
+axes[0].set(xlabel="draft length g (tokens per verification)", ylabel="acceptance rate", ylim=(0, 1))
+axes[1].set(xlabel="draft length g (tokens per verification)", ylabel="speed vs HF generate (x)")
+axes[1].axhline(1.0, color="0.6", ls=":", lw=1)
+for ax in axes:
+    ax.xaxis.get_major_locator().set_params(integer=True)
+axes[0].legend(fontsize=7)
+fig.suptitle("Self-speculative decoding: acceptance and speed against the draft layer and length")
+plots.caption(fig, model=f"{model_name}-ee", data=prompt_data,
+              extra=f"n = {spec_prompts} prompts x {max_new_tokens} tokens, {rounds} rounds · {machine}")
+plots.save_figure(fig, "08_acceptance", table=grid)
+
+# %% [markdown]
+# Every row's `identical_to_full` is 1: self-speculation never changes the output, whatever its drafts. Whether it
+# is faster is the acceptance rate against the draft's cost: a deeper draft is accepted more often but costs more
+# per drafted token, and a longer draft pays off only while the acceptance stays high.
