@@ -56,6 +56,7 @@ prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (
 n_prompts = 4  # timed prompts per data set, decoded by every setting
 max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
 rounds = 3  # interleaved timing rounds; a speed ratio is their median
+speed_prompts = 4  # the first prompts are timed in every round (quality: every prompt, once)
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 lens_corpora = ["python-docs", "python-code"]  # text for the logit-lens agreement
 lens_sequences = 1  # windows per corpus
@@ -180,7 +181,8 @@ settings |= {f"FREE {t}": Free(shallow_exit_layer, t) for t in thresholds}
 settings["FREE adaptive"] = Free(shallow_exit_layer, middle, use_adapt_threshold=True)
 rollback_at = thresholds[-1]
 settings[f"FREE {rollback_at} + rollback"] = Free(shallow_exit_layer, rollback_at, rollback_threshold=rollback_threshold)
-run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds)
+run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds,
+                   speed_prompts=speed_prompts)
 curve = run.summary
 curve["threshold"] = curve.get("exit_conf_threshold").combine_first(curve.get("shallow2deep_conf_threshold"))
 curve["variant"] = curve.label.str.replace(r" [0-9.]+$", "", regex=True).str.replace(r" [0-9.]+ ", " ", regex=True)
@@ -213,7 +215,8 @@ for ax in axes:
 axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
 fig.suptitle("Early exit: speed and quality of every setting (one point per threshold; values in the CSV)")
 plots.caption(fig, model=model_name, data=", ".join(prompt_data),
-              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens, batch 1, greedy, {rounds} rounds · {machine}")
+              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens (speed: {min(speed_prompts, len(prompts))} "
+                    f"prompts, {rounds} rounds), batch 1, greedy · {machine}")
 plots.save_figure(fig, "01_speed_quality", table=curve)
 
 # %% [markdown]

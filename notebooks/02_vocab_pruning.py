@@ -62,6 +62,7 @@ analysis_seq_len = 128
 n_prompts = 4  # generation prompts per model
 max_new_tokens = 24
 rounds = 3  # interleaved timing rounds; a speed ratio is their median
+speed_prompts = 4  # the first prompts are timed in every round (quality: every prompt, once)
 cost_min_run_time = 0.2  # seconds per timing of one confidence check
 
 # %%
@@ -246,7 +247,7 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
                  for size in generation_ks if size <= item["adapter"].vocab_size}
     settings |= {reduct: Calm(**base, vocab=VocabPruning(reduct, k)) for reduct in ("decaying", "adaptive")}
     run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
-                       rounds=rounds)
+                       rounds=rounds, speed_prompts=speed_prompts)
     generation.append(run.summary[~run.summary.label.isin(["hf_generate", "full"])].assign(model=name))
     generation_items.append(run.items.drop(columns="text").assign(model=name))
     generation_timings.append(run.timings.assign(model=name))

@@ -42,12 +42,15 @@ from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompt
 from effllm.experiments.runs import run_policies
 from effllm.experiments.timing import device_description
 from effllm.lens import cached_linear_exits, logit_lens_agreement
+from effllm.training import recipe, train_exits
 
 # %% tags=["parameters"]
 profile = "default"  # smoke | default | paper (set by run_all.py)
-model_name = "smollm2-135m"  # the base model; its exit-trained version is load_model(model_name + "-ee")
+model_name = "smollm2-135m"  # the base model (its default exit-trained version is load_model(model_name + "-ee"))
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+recipe_name = "default"  # effllm.training recipe (`paper`: the seeds' data sets, hub)
+exit_layer = None  # the trained exit's layer (1-based); None: 2 L // 3 (layer 20 of SmolLM2's 30)
 prompt_data = "builtin"  # arithmetic + HumanEval prompts
 n_prompts = 16  # prompts decoded by every setting (quality)
 speed_prompts = 4  # of which the first are timed, in every round
@@ -63,11 +66,15 @@ agreement_seq_len = 128
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(f"{model_name}-ee")  # trains the exit on first use (minutes), then cached
+model, tokenizer = models.load_model(model_name)
 adapter = get_adapter(model)
 L = adapter.num_layers
-training = model._effllm_exit_training
-exit_layer = int(training["config"]["exit_layers"][0])
+exit_layer = exit_layer or (2 * L) // 3
+# Trained on first use (minutes on the embedded model), then loaded from the cache: the same result as
+# load_model(model_name + "-ee") for the default recipe.
+model, tokenizer, trained_exits, training = train_exits(recipe(recipe_name, model=model_name, exit_layers=(exit_layer,)),
+                                                        model=model, tokenizer=tokenizer)
+object.__setattr__(model, "_effllm_exits", trained_exits)  # decoding reads the model's exits by default
 minutes = training["teacher_pass_minutes"] + training["training_minutes"]
 fitted = cached_linear_exits(model, tokenizer, model_name)  # the untrained baseline: least-squares exits
 machine = device_description()
@@ -125,7 +132,7 @@ windows = torch.cat([calibration_windows(c, tokenizer, agreement_windows, agreem
 agreement = pd.concat([
     logit_lens_agreement(model, windows, progress=False).assign(exits="logit lens"),
     logit_lens_agreement(model, windows, progress=False, exit_transform=fitted).assign(exits="fitted linear (least squares)"),
-    logit_lens_agreement(model, windows, progress=False, exit_transform=model._effllm_exits).assign(exits="trained exit"),
+    logit_lens_agreement(model, windows, progress=False, exit_transform=trained_exits).assign(exits="trained exit"),
 ], ignore_index=True)
 fig, ax = plots.new_figure()
 for (name, group), colour in zip(agreement.groupby("exits", sort=False), ("0.6", plots.colour("calm"),
@@ -213,7 +220,6 @@ print(f"self-speculation at layer {exit_layer}: identical to full depth on {spec
 # %%
 draft_layers = draft_layers or sorted({max(1, exit_layer // 2), max(1, (3 * exit_layer) // 4), exit_layer})
 grid_settings = {f"self-spec@{e}x{g}": SelfSpec(e, g) for e in draft_layers for g in draft_lengths if e < L}
-trained_exits = model._effllm_exits
 
 
 def exit_map(layer, hidden):

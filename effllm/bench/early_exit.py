@@ -105,6 +105,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (speed: their median)")
+    parser.add_argument("--speed-prompts", type=int, default=8,
+                        help="the first N prompts are timed in every round (quality: every prompt, once)")
     parser.add_argument("--k", type=int, default=256, help="candidate-set size of the pruned-vocabulary rows")
     parser.add_argument("--methods", default=None,
                         help="comma-separated label prefixes or fnmatch patterns of the rows to run (default: all)")
@@ -120,8 +122,8 @@ def add_arguments(parser) -> None:
 
 def _check(args) -> None:
     if args.prompts < 1 or args.max_new_tokens < 1 or args.calibration_prompts < 0 or args.calibration_tokens < 1 \
-            or args.rounds < 1:
-        args._parser.error(f"--prompts, --max-new-tokens, --rounds and --calibration-tokens must be >= 1 and "
+            or args.rounds < 1 or args.speed_prompts < 1:
+        args._parser.error(f"--prompts, --max-new-tokens, --rounds, --speed-prompts and --calibration-tokens must be >= 1 and "
                            f"--calibration-prompts >= 0; got {args.prompts}, {args.max_new_tokens}, {args.rounds}, "
                            f"{args.calibration_tokens} and {args.calibration_prompts}")
     if not (0 < args.ltt_delta < 1 and 0 < args.ltt_epsilon < 1):
@@ -177,7 +179,8 @@ def run(args) -> int:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     result: dict[str, Any] = {
         "model": args.model, "device": device_description(), "dtype": dtype, "prompts": args.prompts,
-        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "prompt_format": fmt, "exits": exits_used,
+        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "speed_prompts": min(args.speed_prompts, args.prompts),
+        "prompt_format": fmt, "exits": exits_used,
         "fitted_exits": exits_used.startswith("fitted"), "torch": torch.__version__}
     with torch.inference_mode():
         if LTT_LABEL in selected:
@@ -196,7 +199,7 @@ def run(args) -> int:
                 if ltt.threshold is not None:
                     selected[LTT_LABEL] = dataclasses.replace(ltt_base, exit_conf_threshold=ltt.threshold)
         run_result = run_policies(model, tokenizer, prompts, selected, args.max_new_tokens, exit_transform=transform,
-                                  rounds=args.rounds, progress=False)
+                                  rounds=args.rounds, speed_prompts=args.speed_prompts, progress=False)
         check = vocab.confidence_check_cost(model, [args.k, None])
         floor = floors(model)
     policies = {"full": None, **selected}
