@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml requirements-embedded.txt tools/install_torch.sh
 # Regenerate every figure with the default profile (embedded model, 2-core CPU).
 run: $(STAMP)
 	$(PY) run_all.py --profile $(PROFILE) --jobs $(JOBS)
-	@if [ "$(PROFILE)" = default ]; then $(PY) -m effllm.experiments.claims; fi  # figures/claims.csv, README block
+	@# figures/claims.csv and every generated README block (results/, figures/), the run's times included
+	@if [ "$(PROFILE)" = default ]; then $(PY) -m effllm.experiments.readme --run-summary build/default/summary.json; fi
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from effllm.experiments import claims
+from effllm.experiments import claims, readme
 from effllm.paths import REPO_ROOT
 
 
@@ -75,12 +75,16 @@ def test_missing_tables_leave_the_claim_undecided_and_say_which(tmp_path):
     assert {"000", "001", "002", "003", "004"} <= set(table.seed)
 
 
-def test_readme_block_is_what_the_generator_writes_from_the_committed_tables():
-    """Every number in the README's claims table comes from figures/: regenerate it and compare."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    begin, end = readme.index(claims.README_BEGIN), readme.index(claims.README_END) + len(claims.README_END)
-    expected = claims.readme_block(claims.build_claims(REPO_ROOT / "figures"))
-    assert readme[begin:end] == expected, "README claims block is stale: run `python -m effllm.experiments.claims`"
+def test_readme_blocks_are_what_the_generator_writes_from_the_committed_files():
+    """Every generated table in the README (claims, benchmarks, exit training, run times) comes from results/ and
+    figures/: regenerate each block and compare."""
+    text = (REPO_ROOT / "README.md").read_text()
+    for name in readme.BLOCKS:
+        assert f"<!-- {name}:begin" in text, f"README has no generated {name!r} block"
+    assert readme.render(text, REPO_ROOT / "results", REPO_ROOT / "figures") == text, (
+        "a README block is stale: run `python -m effllm.experiments.readme`")
+    begin, end = text.index(claims.README_BEGIN), text.index(claims.README_END) + len(claims.README_END)
+    assert text[begin:end] == claims.readme_block(claims.build_claims(REPO_ROOT / "figures"))
 
 
 def test_update_readme_replaces_only_the_block(tmp_path):
