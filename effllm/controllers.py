@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effllm import io
+from effllm import checks, io
 from effllm.adapters import get_adapter
 from effllm.models import fingerprint
 
@@ -223,10 +223,8 @@ def train_controllers(
     """
     if not examples:
         raise ValueError("train_controllers needs at least one (input_ids, label_mask) example")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-        raise ValueError(f"alpha (weight of the layer cost) must be a number >= 0; got {alpha!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    checks.number("alpha", alpha, low=0, hint=" (the weight of the layer cost)")
+    checks.positive_int("steps", steps)
     for k, (ids, mask) in enumerate(examples):
         if ids.dim() != 2 or ids.shape[0] != 1 or mask.shape != ids.shape or not bool(mask[:, 1:].any()):
             raise ValueError(f"example {k} must be (input_ids [1, n], label_mask [1, n]) with at least one label "

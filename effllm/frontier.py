@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from effllm import checks
 from effllm.adapters import get_adapter
 
 KV_POLICIES = ("propagate", "deferred", "none")
@@ -54,8 +55,7 @@ def layer_flops(model: nn.Module, layer: int, context_len: int, nonzero_only: bo
     """Matmul FLOPs of decoder layer ``layer`` (0-based) for one token attending to ``context_len`` positions
     (itself included): 2 per weight of every matrix of the layer (``nonzero_only``: per nonzero weight, the
     count a sparse kernel could reach), plus 4 * heads * head_dim * context_len for scores and weighted sum."""
-    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 1:
-        raise ValueError(f"context_len must be a positive integer (positions attended); got {context_len!r}")
+    checks.positive_int("context_len", context_len, hint=" (positions attended)")
     adapter = get_adapter(model)
     module = adapter.layer(layer)
     weights = sum(int(torch.count_nonzero(w)) if nonzero_only else w.numel() for w in _matrices(module))

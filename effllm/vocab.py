@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from effllm import checks
 from effllm.adapters import get_adapter
 from effllm.decoding.early_exit import head_flops, softmax_confidence
 
@@ -44,20 +45,18 @@ def survival_rate(ranks: Sequence[int] | torch.Tensor | pd.Series, ks: Sequence[
     ranks = ranks.cpu().numpy() if isinstance(ranks, torch.Tensor) else np.asarray(ranks, dtype=np.int64)
     if ranks.size == 0:
         raise ValueError("survival_rate needs at least one rank; got none")
-    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
-    if bad:
-        raise ValueError(f"every k must be an integer >= 1; got {bad}")
+    for k in ks:
+        checks.integer("every k", k, low=1)
     return pd.DataFrame(
         {"k": list(ks), "survival": [float((ranks < k).mean()) for k in ks], "tokens": ranks.size}
     )
 
 
 def _check_layers(layers: Sequence[int] | None, prune_layer: int, n_layers: int) -> list[int]:
-    if isinstance(prune_layer, bool) or not isinstance(prune_layer, int) or not 1 <= prune_layer <= n_layers:
-        raise ValueError(f"prune_layer must be a layer between 1 and {n_layers} (1-based); got {prune_layer!r}")
+    checks.layer("prune_layer", prune_layer, n_layers)
     layers = list(range(1, n_layers + 1)) if layers is None else sorted(set(layers))
     bad = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n_layers]
-    if bad:
+    if bad:  # one message for the whole list: every offending layer at once
         raise ValueError(f"layers must lie between 1 and {n_layers} (1-based); got {bad}")
     return layers
 
@@ -102,8 +101,7 @@ def layer_analysis(
     adapter = get_adapter(model)
     n_layers, vocab = adapter.num_layers, adapter.vocab_size
     layers = _check_layers(layers, prune_layer, n_layers)
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= vocab:
-        raise ValueError(f"k must be an integer in [2, {vocab}] (p1 - p2 needs two candidates; V = {vocab}); got {k!r}")
+    checks.integer("k", k, 2, vocab, hint=f" (p1 - p2 needs two candidates; V = {vocab})")
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
         raise ValueError(f"token_ids must be a LongTensor [n_sequences, seq_len]; got {getattr(token_ids, 'shape', token_ids)!r}")
     if encoder_input_ids is not None and encoder_input_ids.shape[0] != token_ids.shape[0]:
@@ -181,8 +179,8 @@ def confidence_check_cost(
     vocab, d = adapter.vocab_size, adapter.hidden_size
     sizes = []
     for k in ks:
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= vocab):
-            raise ValueError(f"every k must be None (full vocabulary) or an integer in [2, {vocab}]; got {k!r}")
+        if k is not None:
+            checks.integer("every k", k, 2, vocab, hint=" (or None for the full vocabulary)")
         sizes.append(vocab if k is None else k)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from effllm import data, metrics, zeroshot
+from effllm import checks, data, metrics, zeroshot
 from effllm.decoding import Policy, decode
 from effllm.domains import PERPLEXITY_CORPORA
 from effllm.execution import require_code_execution
@@ -95,8 +95,7 @@ def humaneval_pass_at_1(
     problem), "completions"}``. The completions are programs run on this machine (confined,
     :mod:`effllm.execution`), so this needs the caller's opt-in: ``allow_code_execution=True`` or
     ``EFFLLM_ALLOW_CODE_EXECUTION=1``, checked before anything is generated."""
-    if isinstance(problems, bool) or not isinstance(problems, int) or problems < 1:
-        raise ValueError(f"problems must be a positive integer; got {problems!r}")
+    checks.positive_int("problems", problems)
     require_code_execution(allow_code_execution)
     tasks = data.load("humaneval").to_list()[:problems]
     prompts = [tokenizer(task["prompt"], add_special_tokens=False)["input_ids"] for task in tasks]
