@@ -205,6 +205,9 @@ for variant, group in shown.groupby("variant", sort=False):
         ax.errorbar(group[x], group.rougeL_vs_full, xerr=xerr, yerr=yerr, color=colour, label=variant,
                     marker=markers.get(variant.split("@")[0], "^"), markersize=5, lw=0.8, capsize=2,
                     ls="-" if len(group) > 2 and variant in ("CALM softmax", "CALM state", "CALM meta", "FREE") else "none")
+thresholded = shown[shown.threshold.notna()]
+plots.label_points(axes[0], thresholded.speedup_vs_hf, thresholded.rougeL_vs_full,
+                   [f"{t:g}" for t in thresholded.threshold])  # each point's threshold, placed apart
 axes[0].axvline(1.0, color="0.6", ls=":", lw=1)
 axes[0].set_xlabel("speed vs HF generate (tokens/s ratio; bars: min-max over rounds)")
 axes[1].set_xlabel("average layers per generated token")
@@ -213,7 +216,7 @@ for ax in axes:
     ax.set_ylabel("ROUGE-L vs full-depth output (95% CI)")
     ax.set_ylim(-0.02, 1.02)
 axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
-fig.suptitle("Early exit: speed and quality of every setting (one point per threshold; values in the CSV)")
+fig.suptitle("Early exit: speed and quality of every setting (left: labels are thresholds)")
 plots.caption(fig, model=model_name, data=", ".join(prompt_data),
               extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens (speed: {min(speed_prompts, len(prompts))} "
                     f"prompts, {rounds} rounds), batch 1, greedy · {machine}")
