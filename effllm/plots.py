@@ -123,6 +123,15 @@ def colour(method: str) -> str:
     raise ValueError(f"no colour for method {method!r}; known families: {', '.join(METHOD_COLOURS)}")
 
 
+def layer_axis(ax: Axes, axis: str = "x", label: str = "layer (1-based)") -> None:
+    """A layer axis: whole-number ticks only (a layer 12.5 does not exist) and a label that says the numbering."""
+    from matplotlib.ticker import MaxNLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(integer=True))
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)(label)
+
+
 def label_points(ax: Axes, xs: Any, ys: Any, labels: Any, fontsize: float = 6) -> list[Text]:
     """Name every point of a scatter without overprinting: the labels are moved apart (and tied to their points
     with a thin line where they moved) by adjustText, which is what it is for."""

@@ -121,7 +121,7 @@ display(lens.pivot(index="layer", columns="corpus", values="agreement").round(3)
 fig, ax = plots.new_figure()
 for corpus, group in lens.groupby("corpus", sort=False):
     ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=corpus)
-ax.set_xlabel("layer")
+plots.layer_axis(ax)
 ax.set_ylabel("top-1 agreement with last layer")
 ax.set_ylim(0, 1.02)
 ax.legend(title="corpus")

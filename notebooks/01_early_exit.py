@@ -120,8 +120,7 @@ else:
     for name, group in lens.groupby("exits", sort=False):
         ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=name)
     ax.axvline(exit_min_layer, color="0.6", ls=":", lw=1, label=f"CALM's first check (layer {exit_min_layer})")
-    ax.set_xlabel("layer (1-based)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    plots.layer_axis(ax)
     ax.set_ylabel("top-1 agreement with the last layer")
     ax.set_ylim(0, 1.02)
     ax.legend()
@@ -211,7 +210,6 @@ plots.label_points(axes[0], thresholded.speedup_vs_hf, thresholded.rougeL_vs_ful
 axes[0].axvline(1.0, color="0.6", ls=":", lw=1)
 axes[0].set_xlabel("speed vs HF generate (tokens/s ratio; bars: min-max over rounds)")
 axes[1].set_xlabel("average layers per generated token")
-axes[1].xaxis.get_major_locator().set_params(integer=True)
 for ax in axes:
     ax.set_ylabel("ROUGE-L vs full-depth output (95% CI)")
     ax.set_ylim(-0.02, 1.02)
@@ -254,8 +252,7 @@ for ax, label in zip(axes[0], chosen, strict=True):
     group = histograms[histograms.setting == label]
     ax.bar(group.exit_layer, group.fraction, width=0.8, color=plots.colour(settings[label].method))
     ax.set_title(label, fontsize=8)
-    ax.set_xlabel("exit layer (1-based)")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    plots.layer_axis(ax, label="exit layer (1-based)")
 axes[0][0].set_ylabel("fraction of generated tokens")
 fig.suptitle("Exit-layer histograms")
 plots.caption(fig, model=model_name, data=", ".join(prompt_data),
@@ -389,9 +386,8 @@ fig, ax = plots.new_figure(figsize=(max(4.5, 0.16 * len(coloured)), 3.0))
 colormap = mpl.colormaps["viridis"]
 ax.bar(coloured.position, coloured.exit_layer, color=[colormap((v - 1) / max(L - 1, 1)) for v in coloured.exit_layer])
 ax.set_xticks(coloured.position, [t.replace("\n", "\\n") for t in coloured.token], rotation=90, fontsize=6)
-ax.set_ylabel("exit layer (1-based)")
+plots.layer_axis(ax, axis="y", label="exit layer (1-based)")
 ax.set_ylim(0, L + 0.5)
-ax.yaxis.get_major_locator().set_params(integer=True)
 ax.set_title(f"One CALM generation (threshold {middle}) coloured by exit layer\n"
              + plots.provenance(model=model_name, data=f"{prompt_data[0]} prompt 0"))
 plots.save_figure(fig, "01_generation_by_exit_layer", table=coloured)

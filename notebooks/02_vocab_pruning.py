@@ -133,7 +133,7 @@ for ax, (name, group) in zip(axes[0], per_layer.groupby("model", sort=False), st
     ax.plot(group.layer, group.agreement_pruned, ls="--", color="C1", lw=1, label="argmax = final token (pruned)")
     ax.axvline(j, color="0.6", ls=":", lw=1)
     ax.set_title(name, fontsize=9)
-    ax.set_xlabel("layer")
+    plots.layer_axis(ax)
     ax.set_ylim(0, 1.02)
 axes[0][0].set_ylabel("mean over tokens")
 axes[0][0].legend(fontsize=6)

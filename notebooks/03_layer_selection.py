@@ -228,7 +228,7 @@ axes[0].set(xlabel="step", ylabel="cross-entropy on answers (5-step mean)")
 axes[1].set(xlabel="step", ylabel="fraction of layers executed (5-step mean)")
 axes[0].legend()
 axes[2].bar(keep_rates.layer, keep_rates.keep_probability, color=plots.colour("random"))
-axes[2].xaxis.get_major_locator().set_params(integer=True)
+plots.layer_axis(axes[2], label="layer (0-based)")
 axes[2].set(xlabel="layer (0-based)", ylabel="keep probability", title="fixed-input controller")
 fig.suptitle(f"Controller training: CE + {controller_alpha} x layer fraction, frozen backbone")
 plots.caption(fig, model=model_name, data=f"{task} train ({len(examples)} examples)",

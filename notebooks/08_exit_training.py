@@ -138,8 +138,8 @@ fig, ax = plots.new_figure()
 for (name, group), colour in zip(agreement.groupby("exits", sort=False), ("0.6", plots.colour("calm"),
                                                                              plots.colour("free")), strict=True):
     ax.plot(group.layer, group.agreement, marker="o", markersize=3, label=name, color=colour)
-ax.set(xlabel="layer (1-based)", ylabel="top-1 agreement with the last layer", ylim=(0, 1.02))
-ax.xaxis.get_major_locator().set_params(integer=True)
+ax.set(ylabel="top-1 agreement with the last layer", ylim=(0, 1.02))
+plots.layer_axis(ax)
 ax.legend()
 ax.set_title("What each kind of exit predicts, layer by layer\n" + plots.provenance(
     model=model_name, data=", ".join(training["config"]["corpora"]) + " (validation)",
