@@ -56,9 +56,14 @@ def threshold_of(policy: Policy | None) -> float | None:
     return None
 
 
-def default_settings(n_layers: int, k: int = 256, include_skipping: bool = True) -> dict[str, Policy]:
-    """The benchmark's rows besides hf_generate and full: label -> policy."""
+def default_settings(n_layers: int, k: int = 256, include_skipping: bool = True,
+                     trained_layer: int | None = None) -> dict[str, Policy]:
+    """The benchmark's rows besides hf_generate and full: label -> policy. ``trained_layer``: the layer of a
+    trained exit (``model._effllm_exits.layers``); CALM then checks from it and FREE exits there, since the
+    other layers have no exit of their own."""
     mid, late = n_layers // 2, (2 * n_layers) // 3
+    if trained_layer is not None:
+        mid = late = trained_layer
     vocab = VocabPruning("fixed", k)
     settings: dict[str, Policy] = {f"static@{e}": StaticExit(e) for e in sorted({late, n_layers - 2})}
     for t in (0.9, 0.7):
@@ -166,8 +171,9 @@ def run(args) -> int:
     n_layers = adapter.num_layers
     if not 2 <= args.k <= adapter.vocab_size:
         args._parser.error(f"--k must lie in [2, {adapter.vocab_size}] (the vocabulary size); got {args.k}")
-    settings = default_settings(n_layers, k=args.k)
-    ltt_base = Calm("softmax", 0.9, n_layers // 2)
+    trained = getattr(getattr(model, "_effllm_exits", None), "layers", None)
+    settings = default_settings(n_layers, k=args.k, trained_layer=min(trained) if trained else None)
+    ltt_base = Calm("softmax", 0.9, min(trained) if trained else n_layers // 2)
     try:
         selected = select_settings({**settings, LTT_LABEL: ltt_base}, args.methods)
     except ValueError as error:
