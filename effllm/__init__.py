@@ -1,17 +1,27 @@
 """effllm: one model, one API, five efficient-LLM papers.
 
-Modules:
-    models    loading (embedded models from PyPI wheels, hub ids, folders), tiny test models
-    adapters  the architecture adapter: the one way methods reach layers, projections, norms, head
-    data      built-in corpora and tasks, calibration windows, hub data sets for the paper profile
-    metrics   perplexity, ROUGE, HumanEval pass@k
-    plots     the figure style and atomic figure export
-    capture   the layer-by-layer calibration loop shared by pruning, slicing and layer scores
-    lens      the logit lens and fitted (least-squares) exits
-    exits     greedy decoding with early exit: full, static, CALM, FREE
-    pruning   magnitude, Wanda, SparseGPT (unstructured and N:M)
-    slicing   layer redundancy, block influence, SliceGPT with dynamic slice fractions, ShortGPT
-    bench     benchmarks that print a table and write JSON under results/
+The methods:
+    models      loading (embedded models from PyPI wheels, hub ids, folders, exit-trained '-ee' models), tiny models
+    adapters    the architecture adapter: the one way methods reach layers, projections, norms, head
+    decoding    one decoding core with a policy object per method: full, static exit, CALM, FREE, layer
+                skipping, self-speculation (effllm.exits.generate: the same with the seeds' keyword names)
+    training    training a model to exit early (the seeds' losses, exit modules, self-distillation)
+    lens        the logit lens, fitted (least-squares) exits, CALM's meta classifier
+    vocab       vocabulary-pruning analyses of the exit confidence
+    controllers learned per-token skip controllers;  oracle: the per-sequence knapsack oracle
+    ltt         Learn-then-Test threshold calibration
+    pruning     magnitude, Wanda, SparseGPT (unstructured and N:M), masks;  domains: domain sub-models
+    slicing     layer redundancy, block influence, SliceGPT with dynamic slice fractions, ShortGPT
+    sparse      2:4 semi-structured and CSR sparse linears;  frontier: parameters, FLOPs, Pareto fronts
+    capture     the layer-by-layer calibration loop shared by pruning, slicing and layer scores
+
+What they share:
+    data, metrics, zeroshot, plots, checks, io, paths, execution (confined model-written code), standins
+
+Around them:
+    experiments the experiments notebooks and benchmarks share (prompts, runs, evaluation, claims, README)
+    bench       benchmarks that print a table and write JSON under results/ (python -m effllm.bench)
+    runner      what run_all.py runs: notebooks headless, profiles, sweeps, reports
 """
 
 __version__ = "0.1.0"
