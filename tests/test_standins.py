@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import run_all
-from effllm import data, domains, exits, models, standins
+from effllm import data, domains, exits, metrics, models, standins
 from effllm.adapters import get_adapter
 from effllm.models import ModelNotAvailableError, load_model, tiny_tokenizer
 
@@ -234,7 +234,7 @@ def test_standin_rows_read_like_their_hub_sets(standins_on):
         (text,), (start,) = row["answers"]["text"], row["answers"]["answer_start"]
         assert row["context"][start : start + len(text)] == text
     for _, row in _rows("gsm8k"):
-        assert re.search(r"\n#### \d+$", row["answer"]) and data.extract_answer(row["answer"]) is not None
+        assert re.search(r"\n#### \d+$", row["answer"]) and metrics.extract_answer(row["answer"]) is not None
     for split, row in _rows("hellaswag"):
         assert len(row["endings"]) == 4 and row["ctx"] == f"{row['ctx_a']} {row['ctx_b']}"
         assert row["label"] == "" if split == "test" else 0 <= int(row["label"]) < 4

@@ -8,6 +8,8 @@ import torch
 
 from effllm import exits, vocab
 from effllm.adapters import get_adapter
+from effllm.decoding.early_exit import ExitHead
+from effllm.decoding.policies import VocabPruning
 from effllm.lens import LinearExits
 from effllm.models import tiny_model
 
@@ -65,7 +67,7 @@ def test_layer_analysis_equals_hf_states_and_the_engines_pruned_head(with_exits)
         for s in range(2):
             for p in range(9):
                 rows = table[(table.sequence == s) & (table.position == p)].set_index("layer")
-                head = exits.ExitHead(adapter, transform, "softmax", type_vocab_reduct="fixed", k=k, prune_layer=prune_layer)
+                head = ExitHead(adapter, transform, "softmax", vocab=VocabPruning("fixed", k=k), prune_layer=prune_layer)
                 head.new_token()
                 for layer in range(1, n_layers):
                     h = hf.hidden_states[layer][s : s + 1, p : p + 1]
@@ -144,5 +146,5 @@ def test_confidence_check_cost_bookkeeping():
     assert full.speedup == 1.0 and full.flops_ratio == 1.0
     assert table.flops_ratio.tolist() == pytest.approx([adapter.vocab_size / k for k in table.k])
     assert (table.ms > 0).all()
-    with pytest.raises(ValueError, match="None \\(full vocabulary\\) or an integer"):
+    with pytest.raises(ValueError, match=r"every k must be an integer in \[2, 384\] \(or None for the full vocabulary\); got 1"):
         vocab.confidence_check_cost(model, ks=[1])
