@@ -237,13 +237,21 @@ def zero_shot_wanted(row):
     return row["mean"] in levels and not (row["method"] == "constant" and row["matched"] == "parameters")
 
 
+dense_result = {}
+
+
 def evaluate(sliced, row):
+    if row["method"] == "shortgpt" and get_adapter(sliced).num_layers == n_layers and dense_result:
+        # ShortGPT removing no layer is the dense model: its numbers, not a re-run
+        return {k: v for k, v in dense_result.items() if k != "zero_shot" or zero_shot_wanted(row)}
     losses = metrics.window_losses(sliced, eval_tokens, eval_seq_len, batch_size=batch_size, max_windows=eval_windows)
     result = {"perplexity": float(torch.exp(losses.mean())), "window_nll": losses.tolist()}
     if zero_shot_tasks and zero_shot_wanted(row):
         result["zero_shot"] = {task: zeroshot.zero_shot_accuracy(sliced, tokenizer, task, limit=zero_shot_limit,
                                                                  batch_size=batch_size)
                                for task in zero_shot_tasks}
+    if row["method"] == "dense":
+        dense_result.update(result)
     return result
 
 
