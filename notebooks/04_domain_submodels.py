@@ -159,7 +159,13 @@ with pd.option_context("display.max_colwidth", None):
 # `SubModelBank` keeps the dense weights, prunes a sub-model per set and switches between them. Every
 # sub-model and the dense model are evaluated on held-out data (validation + test splits): perplexity per
 # domain, window by window; HumanEval pass@1 (greedy, the first problems); exact match on the math task; and
-# zero-shot multiple-choice accuracy through lm-eval, item by item (`evaluate.evaluate_submodel_items`).
+# zero-shot multiple-choice accuracy through lm-eval, item by item (`evaluate.evaluate_submodel_items`). The
+# task metrics run on the dense model and on the sub-models in `task_submodels` (all of them when None); the
+# `paper` profile adds MBPP pass@1 (3-shot, confined execution), 8-shot GSM8K, and translation (WMT14 en-fr)
+# scored by METEOR on the best of 5 samples. nltk's METEOR normally also matches WordNet synonyms; WordNet's data
+# is a separate download that cannot be packaged, so without it METEOR matches exact words and Porter stems only
+# (for French output English synonyms would rarely apply anyway), and chrF (sacrebleu, no data needed) is
+# reported beside it.
 
 # %%
 bank = domains.SubModelBank(model)
@@ -228,12 +234,13 @@ for (i, j), value in np.ndenumerate(values.values):
     if np.isfinite(value):
         ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color="white" if dark[i, j] else "black")
 ax.set_xticks(range(len(shown)), [metric_label(m, int(n_of[m])) for m in shown], rotation=30, ha="right")
-ax.set_yticks(range(len(values)), [f"{name} ({calibration_domain(name)})" for name in values.index])
+ax.set_yticks(range(len(values)), [name if name == domains.DENSE else f"{name} ({calibration_domain(name)})"
+                                   for name in values.index])
 ax.set_ylabel("calibration set (domain)")
 ax.grid(False)
 fig.colorbar(image, ax=ax, label="worse than dense\n(perplexity: % up; accuracy: points down)")
 ax.set_title(f"{prune_method} {pattern} {sparsity:.0%} sub-models on every domain (blank: not measured)\n"
-             + plots.provenance(model=model_name, data="held-out code / prose / math, HumanEval, lm-eval MC",
+             + plots.provenance(model=model_name, data=f"held-out {' / '.join(perplexity_domains)} and the tasks",
                                 extra=f"calibration {calibration_samples} x {calibration_seq_len} tokens, {machine}"))
 plots.save_figure(fig, "04_domain_table", table=table)
 
@@ -261,14 +268,13 @@ for ax, metric in zip(axes[0], panels, strict=True):
                     capsize=2, color=plots.colour(calibration_domain(name)), linestyle="none")
     ax.axvline(part.loc[domains.DENSE].value, color=plots.colour("dense"), linestyle="--", linewidth=0.8)
     ax.set_xlabel(metric_label(metric, int(n_of[metric])).replace("\n", " "), fontsize=7)
-    if metric.startswith("ppl_"):
-        ax.set_xscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(4))
 axes[0][0].set_yticks(range(len(rows_order)), rows_order)
 axes[0][0].invert_yaxis()
 axes[0][0].set_ylabel("calibration set")
 domain_names = list(dict.fromkeys(calibration_domain(name) for name in rows_order))
-fig.legend([Line2D([], [], color=plots.colour(d), marker="o", linestyle="none") for d in domain_names], domain_names, loc="outside lower center", ncol=len(domain_names),
-           title="calibration domain")
+fig.legend([Line2D([], [], color=plots.colour(d), marker="o", linestyle="none") for d in domain_names],
+           domain_names, loc="outside lower center", ncol=len(domain_names), title="calibration domain")
 fig.suptitle("Every sub-model on every metric, with 95% bootstrap intervals (dashed: dense model)\n"
              + plots.provenance(model=model_name, extra=f"{prune_method} {pattern} {sparsity:.0%}, {machine}"),
              fontsize="small")
@@ -427,7 +433,7 @@ ax.axhline(WANDA_GOAL, color="black", linestyle="--", linewidth=1, label=f"goal 
 ax.axhline(1, color="0.5", linewidth=0.8, label=f"one forward pass ({forward:.2f} s)")
 ax.set_xlabel("pruning method and pattern")
 ax.set_ylabel("pruning time / forward-pass time")
-ax.legend(loc="upper left")
+fig.legend(loc="outside lower center", ncol=2)  # below the axes: never over a bar
 ax.set_title("Time to prune the whole model (one run each)\n" + plots.provenance(
     model=model_name, data=f"python-docs, {speed_samples} x {speed_seq_len} tokens", extra=machine))
 plots.save_figure(fig, "04_pruning_speed", table=speed)

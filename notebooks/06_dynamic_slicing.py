@@ -388,7 +388,8 @@ if not zero_shot_items.empty:
                         capsize=3, color=plots.colour(row.variant), linestyle="none")
         ax.set_xticks(list(positions), [("dense" if r.variant == "dense" else f"{r.variant}\nM = {r.level:g}")
                                         for r in part.itertuples()])
-        ax.set(ylabel=f"accuracy on {task} (n = {int(part.n.max())} items)", ylim=(0, 1))
+        ax.set(xlabel="model (variant and level)", ylabel=f"accuracy on {task} (n = {int(part.n.max())} items)",
+               ylim=(0, 1))
         ax.axhline(part[part.variant == "dense"].accuracy.iloc[0], color=plots.colour("dense"), linestyle="--",
                    linewidth=1)
     fig.suptitle("Zero-shot accuracy with 95% bootstrap intervals over items (dashed: dense)\n"
