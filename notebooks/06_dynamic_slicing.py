@@ -374,10 +374,12 @@ for row in differences.itertuples():
 
 # %%
 if not zero_shot_items.empty:
-    accuracy = (zero_shot_items.groupby(["task", "level", "variant"], sort=False).correct
-                .apply(lambda c: pd.Series(mean_ci(c.to_numpy()), index=["accuracy", "low", "high"]))
-                .unstack().reset_index())
-    accuracy["n"] = zero_shot_items.groupby(["task", "level", "variant"], sort=False).size().to_numpy()
+    accuracy_rows = []
+    for (task, level, variant), group in zero_shot_items.groupby(["task", "level", "variant"], sort=False):
+        mean, low, high = mean_ci(group.correct.to_numpy())
+        accuracy_rows.append({"task": task, "level": level, "variant": variant, "accuracy": mean, "low": low,
+                              "high": high, "n": len(group)})
+    accuracy = pd.DataFrame(accuracy_rows)
     tasks = list(dict.fromkeys(accuracy.task))
     fig, axes = plots.new_figure(1, len(tasks), squeeze=False, figsize=(5.5 * len(tasks), 3.4))
     for ax, task in zip(axes[0], tasks, strict=True):
