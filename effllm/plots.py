@@ -108,6 +108,9 @@ METHOD_COLOURS: dict[str, str] = {
     "wanda": _CB[3], "magnitude": _CB[8], "sparsegpt": _CB[6],
     "slicegpt": _CB[9], "constant": _CB[9], "dynamic": _CB[2], "shortgpt": _CB[5],
     "vocab": _CB[0], "combination": "#7f3c8d",
+    # calibration domains of the domain sub-models (notebook 04): each domain one colour in every figure
+    "code": _CB[0], "prose": _CB[1], "math": _CB[2], "self-generated": _CB[4], "commonsense": _CB[9],
+    "translation": _CB[5], "web text": _CB[7],
 }
 
 
@@ -312,6 +315,24 @@ def plot_weight_views(
     axes[2].grid(False)
     fig.suptitle(title)
     return fig
+
+
+def difference_block(mask_a: torch.Tensor, mask_b: torch.Tensor, rows: int = 64, columns: int = 64
+                     ) -> tuple[slice, slice]:
+    """The ``rows`` x ``columns`` block (on a grid of half-block steps) where the two masks differ at the most
+    positions: a crop that shows the differences (the whole matrices make a treescope page of megabytes)."""
+    if mask_a.shape != mask_b.shape or mask_a.dim() != 2:
+        raise ValueError(f"two 2-D masks of one shape are needed; got {tuple(mask_a.shape)} and {tuple(mask_b.shape)}.")
+    if rows < 1 or columns < 1:
+        raise ValueError(f"rows and columns must be >= 1; got {rows} x {columns}.")
+    rows, columns = min(rows, mask_a.shape[0]), min(columns, mask_a.shape[1])
+    differ = (mask_a != mask_b).float()[None, None]  # [1, 1, R, C]
+    stride = (max(rows // 2, 1), max(columns // 2, 1))
+    counts = torch.nn.functional.avg_pool2d(differ, (rows, columns), stride=stride)[0, 0]  # mean per block
+    index = int(counts.flatten().argmax())
+    top, left = divmod(index, counts.shape[1])
+    top, left = top * stride[0], left * stride[1]
+    return slice(top, top + rows), slice(left, left + columns)
 
 
 def treescope_weight_views(

@@ -51,6 +51,7 @@ layer 0's fraction and the head the last layer's).
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -664,6 +665,33 @@ def equal_parameter_shortgpt_layers(
     return min(range(len(gaps)), key=lambda n: (gaps[n], n))
 
 
+def equal_parameter_constant_fraction(model: nn.Module, fractions: torch.Tensor | list[float]) -> float:
+    """The constant slice fraction whose SliceGPT model comes closest in parameter count to slicing with
+    ``fractions`` (e.g. a dynamic vector): constant slicing "at equal parameter count", the like-for-like
+    baseline when a dynamic vector and the constant one of the same mean differ in size (the shortcut matrices
+    are quadratic in each layer's width).
+
+    The kept width d = round((1 - p) D) is an integer, so the candidates are p = 1 - d / D for d = 1..D; the
+    count grows with d, found by bisection; ties go to the larger model (the harder baseline)."""
+    adapter = _check_family(model, "slicegpt")
+    hidden = adapter.hidden_size
+    target = sliced_parameter_count(model, fractions)
+    n_layers = adapter.num_layers
+
+    def count(d: int) -> int:
+        return sliced_parameter_count(model, [1 - d / hidden] * n_layers)
+
+    low, high = 1, hidden  # smallest d with count(d) >= target, or hidden when none reaches it
+    while low < high:
+        middle = (low + high) // 2
+        if count(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    best = low if low == 1 or abs(count(low) - target) <= abs(count(low - 1) - target) else low - 1
+    return 1 - best / hidden
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving and loading a sliced model
 
@@ -828,16 +856,23 @@ def compare_methods(
     bi_scores: torch.Tensor | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    match_parameters: bool = False,
+    pass_row: bool = False,
 ) -> Any:
     """Slice copies of ``model`` three ways at each mean slice fraction M in ``means`` and evaluate each.
 
     ``constant``: SliceGPT with every fraction M. ``dynamic``: fractions from layer redundancy with mean M
     and ``amplitude`` (:func:`slice_fractions`). ``shortgpt``: ShortGPT removing
-    :func:`equal_parameter_shortgpt_layers` layers (equal parameter count to the constant model). A
+    :func:`equal_parameter_shortgpt_layers` layers (equal parameter count to the constant model). With
+    ``match_parameters``, a fourth row per M: ``constant`` at the fraction of
+    :func:`equal_parameter_constant_fraction` (equal parameter count to the dynamic model at M). A
     ``dense`` row (M = 0) comes first. ``evaluate(model) -> dict`` adds its entries (perplexity,
-    accuracy, ...) to each row. ``model`` itself is left unchanged; LR / BI scores are computed once when
-    not given. Returns a tidy DataFrame: mean, method, layers, parameters, params_ratio,
-    removed_layers, dims, then the evaluation's columns.
+    accuracy, ...) to each row; with ``pass_row`` it is called ``evaluate(model, row)``, ``row`` holding the
+    row's mean, method and matched (e.g. to run a costly metric at some levels only). ``model`` itself is left
+    unchanged; LR / BI scores are computed once when not given. Returns a tidy DataFrame: mean, method,
+    matched ("mean": sliced at mean fraction M; "parameters": matched in size, ShortGPT to constant and the extra
+    constant row to dynamic; "" for dense), slice_fraction (the mean fraction actually sliced), layers,
+    parameters, params_ratio, removed_layers, dims, then the evaluation's columns.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -856,25 +891,35 @@ def compare_methods(
         bi_scores = layer_scores(model, calibration, "bi", batch_size)
     dynamic = {mean: slice_fractions(lr_scores, mean, amplitude) for mean in means}  # all checked up front
 
+    def run(candidate: nn.Module, row: dict[str, Any]) -> dict[str, Any]:
+        return evaluate(candidate, dict(row)) if pass_row else evaluate(candidate)
+
     dense_count = _unique_parameters(model)
-    rows = [{"mean": 0.0, "method": "dense", "layers": n_layers, "parameters": dense_count, "removed_layers": [],
-             "dims": [adapter.hidden_size] * n_layers, **evaluate(model)}]
-    plans = [(mean, method) for mean in means for method in COMPARED_METHODS]
-    for mean, method in tqdm(plans, desc="slice + evaluate", disable=not progress):
+    dense_row = {"mean": 0.0, "method": "dense", "matched": "", "slice_fraction": 0.0}
+    rows = [{**dense_row, "layers": n_layers, "parameters": dense_count, "removed_layers": [],
+             "dims": [adapter.hidden_size] * n_layers, **run(model, dense_row)}]
+    plans = [(mean, method, matched) for mean in means
+             for method, matched in [("constant", "mean"), ("dynamic", "mean"), ("shortgpt", "parameters")]
+             + ([("constant", "parameters")] if match_parameters else [])]
+    for mean, method, matched in tqdm(plans, desc="slice + evaluate", disable=not progress):
         copied = copy.deepcopy(model)
         if method == "constant":
-            slice_model(copied, calibration, mean=mean, batch_size=batch_size)
+            fraction = mean if matched == "mean" else equal_parameter_constant_fraction(model, dynamic[mean])
+            slice_model(copied, calibration, mean=fraction, batch_size=batch_size)
         elif method == "dynamic":
+            fraction = float(torch.as_tensor(dynamic[mean], dtype=torch.float64).mean())
             slice_model(copied, calibration, fractions=dynamic[mean], batch_size=batch_size)
         else:
             n_remove = equal_parameter_shortgpt_layers(model, mean=mean)
+            fraction = math.nan
             slice_model(copied, calibration, mean=n_remove / n_layers, method="shortgpt", scores=bi_scores,
                         batch_size=batch_size)
         settings = copied._effllm_slicing
-        rows.append({"mean": mean, "method": method, "layers": get_adapter(copied).num_layers,
+        row = {"mean": mean, "method": method, "matched": matched, "slice_fraction": fraction}
+        rows.append({**row, "layers": get_adapter(copied).num_layers,
                      "parameters": _unique_parameters(copied), "removed_layers": settings.get("removed_layers", []),
                      "dims": settings.get("dims", [adapter.hidden_size] * get_adapter(copied).num_layers),
-                     **evaluate(copied)})
+                     **run(copied, row)})
         del copied
     table = pd.DataFrame(rows)
     table.insert(table.columns.get_loc("parameters") + 1, "params_ratio", table.parameters / dense_count)

@@ -24,9 +24,12 @@
 # translation, math) yields **domain-specific sub-models**. It prunes Gemma-1.1-7b-it and CodeLlama with 14
 # calibration sets, evaluates every sub-model on every domain (in-domain calibration wins its own domain),
 # compares the sub-models' masks with the Jaccard similarity (same-domain masks overlap more), and looks at
-# the weights of one attention projection. This notebook runs that pipeline on the embedded model: build
-# calibration sets, prune one sub-model per set, evaluate all of them on every domain, compare masks, view
-# weights, and time the pruning methods.
+# the weights of one attention projection. This notebook runs that pipeline on the embedded model with two
+# calibration sets per domain (code, English prose, math) plus the model's own text: build the calibration
+# sets, prune one sub-model per set, evaluate all of them on every domain with per-window and per-item
+# outcomes (so every difference gets a paired 95% interval), compare masks within and across domains, view
+# weights, and time the pruning methods. The `paper` profile runs the seed's hub sets and tasks (HumanEval,
+# MBPP, 8-shot GSM8K, translation scored by METEOR on the best of 5 samples, lm-eval's zero-shot suite).
 
 # %%
 import json
@@ -36,12 +39,14 @@ import numpy as np
 import pandas as pd
 import torch
 from IPython.display import display
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from effllm import domains, execution, models, plots, pruning
 from effllm.adapters import get_adapter
-from effllm.experiments import evaluate
+from effllm.experiments import claims, evaluate
 from effllm.experiments.compression import WANDA_GOAL, prune_rows
+from effllm.experiments.stats import mean_ci
 from effllm.pruning import jaccard_matrix, linear_roles, pairwise_jaccard, random_mask_jaccard
 
 # %% tags=["parameters"]
@@ -51,25 +56,38 @@ seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 device = None  # None: CPU; "cuda" or "auto" for the paper profile
 dtype = None  # None: float32 (embedded) or the checkpoint's own
-calibration_sets = ["python-code", "python-docs", "arithmetic", "self-generated"]  # domains.CALIBRATION_SETS
-method = "wanda"  # wanda | magnitude | sparsegpt
+# domains.CALIBRATION_SETS (two per domain) or hub names (effllm.data.HUB, domains.HUB_CALIBRATION_DOMAINS)
+calibration_sets = ["python-code", "humaneval", "python-docs", "docstrings", "arithmetic", "arithmetic-mc",
+                    "self-generated"]
+prune_method = "wanda"  # wanda | magnitude | sparsegpt
 sparsity = 0.5
 pattern = "unstructured"  # or "2:4", "4:8"
 calibration_samples = 32  # Wanda's paper: 128 sequences of the model's context length
 calibration_seq_len = 128
-perplexity_domains = {"code": "python-code", "prose": "python-docs", "math": "arithmetic"}  # held-out splits
-perplexity_windows = 4
+# eval domain -> held-out corpus; a domain named like a calibration domain is that domain's perplexity
+perplexity_domains = {"code": "python-code", "prose": "python-docs", "math": "arithmetic"}
+perplexity_windows = 32  # per domain (None: every window of the held-out text)
 perplexity_seq_len = 256
-humaneval_problems = 4  # the first N of 164: greedy generation is slow on a CPU
+humaneval_problems = 40  # the first N of 164: greedy generation is slow on a CPU
 humaneval_max_new_tokens = 96
-# HumanEval runs the model's programs on this machine (confined; README "Running model-written code"): opt in
-# with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); with humaneval_problems > 0 and no opt-in the notebook stops here.
+# HumanEval and MBPP run the model's programs on this machine (confined; README "Running model-written code"):
+# opt in with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); without the opt-in the notebook stops here.
 allow_code_execution = False
+mbpp_problems = 0  # the first N of MBPP's test split (hub data); 0 skips MBPP
+mbpp_max_new_tokens = 256
 math_task = "arithmetic"  # or "gsm8k" (hub)
+math_shots = 0  # 0: zero-shot chat prompt; 8: the seed's 8-shot GSM8K
 arithmetic_problems = 16
 arithmetic_max_new_tokens = 40
+translation_task = None  # wmt14 | opus_books | song_translation (hub data); None skips translation
+translation_problems = 0
+translation_samples = 5  # the seed scores the best of 5 samples
+translation_max_new_tokens = 128
 zero_shot_tasks = ["arithmetic-mc", "prose-mc"]  # effllm.zeroshot.TASKS, or lm-eval hub tasks (paper)
-zero_shot_limit = 24
+zero_shot_limit = 200  # the first N items of each task (None: all)
+# Which sub-models the task metrics (generation and zero-shot) run on, besides the dense model: None = all.
+# Perplexity and masks are always measured for every sub-model.
+task_submodels = None
 batch_size = 8
 weight_view_layer = None  # None: the middle layer
 weight_view_pair = ["python-code", "python-docs"]
@@ -78,8 +96,12 @@ speed_seq_len = 128
 speed_patterns = ["unstructured"]
 
 # %%
-if humaneval_problems:  # refuse now, not after the calibration and pruning
+if humaneval_problems or mbpp_problems:  # refuse now, not after the calibration and pruning
     execution.require_code_execution(allow_code_execution)
+domains.check_held_out(list(calibration_sets), {
+    "humaneval": humaneval_problems,
+    "arithmetic-mc": zero_shot_limit if "arithmetic-mc" in zero_shot_tasks else 0,
+})
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
 model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
@@ -89,25 +111,43 @@ settings = evaluate.EvaluationSettings(
     perplexity_seq_len=perplexity_seq_len, perplexity_windows=perplexity_windows,
     humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
     arithmetic_problems=arithmetic_problems, arithmetic_max_new_tokens=arithmetic_max_new_tokens,
-    math_task=math_task, zero_shot_tasks=tuple(zero_shot_tasks), zero_shot_limit=zero_shot_limit,
-    batch_size=batch_size, perplexity_domains=dict(perplexity_domains), allow_code_execution=allow_code_execution,
+    math_task=math_task, math_shots=math_shots, zero_shot_tasks=tuple(zero_shot_tasks),
+    zero_shot_limit=zero_shot_limit, batch_size=batch_size, perplexity_domains=dict(perplexity_domains),
+    allow_code_execution=allow_code_execution, mbpp_problems=mbpp_problems, mbpp_max_new_tokens=mbpp_max_new_tokens,
+    translation_task=translation_task, translation_problems=translation_problems,
+    translation_samples=translation_samples, translation_max_new_tokens=translation_max_new_tokens, seed=seed,
 )
-print(f"{model_name}: {adapter.num_layers} layers; {method} {pattern} at sparsity {sparsity}; {machine}")
+perplexity_only = evaluate.EvaluationSettings(
+    perplexity_seq_len=perplexity_seq_len, perplexity_windows=perplexity_windows, humaneval_problems=0,
+    arithmetic_problems=0, zero_shot_tasks=(), batch_size=batch_size, perplexity_domains=dict(perplexity_domains))
+
+
+def calibration_domain(name):
+    """code / prose / math / self-generated (built-in sets), the seed's domains (hub sets), or dense."""
+    if name == domains.DENSE:
+        return domains.DENSE
+    return domains.CALIBRATION_SETS.get(name, (domains.HUB_CALIBRATION_DOMAINS.get(name, "other"),))[0]
+
+
+print(f"{model_name}: {adapter.num_layers} layers; {prune_method} {pattern} at sparsity {sparsity}; {machine}")
 
 # %% [markdown]
 # ## 1. Calibration sets
 #
-# One set per domain, each `calibration_samples` windows of `calibration_seq_len` tokens from the train
-# split: code (`python-code`, the standard library), English prose (`python-docs`, the reference manual),
-# math (`arithmetic`, word problems with worked solutions), and **self-generated** text: sequences the dense
-# model samples itself from its begin-of-text token (a calibration source that needs no data at all).
+# Two sets per domain, each `calibration_samples` windows of `calibration_seq_len` tokens: code (`python-code`,
+# the standard library, and `humaneval`, problem + canonical solution), English prose (`python-docs`, the
+# reference manual, and `docstrings`, the standard library's docstrings), math (`arithmetic`, word problems with
+# worked solutions, and `arithmetic-mc`, a question with its right answer), and **self-generated** text: sequences
+# the dense model samples itself from its begin-of-text token (a calibration source that needs no data at all).
+# No set draws from what is evaluated: corpora calibrate on their train split, and `humaneval` / `arithmetic-mc`
+# on their second half while the evaluation scores the first items (`domains.check_held_out` refused otherwise).
 
 # %%
 calibration = {name: domains.calibration_set(name, model, tokenizer, calibration_samples, calibration_seq_len, seed)
                for name in calibration_sets}
 examples = pd.DataFrame(
-    {"calibration set": name, "tokens": tuple(ids.shape), "first window starts with":
-     tokenizer.decode(ids[0, :40]).replace("\n", "⏎")[:100]}
+    {"calibration set": name, "domain": calibration_domain(name), "tokens": tuple(ids.shape),
+     "first window starts with": tokenizer.decode(ids[0, :40]).replace("\n", "⏎")[:100]}
     for name, ids in calibration.items()
 )
 with pd.option_context("display.max_colwidth", None):
@@ -118,140 +158,260 @@ with pd.option_context("display.max_colwidth", None):
 #
 # `SubModelBank` keeps the dense weights, prunes a sub-model per set and switches between them. Every
 # sub-model and the dense model are evaluated on held-out data (validation + test splits): perplexity per
-# domain, HumanEval pass@1 (greedy, a subset of the problems), exact match on the math task, and zero-shot
-# multiple-choice accuracy through lm-eval.
+# domain, window by window; HumanEval pass@1 (greedy, the first problems); exact match on the math task; and
+# zero-shot multiple-choice accuracy through lm-eval, item by item (`evaluate.evaluate_submodel_items`). The
+# task metrics run on the dense model and on the sub-models in `task_submodels` (all of them when None); the
+# `paper` profile adds MBPP pass@1 (3-shot, confined execution), 8-shot GSM8K, and translation (WMT14 en-fr)
+# scored by METEOR on the best of 5 samples. nltk's METEOR normally also matches WordNet synonyms; WordNet's data
+# is a separate download that cannot be packaged, so without it METEOR matches exact words and Porter stems only
+# (for French output English synonyms would rarely apply anyway), and chrF (sacrebleu, no data needed) is
+# reported beside it.
 
 # %%
 bank = domains.SubModelBank(model)
-results = {domains.DENSE: evaluate.evaluate_submodel(model, tokenizer, settings)}
+wanted = set(calibration_sets) if task_submodels is None else set(task_submodels)
+evaluations = {domains.DENSE: evaluate.evaluate_submodel_items(model, tokenizer, settings)}
 for name, ids in calibration.items():
-    bank.prune(name, ids, method, sparsity if pattern == "unstructured" else None, pattern)
-    results[name] = evaluate.evaluate_submodel(model, tokenizer, settings)
+    bank.prune(name, ids, prune_method, sparsity if pattern == "unstructured" else None, pattern)
+    evaluations[name] = evaluate.evaluate_submodel_items(model, tokenizer,
+                                                         settings if name in wanted else perplexity_only)
 bank.restore_dense()
-table = domains.domain_table(results)
+table = domains.domain_table({name: e.summary for name, e in evaluations.items()})
 table.insert(2, "prune_seconds", [bank.seconds.get(name) for name in table.calibration])
+
+windows = pd.concat([e.windows.assign(calibration=name, calibration_domain=calibration_domain(name))
+                     for name, e in evaluations.items()], ignore_index=True)
+windows = windows[["calibration", "calibration_domain", "eval_domain", "window", "nll"]]
+plots.save_table(windows, "04_domain_windows")
+task_items = pd.concat([e.items.assign(calibration=name, calibration_domain=calibration_domain(name))
+                        for name, e in evaluations.items()], ignore_index=True)
+task_items = task_items[["calibration", "calibration_domain", "metric", "item", "value"]]
+plots.save_table(task_items, "04_task_items")
 display(table.round(3))
 
 # %%
-metric_columns = [c for c in table.columns if c not in ("calibration", "domain", "prune_seconds")]
-dense_row = table.set_index("calibration").loc[domains.DENSE, metric_columns].astype(float)
-relative = table.set_index("calibration")[metric_columns].astype(float)
-# Colour: change against dense in the direction that is worse (perplexity up, accuracy down), in percent.
-change = pd.DataFrame({c: (relative[c] / dense_row[c] - 1) * 100 if c.startswith("ppl_")
-                       else (dense_row[c] - relative[c]) * 100 for c in metric_columns})
-fig, ax = plots.new_figure(figsize=(1.25 * len(metric_columns) + 2, 0.5 * len(relative) + 1.5))
+# Every metric with its 95% interval over windows (perplexity: exp of the mean NLL's interval) or items.
+interval_rows = []
+for (name, domain), group in windows.groupby(["calibration", "eval_domain"], sort=False):
+    mean, low, high = mean_ci(group.nll.to_numpy())
+    interval_rows.append({"calibration": name, "metric": f"ppl_{domain}", "value": float(np.exp(mean)),
+                          "low": float(np.exp(low)), "high": float(np.exp(high)), "n": len(group)})
+for (name, metric), group in task_items.groupby(["calibration", "metric"], sort=False):
+    mean, low, high = mean_ci(group.value.to_numpy())
+    interval_rows.append({"calibration": name, "metric": metric, "value": mean, "low": low, "high": high,
+                          "n": len(group)})
+intervals = pd.DataFrame(interval_rows)
+intervals["calibration_domain"] = intervals.calibration.map(calibration_domain)
+
+
+def metric_label(metric, n):
+    """A column name as a reader says it, with its n."""
+    if metric.startswith("ppl_"):
+        return f"{metric[4:]} perplexity\n({n} windows)"
+    names = {"humaneval_pass@1": "HumanEval pass@1", "mbpp_pass@1": "MBPP pass@1",
+             f"{math_task}_em": f"{math_task} exact match"}
+    if metric in names:
+        return f"{names[metric]}\n({n} problems)"
+    if metric.startswith("zs_"):
+        task = metric[3:].removesuffix("_norm")
+        return f"{task} accuracy{' (per char)' if metric.endswith('_norm') else ''}\n({n} items)"
+    return f"{metric.replace('_', ' ')}\n({n} items)"
+
+
+shown = [m for m in dict.fromkeys(intervals.metric) if not m.endswith("_norm")]
+n_of = intervals.groupby("metric").n.max()
+rows_order = list(table.calibration)
+values = intervals.pivot(index="calibration", columns="metric", values="value").reindex(index=rows_order,
+                                                                                         columns=shown)
+dense_values = values.loc[domains.DENSE]
+# Colour: change against dense in the direction that is worse (perplexity up, accuracy down), in percent / points.
+change = pd.DataFrame({m: (values[m] / dense_values[m] - 1) * 100 if m.startswith("ppl_")
+                       else (dense_values[m] - values[m]) * 100 for m in shown})
+fig, ax = plots.new_figure(figsize=(1.35 * len(shown) + 2.5, 0.45 * len(values) + 2))
 image = ax.imshow(change.values, cmap="Reds", aspect="auto", vmin=0)
 dark = np.nan_to_num(change.values) > 0.6 * max(float(np.nanmax(change.values)), 1e-9)
-for (i, j), value in np.ndenumerate(relative.values):
-    ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color="white" if dark[i, j] else "black")
-ax.set_xticks(range(len(metric_columns)), metric_columns, rotation=30, ha="right")
-ax.set_yticks(range(len(relative)), relative.index)
+for (i, j), value in np.ndenumerate(values.values):
+    if np.isfinite(value):
+        ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8, color="white" if dark[i, j] else "black")
+ax.set_xticks(range(len(shown)), [metric_label(m, int(n_of[m])) for m in shown], rotation=30, ha="right")
+ax.set_yticks(range(len(values)), [name if name == domains.DENSE else f"{name} ({calibration_domain(name)})"
+                                   for name in values.index])
+ax.set_ylabel("calibration set (domain)")
 ax.grid(False)
-fig.colorbar(image, ax=ax, label="worse than dense (ppl: % up; accuracy: points down)")
-ax.set_title(f"{method} {pattern} {sparsity:.0%} sub-models on every domain\n" + plots.provenance(
-    model=model_name, data="held-out python-code / python-docs / arithmetic, HumanEval, lm-eval MC",
-    extra=f"calibration {calibration_samples} x {calibration_seq_len} tokens, {machine}"))
+fig.colorbar(image, ax=ax, label="worse than dense\n(perplexity: % up; accuracy: points down)")
+ax.set_title(f"{prune_method} {pattern} {sparsity:.0%} sub-models on every domain (blank: not measured)\n"
+             + plots.provenance(model=model_name, data=f"held-out {' / '.join(perplexity_domains)} and the tasks",
+                                extra=f"calibration {calibration_samples} x {calibration_seq_len} tokens, {machine}"))
 plots.save_figure(fig, "04_domain_table", table=table)
 
 best = domains.best_per_column(table.drop(columns="prune_seconds"))
 for column, winner in best.items():
-    print(f"best pruned sub-model on {column}: {winner}")
+    print(f"best pruned sub-model on {column}: {winner} ({calibration_domain(winner)})")
 
 # %% [markdown]
-# Each cell holds the metric itself; the colour shows how much worse than the dense model a sub-model is
-# on that column (perplexity: percent up; accuracies: points down). The printed lines name the best pruned
-# sub-model per column: the seed's claim is that the set from a domain wins that domain's column (code
-# perplexity for `python-code`, prose for `python-docs`, math for `arithmetic`). Check it against the
-# lines above; with a subset of HumanEval and a few dozen multiple-choice items the accuracy columns are
-# coarse (one item is several points).
+# Each cell holds the metric itself; the colour shows how much worse than the dense model a sub-model is on that
+# column (perplexity: percent up; accuracies: points down). The column labels give each metric's n. The printed
+# lines name the best pruned sub-model per column: the seed's claim is that a set of a domain wins that domain's
+# column. Whether a win is more than noise is the next figure's question.
+
+# %%
+panels = [m for m in shown if m in set(intervals.metric)]
+fig, axes = plots.new_figure(1, len(panels), squeeze=False, sharey=True, figsize=(2.6 * len(panels) + 1.5,
+                                                                                  0.32 * len(rows_order) + 1.8))
+for ax, metric in zip(axes[0], panels, strict=True):
+    part = intervals[intervals.metric == metric].set_index("calibration").reindex(rows_order)
+    for y, (name, row) in enumerate(part.iterrows()):
+        if pd.isna(row.value):
+            continue
+        low, high = (row.low, row.high) if np.isfinite(row.low) else (row.value, row.value)
+        ax.errorbar(row.value, y, xerr=[[row.value - low], [high - row.value]], marker="o", markersize=4,
+                    capsize=2, color=plots.colour(calibration_domain(name)), linestyle="none")
+    ax.axvline(part.loc[domains.DENSE].value, color=plots.colour("dense"), linestyle="--", linewidth=0.8)
+    ax.set_xlabel(metric_label(metric, int(n_of[metric])).replace("\n", " "), fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+axes[0][0].set_yticks(range(len(rows_order)), rows_order)
+axes[0][0].invert_yaxis()
+axes[0][0].set_ylabel("calibration set")
+domain_names = list(dict.fromkeys(calibration_domain(name) for name in rows_order))
+fig.legend([Line2D([], [], color=plots.colour(d), marker="o", linestyle="none") for d in domain_names],
+           domain_names, loc="outside lower center", ncol=len(domain_names), title="calibration domain")
+fig.suptitle("Every sub-model on every metric, with 95% bootstrap intervals (dashed: dense model)\n"
+             + plots.provenance(model=model_name, extra=f"{prune_method} {pattern} {sparsity:.0%}, {machine}"),
+             fontsize="small")
+plots.save_figure(fig, "04_domain_intervals", table=intervals)
+
+# %%
+verdicts = pd.DataFrame([vars(c) for c in claims.in_domain_claims(windows)])
+display(verdicts[["claim", "measured", "ci_low", "ci_high", "n", "verdict", "source"]].round(4))
+
+# %% [markdown]
+# The intervals panel shows every metric with its 95% bootstrap interval over windows or items. The verdict table
+# is what the claims report (`python -m effllm.experiments.claims`) computes from `04_domain_windows.csv`: per
+# evaluation domain, the held-out log-perplexity of the best in-domain sub-model minus that of the best other
+# sub-model, paired over the same windows. An interval wholly below 0 means in-domain calibration wins that
+# domain at this n; one wholly above 0 means another set wins it.
 
 # %% [markdown]
 # ## 3. Mask similarity: Jaccard of the pruned positions
 #
 # For every pair of sub-models, J = |A ∩ B| / |A ∪ B| over the pruned positions, per linear, per layer and
-# for the whole model. Two independent random masks at 50% give J = 1/3: the baseline drawn in the plots.
+# for the whole model. Two independent random masks at 50% give J = 1/3: the baseline drawn in the plots. The
+# seed's second claim is that sub-models of the same domain share more of their pruned weights: with two sets
+# per domain, same-domain pairs can be compared with cross-domain pairs layer by layer.
 
 # %%
 roles = linear_roles(model)
-pairwise = pairwise_jaccard(bank.masks, roles)
-baseline = random_mask_jaccard(sparsity)
-matrix = jaccard_matrix(pairwise, "model")
-fig, ax = plots.new_figure(figsize=(4.8, 4))
-image = ax.imshow(matrix.values, cmap="viridis", vmin=baseline, vmax=1)
-for (i, j), value in np.ndenumerate(matrix.values):
-    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black", fontsize=8)
-ax.set_xticks(range(len(matrix)), matrix.columns, rotation=30, ha="right")
-ax.set_yticks(range(len(matrix)), matrix.index)
-ax.grid(False)
-fig.colorbar(image, ax=ax, label=f"Jaccard (colour scale starts at the random baseline {baseline:.3f})")
-ax.set_title("Whole-model Jaccard of pruned positions\n" + plots.provenance(
-    model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
-plots.save_figure(fig, "04_jaccard_model", table=matrix.reset_index(names="calibration"))
+n_m = pruning.parse_pattern(pattern)
+baseline = random_mask_jaccard(sparsity if n_m is None else n_m[0] / n_m[1])
+if len(bank.masks) < 2:
+    print(f"one calibration set ({', '.join(bank.masks)}): no pair of masks to compare; sections 3 and 4 need two.")
+else:
+    pairwise = pairwise_jaccard(bank.masks, roles)
+    matrix = jaccard_matrix(pairwise, "model")
+    fig, ax = plots.new_figure(figsize=(0.6 * len(matrix) + 2.5, 0.55 * len(matrix) + 1.8))
+    image = ax.imshow(matrix.values, cmap="viridis", vmin=baseline, vmax=1)
+    for (i, j), value in np.ndenumerate(matrix.values):
+        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black", fontsize=7)
+    ax.set_xticks(range(len(matrix)), matrix.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), [f"{n} ({calibration_domain(n)})" for n in matrix.index])
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, label=f"Jaccard (colour scale starts at the random baseline {baseline:.3f})")
+    ax.set_title("Whole-model Jaccard of pruned positions\n" + plots.provenance(
+        model=model_name, extra=f"{prune_method} {pattern} {sparsity:.0%}, {machine}"))
+    plots.save_figure(fig, "04_jaccard_model", table=matrix.reset_index(names="calibration"))
 
 # %%
-layers = pairwise[pairwise.level == "layer"].assign(pair=lambda t: t.a + " / " + t.b)
-fig, ax = plots.new_figure(figsize=(6.5, 3.6))
-for pair, group in layers.groupby("pair", sort=False):
-    ax.plot(group.layer, group.jaccard, marker="o", markersize=2.5, label=pair)
-ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"random masks ({baseline:.3f})")
-ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-ax.set_xlabel("layer")
-ax.set_ylabel("Jaccard of pruned positions")
-ax.legend(fontsize=6, ncol=2)
-ax.set_title("Per-layer mask similarity between sub-models\n" + plots.provenance(
-    model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
-plots.save_figure(fig, "04_jaccard_layers", table=layers)
+if len(bank.masks) >= 2:
+    layers = pairwise[pairwise.level == "layer"]
+    pairs = pd.DataFrame({"set_a": layers.a, "set_b": layers.b, "layer": layers.layer.astype(int),
+                          "jaccard": layers.jaccard})
+    pairs["same_domain"] = [calibration_domain(a) == calibration_domain(b) and calibration_domain(a) != "self-generated"
+                            for a, b in zip(pairs.set_a, pairs.set_b, strict=True)]
+    plots.save_table(pairs, "04_jaccard_pairs")
+    fig, ax = plots.new_figure(figsize=(6.5, 3.6))
+    cross = pairs[~pairs.same_domain].groupby("layer").jaccard
+    ax.fill_between(cross.min().index, cross.min(), cross.max(), color="0.85",
+                    label=f"cross-domain pairs ({pairs[~pairs.same_domain].groupby(['set_a', 'set_b']).ngroups}): "
+                          "range")
+    ax.plot(cross.mean().index, cross.mean(), color="0.4", linewidth=1.5, label="cross-domain pairs: mean")
+    for (a, b), group in pairs[pairs.same_domain].groupby(["set_a", "set_b"], sort=False):
+        ax.plot(group.layer, group.jaccard, marker="o", markersize=2.5, color=plots.colour(calibration_domain(a)),
+                label=f"{a} / {b} ({calibration_domain(a)})")
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"random masks ({baseline:.3f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Jaccard of pruned positions")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("Per-layer mask similarity: same-domain pairs against cross-domain pairs\n" + plots.provenance(
+        model=model_name, extra=f"{prune_method} {pattern} {sparsity:.0%}, {pairs.layer.nunique()} layers, {machine}"),
+        fontsize="small")
+    plots.save_figure(fig, "04_jaccard_layers", table=pairs)
 
-kinds = (pairwise[pairwise.level == "linear"].groupby(["a", "b", "kind"], as_index=False)[["intersection", "union"]]
-         .sum().assign(jaccard=lambda t: t.intersection / t.union))
-display(kinds.pivot_table(index=["a", "b"], columns="kind", values="jaccard").round(3))
-model_level = pairwise[pairwise.level == "model"]
-closest = model_level.loc[model_level.jaccard.idxmax()]
-farthest = model_level.loc[model_level.jaccard.idxmin()]
-print(f"whole-model Jaccard from {model_level.jaccard.min():.3f} ({farthest.a} / {farthest.b}) to "
-      f"{model_level.jaccard.max():.3f} ({closest.a} / {closest.b}); random baseline {baseline:.3f}; "
-      f"every pair above the baseline: {bool((model_level.jaccard > baseline).all())}")
+    kinds = (pairwise[pairwise.level == "linear"].groupby(["a", "b", "kind"], as_index=False)[["intersection", "union"]]
+             .sum().assign(jaccard=lambda t: t.intersection / t.union))
+    display(kinds.pivot_table(index=["a", "b"], columns="kind", values="jaccard").round(3))
+    model_level = pairwise[pairwise.level == "model"]
+    closest = model_level.loc[model_level.jaccard.idxmax()]
+    farthest = model_level.loc[model_level.jaccard.idxmin()]
+    print(f"whole-model Jaccard from {model_level.jaccard.min():.3f} ({farthest.a} / {farthest.b}) to "
+          f"{model_level.jaccard.max():.3f} ({closest.a} / {closest.b}); random baseline {baseline:.3f}; "
+          f"every pair above the baseline: {bool((model_level.jaccard > baseline).all())}")
+    mask_verdict = claims.same_domain_claim(pairs)
+    display(pd.DataFrame([vars(mask_verdict)])[["claim", "measured", "ci_low", "ci_high", "n", "verdict",
+                                               "source"]].round(4))
 
 # %% [markdown]
-# The printed line gives the closest and the farthest pair and whether every pair lies above the random
-# baseline. The further above it, the more the weight magnitudes, shared by every sub-model, decide the
-# mask, and the less the calibration data moves it. The per-layer curves show at which depth the calibration
-# data changes the masks most (the lowest points), and the table by projection kind which linears depend
-# on it most; the seed expects same-domain pairs to be the closest.
+# The shaded band is the range of every cross-domain pair at each layer and the grey line its mean; each coloured
+# line is one same-domain pair. Same-domain masks that are more alike lie above the band's mean, layer after
+# layer: the verdict table is the claims report's statistic, same-domain minus cross-domain mean Jaccard per
+# layer, paired over layers, with its 95% interval. The further every pair lies above the random baseline, the
+# more the weight magnitudes (shared by every sub-model) decide the mask rather than the calibration data. The
+# table by projection kind shows which linears depend on the data most.
 
 # %% [markdown]
 # ## 4. Weight views: one attention projection of two sub-models
 #
 # The seed shows `q_proj` of layer 12 of two Gemma sub-models and where their masks differ. Here: the
-# `q` projection of the middle layer (or `weight_view_layer`), as a static figure and as an interactive
-# treescope render (HTML; hover over a cell for its value).
+# `q` projection of the middle layer (or `weight_view_layer`), as a static figure of the whole matrix, and an
+# interactive treescope render (HTML; hover over a cell for its value) of the 64 x 64 block where the two masks
+# differ most.
 
 # %%
-layer = adapter.num_layers // 2 if weight_view_layer is None else weight_view_layer
-linear = next(name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv"))
-first, second = weight_view_pair
-weight_a, weight_b = bank.weight(first, linear), bank.weight(second, linear)
-mask_a, mask_b = bank.masks[first][linear], bank.masks[second][linear]
-if adapter.weight(dict(model.named_modules())[linear]) is not dict(model.named_modules())[linear].weight:
-    weight_a, weight_b, mask_a, mask_b = weight_a.t(), weight_b.t(), mask_a.t(), mask_b.t()  # GPT-2 Conv1D
-fig = plots.plot_weight_views(
-    weight_a, weight_b, mask_a, mask_b, (first, second),
-    f"{linear}: sub-models calibrated on {first} and {second} · " + plots.provenance(model=model_name, extra=machine))
-difference = pruning.mask_difference(mask_a, mask_b)
-view_table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
-                                                        f"pruned only in {second}", "pruned in both"],
-                           "weights": [int((difference == k).sum()) for k in range(4)]})
-plots.save_figure(fig, "04_weight_views", table=view_table)
-html_path = plots.save_html(plots.treescope_weight_views(weight_a, weight_b, mask_a, mask_b, (first, second)),
-                            "04_weight_views_treescope")
-display(view_table)
-print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e6:.1f} MB)")
+if len(bank.masks) >= 2:
+    layer = adapter.num_layers // 2 if weight_view_layer is None else weight_view_layer
+    linear = next(name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv"))
+    first, second = (weight_view_pair if set(weight_view_pair) <= set(bank.masks) else list(bank.masks)[:2])
+    weight_a, weight_b = bank.weight(first, linear), bank.weight(second, linear)
+    mask_a, mask_b = bank.masks[first][linear], bank.masks[second][linear]
+    if adapter.weight(dict(model.named_modules())[linear]) is not dict(model.named_modules())[linear].weight:
+        weight_a, weight_b, mask_a, mask_b = weight_a.t(), weight_b.t(), mask_a.t(), mask_b.t()  # GPT-2 Conv1D
+    fig = plots.plot_weight_views(
+        weight_a, weight_b, mask_a, mask_b, (first, second),
+        f"{linear}: sub-models calibrated on {first} and {second} · "
+        + plots.provenance(model=model_name, extra=machine))
+    difference = pruning.mask_difference(mask_a, mask_b)
+    view_table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
+                                                            f"pruned only in {second}", "pruned in both"],
+                               "weights": [int((difference == k).sum()) for k in range(4)]})
+    plots.save_figure(fig, "04_weight_views", table=view_table)
+    rows, columns = plots.difference_block(mask_a, mask_b, 64, 64)
+    html_path = plots.save_html(plots.treescope_weight_views(weight_a[rows, columns], weight_b[rows, columns],
+                                                             mask_a[rows, columns], mask_b[rows, columns],
+                                                             (first, second), pixels_per_cell=6),
+                                "04_weight_views_treescope")
+    display(view_table)
+    block = int((mask_a[rows, columns] != mask_b[rows, columns]).sum())
+    print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e3:.0f} kB): rows {rows.start}-"
+          f"{rows.stop - 1}, columns {columns.start}-{columns.stop - 1} of {tuple(mask_a.shape)}, where the masks "
+          f"differ at {block} of {mask_a[rows, columns].numel()} weights")
 
 # %% [markdown]
 # Pruned weights are white in the first two panels. Look for vertical stripes: the input norm multiplies
 # every weight of a column, so a low-norm input feature loses most of its column. The third panel marks the
 # weights that only one of the two sub-models prunes, and the table counts them: their share (in the panel
-# title) is the room the calibration data has to make a sub-model domain-specific.
+# title) is the room the calibration data has to make a sub-model domain-specific. The interactive view crops
+# to the block where the masks differ most (the printed line gives where), so its cells can be inspected one by
+# one.
 
 # %% [markdown]
 # ## 5. Pruning speed against one forward pass
@@ -268,12 +428,13 @@ speed = pd.DataFrame(speed_rows)
 display(speed.round(3))
 timed = speed[speed.method != "dense"].assign(label=lambda t: t.method + "\n" + t.pattern)
 fig, ax = plots.new_figure()
-ax.bar(timed.label, timed.ratio_to_forward, color=["tab:green" if m == "wanda" else "tab:grey" for m in timed.method])
-ax.axhline(WANDA_GOAL, color="tab:red", linestyle="--", linewidth=1, label=f"goal for Wanda: {WANDA_GOAL}x")
-ax.axhline(1, color="black", linewidth=0.8, label=f"one forward pass ({forward:.2f} s)")
+ax.bar(timed.label, timed.ratio_to_forward, color=[plots.colour(m) for m in timed.method])
+ax.axhline(WANDA_GOAL, color="black", linestyle="--", linewidth=1, label=f"goal for Wanda: {WANDA_GOAL}x")
+ax.axhline(1, color="0.5", linewidth=0.8, label=f"one forward pass ({forward:.2f} s)")
+ax.set_xlabel("pruning method and pattern")
 ax.set_ylabel("pruning time / forward-pass time")
-ax.legend()
-ax.set_title("Time to prune the whole model\n" + plots.provenance(
+fig.legend(loc="outside lower center", ncol=2)  # below the axes: never over a bar
+ax.set_title("Time to prune the whole model (one run each)\n" + plots.provenance(
     model=model_name, data=f"python-docs, {speed_samples} x {speed_seq_len} tokens", extra=machine))
 plots.save_figure(fig, "04_pruning_speed", table=speed)
 
@@ -289,5 +450,5 @@ print(f"Wanda took {', '.join(f'{r:.2f}x' for r in wanda_ratio)} of a forward pa
 # Magnitude pruning needs no data and is the cheapest. Wanda runs every layer twice (once to collect input
 # norms, once to pass the pruned layer's outputs on) and sorts each row once; SparseGPT also inverts a
 # Hessian per linear and updates the kept weights column by column: compare its bar with Wanda's.
-# The printed line compares Wanda's ratio with the goal; timings on a shared CPU are noisy, so read ratios,
-# not seconds.
+# The printed line compares Wanda's ratio with the goal; timings on a shared CPU are noisy (one run each here;
+# the benchmark measures more), so read ratios, not seconds.

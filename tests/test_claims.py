@@ -98,3 +98,117 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no claims block"):
         claims.update_readme(readme, table)
+
+
+def _windows(gap_code: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """04_domain_windows: code-calibrated sets are `gap_code` nats better on code than the prose sets."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(2.0, 0.3, n)  # window difficulty, shared by every sub-model (what pairing removes)
+    rows = []
+    sets = {"python-code": "code", "humaneval": "code", "python-docs": "prose", "docstrings": "prose",
+            "dense": "dense"}
+    for name, domain in sets.items():
+        offset = {"python-code": -gap_code, "humaneval": -gap_code + 0.02, "dense": -0.5}.get(name, 0.0)
+        for w in range(n):
+            rows.append({"calibration": name, "calibration_domain": domain, "eval_domain": "code", "window": w,
+                         "nll": base[w] + offset + rng.normal(0, 0.005)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("gap", "verdict"), [(0.05, claims.HOLDS), (0.0, claims.UNDECIDED), (-0.05, claims.FAILS)])
+def test_in_domain_claim_pairs_the_best_of_each_side_over_windows(gap, verdict):
+    (claim,) = claims.in_domain_claims(_windows(gap))
+    assert claim.verdict == verdict and claim.n == 40
+    # the best in-domain set is python-code (humaneval is 0.02 worse), the best other is one of the prose sets
+    assert "'python-code'" in claim.source and claim.measured == pytest.approx(-gap, abs=0.005)
+    assert claim.ci_low <= claim.measured <= claim.ci_high
+
+
+def test_in_domain_claims_read_the_table_from_a_folder(tmp_path):
+    assert claims.in_domain_calibration_wins(tmp_path)[0].source == "missing: 04_domain_windows.csv"
+    _windows(0.05).to_csv(tmp_path / "04_domain_windows.csv", index=False)
+    assert claims.in_domain_calibration_wins(tmp_path)[0].verdict == claims.HOLDS
+
+
+def _pairs(same_gap: float, layers: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    rows = []
+    pairs = [("python-code", "humaneval", True), ("python-docs", "docstrings", True), ("python-code", "python-docs",
+                                                                                         False),
+             ("humaneval", "docstrings", False), ("python-code", "self-generated", False)]
+    for layer in range(layers):
+        level = rng.uniform(0.5, 0.7)
+        for a, b, same in pairs:
+            rows.append({"set_a": a, "set_b": b, "layer": layer, "same_domain": same,
+                         "jaccard": level + (same_gap if same else 0) + rng.normal(0, 0.002)})
+    return pd.DataFrame(rows)
+
+
+def test_same_domain_claim_is_paired_over_layers(tmp_path):
+    assert claims.same_domain_claim(_pairs(0.03)).verdict == claims.HOLDS
+    assert claims.same_domain_claim(_pairs(-0.03)).verdict == claims.FAILS
+    claim = claims.same_domain_claim(_pairs(0.03))
+    assert claim.n == 12 and claim.measured == pytest.approx(0.03, abs=0.003)
+    _pairs(0.03).to_csv(tmp_path / "04_jaccard_pairs.csv", index=False)  # same_domain read back as text
+    assert claims.same_domain_masks_more_alike(tmp_path).verdict == claims.HOLDS
+    only_cross = _pairs(0.03)
+    assert "within and across" in claims.same_domain_claim(only_cross[~only_cross.same_domain]).source
+
+
+def _slicing_windows(gap_mean: float, gap_parameters: float, n: int = 30) -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    base = rng.normal(3.0, 0.2, n)
+    rows = []
+    for level in (0.2, 0.3):
+        for matched, gap in (("mean", gap_mean), ("parameters", gap_parameters)):
+            for variant in ("constant", "dynamic"):
+                for w in range(n):
+                    nll = base[w] + level + (-gap if variant == "dynamic" else 0) + rng.normal(0, 0.003)
+                    rows.append({"level": level, "matched": matched, "variant": variant, "window": w, "nll": nll,
+                                 "parameters": 100})
+    return pd.DataFrame(rows)
+
+
+def test_dynamic_beats_constant_per_level_and_matching(tmp_path):
+    _slicing_windows(0.05, 0.0).to_csv(tmp_path / "06_slicing_windows.csv", index=False)
+    by_mean = claims.dynamic_beats_constant(tmp_path, "mean")
+    by_parameters = claims.dynamic_beats_constant(tmp_path, "parameters")
+    assert [c.verdict for c in by_mean] == [claims.HOLDS, claims.HOLDS]
+    assert [c.verdict for c in by_parameters] == [claims.UNDECIDED, claims.UNDECIDED]
+    assert all(c.n == 30 for c in by_mean) and "equal parameter count" in by_parameters[0].claim
+
+
+def test_dynamic_accuracy_pairs_items_at_each_level(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = []
+    for item in range(300):
+        right = int(rng.random() < 0.7)
+        rows.append({"level": 0.0, "variant": "dense", "task": "prose-mc", "item": f"prose-mc/{item}",
+                     "correct": right})
+        rows.append({"level": 0.3, "variant": "constant", "task": "prose-mc", "item": f"prose-mc/{item}",
+                     "correct": right})
+        rows.append({"level": 0.3, "variant": "dynamic", "task": "prose-mc", "item": f"prose-mc/{item}",
+                     "correct": 1 if item % 5 == 0 else right})  # dynamic gets every fifth item right
+    pd.DataFrame(rows).to_csv(tmp_path / "06_zero_shot_items.csv", index=False)
+    (claim,) = claims.dynamic_accuracy(tmp_path)
+    assert "M = 0.3" in claim.claim and claim.n == 300 and claim.measured > 0 and claim.verdict == claims.HOLDS
+
+
+def test_sparse_claim_is_undecided_without_a_2_4_kernel(tmp_path):
+    table = pd.DataFrame({"shapes": ["CodeLlama-13B (shapes)"] * 2, "kind": ["q", "q"], "tokens": [1, 16],
+                          "format": ["csr", "csr"], "speedup": [0.5, 0.6], "speedup_min": [0.4, 0.5],
+                          "speedup_max": [0.6, 0.7], "rounds": [5, 5], "device": ["CPU", "CPU"]})
+    table.to_csv(tmp_path / "05_projection_speedup.csv", index=False)
+    claim = claims.sparse_2_4_speedup(tmp_path)
+    assert claim.verdict == claims.UNDECIDED and "csr only" in claim.source
+    table["format"] = "semi-structured"
+    table["speedup_min"] = [1.1, 1.2]
+    table.to_csv(tmp_path / "05_projection_speedup.csv", index=False)
+    claim = claims.sparse_2_4_speedup(tmp_path)
+    assert claim.verdict == claims.HOLDS and claim.n == 5 and "16 tokens" in claim.source
+
+
+def test_build_claims_on_an_empty_folder_is_all_undecided(tmp_path):
+    table = claims.build_claims(tmp_path)
+    assert list(table.columns) == claims.COLUMNS
+    assert (table.verdict == claims.UNDECIDED).all() and table.source.str.startswith("missing").all()

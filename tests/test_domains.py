@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 import torch
 
-from effllm import data, domains, metrics, plots, pruning
+from effllm import data, domains, execution, metrics, plots, pruning, standins
 from effllm.experiments import evaluate
 from effllm.models import tiny_model
 from effllm.pruning import prune
@@ -194,3 +194,152 @@ def test_weight_views_static_figure_and_treescope_html():
     assert "top-left 16 x 16 of 24 x 32" in small.axes[0].get_title()
     html = plots.treescope_weight_views(weight * ~mask_a, weight * ~mask_b, mask_a, mask_b, ("code", "prose"))
     assert html.lstrip().startswith("<") and "treescope" in html.lower() and len(html) > 1000
+
+
+# --------------------------------------------------------------------------------------------------
+# Two calibration sets per domain, none drawn from what is evaluated
+
+
+def test_two_calibration_sets_per_domain():
+    from collections import Counter
+
+    counts = Counter(domain for domain, _ in domains.CALIBRATION_SETS.values())
+    assert counts == {"code": 2, "prose": 2, "math": 2, "self-generated": 1}
+
+
+def _joined_tokens(tokenizer, docs):
+    ids = []
+    for index, doc in enumerate(docs):
+        if index:
+            ids += tokenizer(data.DOCUMENT_SEPARATOR, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+@pytest.mark.parametrize("name", ["humaneval", "arithmetic-mc"])
+def test_evaluation_sets_calibrate_on_items_that_are_not_evaluated(model_and_tokenizer, name):
+    model, tokenizer = model_and_tokenizer
+    docs = domains.calibration_documents(name)
+    first = domains.CALIBRATION_FIRST_ITEM[name]
+    assert docs == data.documents(name, "test")[first:]
+    stream = _joined_tokens(tokenizer, docs)
+    text = " ".join(map(str, stream))
+    windows = domains.calibration_set(name, model, tokenizer, 5, 24, seed=3)
+    assert windows.shape == (5, 24)
+    for window in windows.tolist():  # every window is a run of the calibration items' token stream
+        assert " ".join(map(str, window)) in text
+    assert torch.equal(windows, domains.calibration_set(name, model, tokenizer, 5, 24, seed=3))  # seeded
+
+
+def test_docstrings_calibrate_on_functions_of_train_files_only():
+    docs = set(domains.calibration_documents("docstrings"))
+    records = data.load("docstrings", "train")
+    held_out_files = set(data.load("python-code", "validation")["source"]) | set(data.load("python-code", "test")["source"])
+    by_file = {}
+    for text, key in zip(records["text"], records["source"], strict=True):
+        by_file.setdefault(key.split(":", 1)[0] in held_out_files, set()).add(text)
+    assert docs and docs <= by_file[False]
+    assert not docs & (by_file[True] - by_file[False])  # no docstring of a held-out file
+
+
+def test_check_held_out_refuses_overlapping_evaluation():
+    domains.check_held_out(["humaneval", "arithmetic-mc"], {"humaneval": 82, "arithmetic-mc": 250})
+    domains.check_held_out(["python-code"], {"humaneval": 164})  # no evaluation set among the calibration sets
+    with pytest.raises(ValueError, match="'humaneval' uses humaneval items from 82 on.*first 100"):
+        domains.check_held_out(["humaneval"], {"humaneval": 100})
+    with pytest.raises(ValueError, match="first all"):
+        domains.check_held_out(["arithmetic-mc"], {"arithmetic-mc": None})
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-window and per-item evaluation; MBPP, few-shot math and translation
+
+
+def test_evaluate_submodel_items_holds_the_windows_and_items_behind_the_summary(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    settings = evaluate.EvaluationSettings(perplexity_seq_len=32, perplexity_windows=3, humaneval_problems=2,
+                                          humaneval_max_new_tokens=4, arithmetic_problems=2,
+                                          arithmetic_max_new_tokens=4, zero_shot_tasks=("prose-mc",),
+                                          zero_shot_limit=3, batch_size=2, allow_code_execution=True)
+    result = evaluate.evaluate_submodel_items(model, tokenizer, settings)
+    windows = result.windows
+    assert list(windows.columns) == ["eval_domain", "corpus", "window", "nll"] and len(windows) == 3 * 3
+    ids = evaluate.held_out_ids("python-code", tokenizer)
+    expected = metrics.window_losses(model, ids, 32, max_windows=3)
+    assert windows[windows.eval_domain == "code"].nll.tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert result.summary["ppl_code"] == pytest.approx(float(expected.mean().exp()), rel=1e-6)
+    counts = result.items.groupby("metric").size().to_dict()
+    assert counts == {"humaneval_pass@1": 2, "arithmetic_em": 2, "zs_prose-mc": 3, "zs_prose-mc_norm": 3}
+    for metric in counts:
+        assert result.items[result.items.metric == metric].value.mean() == pytest.approx(result.summary[metric])
+    assert evaluate.evaluate_submodel(model, tokenizer, settings) == pytest.approx(result.summary)
+
+
+def test_few_shot_math_prompt_uses_the_first_train_records(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    seen = {}
+
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, progress):
+        seen["prompts"], seen["stop"] = prompts, stop_strings
+        return ["so 2 + 2 = 4.\n#### 4"] * len(prompts)
+
+    monkeypatch.setattr(evaluate, "generate_greedy", fake)
+    result = evaluate.arithmetic_exact_match(model, tokenizer, 3, 8, shots=2)
+    train = data.load("arithmetic", "train").to_list()[:2]
+    test = data.load("arithmetic", "test").to_list()[:3]
+    expected = evaluate.few_shot_math_prompt(test[0]["question"], train)
+    assert expected.startswith(f"Question: {train[0]['question']}\nAnswer: {train[0]['solution']}\n\n")
+    assert expected.endswith(f"Question: {test[0]['question']}\nAnswer:")
+    assert seen["prompts"][0] == tokenizer(expected)["input_ids"] and seen["stop"] == evaluate.FEW_SHOT_STOP
+    assert result["correct"] == [a == 4 for a in (r["answer"] for r in test)]
+    with pytest.raises(ValueError, match="shots must be a whole number"):
+        evaluate.arithmetic_exact_match(model, tokenizer, 3, 8, shots=-1)
+
+
+def test_gsm8k_eight_shot_on_standin_data(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    with standins.active():
+        answers = [metrics.extract_answer(a) for a in data.load("gsm8k", "test")["answer"][:4]]
+        monkeypatch.setattr(evaluate, "generate_greedy",
+                            lambda *a, **k: [f"#### {answers[0]}", "#### -1", f"The answer is {answers[2]}.", "none"])
+        result = evaluate.arithmetic_exact_match(model, tokenizer, 4, 8, task="gsm8k", shots=8)
+    assert result["correct"] == [True, False, True, False] and result["exact_match"] == 0.5
+
+
+def test_mbpp_pass_at_1_runs_the_tests_confined(model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    with standins.active():
+        records = data.load("mbpp", "test").to_list()[:4]
+        monkeypatch.setattr(evaluate, "generate_greedy",
+                            lambda *a, **k: [records[0]["code"], records[1]["code"], "def f(:\n", "x = 1\n"])
+        result = evaluate.mbpp_pass_at_1(model, tokenizer, 4, 16, allow_code_execution=True)
+        prompt = evaluate.mbpp_prompt(records[0])
+    assert result["passed"] == [True, True, False, False] and result["pass@1"] == 0.5
+    assert prompt.endswith("[BEGIN]\n") and records[0]["test_list"][0] in prompt
+    with pytest.raises(execution.CodeExecutionNotAllowedError):
+        evaluate.mbpp_pass_at_1(model, tokenizer, 4, 16)
+
+
+def test_meteor_without_wordnet_matches_words_and_stems():
+    assert evaluate.meteor("le chat est sur la table", "le chat est sur la table") > 0.99
+    assert evaluate.meteor("bonjour", "le chat est sur la table") == 0
+    assert 0 < evaluate.meteor("le chat dort", "le chat est sur la table") < 1
+
+
+def test_translation_best_of_keeps_each_items_best_sample(model_and_tokenizer):
+    import sacrebleu
+
+    model, tokenizer = model_and_tokenizer
+    with standins.active():
+        result = evaluate.translation_best_of(model, tokenizer, "wmt14", 3, max_new_tokens=6, samples=2, batch_size=2)
+        again = evaluate.translation_best_of(model, tokenizer, "wmt14", 3, max_new_tokens=6, samples=2, batch_size=2)
+        pairs = evaluate.translation_pairs("wmt14")[:3]
+    assert result["n"] == 3 and [len(o) for o in result["outputs"]] == [2, 2, 2]
+    assert result["outputs"] == again["outputs"]  # seeded sampling
+    for outputs, (_, reference), best_meteor, best_chrf in zip(result["outputs"], pairs, result["meteor_items"],
+                                                               result["chrf_items"], strict=True):
+        assert best_meteor == max(evaluate.meteor(o, reference) for o in outputs)
+        assert best_chrf == max(sacrebleu.sentence_chrf(o, [reference]).score for o in outputs)
+    assert result["meteor"] == pytest.approx(sum(result["meteor_items"]) / 3)
+    with pytest.raises(ValueError, match="Unknown translation set 'iwslt2017'"):
+        evaluate.translation_pairs("iwslt2017")

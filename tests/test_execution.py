@@ -67,6 +67,9 @@ def test_code_execution_needs_an_opt_in_and_says_how(monkeypatch, tmp_path):
         "humaneval_pass_at_1": lambda: evaluate.humaneval_pass_at_1(None, None, 1, 8),
         "humaneval_pass_at_1 with a policy": lambda: evaluate.humaneval_pass_at_1(None, None, 1, 8, policy=Full()),
         "evaluate_submodel": lambda: evaluate.evaluate_submodel(None, None, evaluate.EvaluationSettings()),
+        "mbpp_pass_at_1": lambda: evaluate.mbpp_pass_at_1(None, None, 1, 8),
+        "evaluate_submodel_items with MBPP only": lambda: evaluate.evaluate_submodel_items(
+            None, None, evaluate.EvaluationSettings(humaneval_problems=0, mbpp_problems=1)),
     }
     for name, call in calls.items():
         with pytest.raises(CodeExecutionNotAllowedError, match="allow_code_execution=True") as caught:

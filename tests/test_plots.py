@@ -6,6 +6,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+import torch
 
 from effllm import plots
 
@@ -151,3 +152,29 @@ def test_caption():
     assert note.get_text() == "model: M" and note in fig.texts
     with pytest.raises(ValueError):
         plots.provenance()
+
+
+def test_save_table_writes_the_csv_atomically(tmp_path, table, monkeypatch):
+    path = plots.save_table(table, "04_items", out_dir=tmp_path)
+    assert path == tmp_path / "04_items.csv" and pd.read_csv(path).equals(table)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, p, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        plots.save_table(table, "04_items", out_dir=tmp_path)
+    assert pd.read_csv(path).equals(table)  # the earlier file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["04_items.csv"]  # no temporary file left
+    with pytest.raises(ValueError, match="not a plain file stem"):
+        plots.save_table(table, "a/b", out_dir=tmp_path)
+    with pytest.raises(TypeError, match="DataFrame"):
+        plots.save_table([1, 2], "x", out_dir=tmp_path)
+
+
+def test_difference_block_finds_where_the_masks_differ():
+    mask_a = torch.zeros(200, 300, dtype=torch.bool)
+    mask_b = mask_a.clone()
+    mask_b[96:160, 128:192] = True  # the only differences: one 64 x 64 block on the half-block grid
+    rows, columns = plots.difference_block(mask_a, mask_b, 64, 64)
+    assert (rows, columns) == (slice(96, 160), slice(128, 192))
+    small = plots.difference_block(mask_a[:10, :10], mask_b[:10, :10], 64, 64)
+    assert small == (slice(0, 10), slice(0, 10))  # a block larger than the matrix is the whole matrix
+    with pytest.raises(ValueError, match="one shape"):
+        plots.difference_block(mask_a, mask_b[:5], 64, 64)

@@ -17,6 +17,7 @@ from effllm.models import load_model, tiny_model
 from effllm.slicing import (
     SlicedModelError,
     compare_methods,
+    equal_parameter_constant_fraction,
     equal_parameter_shortgpt_layers,
     layer_scores,
     load_sliced,
@@ -523,3 +524,35 @@ def test_interrupted_shortgpt_puts_every_layer_back(error, monkeypatch):
     slice_model(reference, ids, mean=0.5, method="shortgpt")
     slice_model(model, ids, mean=0.5, method="shortgpt")  # and it can be sliced now
     assert torch.equal(logits(model, ids), logits(reference, ids))
+
+
+def test_equal_parameter_constant_fraction_is_the_closest_constant_size():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    hidden = get_adapter(model).hidden_size
+    lr = torch.tensor([0.0, 0.9, 1.0, 0.5, 0.7, 0.2], dtype=torch.float64)
+    for mean in (0.1, 0.3, 0.5):
+        dynamic = slice_fractions(lr, mean, 0.1)
+        target = sliced_parameter_count(model, dynamic)
+        fraction = equal_parameter_constant_fraction(model, dynamic)
+        gaps = {d: abs(sliced_parameter_count(model, [1 - d / hidden] * 6) - target) for d in range(1, hidden + 1)}
+        assert abs(sliced_parameter_count(model, [fraction] * 6) - target) == min(gaps.values())  # brute force
+    assert equal_parameter_constant_fraction(model, [0.25] * 6) == pytest.approx(0.25)  # constant maps to itself
+
+
+def test_compare_methods_matches_parameters_and_passes_rows():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = calibration_ids()
+    seen = []
+    table = compare_methods(model, ids, [0.3], amplitude=0.1, progress=False, match_parameters=True, pass_row=True,
+                            evaluate=lambda m, row: seen.append(row) or {"layers_seen": get_adapter(m).num_layers})
+    assert list(zip(table.method, table.matched, strict=True)) == [
+        ("dense", ""), ("constant", "mean"), ("dynamic", "mean"), ("shortgpt", "parameters"),
+        ("constant", "parameters")]
+    assert [(r["method"], r["matched"]) for r in seen] == list(zip(table.method, table.matched, strict=True))
+    rows = table.set_index(["method", "matched"])
+    dynamic = slice_fractions(layer_scores(model, ids, "lr"), 0.3, 0.1)
+    matched = equal_parameter_constant_fraction(model, dynamic)
+    assert rows.loc[("constant", "parameters"), "slice_fraction"] == pytest.approx(matched)
+    assert rows.loc[("constant", "parameters"), "parameters"] == sliced_parameter_count(model, [matched] * 6)
+    assert rows.loc[("dynamic", "mean"), "slice_fraction"] == pytest.approx(0.3)
+    assert rows.loc[("constant", "mean"), "parameters"] == sliced_parameter_count(model, [0.3] * 6)

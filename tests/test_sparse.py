@@ -330,3 +330,28 @@ def test_sparse_benchmark_rejects_bad_flags(capsys):
         with pytest.raises(SystemExit):
             bench.main(["sparse", "--model", "tiny-llama", "--format", "semi-structured", "--device", "cpu"])
         assert "not available here" in capsys.readouterr().err
+
+
+def test_projection_timings_report_the_median_round_and_its_spread():
+    shapes = [sparse.ProjectionShape("q", 32, 64)]
+    table = sparse_speed.projection_timings(shapes, [2], "csr", device="cpu", min_run_time=0.001, rounds=3,
+                                            progress=False, threads=1)
+    row = table.iloc[0]
+    ratios = [d / s for d, s in zip(row.dense_rounds_ms, row.sparse_rounds_ms, strict=True)]
+    assert row.rounds == 3 and len(row.dense_rounds_ms) == 3
+    assert row.speedup == pytest.approx(sorted(ratios)[1])  # the median of the per-round ratios
+    assert row.speedup_min == pytest.approx(min(ratios)) and row.speedup_max == pytest.approx(max(ratios))
+    assert row.dense_ms == pytest.approx(sorted(row.dense_rounds_ms)[1])
+    rounds = sparse_speed.projection_rounds(table)
+    assert rounds["round"].tolist() == [0, 1, 2] and rounds.speedup.tolist() == pytest.approx(ratios)
+
+
+def test_time_pair_rounds_interleaves_the_two():
+    calls = []
+    dense_times, sparse_times = timing.time_pair_rounds(lambda: calls.append("d"), lambda: calls.append("s"),
+                                                        min_run_time=0.001, rounds=2)
+    assert len(dense_times) == len(sparse_times) == 2
+    first_sparse = calls.index("s")
+    assert "d" in calls[first_sparse:]  # dense ran again after sparse: the rounds alternate
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        timing.time_pair_rounds(lambda: None, lambda: None, rounds=0)

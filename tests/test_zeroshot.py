@@ -3,11 +3,14 @@ it runs on any module with the HF causal-LM call signature, and it leaves the mo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from effllm import data, zeroshot
+from effllm import data, standins, zeroshot
 from effllm.models import tiny_model
 
 LIMIT = 12
@@ -111,3 +114,90 @@ def test_bad_input_is_refused_with_a_clear_error(model_and_tokenizer, kwargs, er
     arguments = {"model": model, "tokenizer": tokenizer, "task": "prose-mc", **kwargs}
     with pytest.raises(error, match=message):
         zeroshot.zero_shot_accuracy(**arguments)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-item outcomes and lm-eval's hub tasks on stand-in data
+
+
+@pytest.mark.parametrize("task", zeroshot.TASKS)
+def test_items_are_the_per_item_outcomes_behind_the_accuracy(model_and_tokenizer, task):
+    model, tokenizer = model_and_tokenizer
+    result = zeroshot.zero_shot_accuracy(model, tokenizer, task, limit=LIMIT, batch_size=4)
+    items = result["items"]
+    assert [i["item"] for i in items] == list(range(LIMIT))
+    assert all(i["correct"] in (0, 1) and i["correct_norm"] in (0, 1) for i in items)
+    assert sum(i["correct"] for i in items) / LIMIT == pytest.approx(result["accuracy"])
+    assert sum(i["correct_norm"] for i in items) / LIMIT == pytest.approx(result["accuracy_norm"])
+
+
+def test_every_hub_task_has_its_lm_eval_task_file():
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    assert set(zeroshot.LM_EVAL_TASK_FILES) == set(zeroshot.HUB_TASKS)
+    for relative, hub_name, split in zeroshot.LM_EVAL_TASK_FILES.values():
+        assert (root / relative).is_file() and hub_name in data.HUB and split in data.HUB[hub_name].splits
+    # seed 004's suite is among them
+    assert {"hellaswag", "winogrande", "arc_easy", "arc_challenge", "piqa", "mmlu"} <= set(zeroshot.HUB_TASKS)
+
+
+@pytest.mark.parametrize("task", zeroshot.HUB_TASKS)
+def test_hub_tasks_run_on_standin_data_offline(model_and_tokenizer, task):
+    model, tokenizer = model_and_tokenizer
+    with standins.active():
+        result = zeroshot.zero_shot_accuracy(model, tokenizer, task, limit=4, batch_size=4)
+    assert result["task"] == task and result["n"] == 4 and len(result["items"]) == 4
+    assert sum(i["correct"] for i in result["items"]) / 4 == pytest.approx(result["accuracy"])
+    config = zeroshot.standin_task_config(task)
+    assert config["dataset_path"] == "json" and config["num_fewshot"] == 0
+    assert {k: v for k, v in config.items() if k.endswith("_split") and v} in (
+        {"validation_split": "validation"}, {"test_split": "test"})
+
+
+def test_standin_arc_equals_brute_force_log_likelihood(model_and_tokenizer):
+    """lm-eval's own ARC prompt on the stand-in rows: "Question: ...\\nAnswer:" and " " + each choice's text."""
+    model, tokenizer = model_and_tokenizer
+    with standins.active():
+        result = zeroshot.zero_shot_accuracy(model, tokenizer, "arc_easy", limit=6, batch_size=2)
+        rows = data.load("arc_easy", "test").to_list()[:6]
+    for row, item in zip(rows, result["items"], strict=True):
+        prompt = f"Question: {row['question']}\nAnswer:"
+        context_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        scores = []
+        for text in row["choices"]["text"]:
+            whole = tokenizer(prompt + " " + text, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(torch.tensor([whole])).logits[0].double(), dim=-1)
+            scores.append(sum(float(log_probs[t - 1, whole[t]]) for t in range(len(context_ids), len(whole))))
+        label = row["choices"]["label"].index(row["answerKey"])
+        assert item["correct"] == int(max(range(len(scores)), key=scores.__getitem__) == label)
+
+
+def test_standin_boolq_reads_the_answer_as_label():
+    with standins.active():
+        config = zeroshot.standin_task_config("boolq")
+        rows = data.load("boolq", "validation").to_list()
+    path = config["dataset_kwargs"]["data_files"]["validation"]
+    written = [json.loads(line) for line in open(path, encoding="utf-8")]
+    assert [r["label"] for r in written] == [int(r["answer"]) for r in rows]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_prefix_sharing_gives_lm_evals_own_scores(family):
+    """One pass per context plus a KV cache scores every choice as lm-eval's HF path does, one pass per choice."""
+    model, tokenizer = tiny_model(family)
+    shared = zeroshot.zero_shot_accuracy(model, tokenizer, "prose-mc", limit=LIMIT, batch_size=4)
+    plain = zeroshot.zero_shot_accuracy(model, tokenizer, "prose-mc", limit=LIMIT, batch_size=4, prefix_sharing=False)
+    assert shared["items"] == plain["items"]
+
+
+def test_prefix_sharing_on_a_sliced_model():
+    from effllm.slicing import slice_model
+
+    model, tokenizer = tiny_model("llama", num_hidden_layers=4)
+    ids = torch.randint(3, 250, (4, 16), generator=torch.Generator().manual_seed(0))
+    slice_model(model, ids, mean=0.3, amplitude=0.1)
+    shared = zeroshot.zero_shot_accuracy(model, tokenizer, "arithmetic-mc", limit=LIMIT, batch_size=4)
+    plain = zeroshot.zero_shot_accuracy(model, tokenizer, "arithmetic-mc", limit=LIMIT, prefix_sharing=False)
+    assert shared["items"] == plain["items"]

@@ -4,8 +4,10 @@ shapes, and end to end (prefill and decoding) on a pruned model converted with :
     table = projection_timings(shape_set("codellama-13b"), [1, 16, 2048], "csr")
     table = end_to_end_timings(dense_model, sparse_model, prompt_ids, decode_tokens=16)
 
-Dense and sparse are measured alternately in ``rounds`` and the fastest median of each is kept, which makes the
-ratio less sensitive to other processes on a shared machine; ``speedup = dense time / sparse time``.
+Dense and sparse are measured alternately in ``rounds`` (each a ``torch.utils.benchmark`` median); ``speedup`` is the
+median over rounds of the per-round ratio dense time / sparse time, and ``speedup_min`` / ``speedup_max`` its
+spread, so a ratio is always taken within one round, under the same load of a shared machine; ``dense_ms`` and
+``sparse_ms`` are the medians over rounds. :func:`projection_rounds` gives every round.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from effllm.decoding import Full, decode
-from effllm.experiments.timing import num_threads, time_call, time_pair
+from effllm.experiments.stats import ratio_summary
+from effllm.experiments.timing import num_threads, time_call, time_pair_rounds
 from effllm.pruning import magnitude_mask, parse_pattern
 from effllm.sparse import (
     TOKEN_COUNTS,
@@ -73,7 +77,9 @@ def projection_timings(
     threads: int | None = None,
 ) -> pd.DataFrame:
     """Dense against sparse ``y = x W^T`` for every shape and token count: one row each with ``dense_ms``,
-    ``sparse_ms``, ``speedup`` (dense / sparse) and ``max_abs_error`` of the sparse output against dense.
+    ``sparse_ms`` (medians over rounds), ``speedup`` (median over rounds of dense / sparse), ``speedup_min``,
+    ``speedup_max``, ``rounds``, the per-round times (``dense_rounds_ms``, ``sparse_rounds_ms``: lists) and
+    ``max_abs_error`` of the sparse output against dense.
 
     Weights are random of each shape, pruned by magnitude with the format's pattern (2:4 for semi-structured,
     50% unstructured for CSR); inputs are random [tokens, in]. ``fmt`` defaults to what ``device`` has;
@@ -118,7 +124,8 @@ def _shape_timings(
         row = {"kind": shape.kind, "out_features": shape.out_features, "in_features": shape.in_features,
                "tokens": tokens, "format": fmt if sparse is not None else "dense", "pattern": pattern,
                "dtype": str(dtype).replace("torch.", ""), "dense_ms": None, "sparse_ms": None, "speedup": None,
-               "max_abs_error": None, "reason": reason}
+               "speedup_min": None, "speedup_max": None, "rounds": 0, "dense_rounds_ms": None,
+               "sparse_rounds_ms": None, "max_abs_error": None, "reason": reason}
 
         def run_dense(x=x, weight=weight):
             return nn.functional.linear(x, weight)
@@ -131,13 +138,35 @@ def _shape_timings(
             def run_sparse(x=x, sparse=sparse):
                 return sparse(x)
 
-            dense_s, sparse_s = time_pair(run_dense, run_sparse, min_run_time, rounds)
-            row.update(dense_ms=dense_s * 1e3, sparse_ms=sparse_s * 1e3, speedup=dense_s / sparse_s)
+            row.update(_round_columns(*time_pair_rounds(run_dense, run_sparse, min_run_time, rounds)))
         else:
             row["dense_ms"] = time_call(run_dense, min_run_time) * 1e3
         rows.append(row)
         bar.update()
     return rows
+
+
+def _round_columns(dense_s: list[float], sparse_s: list[float]) -> dict[str, Any]:
+    """Median times and the median and spread of the per-round speed ratio (dense / sparse)."""
+    ratio = ratio_summary([d / s for d, s in zip(dense_s, sparse_s, strict=True)])
+    return {"dense_ms": float(np.median(dense_s)) * 1e3, "sparse_ms": float(np.median(sparse_s)) * 1e3,
+            "speedup": ratio["median"], "speedup_min": ratio["min"], "speedup_max": ratio["max"],
+            "rounds": len(dense_s), "dense_rounds_ms": [t * 1e3 for t in dense_s],
+            "sparse_rounds_ms": [t * 1e3 for t in sparse_s]}
+
+
+def projection_rounds(timings: pd.DataFrame) -> pd.DataFrame:
+    """One row per (row of :func:`projection_timings`, round): its identifying columns, ``round``, ``dense_ms``,
+    ``sparse_ms`` and ``speedup`` of that round: the points behind each median (for plots of the spread)."""
+    keys = [c for c in ("shapes", "kind", "tokens", "format", "device") if c in timings]
+    rows = []
+    for _, row in timings.iterrows():
+        if not isinstance(row.get("dense_rounds_ms"), list):
+            continue
+        for index, (dense, sparse) in enumerate(zip(row.dense_rounds_ms, row.sparse_rounds_ms, strict=True)):
+            rows.append({**{k: row[k] for k in keys}, "round": index, "dense_ms": dense, "sparse_ms": sparse,
+                         "speedup": dense / sparse})
+    return pd.DataFrame(rows, columns=[*keys, "round", "dense_ms", "sparse_ms", "speedup"])
 
 
 def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -168,8 +197,9 @@ def end_to_end_timings(
 ) -> pd.DataFrame:
     """Prefill of ``input_ids`` [1, P] and greedy decoding of ``decode_tokens`` tokens, dense against sparse:
     rows ``phase`` (prefill / decode), ``tokens``, ``dense_ms``, ``sparse_ms`` (per prefill; per decoded
-    token), ``speedup`` (dense / sparse) and tokens per second. Measured alternately, ``rounds`` times, the
-    fastest kept (prefill: Timer medians; decode: the mean step time of each run, after one warm-up run).
+    token; medians over rounds), ``speedup`` (median over rounds of dense / sparse), ``speedup_min``,
+    ``speedup_max``, ``rounds``, the per-round times and tokens per second. Measured alternately, ``rounds``
+    times (prefill: Timer medians; decode: the mean step time of each run, after one warm-up run).
     ``threads``: intra-op threads while timing (None: torch's setting)."""
     if decode_tokens < 2:
         raise ValueError(f"decode_tokens must be >= 2 (the first token comes from the prefill); got {decode_tokens}.")
@@ -180,21 +210,22 @@ def end_to_end_timings(
 
 
 def _end_to_end_timings(dense_model, sparse_model, input_ids, decode_tokens, min_run_time, rounds) -> pd.DataFrame:
-    prefill = time_pair(lambda: dense_model(input_ids, use_cache=True, **_forward_kwargs(dense_model)),
-                        lambda: sparse_model(input_ids, use_cache=True, **_forward_kwargs(sparse_model)),
-                        min_run_time, rounds)
+    prefill = time_pair_rounds(lambda: dense_model(input_ids, use_cache=True, **_forward_kwargs(dense_model)),
+                               lambda: sparse_model(input_ids, use_cache=True, **_forward_kwargs(sparse_model)),
+                               min_run_time, rounds)
     decode_dense, decode_sparse = [], []
     for _ in range(max(rounds, 1) + 1):  # the first pair of runs is a warm-up
         decode_dense.append(greedy_step_seconds(dense_model, input_ids, decode_tokens)[1])
         decode_sparse.append(greedy_step_seconds(sparse_model, input_ids, decode_tokens)[1])
-    decode = min(decode_dense[1:]), min(decode_sparse[1:])
+    decode = decode_dense[1:], decode_sparse[1:]
     rows = []
     for phase, tokens, (dense_s, sparse_s) in (("prefill", input_ids.shape[1], prefill),
                                                ("decode", decode_tokens, decode)):
         per = input_ids.shape[1] if phase == "prefill" else 1
-        rows.append({"phase": phase, "tokens": tokens, "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
-                     "speedup": dense_s / sparse_s, "dense_tokens_per_s": per / dense_s,
-                     "sparse_tokens_per_s": per / sparse_s})
+        columns = _round_columns(dense_s, sparse_s)
+        rows.append({"phase": phase, "tokens": tokens, **columns,
+                     "dense_tokens_per_s": per * 1e3 / columns["dense_ms"],
+                     "sparse_tokens_per_s": per * 1e3 / columns["sparse_ms"]})
     return pd.DataFrame(rows)
 
 

@@ -72,6 +72,20 @@ def time_pair(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time:
     return min(dense_times), min(sparse_times)
 
 
+def time_pair_rounds(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time: float = 0.2,
+                     rounds: int = 5) -> tuple[list[float], list[float]]:
+    """(dense seconds per round, sparse seconds per round): each round times ``dense`` then ``sparse``
+    (:func:`time_call` medians), so the two of one round saw the same machine; report the median of the per-round
+    ratios and their spread (:func:`effllm.experiments.stats.ratio_summary`)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}.")
+    dense_times, sparse_times = [], []
+    for _ in range(rounds):
+        dense_times.append(time_call(dense, min_run_time))
+        sparse_times.append(time_call(sparse, min_run_time))
+    return dense_times, sparse_times
+
+
 def weight_read_floor(model: nn.Module, dtype: torch.dtype | None = None, repeats: int = 10) -> dict[str, Any]:
     """The fastest a full-depth decoder could go on this machine: the time of one token's products with every
     decoder linear and the LM head (each weight read once, nothing else), best of ``repeats``, in the model's
