@@ -76,6 +76,10 @@ weight_view_pair = ["python-code", "python-docs"]
 speed_samples = 8  # a small in-notebook timing; `python -m effllm.bench prune` measures 64 x 256
 speed_seq_len = 128
 speed_patterns = ["unstructured"]
+# False: skip the mask comparison and weight views, which need two sub-models (a sweep run prunes one; the
+# sweep's summary compares the runs: sweeps/wanda_calibration_sets.yaml).
+compare_submodels = True
+save_submodel_masks = False  # True: each sub-model's masks to <figures_dir>/masks/<set>.safetensors
 
 # %%
 if humaneval_problems:  # refuse now, not after the calibration and pruning
@@ -128,6 +132,10 @@ for name, ids in calibration.items():
     bank.prune(name, ids, method, sparsity if pattern == "unstructured" else None, pattern)
     results[name] = evaluate.evaluate_submodel(model, tokenizer, settings)
 bank.restore_dense()
+if save_submodel_masks:  # checksummed and bound to this model's weights (effllm.pruning.save_masks)
+    for name, masks in bank.masks.items():
+        pruning.save_masks(masks, plots.current_figures_dir() / "masks" / f"{name.replace('/', '--')}.safetensors",
+                           model)
 table = domains.domain_table(results)
 table.insert(2, "prune_seconds", [bank.seconds.get(name) for name in table.calibration])
 display(table.round(3))
@@ -172,45 +180,47 @@ for column, winner in best.items():
 # for the whole model. Two independent random masks at 50% give J = 1/3: the baseline drawn in the plots.
 
 # %%
-roles = linear_roles(model)
-pairwise = pairwise_jaccard(bank.masks, roles)
-baseline = random_mask_jaccard(sparsity)
-matrix = jaccard_matrix(pairwise, "model")
-fig, ax = plots.new_figure(figsize=(4.8, 4))
-image = ax.imshow(matrix.values, cmap="viridis", vmin=baseline, vmax=1)
-for (i, j), value in np.ndenumerate(matrix.values):
-    ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black", fontsize=8)
-ax.set_xticks(range(len(matrix)), matrix.columns, rotation=30, ha="right")
-ax.set_yticks(range(len(matrix)), matrix.index)
-ax.grid(False)
-fig.colorbar(image, ax=ax, label=f"Jaccard (colour scale starts at the random baseline {baseline:.3f})")
-ax.set_title("Whole-model Jaccard of pruned positions\n" + plots.provenance(
-    model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
-plots.save_figure(fig, "04_jaccard_model", table=matrix.reset_index(names="calibration"))
+if compare_submodels:
+    roles = linear_roles(model)
+    pairwise = pairwise_jaccard(bank.masks, roles)
+    baseline = random_mask_jaccard(sparsity)
+    matrix = jaccard_matrix(pairwise, "model")
+    fig, ax = plots.new_figure(figsize=(4.8, 4))
+    image = ax.imshow(matrix.values, cmap="viridis", vmin=baseline, vmax=1)
+    for (i, j), value in np.ndenumerate(matrix.values):
+        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black", fontsize=8)
+    ax.set_xticks(range(len(matrix)), matrix.columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), matrix.index)
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, label=f"Jaccard (colour scale starts at the random baseline {baseline:.3f})")
+    ax.set_title("Whole-model Jaccard of pruned positions\n" + plots.provenance(
+        model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
+    plots.save_figure(fig, "04_jaccard_model", table=matrix.reset_index(names="calibration"))
 
 # %%
-layers = pairwise[pairwise.level == "layer"].assign(pair=lambda t: t.a + " / " + t.b)
-fig, ax = plots.new_figure(figsize=(6.5, 3.6))
-for pair, group in layers.groupby("pair", sort=False):
-    ax.plot(group.layer, group.jaccard, marker="o", markersize=2.5, label=pair)
-ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"random masks ({baseline:.3f})")
-ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-ax.set_xlabel("layer")
-ax.set_ylabel("Jaccard of pruned positions")
-ax.legend(fontsize=6, ncol=2)
-ax.set_title("Per-layer mask similarity between sub-models\n" + plots.provenance(
-    model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
-plots.save_figure(fig, "04_jaccard_layers", table=layers)
+if compare_submodels:
+    layers = pairwise[pairwise.level == "layer"].assign(pair=lambda t: t.a + " / " + t.b)
+    fig, ax = plots.new_figure(figsize=(6.5, 3.6))
+    for pair, group in layers.groupby("pair", sort=False):
+        ax.plot(group.layer, group.jaccard, marker="o", markersize=2.5, label=pair)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"random masks ({baseline:.3f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Jaccard of pruned positions")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("Per-layer mask similarity between sub-models\n" + plots.provenance(
+        model=model_name, extra=f"{method} {pattern} {sparsity:.0%}, {machine}"))
+    plots.save_figure(fig, "04_jaccard_layers", table=layers)
 
-kinds = (pairwise[pairwise.level == "linear"].groupby(["a", "b", "kind"], as_index=False)[["intersection", "union"]]
-         .sum().assign(jaccard=lambda t: t.intersection / t.union))
-display(kinds.pivot_table(index=["a", "b"], columns="kind", values="jaccard").round(3))
-model_level = pairwise[pairwise.level == "model"]
-closest = model_level.loc[model_level.jaccard.idxmax()]
-farthest = model_level.loc[model_level.jaccard.idxmin()]
-print(f"whole-model Jaccard from {model_level.jaccard.min():.3f} ({farthest.a} / {farthest.b}) to "
-      f"{model_level.jaccard.max():.3f} ({closest.a} / {closest.b}); random baseline {baseline:.3f}; "
-      f"every pair above the baseline: {bool((model_level.jaccard > baseline).all())}")
+    kinds = (pairwise[pairwise.level == "linear"].groupby(["a", "b", "kind"], as_index=False)[["intersection", "union"]]
+             .sum().assign(jaccard=lambda t: t.intersection / t.union))
+    display(kinds.pivot_table(index=["a", "b"], columns="kind", values="jaccard").round(3))
+    model_level = pairwise[pairwise.level == "model"]
+    closest = model_level.loc[model_level.jaccard.idxmax()]
+    farthest = model_level.loc[model_level.jaccard.idxmin()]
+    print(f"whole-model Jaccard from {model_level.jaccard.min():.3f} ({farthest.a} / {farthest.b}) to "
+          f"{model_level.jaccard.max():.3f} ({closest.a} / {closest.b}); random baseline {baseline:.3f}; "
+          f"every pair above the baseline: {bool((model_level.jaccard > baseline).all())}")
 
 # %% [markdown]
 # The printed line gives the closest and the farthest pair and whether every pair lies above the random
@@ -227,25 +237,26 @@ print(f"whole-model Jaccard from {model_level.jaccard.min():.3f} ({farthest.a} /
 # treescope render (HTML; hover over a cell for its value).
 
 # %%
-layer = adapter.num_layers // 2 if weight_view_layer is None else weight_view_layer
-linear = next(name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv"))
-first, second = weight_view_pair
-weight_a, weight_b = bank.weight(first, linear), bank.weight(second, linear)
-mask_a, mask_b = bank.masks[first][linear], bank.masks[second][linear]
-if adapter.weight(dict(model.named_modules())[linear]) is not dict(model.named_modules())[linear].weight:
-    weight_a, weight_b, mask_a, mask_b = weight_a.t(), weight_b.t(), mask_a.t(), mask_b.t()  # GPT-2 Conv1D
-fig = plots.plot_weight_views(
-    weight_a, weight_b, mask_a, mask_b, (first, second),
-    f"{linear}: sub-models calibrated on {first} and {second} · " + plots.provenance(model=model_name, extra=machine))
-difference = pruning.mask_difference(mask_a, mask_b)
-view_table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
-                                                        f"pruned only in {second}", "pruned in both"],
-                           "weights": [int((difference == k).sum()) for k in range(4)]})
-plots.save_figure(fig, "04_weight_views", table=view_table)
-html_path = plots.save_html(plots.treescope_weight_views(weight_a, weight_b, mask_a, mask_b, (first, second)),
-                            "04_weight_views_treescope")
-display(view_table)
-print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e6:.1f} MB)")
+if compare_submodels:
+    layer = adapter.num_layers // 2 if weight_view_layer is None else weight_view_layer
+    linear = next(name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv"))
+    first, second = weight_view_pair
+    weight_a, weight_b = bank.weight(first, linear), bank.weight(second, linear)
+    mask_a, mask_b = bank.masks[first][linear], bank.masks[second][linear]
+    if adapter.weight(dict(model.named_modules())[linear]) is not dict(model.named_modules())[linear].weight:
+        weight_a, weight_b, mask_a, mask_b = weight_a.t(), weight_b.t(), mask_a.t(), mask_b.t()  # GPT-2 Conv1D
+    fig = plots.plot_weight_views(
+        weight_a, weight_b, mask_a, mask_b, (first, second),
+        f"{linear}: sub-models calibrated on {first} and {second} · " + plots.provenance(model=model_name, extra=machine))
+    difference = pruning.mask_difference(mask_a, mask_b)
+    view_table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
+                                                            f"pruned only in {second}", "pruned in both"],
+                               "weights": [int((difference == k).sum()) for k in range(4)]})
+    plots.save_figure(fig, "04_weight_views", table=view_table)
+    html_path = plots.save_html(plots.treescope_weight_views(weight_a, weight_b, mask_a, mask_b, (first, second)),
+                                "04_weight_views_treescope")
+    display(view_table)
+    print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e6:.1f} MB)")
 
 # %% [markdown]
 # Pruned weights are white in the first two panels. Look for vertical stripes: the input norm multiplies
