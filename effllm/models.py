@@ -548,7 +548,11 @@ def check_complete(model: torch.nn.Module, action: str) -> None:
 
 
 def chat_input_ids(tokenizer: PreTrainedTokenizerFast, message: str) -> torch.LongTensor:
-    """Token ids [1, n] of one user ``message`` in the tokenizer's chat format, ready for generation."""
+    """Token ids [1, n] of one user ``message`` in the tokenizer's chat format, ready for generation. A tokenizer
+    without a chat template (a base model's, e.g. Llama-3.2-1B's) gets the plain message, as tokenizing it gives
+    (its BOS included), which a base model continues."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer(message, return_tensors="pt")["input_ids"]
     encoded = tokenizer.apply_chat_template(
         [{"role": "user", "content": message}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )

@@ -94,6 +94,10 @@ weight_view_pair = ["python-code", "python-docs"]
 speed_samples = 8  # a small in-notebook timing; `python -m effllm.bench prune` measures 64 x 256
 speed_seq_len = 128
 speed_patterns = ["unstructured"]
+# False: skip the mask comparison and weight views, which need two sub-models (a sweep run prunes one; the
+# sweep's summary compares the runs: sweeps/wanda_calibration_sets.yaml).
+compare_submodels = True
+save_submodel_masks = False  # True: each sub-model's masks to <figures_dir>/masks/<set>.safetensors
 
 # %%
 if humaneval_problems or mbpp_problems:  # refuse now, not after the calibration and pruning
@@ -176,6 +180,10 @@ for name, ids in calibration.items():
     evaluations[name] = evaluate.evaluate_submodel_items(model, tokenizer,
                                                          settings if name in wanted else perplexity_only)
 bank.restore_dense()
+if save_submodel_masks:  # checksummed and bound to this model's weights (effllm.pruning.save_masks)
+    for name, masks in bank.masks.items():
+        pruning.save_masks(masks, plots.current_figures_dir() / "masks" / f"{name.replace('/', '--')}.safetensors",
+                           model)
 table = domains.domain_table({name: e.summary for name, e in evaluations.items()})
 table.insert(2, "prune_seconds", [bank.seconds.get(name) for name in table.calibration])
 
@@ -303,7 +311,9 @@ display(verdicts[["claim", "measured", "ci_low", "ci_high", "n", "verdict", "sou
 roles = linear_roles(model)
 n_m = pruning.parse_pattern(pattern)
 baseline = random_mask_jaccard(sparsity if n_m is None else n_m[0] / n_m[1])
-if len(bank.masks) < 2:
+if not compare_submodels:
+    print("compare_submodels=False: no mask comparison or weight views here (a sweep's summary step compares runs)")
+elif len(bank.masks) < 2:
     print(f"one calibration set ({', '.join(bank.masks)}): no pair of masks to compare; sections 3 and 4 need two.")
 else:
     pairwise = pairwise_jaccard(bank.masks, roles)
@@ -321,7 +331,7 @@ else:
     plots.save_figure(fig, "04_jaccard_model", table=matrix.reset_index(names="calibration"))
 
 # %%
-if len(bank.masks) >= 2:
+if compare_submodels and len(bank.masks) >= 2:
     layers = pairwise[pairwise.level == "layer"]
     pairs = pd.DataFrame({"set_a": layers.a, "set_b": layers.b, "layer": layers.layer.astype(int),
                           "jaccard": layers.jaccard})
@@ -377,7 +387,7 @@ if len(bank.masks) >= 2:
 # differ most.
 
 # %%
-if len(bank.masks) >= 2:
+if compare_submodels and len(bank.masks) >= 2:
     layer = adapter.num_layers // 2 if weight_view_layer is None else weight_view_layer
     linear = next(name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv"))
     first, second = (weight_view_pair if set(weight_view_pair) <= set(bank.masks) else list(bank.masks)[:2])

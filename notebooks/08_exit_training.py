@@ -50,6 +50,7 @@ model_name = "smollm2-135m"  # the base model (its default exit-trained version 
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 recipe_name = "default"  # effllm.training recipe (`paper`: the seeds' data sets, hub)
+training_overrides = {}  # ExitTrainingConfig fields over the recipe (e.g. {"steps": 300}); part of its cache key
 exit_layer = None  # the trained exit's layer (1-based); None: 2 L // 3 (layer 20 of SmolLM2's 30)
 prompt_data = "builtin"  # arithmetic + HumanEval prompts
 n_prompts = 16  # prompts decoded by every setting (quality)
@@ -72,7 +73,8 @@ L = adapter.num_layers
 exit_layer = exit_layer or (2 * L) // 3
 # Trained on first use (minutes on the embedded model), then loaded from the cache: the same result as
 # load_model(model_name + "-ee") for the default recipe.
-model, tokenizer, trained_exits, training = train_exits(recipe(recipe_name, model=model_name, exit_layers=(exit_layer,)),
+model, tokenizer, trained_exits, training = train_exits(recipe(recipe_name, model=model_name,
+                                                               **{"exit_layers": (exit_layer,), **training_overrides}),
                                                         model=model, tokenizer=tokenizer)
 object.__setattr__(model, "_effllm_exits", trained_exits)  # decoding reads the model's exits by default
 minutes = training["teacher_pass_minutes"] + training["training_minutes"]

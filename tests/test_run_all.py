@@ -211,8 +211,10 @@ def test_publish_folders_per_profile(tmp_path):
     assert runner.publish_dir_for("smoke", build) == build / "smoke" / "figures"
     assert runner.publish_dir_for("default", build) == runner.REPO_ROOT / "figures"
     assert runner.publish_dir_for("paper", build) == runner.REPO_ROOT / "figures" / "paper"
+    assert runner.publish_dir_for("paper-standins", build) == build / "paper-standins" / "figures"  # not figures/
     assert {name: table["common"]["model_name"] for name, table in runner.PROFILES.items()} == {
-        "smoke": "tiny-llama", "default": "smollm2-135m", "paper": "meta-llama/Llama-3.2-1B"}
+        "smoke": "tiny-llama", "default": "smollm2-135m", "paper": "meta-llama/Llama-3.2-1B",
+        "paper-standins": "meta-llama/Llama-3.2-1B"}
 
 
 def test_unknown_override_is_warned_about(tmp_path):

@@ -313,4 +313,23 @@ def main_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, notebo
     print(f"executed notebooks in {runs_dir}; summary in {json_path} and {csv_path.name}")
     if was_interrupted(results):
         return EXIT_INTERRUPTED
-    return 0 if all(r.status == "ok" for r in results) else 1
+    code = 0 if all(r.status == "ok" for r in results) else 1
+    if sweep.summary is not None:
+        code = max(code, run_sweep_summary(sweep, figures_root, results))
+    return code
+
+
+def run_sweep_summary(sweep: Sweep, figures_root: Path, results: Sequence[Any]) -> int:
+    """The sweep file's `summary` step over the ok runs (effllm.runner.summaries): 0 done, 1 failed."""
+    from effllm.io import ArtifactError
+    from effllm.pruning import MaskMismatchError
+    from effllm.runner.summaries import SummaryError, run_summary
+
+    print(f"\nsummary step {sweep.summary.kind} over {sum(r.status == 'ok' for r in results)} ok run(s); again "
+          f"later with: python -m effllm.runner.summaries {figures_root}", flush=True)
+    try:
+        run_summary(figures_root, sweep.summary)
+    except (SummaryError, MaskMismatchError, ArtifactError) as error:
+        print(f"summary step failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -34,7 +34,7 @@ from effllm.runner.notebooks import (
     notebook_parameters,
     read_notebook,
 )
-from effllm.runner.profiles import PROFILES, publish_dir_for
+from effllm.runner.profiles import PROFILES, profile_environment, publish_dir_for
 from effllm.runner.reports import REPORTS_FOLDER, render_report
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ def build_jobs(
             staging_dir=staging,
             publish_dir=publish_dir,
             timeout=timeout,
-            env={"EFFLLM_FIGURES": str(staging)},
+            env={**profile_environment(profile), "EFFLLM_FIGURES": str(staging)},  # the profile's `environment`
             report_path=publish_dir / REPORTS_FOLDER / f"{notebook.stem}.html",
         ))
     unknown = [k for k in overrides if k not in declared_anywhere]

@@ -10,6 +10,7 @@ A sweep file (YAML) names one notebook, a parameter grid and the resources each 
       calibration_set: [c4, wmt14]
       sparsity: [0.5, 0.6]
     resources: {cpus: 8, gpus: 1, memory_gb: 64, time_limit_min: 120}
+    summary: {kind: mask_overlap, compare: calibration_set}   # optional: a step over all runs at the end
 
 ``grid`` may also be a list of such mappings: the runs are the union of their products (for example
 unstructured sparsities in one, N:M patterns without a sparsity in another).
@@ -18,6 +19,8 @@ Each run is a `Job` (effllm.runner.jobs) with its own folders: the executed copy
 ``build/<profile>/sweeps/<sweep>/<run-id>/``, its figures, its HTML report (``<notebook>.html``) and a
 ``parameters.json`` in ``<figures>/sweeps/<sweep>/<run-id>/``, and one summary (JSON and CSV) for the sweep.
 Where the runs execute (this machine, Ray, SLURM) is up to the executor (effllm.runner.executors).
+``summary`` names a sweep-level step that reads every ok run's outputs once the runs are done
+(effllm.runner.summaries); its files go to ``<figures>/sweeps/<sweep>/summary/``.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ import yaml
 from effllm.paths import write_atomic
 from effllm.runner.jobs import Job, JobResult, was_interrupted
 from effllm.runner.notebooks import declared_parameters, notebook_parameters, select_notebooks
-from effllm.runner.profiles import PROFILES, RESERVED_PARAMETERS, publish_dir_for
+from effllm.runner.profiles import PROFILES, RESERVED_PARAMETERS, profile_environment, publish_dir_for
+from effllm.runner.summaries import SummarySpec, parse_summary, spec_to_json
 
-SWEEP_KEYS = ("name", "notebook", "profile", "parameters", "grid", "resources")
+SWEEP_KEYS = ("name", "notebook", "profile", "parameters", "grid", "resources", "summary")
 RESOURCE_KEYS = ("cpus", "gpus", "memory_gb", "time_limit_min")
 
 
@@ -71,6 +75,7 @@ class Sweep:
     parameters: dict[str, Any] = field(default_factory=dict)
     resources: Resources = Resources()
     profile: str | None = None
+    summary: SummarySpec | None = None  # the sweep-level step run after the runs (effllm.runner.summaries)
 
     def points(self) -> list[dict[str, Any]]:
         """Every grid point (one run each), in file order: the union of each mapping's product."""
@@ -189,8 +194,15 @@ def load_sweep(path: str | Path) -> Sweep:
     both = sorted({k for block in grid for k in block} & set(parameters))
     if both:
         raise _fail(path, f"{both} appear both under 'parameters' and in 'grid'; keep each in one place")
+    summary = None
+    if raw.get("summary") is not None:
+        try:
+            summary = parse_summary(raw["summary"], list(dict.fromkeys(k for block in grid for k in block)),
+                                    "summary")
+        except ValueError as error:
+            raise _fail(path, str(error)) from None
     return Sweep(name=name, notebook=str(notebook), grid=grid, parameters=dict(parameters),
-                 resources=_resources(path, raw.get("resources")), profile=profile)
+                 resources=_resources(path, raw.get("resources")), profile=profile, summary=summary)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +265,7 @@ def build_sweep_jobs(
             staging_dir=staging,
             publish_dir=figures_root / run_id,
             timeout=timeout,
-            env={"EFFLLM_FIGURES": str(staging)},
+            env={**profile_environment(profile), "EFFLLM_FIGURES": str(staging)},  # the profile's `environment`
             time_limit=sweep.resources.time_limit_s,
             run_id=run_id,
             report_path=figures_root / run_id / f"{notebook.stem}.html",
@@ -291,6 +303,7 @@ def write_sweep_summary(
         "profile": profile, "executor": executor, "resources": asdict(sweep.resources),
         "figures_dir": str(folder), "ok": all(r.status == "ok" for r in results),
         "interrupted": was_interrupted(results), "runs": rows,
+        "summary_step": spec_to_json(sweep.summary) if sweep.summary else None,
     }
     json_path, csv_path = folder / "summary.json", folder / "summary.csv"
     write_atomic(json_path, (json.dumps(payload, indent=2) + "\n").encode())

@@ -1,0 +1,419 @@
+"""Sweep-level steps: what a sweep computes from all of its runs together, once they are done.
+
+A run of a sweep sees only its own grid point. Some results need every run: the Wanda sweep
+(sweeps/wanda_calibration_sets.yaml) prunes one sub-model per run, and comparing the sub-models' masks across
+calibration sets needs the masks of all runs. A sweep file declares such a step under ``summary``:
+
+    parameters: {save_submodel_masks: true, compare_submodels: false}   # each run saves its masks
+    summary:
+      kind: mask_overlap           # the kinds: SUMMARY_KINDS
+      compare: calibration_sets    # the swept parameter that names each run's mask set
+      weight_view_pairs: [[math_instruct, math_orca], [python_alpaca, math_orca]]   # optional
+
+``run_all.py --sweep FILE`` runs it after the runs, on the runs that succeeded, and writes into
+``<figures>/sweeps/<sweep>/summary/``; ``python -m effllm.runner.summaries <that sweep folder>`` runs it again
+(after a cluster run, or with other options), reading the sweep's ``summary.json``.
+
+``mask_overlap``: each ok run's ``masks/<set>.safetensors`` (written by notebook 04 through
+``effllm.pruning.save_masks``: checksummed, bound to the model's fingerprint) is loaded and checked; runs that
+differ in a swept parameter other than ``compare`` (pattern, sparsity) form separate groups, since masks of
+different pruning settings do not compare. Per group: the whole-model Jaccard matrix of the pruned positions
+(sets ordered by domain), the full pairwise table (per linear, per layer, whole model), the mean Jaccard of
+same-domain and of cross-domain pairs against the random-mask baseline, and the weight views of the
+``weight_view_pairs`` (the q projection of the runs' ``weight_view_layer``, as in notebook 04). Every mask set
+must come from one model (one fingerprint); for the weight views the model is loaded (with the sweep
+profile's environment, so stand-ins for ``paper-standins``) in the runs' dtype, and every mask set is checked
+against it.
+
+Memory: all mask sets of a group are held at once, one byte per weight each (effllm.pruning's format). That is
+nothing on stand-ins; on a 7B model it is about 7 GB per calibration set, so run the step on a machine sized
+for it (``python -m effllm.runner.summaries`` on a node of the cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from effllm.paths import write_atomic
+
+SUMMARY_KEYS = ("kind", "compare", "weight_view_pairs")
+SUMMARY_FOLDER = "summary"  # inside the sweep's figure folder
+MASKS_FOLDER = "masks"  # inside a run's figure folder (notebook 04, save_submodel_masks)
+
+
+class SummaryError(ValueError):
+    """A sweep-level step that cannot run: the message says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class SummarySpec:
+    """A sweep file's ``summary`` entry (see the module docstring)."""
+
+    kind: str = "mask_overlap"
+    compare: str = "calibration_sets"
+    weight_view_pairs: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class SummaryResult:
+    folder: Path
+    files: list[str] = field(default_factory=list)  # relative to `folder`
+    lines: list[str] = field(default_factory=list)  # what was printed
+
+
+def parse_summary(raw: Any, swept: Sequence[str], where: str) -> SummarySpec:
+    """Check a sweep file's ``summary`` entry; ``swept`` are the grid's parameter names. Raises ValueError with
+    a message that starts at the entry (the sweep loader prefixes the file)."""
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping with keys {', '.join(SUMMARY_KEYS)}; got {raw!r}")
+    unknown = sorted(set(raw) - set(SUMMARY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(SUMMARY_KEYS)}")
+    kind = raw.get("kind")
+    if kind not in SUMMARY_KINDS:
+        raise ValueError(f"{where}.kind must be one of {', '.join(SUMMARY_KINDS)}; got {kind!r}")
+    compare = raw.get("compare", SummarySpec.compare)
+    if compare not in swept:
+        raise ValueError(f"{where}.compare must name a swept parameter (one of {', '.join(swept)}), whose "
+                         f"values name each run's mask set; got {compare!r}")
+    pairs = raw.get("weight_view_pairs") or []
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) and n for n in p) and p[0] != p[1]
+            for p in pairs):
+        raise ValueError(f"{where}.weight_view_pairs must be a list of pairs of two different mask set names, "
+                         f"e.g. [[math_instruct, math_orca]]; got {pairs!r}")
+    return SummarySpec(kind=kind, compare=compare, weight_view_pairs=tuple(tuple(p) for p in pairs))
+
+
+def spec_to_json(spec: SummarySpec) -> dict[str, Any]:
+    return {**asdict(spec), "weight_view_pairs": [list(p) for p in spec.weight_view_pairs]}
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set ``variables`` in this process for the block (the profile's environment, as its kernels get it)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _domain(name: str) -> str:
+    from effllm import data, domains
+
+    if name in domains.CALIBRATION_SETS:
+        return domains.CALIBRATION_SETS[name][0]
+    return domains.HUB_CALIBRATION_DOMAINS.get(name) or domains.HUB_CALIBRATION_DOMAINS.get(
+        data.canonical_name(name), "other")
+
+
+def _file_stem(text: str) -> str:
+    """A plain file stem for effllm.plots (letters, digits, '_', '-', '.')."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "all"
+
+
+def _one(values: list[Any], what: str) -> Any:
+    distinct = {json.dumps(v, sort_keys=True) for v in values}
+    if len(distinct) != 1:
+        raise SummaryError(f"the runs differ in {what} ({', '.join(sorted(distinct))}); their masks cannot be "
+                           "compared in one summary")
+    return values[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mask_overlap
+
+
+def _collect(folder: Path, runs: list[dict[str, Any]], compare: str) -> dict[str, dict[str, Path]]:
+    """``{group: {mask set: file}}``: every ok run's saved masks, grouped by the swept values besides
+    ``compare``."""
+    groups: dict[str, dict[str, Path]] = {}
+    for run in runs:
+        masks_dir = folder / run["run_id"] / MASKS_FOLDER
+        files = sorted(masks_dir.glob("*.safetensors"))
+        if not files:
+            raise SummaryError(
+                f"run {run['run_id']} saved no masks (no {MASKS_FOLDER}/*.safetensors in {folder / run['run_id']}); "
+                "the sweep's runs must set save_submodel_masks: true (notebook 04) under 'parameters'")
+        rest = {k: v for k, v in run["parameters"].items() if k != compare}
+        group = _file_stem("_".join(f"{k}-{v}" for k, v in rest.items())) if rest else "all"
+        for file in files:
+            name = file.name[: -len(".safetensors")].replace("--", "/")
+            if name in groups.setdefault(group, {}):
+                raise SummaryError(f"two runs of group {group} saved masks for {name!r} ({groups[group][name]} and "
+                                   f"{file}); give each run its own {compare}")
+            groups[group][name] = file
+    return groups
+
+
+def _fingerprint(file: Path) -> str | None:
+    """The model fingerprint recorded with a mask file (read after load_masks checked the sidecar's checksum)."""
+    meta = json.loads(file.with_name(file.name + ".json").read_text())["meta"]
+    return (meta.get("fingerprint") or {}).get("weights_sha256")
+
+
+def _jaccard_figure(matrix: Any, domains: dict[str, str], baseline: float, title: str) -> Any:
+    import numpy as np
+
+    from effllm import plots
+
+    n = len(matrix)
+    fig, ax = plots.new_figure(figsize=(1.6 + 0.55 * n, 1.2 + 0.5 * n))
+    image = ax.imshow(matrix.values, cmap="viridis", vmin=min(baseline, float(np.nanmin(matrix.values))), vmax=1)
+    for (i, j), value in np.ndenumerate(matrix.values):
+        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black",
+                fontsize=7)
+    labels = [f"{name} ({domains[name]})" for name in matrix.index]
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    edges = [i for i in range(1, n) if domains[matrix.index[i]] != domains[matrix.index[i - 1]]]
+    for edge in edges:  # domain blocks: same-domain pairs lie inside them
+        ax.axhline(edge - 0.5, color="white", linewidth=1.5)
+        ax.axvline(edge - 0.5, color="white", linewidth=1.5)
+    ax.grid(False)
+    fig.colorbar(image, ax=ax, label=f"Jaccard of pruned positions (random masks: {baseline:.3f})")
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _same_vs_cross_figure(table: Any, title: str) -> Any:
+    from effllm import plots
+
+    fig, ax = plots.new_figure(figsize=(1.8 + 1.3 * table.group.nunique(), 3.6))
+    groups = list(dict.fromkeys(table.group))
+    for offset, (same, colour, label) in enumerate([(True, "tab:green", "same domain"),
+                                                    (False, "tab:grey", "cross domain")]):
+        rows = table[table.same_domain == same]
+        x = [groups.index(g) + (offset - 0.5) * 0.3 for g in rows.group]
+        ax.scatter(x, rows.jaccard, s=12, color=colour, alpha=0.7, label=label)
+        means = rows.groupby("group", sort=False).jaccard.mean()
+        ax.scatter([groups.index(g) + (offset - 0.5) * 0.3 for g in means.index], means.values, marker="_",
+                   s=400, color=colour)
+    baselines = table.groupby("group", sort=False).baseline.mean()
+    ax.scatter([groups.index(g) for g in baselines.index], baselines.values, marker="x", color="black",
+               label="random masks")
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("whole-model Jaccard of a pair")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _weight_view(model: Any, layer: int | None, masks: dict[str, dict[str, Any]], pair: tuple[str, str],
+                 title: str) -> tuple[Any, Any]:
+    """Notebook 04's weight view of the q projection of ``layer`` (None: the middle one) for two mask sets."""
+    import pandas as pd
+
+    from effllm import plots, pruning
+    from effllm.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    layer = adapter.num_layers // 2 if layer is None else layer
+    roles = pruning.linear_roles(model)
+    linear = next((name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv")), None)
+    if linear is None:
+        raise SummaryError(f"weight view: the model has no q projection at layer {layer} (it has "
+                           f"{adapter.num_layers} layers)")
+    module = dict(model.named_modules())[linear]
+    first, second = pair
+    dense = module.weight.detach().float().cpu()
+    mask_a, mask_b = masks[first][linear], masks[second][linear]
+    if adapter.weight(module) is not module.weight:  # GPT-2's Conv1D stores the transpose
+        dense, mask_a, mask_b = dense.t(), mask_a.t(), mask_b.t()
+    fig = plots.plot_weight_views(dense.masked_fill(mask_a, 0), dense.masked_fill(mask_b, 0), mask_a, mask_b,
+                                  (first, second), f"{linear}: {first} and {second} · {title}")
+    difference = pruning.mask_difference(mask_a, mask_b)
+    table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
+                                                       f"pruned only in {second}", "pruned in both"],
+                          "weights": [int((difference == k).sum()) for k in range(4)]})
+    return fig, table
+
+
+def summarize_mask_overlap(folder: Path, payload: dict[str, Any], spec: SummarySpec,
+                           device: str = "cpu") -> SummaryResult:
+    """The ``mask_overlap`` step on a sweep's figure folder (see the module docstring)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from effllm import plots, pruning
+    from effllm.models import load_model
+    from effllm.runner.profiles import profile_environment
+
+    result = SummaryResult(folder / SUMMARY_FOLDER)
+    runs = [run for run in payload["runs"] if run["status"] == "ok"]
+    skipped = len(payload["runs"]) - len(runs)
+    groups = _collect(folder, runs, spec.compare)
+    all_parameters = [run["all_parameters"] for run in runs]
+    model_name = _one([p.get("model_name") for p in all_parameters], "model_name")
+    dtype = _one([p.get("dtype") for p in all_parameters], "dtype")
+    layer = _one([p.get("weight_view_layer") for p in all_parameters], "weight_view_layer")
+    wanted_views = [pair for pair in spec.weight_view_pairs
+                    if any(set(pair) <= set(files) for files in groups.values())]
+    model = None
+    if wanted_views:  # the dense weights of the viewed linear; every mask set is checked against this model
+        with _environment(profile_environment(payload["profile"])):
+            model, _ = load_model(model_name, dtype=dtype, device=device)
+    provenance = plots.provenance(model=model_name, extra=f"sweep {payload['sweep']}, profile {payload['profile']}")
+
+    def save(fig: Any, name: str, table: Any) -> None:
+        written = plots.save_figure(fig, name, table=table, out_dir=result.folder)
+        plt.close(fig)
+        result.files += [path.relative_to(result.folder).as_posix() for path in written.values()]
+
+    def say(line: str) -> None:
+        result.lines.append(line)
+
+    say(f"mask_overlap of sweep {payload['sweep']}: {len(runs)} ok run(s)"
+        + (f" ({skipped} not ok, left out)" if skipped else "") + f", {len(groups)} group(s) by "
+        + (", ".join(k for k in runs[0]["parameters"] if k != spec.compare) or "nothing") + f"; model {model_name}")
+    fingerprints = set()
+    pair_rows, group_rows = [], []
+    for group, files in groups.items():
+        masks = {name: pruning.load_masks(file, model) for name, file in files.items()}  # checksums; fingerprint
+        fingerprints |= {_fingerprint(file) for file in files.values()}
+        if len(fingerprints) > 1:
+            raise SummaryError(f"the saved masks were pruned from {len(fingerprints)} different models (their "
+                               "fingerprints differ); a summary compares masks of one model")
+        if len(masks) < 2:
+            say(f"  {group}: only {', '.join(masks)}: no pair to compare (a pair needs two ok runs)")
+            continue
+        domains = {name: _domain(name) for name in masks}
+        order = sorted(masks, key=lambda name: (domains[name], list(masks).index(name)))
+        masks = {name: masks[name] for name in order}
+        roles = pruning.linear_roles(model) if model is not None else None
+        pairwise = pruning.pairwise_jaccard(masks, roles)
+        density = {name: sum(int(m.sum()) for m in ms.values()) / sum(m.numel() for m in ms.values())
+                   for name, ms in masks.items()}
+        pairs = pairwise[pairwise.level == "model"][["a", "b", "intersection", "union", "jaccard"]].copy()
+        pairs.insert(0, "group", group)
+        pairs["domain_a"] = [domains[a] for a in pairs.a]
+        pairs["domain_b"] = [domains[b] for b in pairs.b]
+        pairs["same_domain"] = pairs.domain_a == pairs.domain_b
+        pairs["baseline"] = [pruning.random_mask_jaccard(density[a], density[b]) for a, b in zip(pairs.a, pairs.b,
+                                                                                                 strict=True)]
+        pair_rows.append(pairs)
+        matrix = pruning.jaccard_matrix(pairwise, "model")
+        baseline = float(pairs.baseline.mean())
+        save(_jaccard_figure(matrix, domains, baseline, f"Whole-model Jaccard, {group}\n{provenance}"),
+             f"jaccard_{group}", matrix.reset_index(names="calibration"))
+        pairwise.insert(0, "group", group)
+        write_atomic(result.folder / f"jaccard_pairwise_{group}.csv", pairwise.to_csv(index=False).encode())
+        result.files.append(f"jaccard_pairwise_{group}.csv")
+        same, cross = pairs[pairs.same_domain].jaccard, pairs[~pairs.same_domain].jaccard
+        row = {"group": group, "mask_sets": len(masks), "same_domain_pairs": len(same),
+               "same_domain_jaccard": float(same.mean()) if len(same) else math.nan,
+               "cross_domain_pairs": len(cross),
+               "cross_domain_jaccard": float(cross.mean()) if len(cross) else math.nan,
+               "random_baseline": baseline}
+        group_rows.append(row)
+        say(f"  {group}: {len(masks)} mask sets; mean whole-model Jaccard same-domain {row['same_domain_jaccard']:.3f} "
+            f"({len(same)} pairs), cross-domain {row['cross_domain_jaccard']:.3f} ({len(cross)} pairs); random "
+            f"masks {baseline:.3f}")
+        for pair in spec.weight_view_pairs:
+            if not set(pair) <= set(masks):
+                say(f"  {group}: weight view {pair[0]} / {pair[1]} skipped: no ok run saved "
+                    f"{', '.join(sorted(set(pair) - set(masks)))}")
+                continue
+            fig, table = _weight_view(model, layer, masks, pair, f"{group} · {provenance}")
+            save(fig, _file_stem(f"weight_views_{group}_{pair[0]}_vs_{pair[1]}"), table)
+            changed = int(table.weights[1] + table.weights[2])
+            say(f"  {group}: weight view {pair[0]} / {pair[1]}: masks differ at {changed} of "
+                f"{int(table.weights.sum())} weights")
+    if pair_rows:
+        pairs = pd.concat(pair_rows, ignore_index=True)
+        save(_same_vs_cross_figure(pairs, f"Same-domain vs cross-domain mask overlap\n{provenance}"),
+             "same_vs_cross_domain", pairs)
+        summary = {"sweep": payload["sweep"], "profile": payload["profile"], "model_name": model_name,
+                   "dtype": dtype, "runs": len(runs), "runs_left_out": skipped, "spec": spec_to_json(spec),
+                   "fingerprint": next(iter(fingerprints)), "groups": group_rows}
+        write_atomic(result.folder / "mask_overlap.json", (json.dumps(summary, indent=2) + "\n").encode())
+        result.files.append("mask_overlap.json")
+    return result
+
+
+SUMMARY_KINDS = {"mask_overlap": summarize_mask_overlap}
+
+
+def run_summary(folder: str | Path, spec: SummarySpec | None = None, device: str = "cpu",
+                out: TextIO | None = None) -> SummaryResult:
+    """Run a sweep's summary step on its figure folder (which holds the sweep's ``summary.json``); ``spec``
+    defaults to the one recorded there. Prints its lines to ``out`` (stdout)."""
+    out = out or sys.stdout
+    folder = Path(folder).resolve()
+    try:
+        payload = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SummaryError(f"{folder} holds no readable summary.json ({error}); give the sweep's figure folder, "
+                           "e.g. build/paper-standins/figures/sweeps/wanda_calibration_sets") from None
+    if spec is None:
+        recorded = payload.get("summary_step")
+        if not recorded:
+            raise SummaryError(f"the sweep in {folder} declares no summary step ('summary' in its sweep file); "
+                               "give one, e.g. --kind mask_overlap")
+        spec = SummarySpec(kind=recorded["kind"], compare=recorded["compare"],
+                           weight_view_pairs=tuple(tuple(p) for p in recorded.get("weight_view_pairs", [])))
+    if not any(run["status"] == "ok" for run in payload["runs"]):
+        raise SummaryError(f"no run of sweep {payload['sweep']} succeeded: nothing to summarize")
+    result = SUMMARY_KINDS[spec.kind](folder, payload, spec, device=device)
+    for line in result.lines:
+        print(line, file=out, flush=True)
+    print(f"summary ({len(result.files)} files) in {result.folder}", file=out, flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m effllm.runner.summaries FOLDER``: 0 done, 1 the step failed, 2 bad input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m effllm.runner.summaries",
+        description="Run a sweep's summary step (its sweep file's 'summary') again on the sweep's figure folder.")
+    parser.add_argument("folder", type=Path, help="the sweep's figure folder (it holds summary.json), e.g. "
+                        "build/paper-standins/figures/sweeps/wanda_calibration_sets")
+    parser.add_argument("--kind", choices=list(SUMMARY_KINDS), help="default: the sweep file's summary kind")
+    parser.add_argument("--compare", help="the swept parameter naming each run's mask set (default: the sweep "
+                        "file's, else calibration_sets)")
+    parser.add_argument("--weight-view-pair", nargs=2, action="append", metavar=("A", "B"),
+                        help="mask sets to show side by side (repeatable; default: the sweep file's)")
+    parser.add_argument("--device", default="cpu", help="where the model for the weight views loads (default: cpu)")
+    args = parser.parse_args(argv)
+    spec = None
+    if args.kind or args.compare or args.weight_view_pair:
+        try:
+            recorded = json.loads((args.folder / "summary.json").read_text()).get("summary_step") or {}
+        except (OSError, ValueError):
+            recorded = {}
+        pairs = args.weight_view_pair or recorded.get("weight_view_pairs", [])
+        spec = SummarySpec(kind=args.kind or recorded.get("kind", SummarySpec.kind),
+                           compare=args.compare or recorded.get("compare", SummarySpec.compare),
+                           weight_view_pairs=tuple(tuple(p) for p in pairs))
+    from effllm.io import ArtifactError
+    from effllm.pruning import MaskMismatchError
+
+    try:
+        run_summary(args.folder, spec, device=args.device)
+    except (SummaryError, MaskMismatchError, ArtifactError) as error:
+        print(f"summary failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
