@@ -39,12 +39,14 @@ def test_left_padded_batch_decodes_each_row_as_if_alone(family):
     for k, row in enumerate(rows):
         ids[k, width - len(row):] = row
         mask[k, width - len(row):] = 1
-    out = decode(model, ids, 8, Full(), eos_token_id=[], attention_mask=mask)
-    for k, row in enumerate(rows):
-        alone = decode(model, row.unsqueeze(0), 8, Full(), eos_token_id=[])
-        assert torch.equal(out.sequences[k, width:], alone.sequences[0, len(row):]), (family, k)
-    # and the batch is what HF generate gives for the same padded batch
-    assert torch.equal(out.sequences, _hf(model, ids, 8, mask=mask))
+    outputs = {}
+    for policy in (Full(), StaticExit(2)):  # the two policies that decode batches
+        outputs[policy.label] = out = decode(model, ids, 8, policy, eos_token_id=[], attention_mask=mask)
+        for k, row in enumerate(rows):
+            alone = decode(model, row.unsqueeze(0), 8, policy, eos_token_id=[])
+            assert torch.equal(out.sequences[k, width:], alone.sequences[0, len(row):]), (family, policy, k)
+    # and the full-depth batch is what HF generate gives for the same padded batch
+    assert torch.equal(outputs["full"].sequences, _hf(model, ids, 8, mask=mask))
 
 
 def test_padded_batch_rules():
@@ -281,3 +283,12 @@ def test_bfloat16_decoding_equals_hf_generate_and_self_speculation_stays_exact(f
         assert torch.equal(full.sequences, _hf(model, ids, 16)), (family, seed)
         for policy in (Calm(exit_conf_threshold=2.0, exit_min_layer=1), Free(2, 2.0), SelfSpec(2, 4)):
             assert torch.equal(decode(model, ids, 16, policy, eos_token_id=[]).sequences, full.sequences), policy
+
+
+def test_a_model_left_half_pruned_is_refused_by_decoding():
+    from effllm.models import IncompleteModelError, mark_incomplete
+
+    model, _ = tiny_model("llama")
+    mark_incomplete(model, "pruning (wanda) was interrupted at layer 1 of 4 by KeyboardInterrupt; reload the model")
+    with pytest.raises(IncompleteModelError, match="cannot decode: pruning .wanda. was interrupted at layer 1"):
+        decode(model, _prompt(7), 3, Full())

@@ -37,6 +37,7 @@ from effllm.adapters import get_adapter
 from effllm.decoding import early_exit, skipping, speculative
 from effllm.decoding.policies import Full, Policy
 from effllm.decoding.state import DecodeState, Strategy
+from effllm.models import check_complete
 
 ExitTransform = Callable[[int, torch.Tensor], torch.Tensor]
 LOGIT_LENS = "logit-lens"  # exit_transform=LOGIT_LENS: the plain final norm + head even if the model has exits
@@ -148,6 +149,7 @@ def decode(
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be an effllm.decoding policy (Full, StaticExit, Calm, Free, Skip, SelfSpec); "
                          f"got {type(policy).__name__}")
+    check_complete(model, "decode")  # a model that pruning or slicing stopped on part-way gives no tokens
     adapter = get_adapter(model)
     input_ids = checks.token_ids("input_ids", input_ids, adapter.embed_tokens.weight.shape[0])
     checks.positive_int("max_new_tokens", max_new_tokens)
