@@ -9,6 +9,7 @@ import nbformat
 import pytest
 
 from effllm import runner
+from effllm.runner.executors import LocalExecutor
 
 NOTEBOOKS_DIR = runner.REPO_ROOT / "notebooks"
 TWINS = runner.discover_notebooks(NOTEBOOKS_DIR)  # NN_title.py
@@ -82,20 +83,26 @@ def test_notebook_declares_the_common_parameters(notebook):
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("notebook", TWINS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
-    (job,), _ = runner.build_jobs([notebook], "smoke", tmp_path / "build", timeout=600)
-    result = runner.run_job(job)
-    assert result.status == "ok", f"{notebook.name} failed: {result.error} (executed copy: {result.executed})"
-    assert result.figures, f"{notebook.name} wrote no figure into figures_dir"
-    assert all((job.publish_dir / name).is_file() for name in result.figures)
-    assert job.publish_dir.is_relative_to(tmp_path)  # smoke never touches figures/
-    # The HTML report: published beside the figures, every saved figure shown in it, no error output.
-    assert result.report == str(job.publish_dir / "notebooks" / f"{notebook.stem}.html")
-    html = Path(result.report).read_text(encoding="utf-8")
-    pngs = [name for name in result.figures if name.endswith(".png")]
-    shown = html.count('src="data:image/png;base64,')
-    assert shown >= len(pngs) > 0, f"{notebook.stem}: {len(pngs)} PNG figures saved, {shown} embedded in the report"
-    errors = [o for cell in nbformat.read(result.executed, as_version=4).cells
-              for o in cell.get("outputs", []) if o.output_type == "error"]
-    assert errors == [], f"{notebook.stem}: error outputs in the executed copy: {[e.ename for e in errors]}"
+def test_every_notebook_runs_in_smoke_profile(tmp_path):
+    """Every notebook in `smoke`, two at a time (CI has 2 cores; the profile gives each kernel one thread):
+    ok, its figures published, its HTML report beside them with every PNG embedded, no error output."""
+    jobs, _ = runner.build_jobs(TWINS, "smoke", tmp_path / "build", timeout=600)
+    assert all(job.env.get("OMP_NUM_THREADS") == "1" for job in jobs)
+    results = runner.run(jobs, LocalExecutor(2))
+    failed = {job.notebook.stem: f"{result.error} (executed copy: {result.executed})"
+              for job, result in zip(jobs, results, strict=True) if result.status != "ok"}
+    assert not failed, f"notebooks failed in smoke: {failed}"
+    for job, result in zip(jobs, results, strict=True):
+        notebook = job.notebook
+        assert result.figures, f"{notebook.name} wrote no figure into figures_dir"
+        assert all((job.publish_dir / name).is_file() for name in result.figures)
+        assert job.publish_dir.is_relative_to(tmp_path)  # smoke never touches figures/
+        # The HTML report: published beside the figures, every saved figure shown in it, no error output.
+        assert result.report == str(job.publish_dir / "notebooks" / f"{notebook.stem}.html")
+        html = Path(result.report).read_text(encoding="utf-8")
+        pngs = [name for name in result.figures if name.endswith(".png")]
+        shown = html.count('src="data:image/png;base64,')
+        assert shown >= len(pngs) > 0, f"{notebook.stem}: {len(pngs)} PNG figures saved, {shown} embedded in the report"
+        errors = [o for cell in nbformat.read(result.executed, as_version=4).cells
+                  for o in cell.get("outputs", []) if o.output_type == "error"]
+        assert errors == [], f"{notebook.stem}: error outputs in the executed copy: {[e.ename for e in errors]}"
