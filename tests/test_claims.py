@@ -212,3 +212,12 @@ def test_build_claims_on_an_empty_folder_is_all_undecided(tmp_path):
     table = claims.build_claims(tmp_path)
     assert list(table.columns) == claims.COLUMNS
     assert (table.verdict == claims.UNDECIDED).all() and table.source.str.startswith("missing").all()
+
+
+def test_markdown_says_the_n_that_would_decide_an_undecided_claim():
+    undecided = claims.Claim("003", "x", "y", measured=0.1, ci_low=-0.1, ci_high=0.3, n=40, bar=0.0).decide(above=True)
+    decided = claims.Claim("004", "z", "w", measured=0.2, ci_low=0.1, ci_high=0.3, n=40, bar=0.0).decide(above=True)
+    table = pd.DataFrame([vars(undecided), vars(decided)], columns=claims.COLUMNS)
+    lines = claims.markdown(table).splitlines()
+    assert lines[0].endswith("| n that would decide it |")
+    assert lines[2].endswith("| **undecided at this n** | ~160 |") and lines[3].endswith("| **holds** |  |")

@@ -452,11 +452,15 @@ def _number(value: float) -> str:
 
 def markdown(claims: pd.DataFrame) -> str:
     """The claims as a Markdown table (what the README shows)."""
-    lines = ["| seed | claim | original | measured [95% CI] | n | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["| seed | claim | original | measured [95% CI] | n | verdict | n that would decide it |",
+             "|---|---|---|---|---|---|---|"]
     for row in claims.itertuples():
         interval = (f"{_number(row.measured)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"
                     if math.isfinite(row.measured) else f"not measured ({row.source})")
-        lines.append(f"| {row.seed} | {row.claim} | {row.original} | {interval} | {row.n or ''} | **{row.verdict}** |")
+        # undecided: about how many items would put the interval clear of the bar at the same spread
+        to_decide = f"~{int(row.n_to_decide)}" if row.verdict == UNDECIDED and math.isfinite(row.n_to_decide) else ""
+        lines.append(f"| {row.seed} | {row.claim} | {row.original} | {interval} | {row.n or ''} | **{row.verdict}** | "
+                     f"{to_decide} |")
     return "\n".join(lines)
 
 
