@@ -51,14 +51,17 @@ def early_exit_block(results: Path) -> str:
         result = _load(path)
         if not result or "rows" not in result or not result["rows"] or "label" not in result["rows"][0]:
             continue  # a file from before the experiment layer
-        floor = result.get("weight_read_floor", {}).get(result.get("dtype"), {})
+        floors = result.get("weight_read_floor", {})
+        floor = floors.get(result.get("dtype"), {})
+        per_dtype = ", ".join(f"{dtype} {_fmt(values.get('ms_per_token'))}" for dtype, values in floors.items()
+                              if isinstance(values, dict))
         parts.append(
             f"**{result['model']}**, {result.get('dtype', '?')}, exits: {result.get('exits', '?')}; "
             f"{result['prompts']} prompts x {result['max_new_tokens']} tokens, speed on "
             f"{result.get('speed_prompts', result['prompts'])} prompts in {result.get('rounds', 1)} interleaved rounds; "
-            f"{result['device']} (`{path.relative_to(results.parent)}`). Weight-read floor: "
-            f"{_fmt(floor.get('ms_per_token'))} ms/token, the full-depth engine runs at "
-            f"{_fmt(floor.get('full_engine_fraction_of_floor'))} of it.\n")
+            f"{result['device']} (`{path.relative_to(results.parent)}`). Weight-read floor (ms/token, measured in "
+            f"this run): {per_dtype}; the full-depth engine runs at "
+            f"{_fmt(floor.get('full_engine_fraction_of_floor'))} of its dtype's floor.\n")
         lines = ["| setting | method | speed vs HF (range) | layers/token | ROUGE-L vs full [95% CI] | identical | "
                  "acceptance |", "|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
