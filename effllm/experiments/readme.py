@@ -62,14 +62,15 @@ def early_exit_block(results: Path) -> str:
             f"{result['device']} (`{path.relative_to(results.parent)}`). Weight-read floor (ms/token, measured in "
             f"this run): {per_dtype}; the full-depth engine runs at "
             f"{_fmt(floor.get('full_engine_fraction_of_floor'))} of its dtype's floor.\n")
-        lines = ["| setting | method | speed vs HF (range) | layers/token | ROUGE-L vs full [95% CI] | identical | "
-                 "acceptance |", "|---|---|---|---|---|---|---|"]
+        lines = ["| setting | method | tokens/s | speed vs HF (range) | layers/token | ROUGE-L vs full [95% CI] | "
+                 "identical | acceptance |", "|---|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
             speed = (f"{_fmt(row.get('speedup_vs_hf'))} ({_fmt(row.get('speedup_vs_hf_min'))}-"
                      f"{_fmt(row.get('speedup_vs_hf_max'))})")
             rouge = (f"{_fmt(row.get('rougeL_vs_full'))} [{_fmt(row.get('rougeL_vs_full_ci_low'))}, "
                      f"{_fmt(row.get('rougeL_vs_full_ci_high'))}]")
-            lines.append(f"| {row['label']} | {row['method']} | {speed} | {_fmt(row.get('avg_layers'))} | {rouge} | "
+            lines.append(f"| {row['label']} | {row['method']} | {_fmt(row.get('tokens_per_s'))} | {speed} | "
+                         f"{_fmt(row.get('avg_layers'))} | {rouge} | "
                          f"{_fmt(row.get('identical_to_full'))} | {_fmt(row.get('acceptance_rate'))} |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts) if parts else "(no early-exit benchmark in results/ yet)\n"
