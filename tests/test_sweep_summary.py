@@ -172,7 +172,7 @@ def test_the_wanda_sweep_declares_the_mask_summary_and_its_runs_save_masks():
     assert {name for pair in sweep.summary.weight_view_pairs for name in pair} <= names
     jobs, _ = runner.build_sweep_jobs(sweep, runner.discover_notebooks(runner.REPO_ROOT / "notebooks"),
                                       "paper-standins", Path("/tmp/unused"))
-    assert len(jobs) == 52 and all(job.parameters["method"] == "wanda" for job in jobs)
+    assert len(jobs) == 52 and all(job.parameters["prune_method"] == "wanda" for job in jobs)
 
 
 # A stand-in for notebook 04 in a sweep: prunes tiny-llama on its swept calibration set and saves the masks
