@@ -118,7 +118,7 @@ def test_bench_on_device_moves_the_model_and_the_prompts(monkeypatch):
 
 def test_bench_on_device_refuses_cuda_without_a_gpu(capsys):
     if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU")
+        pytest.skip("this machine has a CUDA GPU: the refusal for a missing GPU cannot be provoked here")
     with pytest.raises(SystemExit) as exit_info:
         bench_on_device.main(["--device", "cuda", "early-exit", "--model", "tiny-llama"])
     assert exit_info.value.code == 2 and "sees no CUDA GPU" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,6 +50,13 @@ class Claim:
     bar: float = math.nan  # the value the interval is compared with
     n_to_decide: float = math.nan  # undecided: about how many items would put the interval clear of the bar
     source: str = ""
+
+    def paired(self, a: Any, b: Any, above: bool, bar: float = 0.0) -> Claim:
+        """Mean of ``a`` minus ``b`` (paired items) with its bootstrap interval and n, decided against ``bar``."""
+        self.measured, self.ci_low, self.ci_high = paired_difference_ci(a, b)
+        self.n = len(a)
+        self.bar = bar
+        return self.decide(above=above)
 
     def decide(self, above: bool) -> Claim:
         """Set the verdict ("the quantity is above / below ``bar``") and, when undecided, the n that would
@@ -254,10 +262,7 @@ def in_domain_claims(windows: pd.DataFrame, source: str = "04_domain_windows.csv
         best_other = others.groupby("calibration").nll.mean().idxmin()
         pivot = group[group.calibration.isin([own_name, best_other])].pivot(index="window", columns="calibration",
                                                                             values="nll").dropna()
-        claim.measured, claim.ci_low, claim.ci_high = paired_difference_ci(pivot[own_name], pivot[best_other])
-        claim.n = len(pivot)
-        claim.bar = 0.0
-        claim.decide(above=False)
+        claim.paired(pivot[own_name], pivot[best_other], above=False)
         claim.source = f"{source} (best in-domain '{own_name}' vs the best other, '{best_other}'; paired over windows)"
         claims.append(claim)
     return claims
@@ -285,10 +290,7 @@ def same_domain_claim(pairs: pd.DataFrame, source: str = "04_jaccard_pairs.csv")
         claim.source = f"{source}: needs pairs of calibration sets within and across domains"
         return claim
     per_layer = per_layer.dropna()
-    claim.measured, claim.ci_low, claim.ci_high = paired_difference_ci(per_layer[True], per_layer[False])
-    claim.n = len(per_layer)
-    claim.bar = 0.0
-    claim.decide(above=True)
+    claim.paired(per_layer[True], per_layer[False], above=True)
     claim.source = (f"{source} ({int(same.sum() // max(len(per_layer), 1))} same-domain and "
                     f"{int((~same).sum() // max(len(per_layer), 1))} cross-domain pairs; paired over layers)")
     return claim
@@ -395,10 +397,7 @@ def dynamic_beats_constant(folder: Path, matched: str = "mean") -> list[Claim]:
         if "dynamic" not in pivot or "constant" not in pivot:
             claims.append(_missing(claim, "06_slicing_windows (variants)"))
             continue
-        claim.measured, claim.ci_low, claim.ci_high = paired_difference_ci(pivot["dynamic"], pivot["constant"])
-        claim.n = len(pivot)
-        claim.bar = 0.0
-        claim.decide(above=False)
+        claim.paired(pivot["dynamic"], pivot["constant"], above=False)
         claim.source = f"06_slicing_windows.csv (M = {level:g}, {text}, paired over windows)"
         claims.append(claim)
     return claims
@@ -420,10 +419,7 @@ def dynamic_accuracy(folder: Path) -> list[Claim]:
         if "dynamic" not in pivot or "constant" not in pivot:
             claims.append(_missing(claim, "06_zero_shot_items (variants)"))
             continue
-        claim.measured, claim.ci_low, claim.ci_high = paired_difference_ci(pivot["dynamic"], pivot["constant"])
-        claim.n = len(pivot)
-        claim.bar = 0.0
-        claim.decide(above=True)
+        claim.paired(pivot["dynamic"], pivot["constant"], above=True)
         claim.source = f"06_zero_shot_items.csv (M = {level:g}, paired over items)"
         claims.append(claim)
     return claims or [_missing(Claim("004", text.format(""), original), "06_zero_shot_items (dynamic rows)")]
