@@ -135,6 +135,23 @@ def layer_axis(ax: Axes, axis: str = "x", label: str = "layer (1-based)") -> Non
     (ax.set_xlabel if axis == "x" else ax.set_ylabel)(label)
 
 
+def speed_quality(ax: Axes, summary: pd.DataFrame, x: str = "speedup_vs_hf", y: str = "rougeL_vs_full",
+                  labels: bool = True) -> None:
+    """One speed-quality panel from a :func:`effllm.experiments.runs.run_policies` summary: per method family a
+    line through its settings (ordered by speed), x error bars the range over timing rounds, y error bars the 95%
+    interval over prompts, every point named (:func:`label_points`); HF ``generate`` (x = 1) is the dotted line."""
+    shown = summary[summary.method != "hf"]
+    for method, rows in shown.groupby("method", sort=False):
+        rows = rows.sort_values(x)
+        ax.errorbar(rows[x], rows[y], xerr=[rows[x] - rows[f"{x}_min"], rows[f"{x}_max"] - rows[x]],
+                    yerr=[rows[y] - rows[f"{y}_ci_low"], rows[f"{y}_ci_high"] - rows[y]],
+                    color=colour(method), marker="o", capsize=2, lw=0.8, label=method,
+                    ls="-" if len(rows) > 1 else "none")
+    if labels:
+        label_points(ax, shown[x], shown[y], shown.label)
+    ax.axvline(1.0, color="0.6", ls=":", lw=1)
+
+
 def label_points(ax: Axes, xs: Any, ys: Any, labels: Any, fontsize: float = 6) -> list[Text]:
     """Name every point of a scatter without overprinting: the labels are moved apart (and tied to their points
     with a thin line where they moved) by adjustText, which is what it is for."""

@@ -77,6 +77,9 @@ ltt_delta = 0.25  # allowed mean disagreement with the full model ...
 ltt_epsilon = 0.1  # ... with probability at least 1 - epsilon
 adaptive_prompts = 12  # prompts decoded in sequence while FREE's threshold adapts
 adaptive_tokens = 24
+# The same model with exits trained by effllm.training (load_model("<model>-ee"), trained on first use; notebook 08
+# shows the training): static / CALM / FREE run through its trained exit beside the fitted exits (None: skip)
+trained_model = None
 
 # %%
 torch.manual_seed(seed)
@@ -236,6 +239,57 @@ if len(good):
           f"n = {best.n_prompts} prompts")
 else:
     print("no setting reached ROUGE-L >= 0.9 in this run")
+
+# %% [markdown]
+# ### The same settings on the exit-trained model
+#
+# The papers' speed-ups come from models trained to exit. `trained_model` is this model with an exit trained at
+# FREE's shallow layer by self-distillation (effllm.training, notebook 08; the backbone is untouched, so its
+# full-depth output is the same). Static exit, CALM softmax and FREE (fixed and adaptive thresholds) decode the same
+# prompts through the trained exit where it exists (the logit lens elsewhere); left the fitted exits of the curve
+# above, right the trained exit, each against HF `generate` in its own run.
+
+# %%
+if trained_model:
+    ee, _ = models.load_model(trained_model)
+    trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
+    if not trained_layers:
+        raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")
+    trained_at = max(layer for layer in trained_layers if layer < L)
+    compared = {f"static@{trained_at}": StaticExit(trained_at)}
+    compared |= {f"CALM softmax {t}": Calm("softmax", t, trained_at) for t in thresholds}
+    compared |= {f"FREE {t}": Free(trained_at, t) for t in thresholds}
+    compared["FREE adaptive"] = Free(trained_at, middle, use_adapt_threshold=True)
+    trained_run = run_policies(ee, tokenizer, prompts, compared, max_new_tokens, rounds=rounds,
+                               speed_prompts=speed_prompts)  # exit_transform None: the model's trained exits
+    fitted_rows = curve[curve.label.isin(["hf_generate", "full", *(
+        label for label in settings if label.startswith(("static", "CALM softmax", "FREE"))
+        and "decaying" not in label and "rollback" not in label)])]
+    side_by_side = pd.concat([fitted_rows.assign(exits="fitted exits (this model)"),
+                              trained_run.summary.assign(exits=f"trained exit at layer {trained_at} ({trained_model})")],
+                             ignore_index=True)
+    display(side_by_side[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
+                          "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
+                          "n_prompts"]].round(3))
+    fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, (exits, group) in zip(axes, side_by_side.groupby("exits", sort=False), strict=True):
+        plots.speed_quality(ax, group)
+        ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
+    axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Untrained (fitted) exits and a trained exit, the same settings and prompts")
+    plots.caption(fig, model=f"{model_name} | {trained_model}", data=", ".join(prompt_data),
+                  extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens (speed: {min(speed_prompts, len(prompts))} "
+                        f"prompts, {rounds} rounds), batch 1, greedy · {machine}")
+    plots.save_figure(fig, "01_trained_vs_untrained", table=side_by_side)
+    for exits, group in side_by_side.groupby("exits", sort=False):
+        keeps = group[(group.rougeL_vs_full_ci_low >= 0.9) & ~group.method.isin(["hf", "full"])]
+        best = keeps.loc[keeps.speedup_vs_hf.idxmax()] if len(keeps) else None
+        print(f"{exits}: fastest setting whose ROUGE-L interval stays above 0.9: " + (
+            f"{best.label} at {best.speedup_vs_hf:.2f}x HF generate, {best.avg_layers:.1f} layers/token, ROUGE-L "
+            f"{best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}]"
+            if best is not None else "none") + f" (n = {len(prompts)} prompts)")
+    del ee
 
 # %% [markdown]
 # ## 3. Where tokens leave: exit-layer histograms

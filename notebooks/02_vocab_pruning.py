@@ -48,8 +48,9 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # the model when model_names is None (run_all's common parameter)
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
-model_names = ["smollm2-135m", "gemma3-270m"]  # every model analysed side by side; None: [model_name]
-prompt_data = ["builtin", "builtin"]  # per model (or one for all): builtin (arithmetic + HumanEval) | squad | samsum
+# every model analysed side by side (a "<model>-ee" name: that model with its trained exit); None: [model_name]
+model_names = ["smollm2-135m", "smollm2-135m-ee", "gemma3-270m"]
+prompt_data = ["builtin"]  # per model (or one for all): builtin (arithmetic + HumanEval) | squad | samsum
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 exit_min_layer = None  # the pruning layer j (1-based); None: 0.6 L of each model (the paper: 19 of 24)
 k = 256  # candidates kept at the pruning layer
@@ -80,14 +81,20 @@ for name in model_names:
     model, tokenizer = models.load_model(name)
     adapter = get_adapter(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    transform = cached_linear_exits(model, tokenizer, name) if use_fitted_exits and not encoder_decoder else None
-    layer = exit_min_layer or max(1, round(0.6 * adapter.num_layers))
+    trained = getattr(model, "_effllm_exits", None)  # load_model("<model>-ee"): exits trained by effllm.training
+    if trained is not None and trained.layers:
+        transform = trained  # (layer, hidden) -> hidden like the fitted exits; the identity at untrained layers
+        layer = exit_min_layer or min(trained.layers)  # checks start where the trained exit is
+    else:
+        transform = cached_linear_exits(model, tokenizer, name) if use_fitted_exits and not encoder_decoder else None
+        layer = exit_min_layer or max(1, round(0.6 * adapter.num_layers))
     loaded[name] = {"model": model, "tokenizer": tokenizer, "adapter": adapter, "transform": transform,
                     "prune_layer": min(layer, adapter.num_layers - 1), "encoder_decoder": encoder_decoder}
     head_share = adapter.lm_head.weight.numel() / sum(p.numel() for p in model.parameters())
     facts.append({"model": name, "layers": adapter.num_layers, "d": adapter.hidden_size, "V": adapter.vocab_size,
                   "head share of parameters": round(head_share, 3), "pruning layer j": loaded[name]["prune_layer"],
-                  "exits": "fitted" if transform is not None else "logit lens"})
+                  "exits": (f"trained at layer {min(trained.layers)}" if trained is not None and trained.layers
+                            else "fitted" if transform is not None else "logit lens")})
 facts = pd.DataFrame(facts)
 display(facts)
 print(machine)

@@ -35,7 +35,7 @@ from IPython.display import display
 
 from effllm import controllers, data, models, oracle, plots
 from effllm.adapters import get_adapter
-from effllm.decoding import Skip, plans
+from effllm.decoding import Skip, StaticExit, plans
 from effllm.experiments.analyses import hidden_similarity
 from effllm.experiments.prompts import answer_examples, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
@@ -61,6 +61,9 @@ controller_steps = 30  # one example per step, frozen backbone
 controller_alpha = 1.0  # weight of the layer cost in CE + alpha * fraction of executed layers
 controller_lr = 0.1
 rounds = 1  # interleaved timing rounds (speed: their median)
+# The same model with an exit trained by effllm.training (load_model("<model>-ee")): at its exit layer, skipping,
+# early exit through the plain head and early exit through the trained exit side by side (None: skip)
+trained_model = None
 
 # %%
 torch.manual_seed(seed)
@@ -182,6 +185,50 @@ print(f"Full model: ROUGE-L {full_row.rougeL_vs_reference:.3f} against the refer
       f"Closest to it below full depth: {best.label} (ROUGE-L {best.rougeL_vs_reference:.3f} against the references, "
       f"{best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}] against the "
       f"full model, {best.speedup_vs_full:.2f}x its decoding speed).")
+
+# %% [markdown]
+# ### Early exit with a trained exit
+#
+# The early exit above reads an intermediate layer through the model's own final norm and head, which the model
+# was never trained for. `trained_model` is this model with an exit trained at one layer (effllm.training, notebook
+# 08; the backbone is unchanged). At that layer's budget: static skipping, early exit through the plain head, and
+# early exit through the trained exit, on the same prompts.
+
+# %%
+if trained_model:
+    ee, _ = models.load_model(trained_model, device=device)
+    trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
+    if not trained_layers:
+        raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")
+    at = max(layer for layer in trained_layers if layer < n_layers)
+    share = at / n_layers
+    trained_settings = {f"skipping {at}/{n_layers}": Skip("static", budget=share),
+                        f"early exit {at}/{n_layers}": Skip("early-exit", budget=share),
+                        f"early exit {at}/{n_layers}, trained exit": StaticExit(at)}
+    trained_quality = run_policies(ee, tokenizer, items, trained_settings, max_new_tokens, hf=False,
+                                   rounds=rounds).summary  # exit_transform None: the model's trained exit
+    trained_quality = trained_quality[trained_quality.label != "full"]
+    display(trained_quality[["label", "avg_layers", "rougeL_vs_reference", "rougeL_vs_reference_ci_low",
+                             "rougeL_vs_reference_ci_high", "rougeL_vs_full", "rougeL_vs_full_ci_low",
+                             "rougeL_vs_full_ci_high", "speedup_vs_full", "n_prompts"]].round(3))
+    fig, axes = plots.new_figure(1, 2, sharey=True, figsize=(9, 3.2))
+    for ax, column, name in zip(axes, ["rougeL_vs_reference", "rougeL_vs_full"], ["the reference answer",
+                                                                                  "the full model"], strict=True):
+        colours = [plots.colour("skip"), plots.colour("early-exit"), plots.colour("static")]
+        ax.bar(range(len(trained_quality)), trained_quality[column], color=colours[: len(trained_quality)],
+               yerr=[trained_quality[column] - trained_quality[f"{column}_ci_low"],
+                     trained_quality[f"{column}_ci_high"] - trained_quality[column]], capsize=3)
+        ax.axhline(full_row[column], color="0.4", ls=":", lw=1, label="full model")
+        ax.set_xticks(range(len(trained_quality)), [label.replace(", ", ",\n") for label in trained_quality.label],
+                      fontsize=7)
+        ax.set_title(f"ROUGE-L against {name}")
+    axes[0].set_ylabel("mean ROUGE-L F (95% CI over prompts)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"At {at} of {n_layers} layers: skipping, early exit, early exit through a trained exit")
+    plots.caption(fig, model=f"{model_name} | {trained_model}", data=f"{task} (n = {len(items)} prompts)",
+                  extra=f"{max_new_tokens} new tokens, greedy, CPU, {torch.get_num_threads()} threads")
+    plots.save_figure(fig, "03_trained_exit", table=trained_quality)
+    del ee
 
 # %% [markdown]
 # Each curve shows how fast quality falls as layers are removed; the right panel isolates how far each

@@ -38,7 +38,7 @@ from IPython.display import display
 
 from effllm import data, execution, frontier, models, plots, pruning
 from effllm.adapters import get_adapter
-from effllm.decoding import Calm, Free, Skip, VocabPruning
+from effllm.decoding import Calm, Free, Skip, StaticExit, VocabPruning
 from effllm.experiments.frontier import FrontierTable
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.timing import device_description
@@ -70,6 +70,9 @@ slice_amplitude = 0.1  # A of dynamic slicing (capped at M, so that no layer get
 shortgpt_fraction = 0.1  # fraction of layers ShortGPT removes
 skip_budget = 0.8  # static layer skipping: fraction of layers every decoded token runs
 use_fitted_exits = True  # least-squares exits (effllm.lens) for CALM / FREE; False: the plain logit lens
+# The same model with exits trained by effllm.training (load_model("<model>-ee"), trained on first use): its static
+# exit and FREE rows stand beside the fitted exits' (None: no trained rows)
+trained_model = None
 k = 256  # candidate tokens of vocabulary pruning (fixed k)
 # Learn-then-Test prompts (disjoint from the decode prompts); with delta = epsilon = 0.2 it needs at least 8
 # prompts to certify anything (0.8^n < epsilon), however small the measured risk.
@@ -225,6 +228,38 @@ table_rows.add_decoder(f"FREE λ={free_threshold} + vocab k={k}", "free", dense,
 table_rows.add_decoder(f"static skip {skip_budget:.0%} layers", "skip", dense, skip, "dense")
 
 # %% [markdown]
+# ### The same decoders on the exit-trained model
+#
+# `trained_model` is this model with an exit trained at FREE's shallow layer (effllm.training; the backbone is
+# unchanged, so its full-depth output is the dense model's). Its static exit and FREE rows use the trained exit in
+# place of the fitted linear map, FREE at the threshold Learn-then-Test certifies for the trained exit on the same
+# calibration prompts; the exit's own matmuls count in FLOPs per token.
+
+# %%
+if trained_model:
+    ee, _ = models.load_model(trained_model, dtype=dtype, device=device)
+    trained_exits = getattr(ee, "_effllm_exits", None)
+    if trained_exits is None or not trained_exits.layers:
+        raise ValueError(f"{trained_model!r} has no trained exit modules to compare (exits: {trained_exits!r})")
+    trained_layer = max(layer for layer in trained_exits.layers if layer < n_layers)
+    trained_flops = trained_exits.flops_per_check(trained_layer)
+    ltt = calibrate_threshold(ee, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
+                              Free(trained_layer, 0.9), distance="rougeL", decode=tokenizer.decode, eos_token_id=[],
+                              progress=False)
+    trained_threshold, trained_certified = ((ltt.threshold, True) if ltt.threshold is not None
+                                            else (max(ltt_candidates), False))
+    print(f"{trained_model}: trained exit at layer {trained_layer} ({trained_flops / 1e6:.1f} MFLOPs a check); FREE: "
+          f"Learn-then-Test on {ltt.n} prompts -> " + (f"threshold {ltt.threshold}" if trained_certified
+                                                       else f"none certified; using {max(ltt_candidates)}"))
+    table_rows.add_decoder(f"static@{trained_layer} (trained exit)", "static", ee, StaticExit(trained_layer), "dense",
+                           exit_transform=None, transform_flops=trained_flops, exits="trained")
+    table_rows.add_decoder(f"FREE λ={trained_threshold} (trained exit)", "free", ee,
+                           Free(trained_layer, trained_threshold), "dense", exit_transform=None,
+                           transform_flops=trained_flops, threshold=trained_threshold, certified=trained_certified,
+                           exits="trained")
+    del ee
+
+# %% [markdown]
 # ## Step 4: combinations
 #
 # Methods of different kinds stack: a Wanda-pruned model can still exit early (with the exits fitted on the
@@ -328,7 +363,8 @@ print(f"2. Size. Dense: {dense_row['parameters_M']:.1f} M parameters, perplexity
          + ", ".join(f"{r['method']} {r[f'accuracy_{zero_shot_task}']:.3f}" for _, r in model_rows.iterrows())
          + "." if zero_shot_task else "") + "\n")
 
-exit_rows = table[table.family.isin(["calm", "free"])]
+trained_rows = table[table["exits"] == "trained"] if "exits" in table else table.iloc[:0]
+exit_rows = table[table.family.isin(["calm", "free"]) & ~table.index.isin(trained_rows.index)]
 calm_rows = exit_rows[exit_rows.method.str.startswith("CALM")]
 free_rows = exit_rows[exit_rows.method.str.startswith("FREE")]
 
@@ -349,9 +385,15 @@ print("3. Early exit. "
       + f" Vocabulary pruning (k={k}) gives CALM {vocab_effect(calm_rows)}, and FREE {vocab_effect(free_rows)}. "
       + " ".join(f"Combination {r.method}: {r.speedup_vs_dense:.2f}x dense speed, ROUGE-L {r.rougeL_vs_dense:.3f}."
                  for r in combos.itertuples()))
+if len(trained_rows):
+    print("4. Exit training (the same rows through the trained exit of " + str(trained_model) + "). "
+          + " ".join(f"{r.method}: {r.avg_layers:.1f} layers per token, {r.speedup_vs_dense:.2f}x dense decode speed "
+                     f"(rounds {r.speedup_vs_dense_min:.2f}-{r.speedup_vs_dense_max:.2f}), ROUGE-L {r.rougeL_vs_dense:.3f} "
+                     f"[{r.rougeL_vs_dense_ci_low:.3f}, {r.rougeL_vs_dense_ci_high:.3f}], n = {r.n_prompts} prompts."
+                     for r in trained_rows.itertuples()))
 
 # %% [markdown]
-# Read the three printed paragraphs with the measurement in mind: tokens/s on a busy CPU moves by tens of
+# Read the printed paragraphs with the measurement in mind: tokens/s on a busy CPU moves by tens of
 # percent between runs (compare rows of one run, as every ratio here does), ROUGE-L comes from a few short
 # generations, and CALM / FREE pay for every confidence check with an LM-head product, which vocabulary
 # pruning makes cheap. The FLOP column is the machine-independent cost; the tokens/s column is what this

@@ -181,16 +181,7 @@ display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "
 fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
-    for method, rows in group.groupby("method", sort=False):
-        rows = rows.sort_values("speedup_vs_hf")
-        ax.errorbar(rows.speedup_vs_hf, rows.rougeL_vs_full,
-                    xerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_min, rows.speedup_vs_hf_max - rows.speedup_vs_hf],
-                    yerr=[rows.rougeL_vs_full - rows.rougeL_vs_full_ci_low,
-                          rows.rougeL_vs_full_ci_high - rows.rougeL_vs_full],
-                    color=plots.colour(method), marker="o", capsize=2, lw=0.8, label=method,
-                    ls="-" if len(rows) > 1 else "none")
-    plots.label_points(ax, group.speedup_vs_hf, group.rougeL_vs_full, group.label)
-    ax.axvline(1.0, color="0.6", ls=":", lw=1)
+    plots.speed_quality(ax, group)
     ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
 axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
 axes[1].legend(fontsize=7)

@@ -339,7 +339,8 @@ def skipping_beats_early_exit(folder: Path) -> Claim:
     items = _read(folder, "03_generation_items")
     if items is None:
         return _missing(claim, "03_generation_items")
-    budgets = sorted({label.split(" ")[-1] for label in items.label if label.startswith("skipping")})
+    budgets = sorted({label.split(" ")[-1] for label in items.label if label.startswith("skipping")},
+                     key=lambda count: int(count.split("/")[0]))  # "5/30" before "10/30"
     if not budgets:
         return _missing(claim, "03_generation_items (no skipping rows)")
     middle = budgets[len(budgets) // 2]

@@ -33,6 +33,8 @@ from effllm.experiments.prompts import Prompt, as_ids
 from effllm.experiments.stats import mean_ci, ratio_summary
 from effllm.experiments.timing import prefill_seconds
 
+TABLE_EXITS: Any = object()  # a row that names no exits of its own reads the table's (``exit_transform=``)
+
 KV_POLICIES = {"full": "propagate", "static": "propagate", "calm": "propagate", "skip": "propagate",
                "free": "deferred", "self-spec": "deferred"}
 
@@ -66,12 +68,13 @@ class FrontierTable:
             decode(dense, self.prompts[0][:, :4], 2, Full(), eos_token_id=[])  # first-call allocations
             self.reference = [o.new_tokens(0)[0] for o in self._decode(dense, Full())]
 
-    def _decode(self, model: nn.Module, policy: Policy, prompts: Sequence[torch.LongTensor] | None = None
-                ) -> list[DecodeOutput]:
-        return [decode(model, ids, self.max_new_tokens, policy, eos_token_id=[], exit_transform=self.exit_transform)
+    def _decode(self, model: nn.Module, policy: Policy, prompts: Sequence[torch.LongTensor] | None = None,
+                exit_transform: Any = TABLE_EXITS) -> list[DecodeOutput]:
+        exits = self.exit_transform if exit_transform is TABLE_EXITS else exit_transform
+        return [decode(model, ids, self.max_new_tokens, policy, eos_token_id=[], exit_transform=exits)
                 for ids in (self.prompts if prompts is None else prompts)]
 
-    def _speed(self, model: nn.Module, policy: Policy) -> dict[str, float]:
+    def _speed(self, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS) -> dict[str, float]:
         """tokens/s of (model, policy) and its ratio to the dense model's, round by round, back to back."""
         timed = self.prompts[: self.speed_prompts]
         rates, ratios = [], []
@@ -79,7 +82,7 @@ class FrontierTable:
             seconds = []
             for m, p in ((model, policy), (self.dense, Full())):
                 start = time.perf_counter()
-                outputs = self._decode(m, p, timed)
+                outputs = self._decode(m, p, timed, exit_transform)
                 seconds.append((time.perf_counter() - start, sum(o.exit_layers.shape[1] for o in outputs)))
             (row_s, row_n), (dense_s, dense_n) = seconds
             rates.append(row_n / row_s)
@@ -88,16 +91,18 @@ class FrontierTable:
         return {"tokens_per_s": float(pd.Series(rates).median()), "speedup_vs_dense": spread["median"],
                 "speedup_vs_dense_min": spread["min"], "speedup_vs_dense_max": spread["max"]}
 
-    def _row(self, label: str, family: str, model: nn.Module, policy: Policy) -> dict[str, Any]:
+    def _row(self, label: str, family: str, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS,
+             transform_flops: int | None = None) -> dict[str, Any]:
         with torch.inference_mode():
-            outputs = self._decode(model, policy)
-            speed = self._speed(model, policy)
+            outputs = self._decode(model, policy, exit_transform=exit_transform)
+            speed = self._speed(model, policy, exit_transform)
         new = [o.new_tokens(0)[0] for o in outputs]
         rouge = [metrics.token_rouge_l(a.tolist(), b.tolist()) for a, b in zip(new, self.reference, strict=True)]
         agree = sum(int((a[: len(b)] == b[: len(a)]).sum()) for a, b in zip(new, self.reference, strict=True))
         mean, low, high = mean_ci(rouge)
         kv = KV_POLICIES.get(policy.method, "propagate")
-        checks = self.transform_flops if policy.method in ("calm", "free") else 0
+        per_check = self.transform_flops if transform_flops is None else transform_flops
+        checks = per_check if policy.method in ("calm", "free", "static") else 0
         return {"method": label, "family": family, "policy": policy.method, **speed,
                 "gflops_per_token": frontier.decode_flops(model, outputs, self.prompts, kv, checks) / 1e9,
                 "avg_layers": sum(float(o.exit_layers.double().sum()) for o in outputs)
@@ -106,10 +111,12 @@ class FrontierTable:
                 "token_agreement": agree / max(1, sum(len(t) for t in new)), "n_prompts": len(new),
                 "identical_to_dense": sum(torch.equal(a, b) for a, b in zip(new, self.reference, strict=True)) / len(new)}
 
-    def _task_quality(self, model: nn.Module, policy: Policy | None, row: dict[str, Any]) -> None:
+    def _task_quality(self, model: nn.Module, policy: Policy | None, row: dict[str, Any],
+                      exit_transform: Any = TABLE_EXITS) -> None:
         if self.humaneval_problems:
+            exits = self.exit_transform if exit_transform is TABLE_EXITS else exit_transform
             result = humaneval_pass_at_1(model, self.tokenizer, self.humaneval_problems, self.humaneval_max_new_tokens,
-                                         self.batch_size, policy=policy, exit_transform=self.exit_transform,
+                                         self.batch_size, policy=policy, exit_transform=exits,
                                          allow_code_execution=self.allow_code_execution)
             mean, low, high = mean_ci([float(p) for p in result["passed"]])
             row.update({"humaneval_pass@1": mean, "humaneval_ci_low": low, "humaneval_ci_high": high,
@@ -133,17 +140,20 @@ class FrontierTable:
         self._task_quality(model, None, row)
         return self._add(row, extra)
 
-    def add_decoder(self, label: str, family: str, model: nn.Module, policy: Policy, base: str,
+    def add_decoder(self, label: str, family: str, model: nn.Module, policy: Policy, base: str, *,
+                    exit_transform: Any = TABLE_EXITS, transform_flops: int | None = None,
                     **extra: Any) -> dict[str, Any]:
         """A decode-time method with ``policy`` on ``model``; parameters and prefill time are those of the row
-        labelled ``base`` (the model it decodes; the prompt runs at full depth), perplexity does not apply."""
+        labelled ``base`` (the model it decodes; the prompt runs at full depth), perplexity does not apply.
+        ``exit_transform`` / ``transform_flops`` replace the table's exits for this row (None: the model's own
+        exits, e.g. the trained exits of ``load_model("<model>-ee")``; FLOPs per check of that exit)."""
         rows = {r["method"]: r for r in self.rows}
         if base not in rows:
             raise ValueError(f"no row labelled {base!r} to take the model-level numbers from; rows: {', '.join(rows)}")
-        row = self._row(label, family, model, policy)
+        row = self._row(label, family, model, policy, exit_transform, transform_flops)
         row.update({key: rows[base][key] for key in ("parameters_M", "nonzero_parameters_M", "prefill_ms")},
                    perplexity=math.nan)
-        self._task_quality(model, policy, row)
+        self._task_quality(model, policy, row, exit_transform)
         return self._add(row, extra)
 
     def _add(self, row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -123,6 +123,14 @@ class ExitModules(nn.Module):
     def position_wise(self) -> bool:
         return self.kind != "layer"
 
+    def flops_per_check(self, layer: int) -> int:
+        """Matmul FLOPs of one position through layer ``layer``'s exit: two per weight of its linear maps (0
+        where the exit is the identity; an attention exit's score products, which grow with the context, are
+        not counted)."""
+        if str(layer) not in self.blocks:
+            return 0
+        return 2 * sum(m.weight.numel() for m in self.blocks[str(layer)].modules() if isinstance(m, nn.Linear))
+
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         block = self.blocks[str(layer)] if str(layer) in self.blocks else None
         if block is None:
