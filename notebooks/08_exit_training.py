@@ -178,7 +178,7 @@ display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "
                        "acceptance_rate", "n_prompts"]].round(3))
 
 # %%
-fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
     plots.speed_quality(ax, group)
