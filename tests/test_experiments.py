@@ -10,7 +10,7 @@ from effllm import metrics
 from effllm.decoding import Calm, Full, Skip, StaticExit, decode
 from effllm.experiments import evaluate, prompts, stats
 from effllm.experiments.frontier import FrontierTable
-from effllm.experiments.runs import normalize_settings, run_policies
+from effllm.experiments.runs import normalize_settings, reference_quality, run_policies
 from effllm.models import tiny_model
 
 
@@ -37,6 +37,46 @@ def test_run_policies_times_a_subset_and_scores_every_prompt(tiny):
     for label in summary.index:
         assert summary.loc[label, "rougeL_vs_full_ci_low"] <= summary.loc[label, "rougeL_vs_full"] \
             <= summary.loc[label, "rougeL_vs_full_ci_high"]
+
+
+def test_run_policies_scores_squad_answers_up_to_the_end_of_sequence(tiny):
+    model, tokenizer = tiny
+    base = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
+    run = run_policies(model, tokenizer, base, [StaticExit(2)], 6, hf=False, progress=False)
+    texts = run.items[run.items.label == "full"].text.tolist()
+    # gold answers: the full model's own first new token for prompt 0 (EM 1 however the text goes on), and a word
+    # it does not say for prompt 1
+    first = run.outputs["full"][0].new_tokens(0)[0]
+    answer0 = tokenizer.decode(first[:1], skip_special_tokens=True).strip().split("\n")[0]
+    squad = [prompts.Prompt(p.input_ids, p.text, "x", "squad", i, answers)
+             for i, (p, answers) in enumerate(zip(base, [(answer0 or "x",), ("zzzz-not-said",)], strict=True))]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = int(first[1])  # the second new token ends the answer: the first is it
+    try:
+        scored = run_policies(model, tokenizer, squad, [StaticExit(2)], 6, hf=False, progress=False)
+    finally:
+        model.generation_config.eos_token_id = saved
+    full = scored.items[scored.items.label == "full"].reset_index()
+    assert full.text.tolist() == texts  # decoding itself ran past the end of sequence
+    if answer0:
+        assert full.squad_exact_match[0] == 1.0 and full.squad_f1[0] == 1.0
+    assert full.squad_exact_match[1] == 0.0
+    summary = scored.summary.set_index("label")
+    assert summary.loc["full", "squad_f1"] == pytest.approx(full.squad_f1.mean())
+    assert summary.loc["full", "squad_f1_ci_low"] <= summary.loc["full", "squad_f1"] <= summary.loc["full",
+                                                                                                    "squad_f1_ci_high"]
+    assert "squad_f1" not in run.summary  # prompts without gold answers get no SQuAD columns
+    # per task: the same means as the items, SQuAD columns only for SQuAD
+    table = reference_quality(scored.items, squad).set_index(["task", "label"])
+    assert table.loc[("squad", "full"), "squad_f1"] == pytest.approx(full.squad_f1.mean())
+    assert table.loc[("squad", "full"), "n_prompts"] == 2
+    builtin = reference_quality(run.items, base)
+    assert set(builtin.task) == {"arithmetic", "humaneval"} and "squad_f1" not in builtin
+    one = builtin.set_index(["task", "label"]).loc[("arithmetic", "full")]
+    assert one.n_prompts == 1 and one.rougeL_vs_reference == pytest.approx(
+        metrics.rouge_l([texts[0]], [base[0].reference]))
+    with pytest.raises(ValueError, match="do not have"):
+        reference_quality(run.items, base[:1])
 
 
 def test_settings_need_unique_labels_and_policies():

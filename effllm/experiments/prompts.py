@@ -44,9 +44,10 @@ class Prompt:
     reference: str | None
     task: str
     index: int  # the item's index in the task's split
+    answers: tuple[str, ...] = ()  # every gold answer where a task has several (SQuAD); else empty
 
     def to(self, device: str | torch.device) -> Prompt:
-        return Prompt(self.input_ids.to(device), self.text, self.reference, self.task, self.index)
+        return Prompt(self.input_ids.to(device), self.text, self.reference, self.task, self.index, self.answers)
 
 
 def prompt_format(model: torch.nn.Module, tokenizer: Any, model_name: str = "") -> str:
@@ -134,7 +135,8 @@ def task_prompts(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = 
     prompts = []
     for index, row in zip(range(offset, offset + n), rows.select(range(offset, offset + n)), strict=True):
         text, reference, chat = _item(task, row, fmt)
-        prompts.append(Prompt(_encode(tokenizer, text, fmt, chat, max_tokens), text, reference, task, index))
+        answers = tuple(row["answers"]["text"]) if task == "squad" else ()
+        prompts.append(Prompt(_encode(tokenizer, text, fmt, chat, max_tokens), text, reference, task, index, answers))
     return prompts
 
 
