@@ -143,3 +143,26 @@ def test_frontier_table_rows(tiny):
     with pytest.raises(ValueError, match="no row labelled 'pruned'"):
         table.add_decoder("x", "skip", model, Skip("static", budget=0.5), "pruned")
     assert list(table.frame().method) == ["dense", "skip half"]
+
+
+def test_decode_step_profile_accounts_for_the_whole_step(tiny):
+    from effllm.experiments.timing import OP_GROUPS, _op_group, decode_step_profile
+
+    model, tokenizer = tiny
+    ids = prompts.task_prompts(tokenizer, "builtin", 1, fmt="plain")[0].input_ids
+    result = decode_step_profile(model, ids, steps=4, repeats=1)
+    groups = result["groups"]
+    assert result["ms_per_token"] > 0 and result["steps"] == 4
+    matmul = next(iter(OP_GROUPS))
+    runs = result["seconds"]
+    assert set(runs) == {"prompt pass", "prompt pass + 4 steps"}
+    assert all(run[matmul] > 0 for run in runs.values())  # the linear layers' matmuls ran and were seen
+    assert groups[matmul] == pytest.approx(
+        max(0.0, 1e3 * (runs["prompt pass + 4 steps"][matmul] - runs["prompt pass"][matmul]) / 4))
+    assert all(v >= 0 for v in groups.values())
+    assert "outside aten operators (Python, dispatch, profiler)" in groups
+    assert _op_group("aten::addmm") == _op_group("aten::mm") == "matmul (linear layers and head)"
+    assert _op_group("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention kernel"
+    assert _op_group("aten::mul").startswith("other operators") and _op_group("ProfilerStep#1") == "other"
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        decode_step_profile(model, ids, steps=0)
