@@ -36,5 +36,10 @@ def test_decode_profile_writes_its_groups_beside_the_floor(tmp_path, capsys):
     assert where[-2:] == ["whole step (profiled)", "weight-read floor (matmuls alone)"]
     assert set(where[:-2]) == set(result["groups"])
     assert "matmul (linear layers and head)" in capsys.readouterr().out
+    cost = result["forward_cost"]["rows"]
+    assert [row["tokens"] for row in cost] == [1, 2, 4, 8, 16] and cost[0]["x_one_token"] == 1.0
+    assert all(row["ms"] > 0 for row in cost)
     with pytest.raises(SystemExit):
         bench.main(["decode-profile", "--model", "tiny-llama", "--steps", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main(["decode-profile", "--model", "tiny-llama", "--token-counts", "1,x", "--out", str(out)])

@@ -166,3 +166,14 @@ def test_decode_step_profile_accounts_for_the_whole_step(tiny):
     assert _op_group("aten::mul").startswith("other operators") and _op_group("ProfilerStep#1") == "other"
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         decode_step_profile(model, ids, steps=0)
+
+
+def test_forward_cost_sees_the_same_context_every_call(tiny):
+    from effllm.experiments.timing import forward_cost
+
+    model, _ = tiny
+    rows = forward_cost(model, context_tokens=16, token_counts=(1, 4), min_run_time=0.01)
+    assert [r["tokens"] for r in rows] == [1, 4] and rows[0]["x_one_token"] == 1.0
+    assert rows[1]["x_one_token"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
+    with pytest.raises(ValueError, match="token_counts must be positive integers"):
+        forward_cost(model, token_counts=(0,))

@@ -145,6 +145,12 @@ def decode_profile_block(results: Path) -> str:
             continue
         lines = ["| where | ms per token | share of the step |", "|---|---|---|"]
         lines += [f"| {row['where']} | {_fmt(row['ms_per_token'])} | {_fmt(row['share'])} |" for row in result["rows"]]
+        cost = result.get("forward_cost", {})
+        if cost.get("rows"):
+            lines += ["", f"One full-depth forward over k new tokens after {cost['context_tokens']} cached tokens "
+                          "(what verifying k drafted tokens, or FREE's synchronized pass over k deferred tokens, costs):",
+                      "", "| k | ms | x one token |", "|---|---|---|"]
+            lines += [f"| {row['tokens']} | {_fmt(row['ms'])} | {_fmt(row['x_one_token'])} |" for row in cost["rows"]]
         parts.append(f"**{result['model']}**, {result['dtype']}, {result['steps']} steps after a "
                      f"{result['prompt_tokens']}-token prompt, best of {result['repeats']}; {result['device']} "
                      f"(`results/{path.name}`):\n\n" + "\n".join(lines) + "\n")

@@ -180,3 +180,38 @@ def decode_step_profile(model: nn.Module, input_ids: torch.LongTensor, steps: in
                                 f"prompt pass + {steps} steps": {"wall": wall, **groups}}}
     assert best is not None
     return best
+
+
+def forward_cost(model: nn.Module, context_tokens: int = 128, token_counts: tuple[int, ...] = (1, 2, 4, 8, 16),
+                 min_run_time: float = 0.2, seed: int = 0) -> list[dict[str, Any]]:
+    """Milliseconds of one full-depth forward over k new tokens after a cache of ``context_tokens``: what verifying
+    k drafted tokens costs (self-speculation) and what FREE's synchronized pass over k deferred tokens costs. Each
+    call's new entries are cropped from the cache again, so every call sees the same context; the median of repeated
+    calls (torch.utils.benchmark). Rows ``{"tokens", "ms", "x_one_token"}``."""
+    from transformers import DynamicCache
+
+    from effllm.decoding.early_exit import allow_crop, crop_cache
+
+    checks_ok = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in token_counts)
+    if not token_counts or not checks_ok or isinstance(context_tokens, bool) or context_tokens < 1:
+        raise ValueError(f"token_counts must be positive integers and context_tokens >= 1; got {token_counts!r} and "
+                         f"{context_tokens!r}")
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, context_tokens + max(token_counts)), generator=generator).to(device)
+    rows = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        allow_crop(cache)
+        model(ids[:, :context_tokens], cache=cache, use_cache=True)  # transformers 5 names the KV cache `cache`
+        for k in token_counts:
+            new = ids[:, context_tokens: context_tokens + k]
+
+            def step(new: torch.LongTensor = new) -> None:
+                model(new, cache=cache, use_cache=True)
+                crop_cache(cache, context_tokens)
+
+            rows.append({"tokens": k, "ms": 1e3 * time_call(step, min_run_time)})
+    one = next((r["ms"] for r in rows if r["tokens"] == 1), rows[0]["ms"] / rows[0]["tokens"])
+    return [{**row, "x_one_token": row["ms"] / one} for row in rows]
