@@ -282,7 +282,7 @@ if trained_model:
     display(side_by_side[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
                           "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
                           "n_prompts"]].round(3))
-    fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
     for ax, (exits, group) in zip(axes, side_by_side.groupby("exits", sort=False), strict=True):
         plots.speed_quality(ax, group)
         ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
