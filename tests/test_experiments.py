@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from effllm import metrics
+from effllm import data, metrics
 from effllm.decoding import Calm, Full, Skip, StaticExit, decode
 from effllm.experiments import evaluate, prompts, stats
 from effllm.experiments.frontier import FrontierTable
@@ -105,14 +105,25 @@ def test_mean_ci_and_paired_difference():
     assert stats.ratio_summary([1.2, 0.8, 1.0]) == {"median": 1.0, "min": 0.8, "max": 1.2}
 
 
-def test_answer_examples_follow_the_evaluation_prompts(tiny):
+def test_answer_examples_come_from_the_train_split_and_never_share_an_evaluation_item(tiny):
     _, tokenizer = tiny
     test = prompts.task_prompts(tokenizer, "arithmetic", 3, fmt="plain")
     examples = prompts.answer_examples(tokenizer, "arithmetic", 2, offset=3, fmt="plain")
+    train = prompts.task_prompts(tokenizer, "arithmetic", 2, offset=3, fmt="plain", split="train")
     assert [p.index for p in test] == [0, 1, 2]
-    for ids, mask in examples:
+    for (ids, mask), source in zip(examples, train, strict=True):
+        assert torch.equal(ids[:, : source.input_ids.shape[1]], source.input_ids)  # the train split's items
         assert mask.any() and not any(torch.equal(ids[:, : p.input_ids.shape[1]], p.input_ids) for p in test
                                       if p.input_ids.shape[1] <= ids.shape[1])
+    # more examples than the 48-item test split has (notebook 03's default asks for 48 after 12 prompts)
+    assert len(prompts.answer_examples(tokenizer, "arithmetic", 60, offset=12, fmt="plain")) == 60
+    # a test-only set (HumanEval) falls back to its evaluation split, past the evaluation prompts
+    [(ids, _)] = prompts.answer_examples(tokenizer, "humaneval", 1, offset=5, fmt="plain", max_len=4096)
+    fifth = prompts.task_prompts(tokenizer, "humaneval", 1, offset=5, fmt="plain")[0]
+    assert torch.equal(ids[:, : fifth.input_ids.shape[1]], fifth.input_ids)
+    assert data.splits("humaneval") == ("test",) and "train" in data.splits("arithmetic")
+    with pytest.raises(ValueError, match="Unknown data set"):
+        data.splits("no-such-set")
 
 
 def test_completion_with_a_policy_is_the_policys_decoding(tiny):
