@@ -38,6 +38,7 @@ from effllm import models, plots
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Free, SelfSpec, StaticExit
+from effllm.decoding.speculative import expected_speedup
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
 from effllm.experiments.timing import device_description
@@ -178,7 +179,7 @@ display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "
                        "acceptance_rate", "n_prompts"]].round(3))
 
 # %%
-fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
     plots.speed_quality(ax, group)
@@ -223,8 +224,11 @@ def exit_map(layer, hidden):
 grid = run_policies(model, tokenizer, prompts[:spec_prompts], grid_settings, max_new_tokens, exit_transform=exit_map,
                     rounds=rounds).summary
 grid = grid[grid.method == "self-spec"].copy()
-display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "speedup_vs_hf",
-              "speedup_vs_hf_min", "speedup_vs_hf_max", "identical_to_full", "n_prompts"]].round(3))
+# what the measured acceptance allows with verification as cheap as one token (the bound of this round structure)
+grid["bound_at_this_acceptance"] = [expected_speedup(r.acceptance_rate, int(r.num_draft_tokens),
+                                                     int(r.draft_exit_layer), L) for r in grid.itertuples()]
+display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "bound_at_this_acceptance",
+              "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "identical_to_full", "n_prompts"]].round(3))
 fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
 for layer, rows in grid.groupby("draft_exit_layer"):
     rows = rows.sort_values("num_draft_tokens")
@@ -243,7 +247,17 @@ plots.caption(fig, model=f"{model_name}-ee", data=prompt_data,
               extra=f"n = {spec_prompts} prompts x {max_new_tokens} tokens, {rounds} rounds · {machine}")
 plots.save_figure(fig, "08_acceptance", table=grid)
 
+# %%
+for layer in draft_layers:
+    if layer < L:
+        best = max(expected_speedup(1.0, g, layer, L) for g in draft_lengths)
+        print(f"drafts at layer {layer}: even with every draft accepted and verification as cheap as one token, at "
+              f"most {best:.2f}x full-depth decoding (draft lengths {draft_lengths})")
+
 # %% [markdown]
 # Every row's `identical_to_full` is 1: self-speculation never changes the output, whatever its drafts. Whether it
 # is faster is the acceptance rate against the draft's cost: a deeper draft is accepted more often but costs more
-# per drafted token, and a longer draft pays off only while the acceptance stays high.
+# per drafted token, and a longer draft pays off only while the acceptance stays high. `bound_at_this_acceptance` is
+# the speed-up over full-depth decoding that the measured acceptance allows if verifying g + 1 tokens cost what one
+# token costs (`effllm.decoding.speculative.expected_speedup`); the measured speed falls below it by what
+# verification and the draft's own bookkeeping really cost on this machine (`python -m effllm.bench decode-profile`).

@@ -292,3 +292,27 @@ def test_a_model_left_half_pruned_is_refused_by_decoding():
     mark_incomplete(model, "pruning (wanda) was interrupted at layer 1 of 4 by KeyboardInterrupt; reload the model")
     with pytest.raises(IncompleteModelError, match="cannot decode: pruning .wanda. was interrupted at layer 1"):
         decode(model, _prompt(7), 3, Full())
+
+
+def test_expected_speculative_speedup_matches_a_simulation_of_rounds():
+    import numpy as np
+
+    from effllm.decoding.speculative import expected_speedup
+
+    # the ends: nothing accepted -> one token for (g + 1) E / L + (L - E) / L of a token; everything -> g + 1 tokens
+    assert expected_speedup(0.0, 4, 20, 30) == pytest.approx(1 / (5 * 20 / 30 + 10 / 30))
+    assert expected_speedup(1.0, 4, 20, 30) == pytest.approx(5 / (5 * 20 / 30 + 10 / 30))
+    # a straightforward simulation of rounds: accept each draft with probability a until the first rejection
+    rng = np.random.default_rng(0)
+    for a, g, e, v in [(0.34, 4, 20, 1.0), (0.8, 4, 10, 1.5), (0.5, 2, 15, 1.0)]:
+        rounds = 20000
+        accepted = (rng.random((rounds, g)) < a).cumprod(axis=1).sum(axis=1)  # the accepted prefix's length
+        tokens = (accepted + 1).sum()
+        cost = rounds * ((g + 1) * e / 30 + (30 - e) / 30 * v)
+        assert expected_speedup(a, g, e, 30, v) == pytest.approx(tokens / cost, rel=0.02)
+    # at layer 20 of 30 four drafts cannot reach 1.5x even if every draft were accepted and verifying were free
+    assert expected_speedup(1.0, 4, 20, 30) < 1.5
+    with pytest.raises(ValueError, match="acceptance"):
+        expected_speedup(1.2, 4, 20, 30)
+    with pytest.raises(ValueError, match="draft_layer"):
+        expected_speedup(0.5, 4, 30, 30)

@@ -103,3 +103,25 @@ class SelfSpecStrategy(Strategy):
         emitted = [Emitted(t, self.n_layers, every) for t in tokens]
         emitted[0].flops, emitted[0].seconds = flops, draft_seconds  # the round's drafting cost, once
         return StepResult(emitted)
+
+
+def expected_speedup(acceptance: float, draft_length: int, draft_layer: int, n_layers: int,
+                     verify_cost: float = 1.0) -> float:
+    """Self-speculation's speed-up over full-depth decoding if each draft is accepted with probability
+    ``acceptance``, independently (Leviathan et al. 2023): a round of g = ``draft_length`` drafts at layer E =
+    ``draft_layer`` of L emits (1 - a^(g+1)) / (1 - a) tokens and costs g E / L + E / L + (L - E) / L x
+    ``verify_cost`` full tokens (g + 1 draft-depth passes, then the deep layers once over g + 1 tokens, which cost
+    ``verify_cost`` times one token's: 1 where verifying is as cheap as decoding one token, more where it is not).
+    With ``verify_cost`` 1 it is an upper bound for this round structure at that acceptance."""
+    from effllm import checks
+
+    checks.fraction("acceptance", acceptance)
+    checks.positive_int("draft_length", draft_length)
+    checks.layer("draft_layer", draft_layer, n_layers, high=n_layers - 1)
+    if not verify_cost > 0:
+        raise ValueError(f"verify_cost must be > 0 (the deep layers' cost over g + 1 tokens in one-token units); "
+                         f"got {verify_cost!r}")
+    g, a = draft_length, acceptance
+    tokens = g + 1 if a == 1 else (1 - a ** (g + 1)) / (1 - a)
+    cost = (g + 1) * draft_layer / n_layers + (n_layers - draft_layer) / n_layers * verify_cost
+    return tokens / cost
