@@ -621,6 +621,18 @@ def _not_available(name: str, reason: str) -> DataNotAvailableError:
     )
 
 
+def splits(name: str) -> tuple[str, ...]:
+    """The splits data set ``name`` has (a hub set's as listed in ``HUB``; empty where effllm does not know them)."""
+    name = canonical_name(name)
+    if name in BUILTIN:
+        return BUILTIN[name].splits
+    if name in HUB:
+        return HUB[name].splits
+    if _is_hub_id(name):
+        return ()
+    raise ValueError(f"Unknown data set {name!r}. Allowed names: {_allowed_names()}.")
+
+
 def _default_split(name: str) -> str:
     if name in BUILTIN:
         return BUILTIN[name].splits[0]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+import string
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -187,6 +189,42 @@ def token_rouge_l(prediction: Sequence[int], reference: Sequence[int]) -> float:
         return " ".join(f"t{int(i)}" for i in ids)
 
     return rouge([words(prediction)], [words(reference)], types=("rougeL",), use_stemmer=False)["rougeL"]
+
+
+# --------------------------------------------------------------------------------------------------
+# SQuAD exact match and F1. By hand, following the official SQuAD v1.1 evaluation script (normalise: lower case,
+# drop punctuation and the articles a / an / the, collapse white space; F1 over the bag of normalised words; the best
+# over the gold answers): `evaluate.load("squad")` fetches that script from the hub, and the formula is ten lines.
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_normalize(text: str) -> str:
+    """The SQuAD v1.1 answer normalisation."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _squad_f1(prediction: str, gold: str) -> float:
+    predicted, expected = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    common = sum((Counter(predicted) & Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    """``{"exact_match", "f1"}`` (0-1) of one predicted answer against SQuAD's gold ``answers`` (the best of
+    them, as the official script scores)."""
+    if isinstance(answers, str):
+        answers = [answers]
+    if not answers:
+        raise ValueError("squad_scores needs at least one gold answer; got none")
+    return {"exact_match": float(max(squad_normalize(prediction) == squad_normalize(a) for a in answers)),
+            "f1": max(_squad_f1(prediction, a) for a in answers)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from effllm.data import calibration as calibration_windows
 from effllm.decoding import AdaptiveThreshold, Calm, Free, StaticExit, decode
 from effllm.experiments.analyses import exit_histogram, token_exits
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
-from effllm.experiments.runs import run_policies
+from effllm.experiments.runs import reference_quality, run_policies
 from effllm.experiments.timing import device_description
 from effllm.lens import cached_linear_exits, fit_meta_classifier, logit_lens_agreement
 from effllm.ltt import calibrate_threshold, disagreement
@@ -192,6 +192,17 @@ display(curve[["label", "method", "threshold", "speedup_vs_hf", "speedup_vs_hf_m
                "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
                "identical_to_full"]].round(3))
 
+# %% [markdown]
+# Against the tasks' own reference answers (the seeds report these: ROUGE-L against SAMSum's summaries, SQuAD exact
+# match and F1 against every gold answer), per task, with n and the 95% interval. On the built-in prompts the
+# references are the arithmetic answers and HumanEval's canonical solutions; a 12-token continuation is scored as it
+# stands, so these numbers compare settings with one another, not with the papers' tables.
+
+# %%
+by_reference = reference_quality(run.items, prompts)
+plots.save_table(by_reference, "01_reference_quality")
+display(by_reference[[c for c in by_reference.columns if c != "method"]].round(3))
+
 # %%
 shown = curve[curve.method != "hf"]
 fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8))
@@ -271,7 +282,7 @@ if trained_model:
     display(side_by_side[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
                           "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
                           "n_prompts"]].round(3))
-    fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharey=True)
+    fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
     for ax, (exits, group) in zip(axes, side_by_side.groupby("exits", sort=False), strict=True):
         plots.speed_quality(ax, group)
         ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)

@@ -168,8 +168,8 @@ with pd.option_context("display.max_colwidth", None):
 # `paper` profile adds MBPP pass@1 (3-shot, confined execution), 8-shot GSM8K, and translation (WMT14 en-fr)
 # scored by METEOR on the best of 5 samples. nltk's METEOR normally also matches WordNet synonyms; WordNet's data
 # is a separate download that cannot be packaged, so without it METEOR matches exact words and Porter stems only
-# (for French output English synonyms would rarely apply anyway), and chrF (sacrebleu, no data needed) is
-# reported beside it.
+# (for French output English synonyms would rarely apply anyway), and chrF and sentence BLEU (sacrebleu, no data
+# needed; the best of the same samples) are reported beside it.
 
 # %%
 bank = domains.SubModelBank(model)

@@ -24,3 +24,22 @@ def test_results_are_written_atomically(tmp_path):
     out = bench.write_result({"rows": [1, 2]}, tmp_path / "r.json", "unused.json")
     assert json.loads(out.read_text()) == {"rows": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left beside it
+
+
+def test_decode_profile_writes_its_groups_beside_the_floor(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert bench.main(["decode-profile", "--model", "tiny-llama", "--steps", "2", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny-llama" and result["steps"] == 2 and result["weight_read_floor"]["ms_per_token"] > 0
+    where = [row["where"] for row in result["rows"]]
+    assert where[-2:] == ["whole step (profiled)", "weight-read floor (matmuls alone)"]
+    assert set(where[:-2]) == set(result["groups"])
+    assert "matmul (linear layers and head)" in capsys.readouterr().out
+    cost = result["forward_cost"]["rows"]
+    assert [row["tokens"] for row in cost] == [1, 2, 4, 8, 16] and cost[0]["x_one_token"] == 1.0
+    assert all(row["ms"] > 0 for row in cost)
+    with pytest.raises(SystemExit):
+        bench.main(["decode-profile", "--model", "tiny-llama", "--steps", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main(["decode-profile", "--model", "tiny-llama", "--token-counts", "1,x", "--out", str(out)])

@@ -44,9 +44,15 @@ def test_skipping_claim_reads_the_paired_items(tmp_path):
     items.to_csv(tmp_path / "03_generation_items.csv", index=False)
     claim = claims.skipping_beats_early_exit(tmp_path)
     pivot = items.pivot(index="prompt", columns="label", values="rougeL_vs_full")
-    # the middle budget of the sorted labels "10/30", "15/30", "5/30" is "15/30"
+    # the budget nearest half the depth: 15/30 (a text sort would put "5/30" after "15/30")
     assert claim.measured == pytest.approx((pivot["skipping 15/30"] - pivot["early exit 15/30"]).mean())
     assert claim.verdict == claims.HOLDS and claim.n == 40
+    # four budgets of 24 layers; sorted as text ("12/24", "20/24", "4/24", "8/24") the middle would be 4/24
+    items = _items({f"{mode} {n}/24": (0.5 if (mode, n) == ("skipping", 12) else 0.1, 0.05)
+                    for mode in ("skipping", "early exit") for n in (4, 8, 12, 20)})
+    items.to_csv(tmp_path / "03_generation_items.csv", index=False)
+    claim = claims.skipping_beats_early_exit(tmp_path)
+    assert "'skipping 12/24' vs 'early exit 12/24'" in claim.source and claim.verdict == claims.HOLDS
 
 
 def test_oracle_claim_equals_a_brute_force_count(tmp_path):

@@ -340,6 +340,9 @@ def test_translation_best_of_keeps_each_items_best_sample(model_and_tokenizer):
                                                                result["chrf_items"], strict=True):
         assert best_meteor == max(evaluate.meteor(o, reference) for o in outputs)
         assert best_chrf == max(sacrebleu.sentence_chrf(o, [reference]).score for o in outputs)
+    for outputs, (_, reference), best_bleu in zip(result["outputs"], pairs, result["bleu_items"], strict=True):
+        assert best_bleu == max(sacrebleu.sentence_bleu(o, [reference]).score for o in outputs)
     assert result["meteor"] == pytest.approx(sum(result["meteor_items"]) / 3)
+    assert result["bleu"] == pytest.approx(sum(result["bleu_items"]) / 3)
     with pytest.raises(ValueError, match="Unknown translation set 'iwslt2017'"):
         evaluate.translation_pairs("iwslt2017")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from effllm import metrics
+from effllm import data, metrics
 from effllm.decoding import Calm, Full, Skip, StaticExit, decode
 from effllm.experiments import evaluate, prompts, stats
 from effllm.experiments.frontier import FrontierTable
-from effllm.experiments.runs import normalize_settings, run_policies
+from effllm.experiments.runs import normalize_settings, reference_quality, run_policies
 from effllm.models import tiny_model
 
 
@@ -39,6 +39,46 @@ def test_run_policies_times_a_subset_and_scores_every_prompt(tiny):
             <= summary.loc[label, "rougeL_vs_full_ci_high"]
 
 
+def test_run_policies_scores_squad_answers_up_to_the_end_of_sequence(tiny):
+    model, tokenizer = tiny
+    base = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
+    run = run_policies(model, tokenizer, base, [StaticExit(2)], 6, hf=False, progress=False)
+    texts = run.items[run.items.label == "full"].text.tolist()
+    # gold answers: the full model's own first new token for prompt 0 (EM 1 however the text goes on), and a word
+    # it does not say for prompt 1
+    first = run.outputs["full"][0].new_tokens(0)[0]
+    answer0 = tokenizer.decode(first[:1], skip_special_tokens=True).strip().split("\n")[0]
+    squad = [prompts.Prompt(p.input_ids, p.text, "x", "squad", i, answers)
+             for i, (p, answers) in enumerate(zip(base, [(answer0 or "x",), ("zzzz-not-said",)], strict=True))]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = int(first[1])  # the second new token ends the answer: the first is it
+    try:
+        scored = run_policies(model, tokenizer, squad, [StaticExit(2)], 6, hf=False, progress=False)
+    finally:
+        model.generation_config.eos_token_id = saved
+    full = scored.items[scored.items.label == "full"].reset_index()
+    assert full.text.tolist() == texts  # decoding itself ran past the end of sequence
+    if answer0:
+        assert full.squad_exact_match[0] == 1.0 and full.squad_f1[0] == 1.0
+    assert full.squad_exact_match[1] == 0.0
+    summary = scored.summary.set_index("label")
+    assert summary.loc["full", "squad_f1"] == pytest.approx(full.squad_f1.mean())
+    assert summary.loc["full", "squad_f1_ci_low"] <= summary.loc["full", "squad_f1"] <= summary.loc["full",
+                                                                                                    "squad_f1_ci_high"]
+    assert "squad_f1" not in run.summary  # prompts without gold answers get no SQuAD columns
+    # per task: the same means as the items, SQuAD columns only for SQuAD
+    table = reference_quality(scored.items, squad).set_index(["task", "label"])
+    assert table.loc[("squad", "full"), "squad_f1"] == pytest.approx(full.squad_f1.mean())
+    assert table.loc[("squad", "full"), "n_prompts"] == 2
+    builtin = reference_quality(run.items, base)
+    assert set(builtin.task) == {"arithmetic", "humaneval"} and "squad_f1" not in builtin
+    one = builtin.set_index(["task", "label"]).loc[("arithmetic", "full")]
+    assert one.n_prompts == 1 and one.rougeL_vs_reference == pytest.approx(
+        metrics.rouge_l([texts[0]], [base[0].reference]))
+    with pytest.raises(ValueError, match="do not have"):
+        reference_quality(run.items, base[:1])
+
+
 def test_settings_need_unique_labels_and_policies():
     with pytest.raises(ValueError, match="used twice"):
         normalize_settings([("a", Full()), ("a", StaticExit(2))])
@@ -65,14 +105,25 @@ def test_mean_ci_and_paired_difference():
     assert stats.ratio_summary([1.2, 0.8, 1.0]) == {"median": 1.0, "min": 0.8, "max": 1.2}
 
 
-def test_answer_examples_follow_the_evaluation_prompts(tiny):
+def test_answer_examples_come_from_the_train_split_and_never_share_an_evaluation_item(tiny):
     _, tokenizer = tiny
     test = prompts.task_prompts(tokenizer, "arithmetic", 3, fmt="plain")
     examples = prompts.answer_examples(tokenizer, "arithmetic", 2, offset=3, fmt="plain")
+    train = prompts.task_prompts(tokenizer, "arithmetic", 2, offset=3, fmt="plain", split="train")
     assert [p.index for p in test] == [0, 1, 2]
-    for ids, mask in examples:
+    for (ids, mask), source in zip(examples, train, strict=True):
+        assert torch.equal(ids[:, : source.input_ids.shape[1]], source.input_ids)  # the train split's items
         assert mask.any() and not any(torch.equal(ids[:, : p.input_ids.shape[1]], p.input_ids) for p in test
                                       if p.input_ids.shape[1] <= ids.shape[1])
+    # more examples than the 48-item test split has (notebook 03's default asks for 48 after 12 prompts)
+    assert len(prompts.answer_examples(tokenizer, "arithmetic", 60, offset=12, fmt="plain")) == 60
+    # a test-only set (HumanEval) falls back to its evaluation split, past the evaluation prompts
+    [(ids, _)] = prompts.answer_examples(tokenizer, "humaneval", 1, offset=5, fmt="plain", max_len=4096)
+    fifth = prompts.task_prompts(tokenizer, "humaneval", 1, offset=5, fmt="plain")[0]
+    assert torch.equal(ids[:, : fifth.input_ids.shape[1]], fifth.input_ids)
+    assert data.splits("humaneval") == ("test",) and "train" in data.splits("arithmetic")
+    with pytest.raises(ValueError, match="Unknown data set"):
+        data.splits("no-such-set")
 
 
 def test_completion_with_a_policy_is_the_policys_decoding(tiny):
@@ -103,3 +154,37 @@ def test_frontier_table_rows(tiny):
     with pytest.raises(ValueError, match="no row labelled 'pruned'"):
         table.add_decoder("x", "skip", model, Skip("static", budget=0.5), "pruned")
     assert list(table.frame().method) == ["dense", "skip half"]
+
+
+def test_decode_step_profile_accounts_for_the_whole_step(tiny):
+    from effllm.experiments.timing import OP_GROUPS, _op_group, decode_step_profile
+
+    model, tokenizer = tiny
+    ids = prompts.task_prompts(tokenizer, "builtin", 1, fmt="plain")[0].input_ids
+    result = decode_step_profile(model, ids, steps=4, repeats=1)
+    groups = result["groups"]
+    assert result["ms_per_token"] > 0 and result["steps"] == 4
+    matmul = next(iter(OP_GROUPS))
+    runs = result["seconds"]
+    assert set(runs) == {"prompt pass", "prompt pass + 4 steps"}
+    assert all(run[matmul] > 0 for run in runs.values())  # the linear layers' matmuls ran and were seen
+    assert groups[matmul] == pytest.approx(
+        max(0.0, 1e3 * (runs["prompt pass + 4 steps"][matmul] - runs["prompt pass"][matmul]) / 4))
+    assert all(v >= 0 for v in groups.values())
+    assert "outside aten operators (Python, dispatch, profiler)" in groups
+    assert _op_group("aten::addmm") == _op_group("aten::mm") == "matmul (linear layers and head)"
+    assert _op_group("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention kernel"
+    assert _op_group("aten::mul").startswith("other operators") and _op_group("ProfilerStep#1") == "other"
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        decode_step_profile(model, ids, steps=0)
+
+
+def test_forward_cost_sees_the_same_context_every_call(tiny):
+    from effllm.experiments.timing import forward_cost
+
+    model, _ = tiny
+    rows = forward_cost(model, context_tokens=16, token_counts=(1, 4), min_run_time=0.01)
+    assert [r["tokens"] for r in rows] == [1, 4] and rows[0]["x_one_token"] == 1.0
+    assert rows[1]["x_one_token"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
+    with pytest.raises(ValueError, match="token_counts must be positive integers"):
+        forward_cost(model, token_counts=(0,))

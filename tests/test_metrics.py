@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from effllm import metrics
 from effllm.metrics import (
     check_completion,
     pass_at_k,
@@ -231,3 +232,21 @@ def test_pass_at_k_matches_closed_form():
     assert [row["passed"] for row in result["samples"][:5]] == [True, False, True, False, False]
     with pytest.raises(ValueError, match="pass@6 needs at least 6"):
         pass_at_k([problem], {"toy/add": [right] * 5}, k=6)
+
+
+def test_squad_scores_follow_the_official_v1_1_script():
+    # normalisation: case, punctuation and the articles a / an / the do not count
+    assert metrics.squad_normalize("The  Eiffel Tower!") == "eiffel tower"
+    assert metrics.squad_scores("The Eiffel Tower!", ["eiffel tower"]) == {"exact_match": 1.0, "f1": 1.0}
+    # "paris france" vs "paris": precision 1/2, recall 1 -> F1 2/3; no exact match
+    scores = metrics.squad_scores("in Paris, France", ["Paris"])
+    assert scores["exact_match"] == 0.0 and scores["f1"] == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))
+    # the best gold answer counts, for each measure
+    scores = metrics.squad_scores("Denver Broncos", ["Broncos", "the Denver Broncos", "Carolina"])
+    assert scores == {"exact_match": 1.0, "f1": 1.0}
+    assert metrics.squad_scores("Carolina Panthers", ["Broncos"])["f1"] == 0.0
+    # repeated words count as often as both sides have them (bag of words, not a set)
+    assert metrics.squad_scores("the the cat cat", ["cat"])["f1"] == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert metrics.squad_scores("", [""]) == {"exact_match": 1.0, "f1": 1.0}
+    with pytest.raises(ValueError, match="at least one gold answer"):
+        metrics.squad_scores("x", [])

@@ -85,6 +85,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def eos_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None = None,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """The end-of-sequence ids decoding stops at: ``eos_token_id``, else the model's generation config's."""
+    return _eos_tensor(model, eos_token_id, torch.device(device))
+
+
 def _eos_tensor(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor:
     if eos_token_id is None:
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

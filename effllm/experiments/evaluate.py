@@ -267,9 +267,9 @@ def translation_best_of(
 ) -> dict[str, Any]:
     """Seed 002's translation score: for each of the first ``problems`` English sentences of ``task``, ``samples``
     sampled French translations (chat prompt; temperature and top-p sampling, seeded), each scored against the
-    reference, the best kept. Returns ``{"meteor", "chrf", "n", "meteor_items", "chrf_items", "outputs",
-    "wordnet"}``: mean best METEOR (:func:`meteor`) and mean best chrF (sacrebleu, 0-100, needs no data), their
-    per-item values, the samples, and whether METEOR had WordNet's synonyms."""
+    reference, the best kept. Returns ``{"meteor", "chrf", "bleu", "n", "meteor_items", "chrf_items", "bleu_items",
+    "outputs", "wordnet"}``: mean best METEOR (:func:`meteor`), mean best chrF and mean best sentence BLEU (sacrebleu,
+    0-100, need no data), their per-item values, the samples, and whether METEOR had WordNet's synonyms."""
     import sacrebleu
 
     from effllm.models import chat_input_ids
@@ -297,8 +297,11 @@ def translation_best_of(
     meteor_items = [max(meteor(h, ref) for h in hypotheses) for hypotheses, (_, ref) in zip(outputs, pairs, strict=True)]
     chrf_items = [max(sacrebleu.sentence_chrf(h, [ref]).score for h in hypotheses)
                   for hypotheses, (_, ref) in zip(outputs, pairs, strict=True)]
-    return {"meteor": sum(meteor_items) / len(pairs), "chrf": sum(chrf_items) / len(pairs), "n": len(pairs),
-            "meteor_items": meteor_items, "chrf_items": chrf_items, "outputs": outputs, "wordnet": _wordnet()[1]}
+    bleu_items = [max(sacrebleu.sentence_bleu(h, [ref]).score for h in hypotheses)
+                  for hypotheses, (_, ref) in zip(outputs, pairs, strict=True)]
+    return {"meteor": sum(meteor_items) / len(pairs), "chrf": sum(chrf_items) / len(pairs),
+            "bleu": sum(bleu_items) / len(pairs), "n": len(pairs), "meteor_items": meteor_items,
+            "chrf_items": chrf_items, "bleu_items": bleu_items, "outputs": outputs, "wordnet": _wordnet()[1]}
 
 
 @dataclass
@@ -395,7 +398,7 @@ def evaluate_submodel_items(
         result = translation_best_of(model, tokenizer, s.translation_task, s.translation_problems,
                                      s.translation_max_new_tokens, s.translation_samples, s.batch_size, s.seed,
                                      progress=progress)
-        for name in ("meteor", "chrf"):
+        for name in ("meteor", "chrf", "bleu"):
             summary[f"{s.translation_task}_{name}"] = result[name]
             items += _item_rows(f"{s.translation_task}_{name}", result[f"{name}_items"])
     for task in s.zero_shot_tasks:
@@ -415,6 +418,6 @@ def evaluate_submodel(
 ) -> dict[str, float]:
     """Every domain metric of one (sub-)model, as a flat dict:
     ``ppl_<domain>`` (held-out perplexity), ``humaneval_pass@1``, ``mbpp_pass@1``, ``<math_task>_em``,
-    ``<translation_task>_meteor`` / ``_chrf`` (best of k samples), ``zs_<task>`` (lm-eval zero-shot accuracy) and
+    ``<translation_task>_meteor`` / ``_chrf`` / ``_bleu`` (best of k samples), ``zs_<task>`` (lm-eval zero-shot accuracy) and
     ``zs_<task>_norm`` (its length-normalised variant); each only where its settings ask for it."""
     return evaluate_submodel_items(model, tokenizer, settings, progress).summary

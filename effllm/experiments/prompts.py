@@ -44,9 +44,10 @@ class Prompt:
     reference: str | None
     task: str
     index: int  # the item's index in the task's split
+    answers: tuple[str, ...] = ()  # every gold answer where a task has several (SQuAD); else empty
 
     def to(self, device: str | torch.device) -> Prompt:
-        return Prompt(self.input_ids.to(device), self.text, self.reference, self.task, self.index)
+        return Prompt(self.input_ids.to(device), self.text, self.reference, self.task, self.index, self.answers)
 
 
 def prompt_format(model: torch.nn.Module, tokenizer: Any, model_name: str = "") -> str:
@@ -112,9 +113,9 @@ def _item(task: str, row: dict[str, Any], fmt: str) -> tuple[str, str | None, bo
 
 
 def task_prompts(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = "chat",
-                 max_tokens: int = MAX_PROMPT_TOKENS) -> list[Prompt]:
+                 max_tokens: int = MAX_PROMPT_TOKENS, split: str | None = None) -> list[Prompt]:
     """``n`` prompts of ``task``: items ``offset``..``offset + n - 1`` of its evaluation split (see
-    ``TASK_SPLITS``). ``builtin`` alternates arithmetic questions and HumanEval prompts (item i: arithmetic
+    ``TASK_SPLITS``; ``split`` picks another). ``builtin`` alternates arithmetic questions and HumanEval prompts (item i: arithmetic
     i // 2 for even i, HumanEval i // 2 for odd i). Longer prompts keep their last ``max_tokens`` tokens."""
     checks.choice("prompt data", task, PROMPT_DATA)
     checks.choice("prompt format", fmt, PROMPT_FORMATS)
@@ -125,26 +126,31 @@ def task_prompts(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = 
         picked = {}
         for name, parity in (("arithmetic", 0), ("humaneval", 1)):
             index = [i // 2 for i in items if i % 2 == parity]
-            picked[parity] = iter(task_prompts(tokenizer, name, len(index), index[0], fmt, max_tokens) if index else [])
+            picked[parity] = iter(task_prompts(tokenizer, name, len(index), index[0], fmt, max_tokens, split)
+                                  if index else [])
         return [next(picked[i % 2]) for i in items]
-    split = TASK_SPLITS[task]
+    split = split or TASK_SPLITS[task]
     rows = data.load(task, split)
     if offset + n > len(rows):
         raise ValueError(f"{task} ({split}) has {len(rows)} items; asked for items {offset}..{offset + n - 1}")
     prompts = []
     for index, row in zip(range(offset, offset + n), rows.select(range(offset, offset + n)), strict=True):
         text, reference, chat = _item(task, row, fmt)
-        prompts.append(Prompt(_encode(tokenizer, text, fmt, chat, max_tokens), text, reference, task, index))
+        answers = tuple(row["answers"]["text"]) if task == "squad" else ()
+        prompts.append(Prompt(_encode(tokenizer, text, fmt, chat, max_tokens), text, reference, task, index, answers))
     return prompts
 
 
-def answer_examples(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = "chat", max_len: int = 256
-                    ) -> list[tuple[torch.LongTensor, torch.Tensor]]:
+def answer_examples(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = "chat", max_len: int = 256,
+                    split: str | None = None) -> list[tuple[torch.LongTensor, torch.Tensor]]:
     """(input_ids [1, m], label_mask [1, m]) training pairs (skip controllers, exit training): prompt, then the
-    reference answer and the end-of-sequence token as labels, cut to ``max_len`` tokens. Use an ``offset``
-    past the evaluation prompts so that the two never share an item."""
+    reference answer and the end-of-sequence token as labels, cut to ``max_len`` tokens. From the task's train
+    split where it has one (None), else from its evaluation split: then use an ``offset`` past the evaluation
+    prompts so that the two never share an item."""
+    if split is None:
+        split = "train" if "train" in data.splits(task) else TASK_SPLITS[task]
     examples = []
-    for item in task_prompts(tokenizer, task, n, offset=offset, fmt=fmt):
+    for item in task_prompts(tokenizer, task, n, offset=offset, fmt=fmt, split=split):
         answer = tokenizer(item.reference or "", add_special_tokens=False, return_tensors="pt").input_ids
         eos = torch.tensor([[tokenizer.eos_token_id]]) if tokenizer.eos_token_id is not None else answer[:, :0]
         ids = torch.cat([item.input_ids, answer, eos], dim=1)[:, :max_len]

@@ -135,6 +135,28 @@ def run_times_block(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def decode_profile_block(results: Path) -> str:
+    """Where a full-depth decode step's time goes (``python -m effllm.bench decode-profile``), per model and dtype,
+    beside the weight-read floor measured in the same run."""
+    parts = []
+    for path in sorted(results.glob("decode_profile_*.json")):
+        result = _load(path)
+        if not result or "rows" not in result:
+            continue
+        lines = ["| where | ms per token | share of the step |", "|---|---|---|"]
+        lines += [f"| {row['where']} | {_fmt(row['ms_per_token'])} | {_fmt(row['share'])} |" for row in result["rows"]]
+        cost = result.get("forward_cost", {})
+        if cost.get("rows"):
+            lines += ["", f"One full-depth forward over k new tokens after {cost['context_tokens']} cached tokens "
+                          "(what verifying k drafted tokens, or FREE's synchronized pass over k deferred tokens, costs):",
+                      "", "| k | ms | x one token |", "|---|---|---|"]
+            lines += [f"| {row['tokens']} | {_fmt(row['ms'])} | {_fmt(row['x_one_token'])} |" for row in cost["rows"]]
+        parts.append(f"**{result['model']}**, {result['dtype']}, {result['steps']} steps after a "
+                     f"{result['prompt_tokens']}-token prompt, best of {result['repeats']}; {result['device']} "
+                     f"(`results/{path.name}`):\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(parts) if parts else "(no decode profile in results/ yet)\n"
+
+
 def claims_block(figures: Path) -> str:
     return claims_module.markdown(claims_module.build_claims(figures)) + "\n"
 
@@ -142,6 +164,7 @@ def claims_block(figures: Path) -> str:
 BLOCKS: dict[str, Callable[[Path, Path], str]] = {
     "claims": lambda results, figures: claims_block(figures),
     "early-exit": lambda results, figures: early_exit_block(results),
+    "decode-profile": lambda results, figures: decode_profile_block(results),
     "exit-training": lambda results, figures: training_block(results),
     "compression": lambda results, figures: compression_block(results),
     "run-times": lambda results, figures: run_times_block(results),

@@ -17,7 +17,9 @@ interleaved (a different order each round), and a speed ratio is the median of t
 measured within one round: the machine's drift between rounds cancels out of every ratio.
 
 Quality against the full-depth output is ROUGE-L over token ids and per-position token agreement
-(:func:`effllm.metrics.token_rouge_l`); against a task's reference answer it is ROUGE-L over text.
+(:func:`effllm.metrics.token_rouge_l`); against a task's reference answer it is ROUGE-L over text, and for SQuAD
+prompts also exact match and F1 against every gold answer (`squad_exact_match`, `squad_f1`, the official v1.1
+normalisation) on the answer up to the first end of sequence.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from effllm import checks, metrics
 from effllm.adapters import get_adapter
 from effllm.decoding import DecodeOutput, Full, Policy, decode
+from effllm.decoding.core import eos_ids
 from effllm.experiments.prompts import Prompt, as_ids, generated_ids
 from effllm.experiments.stats import mean_ci, ratio_summary
 
@@ -117,6 +120,8 @@ def run_policies(
         raise ValueError(f"the label {FULL_LABEL!r} is the full-depth reference; give your setting another label")
     ids = as_ids(prompts)
     references = [p.reference if isinstance(p, Prompt) else None for p in prompts]
+    answers = [p.answers if isinstance(p, Prompt) else () for p in prompts]  # SQuAD: every gold answer
+    stop_ids = eos_ids(model)  # where a SQuAD answer ends
     eos = None if stop_at_eos else []
     n_layers = get_adapter(model).num_layers
 
@@ -168,6 +173,14 @@ def run_policies(
                    "identical_to_full": bool(torch.equal(new, reference_ids)),
                    "rougeL_vs_reference": (metrics.rouge_l([text], [references[k]]) if references[k] else float("nan")),
                    "text": text}
+            if answers[k]:
+                # SQuAD's exact match and F1 against every gold answer (the seeds' metric), on the answer the model
+                # gave: its new tokens up to the first end of sequence (decoding ran past it only to equalise the
+                # timed work), first line
+                stops = torch.isin(new, stop_ids.to(new.device)).nonzero()
+                given = tokenizer.decode(new[: int(stops[0]) if len(stops) else len(new)], skip_special_tokens=True)
+                squad = metrics.squad_scores(given.strip().split("\n")[0], answers[k])
+                row.update(squad_exact_match=squad["exact_match"], squad_f1=squad["f1"])
             if not isinstance(output, torch.Tensor):
                 tokens = max(1, len(output.confidence_flops))
                 row.update(confidence_flops_per_token=sum(output.confidence_flops) / tokens,
@@ -189,7 +202,8 @@ def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd
         first = group.iloc[0]
         row = {c: first[c] for c in group.columns
                if c not in ("prompt", "text", "new_tokens", "avg_layers", "rougeL_vs_full", "token_agreement_vs_full",
-                            "identical_to_full", "rougeL_vs_reference", "confidence_flops_per_token",
+                            "identical_to_full", "rougeL_vs_reference", "squad_exact_match", "squad_f1",
+                            "confidence_flops_per_token",
                             "confidence_ms_per_token", "drafted", "accepted", "rollbacks")}
         n_tokens = int(group.new_tokens.sum())
         row.update(n_prompts=len(group), new_tokens=n_tokens, rounds=len(per_round),
@@ -200,8 +214,12 @@ def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd
                 row[f"speedup_{name}"] = spread["median"]
                 row[f"speedup_{name}_min"], row[f"speedup_{name}_max"] = spread["min"], spread["max"]
         row["avg_layers"] = float((group.avg_layers * group.new_tokens).sum() / max(1, n_tokens))
-        for column in ("rougeL_vs_full", "rougeL_vs_reference"):
+        for column in ("rougeL_vs_full", "rougeL_vs_reference", "squad_exact_match", "squad_f1"):
+            if column not in group:
+                continue
             values = group[column].dropna()
+            if column.startswith("squad") and values.empty:
+                continue
             mean, low, high = mean_ci(values.tolist())
             row[column], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = mean, low, high
         row["token_agreement_vs_full"] = float((group.token_agreement_vs_full * group.new_tokens).sum()
@@ -215,5 +233,28 @@ def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd
                                                       / max(1, n_tokens))
             row["confidence_ms_per_token"] = float((group.confidence_ms_per_token * group.new_tokens).sum()
                                                    / max(1, n_tokens))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+REFERENCE_METRICS = ("rougeL_vs_reference", "squad_exact_match", "squad_f1")
+
+
+def reference_quality(items: pd.DataFrame, prompts: Sequence[Prompt]) -> pd.DataFrame:
+    """Quality against the tasks' own reference answers, per task and setting: ROUGE-L over text against the
+    reference (summaries, answers, solutions) and, for SQuAD, exact match and F1 against every gold answer; each
+    the mean over that task's prompts with its 95% bootstrap interval and ``n``. ``items`` is
+    :attr:`RunResult.items` of a run over ``prompts``; tasks keep the order in which the prompts name them."""
+    tasks = {k: p.task for k, p in enumerate(prompts)}
+    if set(items.prompt) - set(tasks):
+        raise ValueError(f"items name prompts {sorted(set(items.prompt) - set(tasks))} that the {len(prompts)} "
+                         f"prompts given do not have")
+    rows = []
+    for (task, label), group in items.assign(task=items.prompt.map(tasks)).groupby(["task", "label"], sort=False):
+        row = {"task": task, "label": label, "method": group.method.iloc[0], "n_prompts": len(group)}
+        for column in REFERENCE_METRICS:
+            values = group[column].dropna().tolist() if column in group else []
+            if values:
+                row[column], row[f"{column}_ci_low"], row[f"{column}_ci_high"] = mean_ci(values)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -117,3 +117,101 @@ def prefill_seconds(model: nn.Module, input_ids: torch.LongTensor, min_run_time:
     """Median seconds of one forward pass over ``input_ids`` [batch, p] (no cache): the prefill cost."""
     with torch.inference_mode():
         return time_call(lambda: model(input_ids, use_cache=False), min_run_time=min_run_time)
+
+
+# aten operators by where a decode step spends its time (their self time; a composite such as aten::linear only
+# dispatches to aten::addmm / aten::mm, which carry the time)
+OP_GROUPS: dict[str, tuple[str, ...]] = {
+    "matmul (linear layers and head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+                                        "aten::_addmm_activation"),
+    "attention kernel": ("scaled_dot_product", "flash_attention", "aten::_softmax", "aten::softmax"),
+}
+
+
+def _op_group(name: str) -> str:
+    for group, names in OP_GROUPS.items():
+        if any(name == n or (not n.startswith("aten::") and n in name) for n in names):
+            return group
+    return "other operators (norms, rotary, cache, copies, argmax)" if name.startswith("aten::") else "other"
+
+
+def decode_step_profile(model: nn.Module, input_ids: torch.LongTensor, steps: int = 16, repeats: int = 3
+                        ) -> dict[str, Any]:
+    """Where the time of one full-depth decode step of :func:`effllm.decoding.decode` goes, by torch.profiler:
+    the self time of every aten operator over ``steps`` greedy tokens, minus a run that only makes the first token
+    (the prompt pass), per token, grouped (:data:`OP_GROUPS`); the rest of the wall time, outside any aten operator,
+    is Python, dispatch and the profiler itself. Best (lowest-total) of ``repeats``. Profiling slows every operator
+    call a little, so compare the groups with one another and with the weight-read floor, not with unprofiled
+    tokens/s. Returns ``{"ms_per_token", "groups": {group: ms per token}, "steps", "profiled": True, "seconds"}``
+    (``seconds``: the two profiled runs' wall and group seconds, from which the per-token numbers are made; a
+    difference that noise makes negative counts as 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from effllm.decoding import Full, decode
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+
+    def measure(new_tokens: int) -> tuple[float, dict[str, float]]:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            decode(model, input_ids, new_tokens, Full(), eos_token_id=[])
+            wall = time.perf_counter() - start
+        groups: dict[str, float] = {}
+        for event in prof.key_averages():
+            group = _op_group(event.key)
+            if group != "other":
+                groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 1e6
+        return wall, groups
+
+    best: dict[str, Any] | None = None
+    with torch.inference_mode():
+        decode(model, input_ids, 2, Full(), eos_token_id=[])  # first-call allocations
+    for _ in range(repeats):
+        prompt_wall, prompt_groups = measure(1)
+        wall, groups = measure(1 + steps)
+        per_token = {g: 1e3 * max(0.0, groups.get(g, 0.0) - prompt_groups.get(g, 0.0)) / steps
+                     for g in sorted(set(groups) | set(prompt_groups))}
+        total = 1e3 * max(0.0, wall - prompt_wall) / steps
+        per_token["outside aten operators (Python, dispatch, profiler)"] = max(0.0, total - sum(per_token.values()))
+        if best is None or total < best["ms_per_token"]:
+            best = {"ms_per_token": total, "groups": per_token, "steps": steps, "profiled": True,
+                    "seconds": {"prompt pass": {"wall": prompt_wall, **prompt_groups},
+                                f"prompt pass + {steps} steps": {"wall": wall, **groups}}}
+    assert best is not None
+    return best
+
+
+def forward_cost(model: nn.Module, context_tokens: int = 128, token_counts: tuple[int, ...] = (1, 2, 4, 8, 16),
+                 min_run_time: float = 0.2, seed: int = 0) -> list[dict[str, Any]]:
+    """Milliseconds of one full-depth forward over k new tokens after a cache of ``context_tokens``: what verifying
+    k drafted tokens costs (self-speculation) and what FREE's synchronized pass over k deferred tokens costs. Each
+    call's new entries are cropped from the cache again, so every call sees the same context; the median of repeated
+    calls (torch.utils.benchmark). Rows ``{"tokens", "ms", "x_one_token"}``."""
+    from transformers import DynamicCache
+
+    from effllm.decoding.early_exit import allow_crop, crop_cache
+
+    checks_ok = all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in token_counts)
+    if not token_counts or not checks_ok or isinstance(context_tokens, bool) or context_tokens < 1:
+        raise ValueError(f"token_counts must be positive integers and context_tokens >= 1; got {token_counts!r} and "
+                         f"{context_tokens!r}")
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, context_tokens + max(token_counts)), generator=generator).to(device)
+    rows = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        allow_crop(cache)
+        model(ids[:, :context_tokens], cache=cache, use_cache=True)  # transformers 5 names the KV cache `cache`
+        for k in token_counts:
+            new = ids[:, context_tokens: context_tokens + k]
+
+            def step(new: torch.LongTensor = new) -> None:
+                model(new, cache=cache, use_cache=True)
+                crop_cache(cache, context_tokens)
+
+            rows.append({"tokens": k, "ms": 1e3 * time_call(step, min_run_time)})
+    one = next((r["ms"] for r in rows if r["tokens"] == 1), rows[0]["ms"] / rows[0]["tokens"])
+    return [{**row, "x_one_token": row["ms"] / one} for row in rows]
