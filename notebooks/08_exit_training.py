@@ -38,7 +38,7 @@ from effllm import models, plots
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Free, SelfSpec, StaticExit
-from effllm.decoding.speculative import expected_speedup
+from effllm.decoding.speculative import expected_speedup, speedup_at_acceptance_rate
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
 from effllm.experiments.timing import device_description
@@ -225,8 +225,8 @@ grid = run_policies(model, tokenizer, prompts[:spec_prompts], grid_settings, max
                     rounds=rounds).summary
 grid = grid[grid.method == "self-spec"].copy()
 # what the measured acceptance allows with verification as cheap as one token (the bound of this round structure)
-grid["bound_at_this_acceptance"] = [expected_speedup(r.acceptance_rate, int(r.num_draft_tokens),
-                                                     int(r.draft_exit_layer), L) for r in grid.itertuples()]
+grid["bound_at_this_acceptance"] = [speedup_at_acceptance_rate(r.acceptance_rate, int(r.num_draft_tokens),
+                                                                int(r.draft_exit_layer), L) for r in grid.itertuples()]
 display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "bound_at_this_acceptance",
               "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "identical_to_full", "n_prompts"]].round(3))
 fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
@@ -259,5 +259,6 @@ for layer in draft_layers:
 # is faster is the acceptance rate against the draft's cost: a deeper draft is accepted more often but costs more
 # per drafted token, and a longer draft pays off only while the acceptance stays high. `bound_at_this_acceptance` is
 # the speed-up over full-depth decoding that the measured acceptance allows if verifying g + 1 tokens cost what one
-# token costs (`effllm.decoding.speculative.expected_speedup`); the measured speed falls below it by what
+# token costs (`effllm.decoding.speculative.speedup_at_acceptance_rate`: 1 + rate x g tokens a round); the measured
+# speed falls below it by what
 # verification and the draft's own bookkeeping really cost on this machine (`python -m effllm.bench decode-profile`).

@@ -297,7 +297,7 @@ def test_a_model_left_half_pruned_is_refused_by_decoding():
 def test_expected_speculative_speedup_matches_a_simulation_of_rounds():
     import numpy as np
 
-    from effllm.decoding.speculative import expected_speedup
+    from effllm.decoding.speculative import expected_speedup, speedup_at_acceptance_rate
 
     # the ends: nothing accepted -> one token for (g + 1) E / L + (L - E) / L of a token; everything -> g + 1 tokens
     assert expected_speedup(0.0, 4, 20, 30) == pytest.approx(1 / (5 * 20 / 30 + 10 / 30))
@@ -310,6 +310,10 @@ def test_expected_speculative_speedup_matches_a_simulation_of_rounds():
         tokens = (accepted + 1).sum()
         cost = rounds * ((g + 1) * e / 30 + (30 - e) / 30 * v)
         assert expected_speedup(a, g, e, 30, v) == pytest.approx(tokens / cost, rel=0.02)
+        # the decoder's rate (accepted prefixes over all drafts) gives the simulated speed exactly, and is below a
+        rate = accepted.sum() / (rounds * g)
+        assert speedup_at_acceptance_rate(rate, g, e, 30, v) == pytest.approx(tokens / cost, rel=1e-9)
+        assert rate < a
     # at layer 20 of 30 four drafts cannot reach 1.5x even if every draft were accepted and verifying were free
     assert expected_speedup(1.0, 4, 20, 30) < 1.5
     with pytest.raises(ValueError, match="acceptance"):

@@ -123,5 +123,26 @@ def expected_speedup(acceptance: float, draft_length: int, draft_layer: int, n_l
                          f"got {verify_cost!r}")
     g, a = draft_length, acceptance
     tokens = g + 1 if a == 1 else (1 - a ** (g + 1)) / (1 - a)
-    cost = (g + 1) * draft_layer / n_layers + (n_layers - draft_layer) / n_layers * verify_cost
-    return tokens / cost
+    return tokens / _round_cost(draft_length, draft_layer, n_layers, verify_cost)
+
+
+def _round_cost(draft_length: int, draft_layer: int, n_layers: int, verify_cost: float) -> float:
+    """One round's cost in full-depth tokens: g + 1 passes through layers 1..E, the deep layers once."""
+    return (draft_length + 1) * draft_layer / n_layers + (n_layers - draft_layer) / n_layers * verify_cost
+
+
+def speedup_at_acceptance_rate(rate: float, draft_length: int, draft_layer: int, n_layers: int,
+                               verify_cost: float = 1.0) -> float:
+    """The same bound from the acceptance rate the decoder reports (``DecodeOutput.accepted / drafted``: accepted
+    prefixes over every drafted token). A round of g drafts emits its accepted prefix plus one token, so it emits
+    1 + rate x g tokens on average, whatever the acceptances' dependence (no independence assumed; the per-draft
+    probability of :func:`expected_speedup` is higher than this rate, which also counts the drafts after a
+    rejection). Costs as there; with ``verify_cost`` 1 an upper bound for the measured speed."""
+    from effllm import checks
+
+    checks.fraction("rate", rate)
+    checks.positive_int("draft_length", draft_length)
+    checks.layer("draft_layer", draft_layer, n_layers, high=n_layers - 1)
+    if not verify_cost > 0:
+        raise ValueError(f"verify_cost must be > 0; got {verify_cost!r}")
+    return (1 + rate * draft_length) / _round_cost(draft_length, draft_layer, n_layers, verify_cost)
