@@ -89,7 +89,9 @@ class LinearExits(torch.nn.Module):
     def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if layer >= self.num_layers:
             return hidden
-        return hidden @ self.weight[layer - 1] + self.bias[layer - 1]
+        # fitted in float32; a bfloat16 model's states are mapped in the maps' precision and handed back in theirs
+        mapped = hidden.to(self.weight.dtype) @ self.weight[layer - 1] + self.bias[layer - 1]
+        return mapped.to(hidden.dtype)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/linear_exits.safetensors`` and its checksummed sidecar (effllm.io), atomically."""

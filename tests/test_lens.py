@@ -105,3 +105,14 @@ def test_meta_classifier_learns_something_and_drives_calm():
     assert (out.exit_layers[0, 1:] == 2).all()
     prob = classifier.bind(model)(3, torch.randn(1, 1, 64))
     assert 0.0 <= float(prob) <= 1.0
+
+
+def test_float32_exits_map_bfloat16_states_in_float32_and_return_bfloat16():
+    torch.manual_seed(0)
+    exits = LinearExits(torch.randn(3, 8, 8), torch.randn(3, 8))
+    hidden = torch.randn(1, 2, 8)
+    out = exits(2, hidden.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    expected = (hidden.to(torch.bfloat16).float() @ exits.weight[1] + exits.bias[1]).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    assert torch.equal(exits(4, hidden.to(torch.bfloat16)), hidden.to(torch.bfloat16))  # the last layer passes
