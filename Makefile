@@ -25,9 +25,14 @@ run: $(STAMP)
 	@# figures/claims.csv and every generated README block (results/, figures/), the run's times included
 	@if [ "$(PROFILE)" = default ]; then $(PY) -m effllm.experiments.readme --run-summary build/default/summary.json; fi
 
+# Both precision paths on any machine: every test in the precision this machine picks (EFFLLM_DTYPE=auto), then
+# the embedded-model tests and the smoke run of every notebook (marker dtype_paths) once more in the other one
+# (float32 where the CPU computes in bfloat16 natively, bfloat16 elsewhere: slower there, but it runs).
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	EFFLLM_DTYPE=auto $(PY) -m pytest -q
+	other=$$($(PY) -m effllm.precision --other) && echo "second pass: EFFLLM_DTYPE=$$other" && \
+	EFFLLM_DTYPE=$$other $(PY) -m pytest -q -m dtype_paths
 
 # JupyterLab on notebooks/. Jupyter refuses to run as root without --allow-root (containers, cloud VMs):
 # given only then. With no display to open a browser on (SSH, containers), the server is started with

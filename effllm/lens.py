@@ -205,7 +205,8 @@ class MetaClassifier(torch.nn.Module):
         return adapter.normed(hidden)
 
     def logit(self, features: torch.Tensor, layers: torch.LongTensor) -> torch.Tensor:
-        return self.linear(features).squeeze(-1) + self.layer_bias[layers]
+        # trained in float32; a bfloat16 model's features are scored in the classifier's precision
+        return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1) + self.layer_bias[layers]
 
     def bind(self, model: torch.nn.Module):
         """The ``meta_classifier(layer, hidden)`` callable for ``model``."""
@@ -245,7 +246,6 @@ def fit_meta_classifier(
                 labels.append(adapter._head(x, None).argmax(-1) == final)  # x is already normed
                 layers.append(torch.full((x.shape[0],), layer))
     x, y, layer_ids = torch.cat(features), torch.cat(labels).float(), torch.cat(layers)
-    classifier.float()
     optimizer = torch.optim.Adam([p for n, p in classifier.named_parameters() if not n.startswith("exit_transform")],
                                  lr=lr)
     for _ in range(steps):

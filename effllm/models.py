@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from effllm import io
 from effllm.paths import cache_dir
+from effllm.precision import DTYPE_CHOICES, DTYPE_ENV
 
 DEFAULT_MODEL = "smollm2-135m"
 MODEL_CACHE_KIND = "effllm-model-cache"
@@ -129,9 +131,46 @@ def cpu_supports_bfloat16() -> bool:
     return "AMX" in capability or any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
 
 
+def dtype_override() -> torch.dtype | None:
+    """The dtype ``EFFLLM_DTYPE`` asks for, or None for ``auto`` (or unset). An explicit value is the default of
+    every model :func:`load_model` loads without a ``dtype``, tiny models included, so that a smoke run under
+    ``EFFLLM_DTYPE=bfloat16`` takes the bfloat16 path on any machine."""
+    value = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in DTYPE_CHOICES:
+        raise ValueError(f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not a precision effllm knows; allowed: "
+                         f"{', '.join(DTYPE_CHOICES)} (auto: bfloat16 where the hardware computes in it, else float32). "
+                         f"Unset it or export {DTYPE_ENV}=float32")
+    return DTYPES[value]
+
+
+def dtype_report(device: str | torch.device | None = None) -> dict[str, Any]:
+    """What precision this run takes and why, for run summaries and benchmark JSON: the ``EFFLLM_DTYPE`` setting,
+    the dtype embedded models load in, and whether this CPU computes in bfloat16 natively."""
+    flags = cpu_flags()
+    isa = ("AVX-512 BF16" if cpu_supports_bfloat16() else "AVX-512" if "avx512f" in flags
+           else "AVX2" if "avx2" in flags else platform.machine() or "unknown")
+    return {"dtype": str(default_dtype(device)).removeprefix("torch."),
+            "dtype_setting": os.environ.get(DTYPE_ENV, "auto") or "auto",
+            "cpu_bfloat16": cpu_supports_bfloat16(), "cpu_isa": isa}
+
+
+def dtype_line(device: str | torch.device | None = None) -> str:
+    """One line naming the precision and the CPU's bfloat16 support, printed once per run."""
+    report = dtype_report(device)
+    native = "native bfloat16" if report["cpu_bfloat16"] else "no native bfloat16"
+    return (f"effllm precision: {report['dtype']} ({DTYPE_ENV}={report['dtype_setting']}); "
+            f"CPU: {report['cpu_isa']}, {native}")
+
+
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """The precision embedded models load in: bfloat16 on a CUDA GPU that supports it and on a CPU with
-    native bfloat16 (:func:`cpu_supports_bfloat16`), float32 elsewhere."""
+    """The precision embedded models load in: ``EFFLLM_DTYPE`` when it names one (:func:`dtype_override`), else
+    bfloat16 on a CUDA GPU that supports it and on a CPU with native bfloat16 (:func:`cpu_supports_bfloat16`),
+    float32 elsewhere."""
+    override = dtype_override()
+    if override is not None:
+        return override
     kind = torch.device(device).type if device not in (None, "auto") else "cpu"
     if kind == "cuda":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -312,7 +351,8 @@ def load_model(
     use and cached (:func:`effllm.training.load_exit_trained`). ``dtype`` (a torch dtype or "float32",
     "bfloat16", "float16") defaults to :func:`default_dtype` for embedded models (bfloat16 on CUDA GPUs and
     CPUs with native bfloat16, float32 elsewhere), float32 for tiny models and the checkpoint's own dtype for
-    hub ids; ``device`` to CPU.
+    hub ids; ``EFFLLM_DTYPE=float32|bfloat16`` sets it for every model instead (``auto``: the rule above);
+    ``device`` to CPU.
 
     Models larger than one device: ``device_map="auto"`` (or "balanced", "sequential", or a dict of
     module name -> GPU index / "cpu" / "disk") spreads the layers with accelerate, within ``max_memory``
@@ -337,7 +377,7 @@ def load_model(
         device = None
     if name.startswith(TINY_PREFIX):
         model, tokenizer = tiny_model(name[len(TINY_PREFIX) :])
-        model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
+        model = model.to(device=device or "cpu", dtype=dtype or dtype_override() or torch.float32)
         return (_dispatch_tiny(model, placement) if placement else model), tokenizer
 
     if _is_hub_id(name) and _standins_on():
@@ -356,8 +396,8 @@ def load_model(
     else:
         path = name
 
-    if dtype is None and name in EMBEDDED_MODELS:
-        dtype = default_dtype(device)
+    if dtype is None:
+        dtype = default_dtype(device) if name in EMBEDDED_MODELS else dtype_override()
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", **placement}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -392,7 +432,7 @@ def _load_standin(
         model, tokenizer = standins.load_standin_model(name)
     except standins.NoStandInError as error:
         raise ModelNotAvailableError(str(error)) from error
-    model = model.to(device=device or "cpu", dtype=dtype or torch.float32)
+    model = model.to(device=device or "cpu", dtype=dtype or dtype_override() or torch.float32)
     if placement:
         model = _dispatch_tiny(model, placement)
     if tokenizer.pad_token_id is None:  # as for hub tokenizers (Llama 3 and Mistral have no pad token)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -38,6 +38,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 max_new_tokens = 64  # length of each chat reply
 lens_corpora = ["python-docs", "python-code"]  # built-in corpora for the logit lens (effllm.data)
 lens_sequences = 8  # windows per corpus
@@ -46,7 +47,7 @@ lens_seq_len = 256  # tokens per window
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name)
+model, tokenizer = models.load_model(model_name, dtype=dtype)
 adapter = get_adapter(model)
 print(f"{model_name}: {type(model).__name__} through {type(adapter).__name__}")
 

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -52,6 +52,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id (T5 in `paper`)
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
 n_prompts = 4  # timed prompts per data set, decoded by every setting
 max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
@@ -84,7 +85,7 @@ trained_model = None
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name)
+model, tokenizer = models.load_model(model_name, dtype=dtype)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_min_layer = exit_min_layer or max(1, (2 * L) // 3)
@@ -262,7 +263,7 @@ else:
 
 # %%
 if trained_model:
-    ee, _ = models.load_model(trained_model)
+    ee, _ = models.load_model(trained_model, dtype=dtype)
     trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
     if not trained_layers:
         raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -48,6 +48,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # the model when model_names is None (run_all's common parameter)
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 # every model analysed side by side (a "<model>-ee" name: that model with its trained exit); None: [model_name]
 model_names = ["smollm2-135m", "smollm2-135m-ee", "gemma3-270m"]
 prompt_data = ["builtin"]  # per model (or one for all): builtin (arithmetic + HumanEval) | squad | samsum
@@ -78,7 +79,7 @@ machine = device_description()
 loaded = {}
 facts = []
 for name in model_names:
-    model, tokenizer = models.load_model(name)
+    model, tokenizer = models.load_model(name, dtype=dtype)
     adapter = get_adapter(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     trained = getattr(model, "_effllm_exits", None)  # load_model("<model>-ee"): exits trained by effllm.training

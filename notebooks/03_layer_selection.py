@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -46,6 +46,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = None  # None: CPU; "cuda" in the paper profile
 task = "arithmetic"  # prompts with reference answers: arithmetic | humaneval | alpaca (the paper's, hub)
 budgets = [4 / 24, 8 / 24, 12 / 24, 1.0]  # the paper's 4 / 8 / 12 / 24 of 24 layers, as fractions of the depth
@@ -68,7 +69,7 @@ trained_model = None
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, device=device)
+model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
 fmt = prompt_format(model, tokenizer, model_name)
@@ -196,7 +197,7 @@ print(f"Full model: ROUGE-L {full_row.rougeL_vs_reference:.3f} against the refer
 
 # %%
 if trained_model:
-    ee, _ = models.load_model(trained_model, device=device)
+    ee, _ = models.load_model(trained_model, dtype=dtype, device=device)
     trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
     if not trained_layers:
         raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,7 +55,7 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 device = None  # None: CPU; "cuda" or "auto" for the paper profile
-dtype = None  # None: float32 (embedded) or the checkpoint's own
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 # domains.CALIBRATION_SETS (two per domain) or hub names (effllm.data.HUB, domains.HUB_CALIBRATION_DOMAINS)
 calibration_sets = ["python-code", "humaneval", "python-docs", "docstrings", "arithmetic", "arithmetic-mc",
                     "self-generated"]

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -47,6 +47,9 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 device = "auto"  # auto (a CUDA GPU if there is one) | cpu | cuda; the paper profile asks for cuda
+# None: what the kernels take, float16 on a GPU (2:4) and float32 on a CPU (torch's CSR matmul has no bfloat16 on a
+# CPU, so EFFLLM_DTYPE does not apply here)
+dtype = None
 shape_sets = ["model", "codellama-13b"]  # "model": model_name's shapes; or names in effllm.sparse.SHAPE_SETS
 token_counts = {"model": [1, 16, 2048], "codellama-13b": [1, 16]}  # tokens per matmul, per shape set
 threads = 1  # intra-op threads while timing (None: torch's default; 1 is steadier on a shared CPU)
@@ -61,7 +64,7 @@ torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
 target = sparse.resolve_device(device)
 env = sparse.environment(target)
-fmt, dtype = env["format"], sparse.default_dtype(target)
+fmt, dtype = env["format"], dtype or sparse.default_dtype(target)
 model, tokenizer = models.load_model(model_name, dtype=dtype, device=target)
 adapter = get_adapter(model)
 display(pd.Series({k: v for k, v in env.items() if k != "note"}, name="this machine").to_frame())

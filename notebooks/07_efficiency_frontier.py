@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -52,7 +52,7 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
-dtype = None  # None: float32 for embedded and tiny models, the checkpoint's own dtype for hub models
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 calibration_data = "python-docs"  # pruning / slicing calibration corpus (train split)
 calibration_samples = 8  # calibration windows
 calibration_seq_len = 128  # tokens per calibration window

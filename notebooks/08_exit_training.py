@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -50,6 +50,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # the base model (its default exit-trained version is load_model(model_name + "-ee"))
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
+dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 recipe_name = "default"  # effllm.training recipe (`paper`: the seeds' data sets, hub)
 training_overrides = {}  # ExitTrainingConfig fields over the recipe (e.g. {"steps": 300}); part of its cache key
 exit_layer = None  # the trained exit's layer (1-based); None: 2 L // 3 (layer 20 of SmolLM2's 30)
@@ -68,7 +69,7 @@ agreement_seq_len = 128
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name)
+model, tokenizer = models.load_model(model_name, dtype=dtype)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_layer = exit_layer or (2 * L) // 3

@@ -39,3 +39,13 @@ def pytest_sessionstart(session):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and not reporter.showheader:
         reporter.write_line(versions_line())
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test on an embedded model is also a test of the precision path: `make test` runs the `dtype_paths`
+    # tests a second time with EFFLLM_DTYPE set to the dtype this machine would not pick by default.
+    import pytest
+
+    for item in items:
+        if item.get_closest_marker("embedded") is not None:
+            item.add_marker(pytest.mark.dtype_paths)

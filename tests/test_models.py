@@ -71,7 +71,8 @@ def test_embedded_smollm2_answers_and_matches_its_architecture():
 
 
 @pytest.mark.embedded
-def test_corrupt_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_corrupt_cache_is_rebuilt_not_used(tmp_path, monkeypatch, dtype):
     source = models.embedded_model_dir("smollm2-135m")  # the user's cache: converted once, then reused
     monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
     folder = tmp_path / "models" / "smollm2-135m"
@@ -82,11 +83,12 @@ def test_corrupt_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
         handle.seek(weights.stat().st_size // 2)
         handle.write(b"\x00" * 4096)
     assert not cache_is_valid(folder)
-    model, _ = load_model("smollm2-135m")
+    model, _ = load_model("smollm2-135m", dtype=dtype)
     assert cache_is_valid(folder)
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
-    original = models.AutoModelForCausalLM.from_pretrained(source)
-    torch.testing.assert_close(model(ids).logits, original(ids).logits)
+    original = models.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    with torch.no_grad():  # the same weights in the same precision: the same logits (assert_close's dtype tolerance)
+        torch.testing.assert_close(model(ids).logits, original(ids).logits)
 
 
 def test_partial_cache_without_manifest_is_invalid(tmp_path):

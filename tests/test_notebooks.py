@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import jupytext
 import nbformat
 import pytest
 
-from effllm import runner
+from effllm import models, runner
+from effllm.precision import DTYPE_ENV
 from effllm.runner.executors import LocalExecutor
 
 NOTEBOOKS_DIR = runner.REPO_ROOT / "notebooks"
@@ -83,10 +85,15 @@ def test_notebook_declares_the_common_parameters(notebook):
 
 
 @pytest.mark.notebook
+@pytest.mark.dtype_paths
 def test_every_notebook_runs_in_smoke_profile(tmp_path):
     """Every notebook in `smoke`, two at a time (CI has 2 cores; the profile gives each kernel one thread):
     ok, its figures published, its HTML report beside them with every PNG embedded, no error output."""
+    # The tiny models take the precision the embedded ones take on this machine (EFFLLM_DTYPE, else the hardware
+    # rule), so the smoke run walks the default run's path; `make test` runs it again in the other precision.
+    precision = str(models.default_dtype()).removeprefix("torch.")
     jobs, _ = runner.build_jobs(TWINS, "smoke", tmp_path / "build", timeout=600)
+    jobs = [replace(job, env={**job.env, DTYPE_ENV: precision}) for job in jobs]
     assert all(job.env.get("OMP_NUM_THREADS") == "1" for job in jobs)
     results = runner.run(jobs, LocalExecutor(2))
     failed = {job.notebook.stem: f"{result.error} (executed copy: {result.executed})"
@@ -106,3 +113,7 @@ def test_every_notebook_runs_in_smoke_profile(tmp_path):
         errors = [o for cell in nbformat.read(result.executed, as_version=4).cells
                   for o in cell.get("outputs", []) if o.output_type == "error"]
         assert errors == [], f"{notebook.stem}: error outputs in the executed copy: {[e.ename for e in errors]}"
+    quickstart = next(r.executed for job, r in zip(jobs, results, strict=True) if job.notebook.stem.startswith("00_"))
+    described = nbformat.read(quickstart, as_version=4)
+    assert f"torch.{precision}" in str([cell.get("outputs", []) for cell in described.cells]), (
+        f"the quickstart's model facts do not say it ran in {precision}")

@@ -252,6 +252,7 @@ def test_exit_trained_model_by_name_is_cached_and_carries_its_exits():
     (set(), "DEFAULT", torch.float32),
 ])
 def test_default_dtype_follows_the_cpu_capability(monkeypatch, flags, capability, expected):
+    monkeypatch.delenv(models.DTYPE_ENV, raising=False)
     monkeypatch.setattr(models, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert models.default_dtype() is expected
@@ -259,6 +260,7 @@ def test_default_dtype_follows_the_cpu_capability(monkeypatch, flags, capability
 
 
 def test_embedded_models_load_in_the_default_dtype_and_tiny_ones_in_float32(monkeypatch):
+    monkeypatch.delenv(models.DTYPE_ENV, raising=False)
     monkeypatch.setattr(models, "cpu_supports_bfloat16", lambda: True)
     assert models.default_dtype() is torch.bfloat16
     model, _ = models.load_model("tiny-llama")
@@ -285,6 +287,32 @@ def test_embedded_models_load_in_the_default_dtype_and_tiny_ones_in_float32(monk
     with pytest.raises(OSError):
         models.load_model("smollm2-135m")
     assert captured["dtype"] is torch.float32
+
+
+@pytest.mark.parametrize(("setting", "native", "expected"), [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32), ("", False, torch.float32),
+    ("float32", True, torch.float32), ("bfloat16", False, torch.bfloat16), (" BFloat16 ", True, torch.bfloat16),
+])
+def test_effllm_dtype_overrides_the_hardware_rule_for_every_model(monkeypatch, setting, native, expected):
+    monkeypatch.setenv(models.DTYPE_ENV, setting)
+    monkeypatch.setattr(models, "cpu_supports_bfloat16", lambda: native)
+    assert models.default_dtype() is expected
+    tiny, _ = models.load_model("tiny-llama")  # float32 under auto; the named precision otherwise
+    explicit = setting.strip().lower() not in ("", "auto")
+    assert next(tiny.parameters()).dtype is (expected if explicit else torch.float32)
+    pinned, _ = models.load_model("tiny-llama", dtype="float16")  # an explicit dtype argument wins
+    assert next(pinned.parameters()).dtype is torch.float16
+    report = models.dtype_report()
+    assert report["dtype"] == str(expected).removeprefix("torch.") and report["cpu_bfloat16"] is native
+    assert report["dtype"] in models.dtype_line() and models.DTYPE_ENV in models.dtype_line()
+
+
+def test_effllm_dtype_rejects_an_unknown_precision(monkeypatch):
+    monkeypatch.setenv(models.DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match=r"EFFLLM_DTYPE='fp8' is not a precision.*auto, float32, bfloat16"):
+        models.default_dtype()
+    with pytest.raises(ValueError, match="EFFLLM_DTYPE='fp8'"):
+        models.load_model("tiny-llama")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "t5", "opt"])

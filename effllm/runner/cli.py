@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
@@ -22,14 +23,17 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from effllm.precision import DTYPE_CHOICES, DTYPE_ENV
 from effllm.runner.executors import LocalExecutor
 from effllm.runner.jobs import (
     Executor,
+    Job,
     build_jobs,
     format_summary,
     land,
@@ -129,6 +133,10 @@ def make_parser(repo_root: Path = REPO_ROOT) -> argparse.ArgumentParser:
     parser.add_argument("--figures-dir", type=Path, default=None,
                         help="publish figures and reports here instead of the profile's folder "
                         "(smoke: build/smoke/figures, default: figures, paper: figures/paper)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                        help="precision of every model the notebooks load without a dtype of their own: sets "
+                        f"{DTYPE_ENV} for every kernel (default: the {DTYPE_ENV} of this shell, else auto = bfloat16 "
+                        "where the CPU or GPU computes in it natively, float32 elsewhere)")
     parser.add_argument("--timeout", type=_timeout_arg, default=None, metavar="SECONDS",
                         help="fail a notebook when one cell runs longer than this many whole seconds "
                         "(default: no limit)")
@@ -203,9 +211,32 @@ def main(argv: Sequence[str] | None = None, repo_root: Path | None = None) -> in
             return EXIT_INTERRUPTED
 
 
+def _with_dtype(jobs: list[Job], dtype: str | None) -> list[Job]:
+    """Jobs whose kernels get ``EFFLLM_DTYPE=dtype`` (in the job's own environment, so remote executors carry it)."""
+    return jobs if dtype is None else [replace(job, env={**job.env, DTYPE_ENV: dtype}) for job in jobs]
+
+
+def _precision(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Apply ``--dtype`` to this process (kernels inherit it), print the precision once, return it for the summary."""
+    from effllm.models import dtype_line, dtype_report  # torch: only once notebooks are about to run
+
+    if args.dtype is not None:
+        os.environ[DTYPE_ENV] = args.dtype
+    try:
+        report = dtype_report()
+    except ValueError as error:  # a bad EFFLLM_DTYPE in the shell: say so before any notebook starts
+        parser.error(str(error))
+    print(dtype_line(), flush=True)
+    return report
+
+
 def _main(argv: Sequence[str] | None, repo_root: Path, guard: _SignalGuard) -> int:
     parser = make_parser(repo_root)
     args = parser.parse_args(argv)
+    if args.list:
+        args.dtype_report = None
+    else:
+        args.dtype_report = _precision(args, parser)
     notebooks_dir = args.notebooks_dir.resolve()
     notebooks = discover_notebooks(notebooks_dir)
     if not notebooks:
@@ -227,6 +258,7 @@ def _main(argv: Sequence[str] | None, repo_root: Path, guard: _SignalGuard) -> i
     publish_dir = (args.figures_dir.resolve() if args.figures_dir
                    else publish_dir_for(args.profile, build_dir, repo_root))
     jobs, warnings = build_jobs(notebooks, args.profile, build_dir, dict(args.parameters), publish_dir, args.timeout)
+    jobs = _with_dtype(jobs, args.dtype)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.list:
@@ -240,7 +272,7 @@ def _main(argv: Sequence[str] | None, repo_root: Path, guard: _SignalGuard) -> i
     results = run(jobs, LocalExecutor(args.jobs))
     guard.stopping = True  # from here on a signal must not cut the summary short
     summary_path = build_dir / args.profile / "summary.json"
-    write_summary(summary_path, args.profile, publish_dir, results)
+    write_summary(summary_path, args.profile, publish_dir, results, precision=args.dtype_report)
     print()
     print(format_summary(results))
     print(f"executed notebooks in {build_dir / args.profile / 'executed'}; summary in {summary_path}")
@@ -285,6 +317,7 @@ def main_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, notebo
                         else publish_dir_for(profile, build_dir, repo_root))
         jobs, points = build_sweep_jobs(sweep, notebooks, profile, build_dir, dict(args.parameters),
                                         publish_root, args.timeout)
+        jobs = _with_dtype(jobs, args.dtype)
     except SweepError as error:
         parser.error(str(error))
     figures_root = sweep_publish_dir(sweep.name, profile, build_dir, publish_root)

@@ -442,11 +442,14 @@ def format_summary(results: Sequence[JobResult], label: str = "notebook") -> str
     return "\n".join(lines)
 
 
-def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence[JobResult]) -> None:
-    """``summary.json``: every notebook's status, seconds, error, published files and report."""
+def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence[JobResult],
+                  precision: dict[str, Any] | None = None) -> None:
+    """``summary.json``: every notebook's status, seconds, error, published files and report, and the run's
+    precision (:func:`effllm.models.dtype_report`: dtype, EFFLLM_DTYPE, the CPU's bfloat16 support)."""
     payload = {
         "profile": profile,
         "publish_dir": str(publish_dir),
+        "precision": precision,
         "ok": all(r.status == OK for r in results),
         "interrupted": was_interrupted(results),
         "notebooks": [asdict(r) for r in results],

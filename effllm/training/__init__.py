@@ -172,8 +172,8 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
     dtype = resolve_dtype(dtype)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
-        if exits is not None and device is not None:
-            exits = exits.to(device)
+        if exits is not None:
+            exits = exits.to(device=device, dtype=dtype)  # the exit modules compute in the model's precision
     object.__setattr__(model, "_effllm_exits", exits)
     object.__setattr__(model, "_effllm_exit_training", result)
     return model.eval(), tokenizer
