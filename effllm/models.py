@@ -123,6 +123,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_supports_bfloat16() -> bool:
     """True when this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX), so bfloat16 is faster than
     float32 rather than emulated. PyTorch's capability string names AVX-512 but not its BF16 extension,
@@ -153,7 +165,7 @@ def dtype_report(device: str | torch.device | None = None) -> dict[str, Any]:
            else "AVX2" if "avx2" in flags else platform.machine() or "unknown")
     return {"dtype": str(default_dtype(device)).removeprefix("torch."),
             "dtype_setting": os.environ.get(DTYPE_ENV, "auto") or "auto",
-            "cpu_bfloat16": cpu_supports_bfloat16(), "cpu_isa": isa}
+            "cpu_bfloat16": cpu_supports_bfloat16(), "cpu_isa": isa, "cpu_model": cpu_model()}
 
 
 def dtype_line(device: str | torch.device | None = None) -> str:
@@ -161,7 +173,7 @@ def dtype_line(device: str | torch.device | None = None) -> str:
     report = dtype_report(device)
     native = "native bfloat16" if report["cpu_bfloat16"] else "no native bfloat16"
     return (f"effllm precision: {report['dtype']} ({DTYPE_ENV}={report['dtype_setting']}); "
-            f"CPU: {report['cpu_isa']}, {native}")
+            f"CPU: {report['cpu_model']}, {report['cpu_isa']}, {native}")
 
 
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:

@@ -20,9 +20,13 @@ def test_unwritable_out_stops_before_any_benchmark_runs(out, tmp_path, monkeypat
     assert ran == []
 
 
-def test_results_are_written_atomically(tmp_path):
+def test_results_are_written_atomically_and_stamped_with_the_precision(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFLLM_DTYPE", "bfloat16")
     out = bench.write_result({"rows": [1, 2]}, tmp_path / "r.json", "unused.json")
-    assert json.loads(out.read_text()) == {"rows": [1, 2]}
+    written = json.loads(out.read_text())
+    assert written["rows"] == [1, 2]
+    assert written["precision"]["dtype"] == "bfloat16" and written["precision"]["dtype_setting"] == "bfloat16"
+    assert isinstance(written["precision"]["cpu_bfloat16"], bool) and written["precision"]["cpu_isa"]
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left beside it
 
 

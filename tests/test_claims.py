@@ -93,6 +93,23 @@ def test_readme_blocks_are_what_the_generator_writes_from_the_committed_files():
     assert text[begin:end] == claims.readme_block(claims.build_claims(REPO_ROOT / "figures"))
 
 
+def test_run_times_block_names_the_precision_and_cpu_of_its_run(tmp_path):
+    import json
+
+    rows = [{"notebook": "00_quickstart", "status": "ok", "seconds": 90.0},
+            {"notebook": "01_early_exit", "status": "failed", "seconds": 30.0}]
+    precision = {"dtype": "bfloat16", "dtype_setting": "auto", "cpu_bfloat16": True, "cpu_isa": "AVX-512 BF16",
+                 "cpu_model": "Some CPU"}
+    (tmp_path / readme.RUN_SUMMARY).write_text(json.dumps({"notebooks": rows, "precision": precision,
+                                                            "finished": "2026-12-07 07:00 UTC"}))
+    block = readme.run_times_block(tmp_path)
+    assert block.startswith("Precision **bfloat16** (EFFLLM_DTYPE=auto) on Some CPU (AVX-512 BF16, native bfloat16), "
+                            "finished 2026-12-07 07:00 UTC:")
+    assert "| 00_quickstart | ok | 1.5 |" in block and "| all | 1 of 2 ok | 2 |" in block
+    (tmp_path / readme.RUN_SUMMARY).write_text(json.dumps({"notebooks": rows}))  # an older summary
+    assert readme.run_times_block(tmp_path).startswith("Precision and CPU not recorded")
+
+
 def test_update_readme_replaces_only_the_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{claims.README_BEGIN}\nold\n{claims.README_END}\noutro\n")

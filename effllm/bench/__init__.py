@@ -41,9 +41,13 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, wi
 
 def write_result(result: dict[str, Any], out: Path | None, default_name: str) -> Path:
     """Write ``result`` as JSON to ``out`` (default results/<default_name>) atomically (effllm.io.write_json:
-    a reader sees the old file or the whole new one) and say where."""
+    a reader sees the old file or the whole new one), stamped with ``precision`` (effllm.models.dtype_report),
+    and say where."""
+    from effllm.models import dtype_report
+
     out = Path(out) if out else REPO_ROOT / "results" / default_name
-    io.write_json(out, result)
+    # the run's precision setting and the CPU's bfloat16 support beside the dtype the benchmark used
+    io.write_json(out, {**result, "precision": dtype_report()})
     print(f"wrote {out}")
     return out
 
@@ -77,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         io.check_writable(Path(out) if out else REPO_ROOT / "results" / f"{args.benchmark}.json")
     except ValueError as error:
         args._parser.error(f"--out: {error}")
+    from effllm.models import dtype_line
+
+    try:
+        print(dtype_line(), flush=True)
+    except ValueError as error:  # a bad EFFLLM_DTYPE: before any model loads
+        args._parser.error(str(error))
     return modules[args.benchmark].run(args)
 
 

@@ -129,7 +129,15 @@ def run_times_block(results: Path) -> str:
         return "(no default run recorded in results/ yet)\n"
     rows = summary.get("notebooks", [])
     total = sum(r.get("seconds") or 0 for r in rows)
-    lines = ["| notebook | status | minutes |", "|---|---|---|"]
+    precision = summary.get("precision")
+    if precision:
+        native = "native bfloat16" if precision["cpu_bfloat16"] else "no native bfloat16"
+        where = (f"Precision **{precision['dtype']}** (EFFLLM_DTYPE={precision['dtype_setting']}) on "
+                 f"{precision.get('cpu_model', 'a CPU')} ({precision['cpu_isa']}, {native})")
+    else:
+        where = "Precision and CPU not recorded (a summary written before run_all.py stamped them)"
+    finished = f", finished {summary['finished']}" if summary.get("finished") else ""
+    lines = [f"{where}{finished}:", "", "| notebook | status | minutes |", "|---|---|---|"]
     lines += [f"| {r['notebook']} | {r['status']} | {_fmt((r.get('seconds') or 0) / 60, 2)} |" for r in rows]
     lines.append(f"| all | {sum(r['status'] == 'ok' for r in rows)} of {len(rows)} ok | {_fmt(total / 60, 3)} |")
     return "\n".join(lines) + "\n"

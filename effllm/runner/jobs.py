@@ -450,6 +450,7 @@ def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence
         "profile": profile,
         "publish_dir": str(publish_dir),
         "precision": precision,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "ok": all(r.status == OK for r in results),
         "interrupted": was_interrupted(results),
         "notebooks": [asdict(r) for r in results],
