@@ -23,6 +23,7 @@ profile = "unset"
 model_name = "unset"
 seed = -1
 figures_dir = "unset"
+dtype = None
 """
 
 # Writes what it received (parameters, working folder, kernel environment) and when it ran.
