@@ -88,11 +88,6 @@ def layer(name: str, value: Any, n_layers: int, *, low: int = 1, high: int | Non
     return int(value)
 
 
-def layer_index(name: str, value: Any, n_layers: int) -> int:
-    """A 0-based layer index in 0..n_layers - 1 (the index into the model's layer list)."""
-    return integer(name, value, 0, n_layers - 1, hint=f" (0-based; the model has {n_layers} layers)")
-
-
 def choice(name: str, value: Any, allowed: Iterable[str]) -> str:
     """One of ``allowed``."""
     allowed = tuple(allowed)
@@ -122,11 +117,3 @@ def token_ids(name: str, ids: Any, vocab_size: int | None = None, *, batch: int 
             raise ValueError(f"{name} holds ids {low}..{high}, outside this model's vocabulary 0..{vocab_size - 1}: "
                              "ids from another tokenizer?")
     return ids.long()
-
-
-def no_extra(where: str, given: dict[str, Any], accepted: Iterable[str]) -> None:
-    """Refuse options that ``where`` would ignore (``given``: name -> value of the options passed)."""
-    accepted = set(accepted)
-    extra = sorted(k for k in given if k not in accepted)
-    if extra:
-        raise ValueError(f"{where} does not use {', '.join(extra)}; it takes {', '.join(sorted(accepted)) or 'no options'}")

@@ -842,9 +842,6 @@ def load_sliced(folder: str | Path, device: str | torch.device | None = None) ->
 # Constant vs dynamic slicing vs ShortGPT, at several mean slice fractions
 
 
-COMPARED_METHODS = ("constant", "dynamic", "shortgpt")
-
-
 @torch.no_grad()
 def compare_methods(
     model: nn.Module,

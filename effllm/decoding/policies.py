@@ -360,6 +360,3 @@ class SelfSpec(Policy):
         if self.vocab is not None:
             name += f"-{self.vocab.type_vocab_reduct}{self.vocab.k}"
         return name
-
-
-POLICIES: dict[str, type[Policy]] = {p.method: p for p in (Full, StaticExit, Calm, Free, Skip, SelfSpec)}

@@ -60,18 +60,6 @@ def time_call(fn: Callable[[], Any], min_run_time: float = 0.2) -> float:
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def time_pair(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time: float = 0.2,
-              rounds: int = 2) -> tuple[float, float]:
-    """(dense, sparse) seconds: measured alternately ``rounds`` times, the fastest median of each kept."""
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1; got {rounds}.")
-    dense_times, sparse_times = [], []
-    for _ in range(rounds):
-        dense_times.append(time_call(dense, min_run_time))
-        sparse_times.append(time_call(sparse, min_run_time))
-    return min(dense_times), min(sparse_times)
-
-
 def time_pair_rounds(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time: float = 0.2,
                      rounds: int = 5) -> tuple[list[float], list[float]]:
     """(dense seconds per round, sparse seconds per round): each round times ``dense`` then ``sparse``

@@ -178,11 +178,6 @@ def load_profiles() -> dict[str, dict[str, dict[str, Any]]]:
     return resolve_profiles(read_profile_files())[0]
 
 
-def load_environments() -> dict[str, dict[str, str]]:
-    """Every shipped profile's ``environment`` (its parent's included): ``{profile: {variable: value}}``."""
-    return resolve_profiles(read_profile_files())[1]
-
-
 # profile -> {"common": parameters every notebook gets, "<notebook stem>": that notebook's overrides}.
 PROFILES, PROFILE_ENVIRONMENTS = resolve_profiles(read_profile_files())
 
