@@ -39,6 +39,8 @@ from transformers.masking_utils import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from effllm import records
+
 
 class UnsupportedArchitectureError(TypeError):
     """The model's family has no adapter."""
@@ -697,7 +699,7 @@ _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {
 
 def get_adapter(model: nn.Module) -> ArchitectureAdapter:
     """The adapter for ``model``'s family (cached on the model)."""
-    cached = getattr(model, "_effllm_adapter", None)
+    cached = records.ADAPTER.get(model)
     if cached is not None:
         return cached
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -706,5 +708,5 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
             f"No architecture adapter for model_type {model_type!r}; supported: {', '.join(sorted(_ADAPTERS))}"
         )
     adapter = _ADAPTERS[model_type](model)
-    object.__setattr__(model, "_effllm_adapter", adapter)  # not a submodule: keep it out of state_dict
+    records.ADAPTER.set(model, adapter)
     return adapter

@@ -39,10 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effllm import checks
+from effllm import checks, records
 from effllm.adapters import get_adapter
-
-EXEC_DEVICE_ATTRIBUTE = "_effllm_exec_device"
 
 
 def check_calibration(model: nn.Module, input_ids: torch.Tensor, name: str = "calibration") -> torch.LongTensor:
@@ -71,12 +69,12 @@ def capture_inputs(modules: dict[str, nn.Module], on_input: Callable[[str, torch
 def use_exec_device(model: nn.Module, device: str | torch.device | None) -> Iterator[None]:
     """Within the block, :class:`LayerByLayer` (and so ``prune``, ``slice_model``, ``layer_scores``) moves each
     layer of ``model`` to ``device`` for its computation and back, e.g. a CPU-resident model on one GPU."""
-    previous = getattr(model, EXEC_DEVICE_ATTRIBUTE, None)
-    object.__setattr__(model, EXEC_DEVICE_ATTRIBUTE, None if device is None else torch.device(device))
+    previous = records.EXEC_DEVICE.get(model)
+    records.EXEC_DEVICE.set(model, None if device is None else torch.device(device))
     try:
         yield
     finally:
-        object.__setattr__(model, EXEC_DEVICE_ATTRIBUTE, previous)
+        records.EXEC_DEVICE.set(model, previous)
 
 
 def _offload_hook(module: nn.Module):
@@ -144,7 +142,7 @@ class LayerByLayer:
     ):
         input_ids = check_calibration(model, input_ids)
         if exec_device is None:
-            exec_device = getattr(model, EXEC_DEVICE_ATTRIBUTE, None)
+            exec_device = records.EXEC_DEVICE.get(model)
         self.exec_device = None if exec_device is None else torch.device(exec_device)
         if self.exec_device is not None and self.exec_device.type == "meta":
             raise ValueError("exec_device 'meta' cannot compute; give a real device such as 'cuda' or 'cpu'")

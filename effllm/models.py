@@ -36,7 +36,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from effllm import io
+from effllm import io, records
 from effllm.paths import cache_dir
 from effllm.precision import DTYPE_CHOICES, DTYPE_ENV
 
@@ -373,7 +373,7 @@ def load_model(
     layer (effllm.capture), and the adapters move states between the layers' devices.
 
     With stand-ins on (``EFFLLM_STANDINS=1``, see :mod:`effllm.standins`) a hub id gives a tiny random model of
-    the same family and structure (``model._effllm_standin`` says which id it stands in for) without touching
+    the same family and structure (``records.STANDIN`` says which id it stands in for) without touching
     the hub; a hub id without a stand-in raises :class:`ModelNotAvailableError` listing those with one.
     """
     if not isinstance(name, str) or not name:
@@ -575,9 +575,6 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-INCOMPLETE_ATTRIBUTE = "_effllm_incomplete"
-
-
 class IncompleteModelError(ValueError):
     """A model that pruning or slicing stopped on part-way (an exception, Ctrl-C): some layers are changed,
     others are not. Reload it."""
@@ -585,12 +582,12 @@ class IncompleteModelError(ValueError):
 
 def mark_incomplete(model: torch.nn.Module, message: str) -> None:
     """Record on ``model`` that a change stopped part-way; :func:`check_complete` refuses it from then on."""
-    object.__setattr__(model, INCOMPLETE_ATTRIBUTE, message)  # a plain attribute: copy.deepcopy keeps it
+    records.INCOMPLETE.set(model, message)  # copy.deepcopy keeps it
 
 
 def check_complete(model: torch.nn.Module, action: str) -> None:
     """Raise :class:`IncompleteModelError` when ``model`` was marked by :func:`mark_incomplete`."""
-    message = getattr(model, INCOMPLETE_ATTRIBUTE, None)
+    message = records.INCOMPLETE.get(model)
     if message is not None:
         raise IncompleteModelError(f"cannot {action}: {message}")
 

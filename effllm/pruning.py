@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from effllm import io, models
+from effllm import io, models, records
 from effllm.adapters import get_adapter
 from effllm.capture import LayerByLayer, capture_inputs, check_calibration
 from effllm.models import check_complete, mark_incomplete
@@ -350,7 +350,7 @@ def prune(
                 f"{type(error).__name__}: layer 0 may be partly pruned: reload it (effllm.models.load_model) and "
                 "prune again"))
         raise
-    object.__setattr__(model, "_effllm_pruning", {"method": method, "sparsity": sparsity, "pattern": pattern,
+    records.PRUNING.set(model, {"method": method, "sparsity": sparsity, "pattern": pattern,
                                                   "options": options, "masks": masks})
     return masks
 
@@ -473,7 +473,7 @@ def save_pruned(
     appears whole, in one rename, or not at all. ``masks`` defaults to those of the last :func:`prune` call on
     ``model``. An existing ``folder`` is replaced only when it is empty or an earlier saved pruned model."""
     check_complete(model, "save this model")
-    recorded = getattr(model, "_effllm_pruning", None)
+    recorded = records.PRUNING.get(model)
     if masks is None:
         if recorded is None:
             raise ValueError("This model was not pruned with effllm.pruning.prune here; pass its masks=... explicitly.")

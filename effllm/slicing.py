@@ -59,7 +59,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from effllm import io
+from effllm import io, records
 from effllm.adapters import ArchitectureAdapter, UnsupportedArchitectureError, get_adapter
 from effllm.capture import LayerByLayer, capture_inputs, check_calibration
 from effllm.models import check_complete, mark_incomplete
@@ -483,7 +483,7 @@ def _remove_layers(model: nn.Module, adapter: ArchitectureAdapter, remove: list[
             model.config.layer_types = config[1]
         raise
     finally:
-        model.__dict__.pop("_effllm_adapter", None)  # the cached adapter holds per-layer facts
+        records.ADAPTER.clear(model)  # the cached adapter holds per-layer facts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def slice_model(
     round(mean * L) layers of lowest Block Influence. ``calibration``: token ids [n_samples, seq_len].
     ``scores``: this model's :func:`layer_scores` (LR for dynamic slicing, BI for ShortGPT) when they are
     already computed, to save a calibration pass. Every input is checked before the model is touched.
-    The settings are recorded in ``model._effllm_slicing`` (and written by :func:`save_sliced`).
+    The settings are recorded on the model (``records.SLICING``) (and written by :func:`save_sliced`).
 
     All or nothing: ShortGPT puts every removed layer back if it is interrupted (Ctrl-C, an error) part-way;
     SliceGPT cannot be undone without a copy of the whole model, so an interrupted SliceGPT marks the model,
@@ -579,7 +579,7 @@ def slice_model(
 
 
 def _record(model: nn.Module, settings: dict[str, Any]) -> None:
-    object.__setattr__(model, "_effllm_slicing", settings)  # a plain attribute, not part of the state dict
+    records.SLICING.set(model, settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -744,7 +744,7 @@ def save_sliced(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> 
     info = {
         "format": SLICED_FORMAT,
         "layout": layout,
-        "settings": getattr(model, "_effllm_slicing", None),
+        "settings": records.SLICING.get(model),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "parameters": _unique_parameters(model),
@@ -911,7 +911,7 @@ def compare_methods(
             fraction = math.nan
             slice_model(copied, calibration, mean=n_remove / n_layers, method="shortgpt", scores=bi_scores,
                         batch_size=batch_size)
-        settings = copied._effllm_slicing
+        settings = records.SLICING.get(copied)
         row = {"mean": mean, "method": method, "matched": matched, "slice_fraction": fraction}
         rows.append({**row, "layers": get_adapter(copied).num_layers,
                      "parameters": _unique_parameters(copied), "removed_layers": settings.get("removed_layers", []),

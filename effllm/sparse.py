@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from effllm import records
 from effllm.adapters import get_adapter
 
 FORMATS = ("semi-structured", "csr")
@@ -465,7 +466,7 @@ def sparsify_model(model: nn.Module, fmt: str, backend: str = "torch") -> pd.Dat
             rows.append(LayerConversion(name, i, kind, *weight.shape, float((weight != 0).float().mean()), fmt))
         for _i, _kind, name, module in targets:
             _set_submodule(model, name, CSRLinear.from_module(module))
-    object.__setattr__(model, "_effllm_sparse", {"format": fmt, "backend": backend})
+    records.SPARSE.set(model, {"format": fmt, "backend": backend})
     return pd.DataFrame([asdict(row) for row in rows], columns=list(LayerConversion.__dataclass_fields__))
 
 

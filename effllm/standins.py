@@ -6,7 +6,7 @@ Face hub. With stand-ins on, the same names load offline, with no network:
     EFFLLM_STANDINS=1 python ...            # or, from code:
     from effllm import standins
     standins.enable()                       # sets EFFLLM_STANDINS=1 (inherited by notebook kernels)
-    model, tok = load_model("google/gemma-1.1-7b-it")   # a tiny random Gemma v1, model._effllm_standin set
+    model, tok = load_model("google/gemma-1.1-7b-it")   # a tiny random Gemma v1; records.STANDIN.get(model) names it
     rows = effllm.data.load("squad", "validation")      # 48 generated rows with SQuAD's exact schema
 
 A model stand-in is a randomly initialised model of the original's family (same ``model_type``) that keeps
@@ -39,6 +39,8 @@ from datetime import datetime
 from typing import Any
 
 import torch
+
+from effllm import records
 
 ENV_VAR = "EFFLLM_STANDINS"
 ROWS_PER_SPLIT = 48
@@ -271,7 +273,7 @@ def standin_tokenizer(spec: TokenizerSpec) -> Any:
 
 def load_standin_model(hub_id: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
     """The stand-in of ``hub_id`` (eval mode, float32, on the CPU) and its tokenizer; the weights depend only on
-    ``seed``. The model carries ``_effllm_standin`` (the hub id it stands in for) and its config's
+    ``seed``. The model carries ``records.STANDIN`` (the hub id it stands in for) and its config's
     ``_name_or_path`` and the tokenizer's ``name_or_path`` read ``standin:<hub_id>``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -283,7 +285,7 @@ def load_standin_model(hub_id: str, seed: int = 0) -> tuple[torch.nn.Module, Any
         model = auto.from_config(config, dtype=torch.float32)
     name = f"standin:{spec.hub_id}"
     model.config._name_or_path = name
-    model._effllm_standin = spec.hub_id
+    records.STANDIN.set(model, spec.hub_id)
     tokenizer = standin_tokenizer(spec.tokenizer)
     tokenizer.name_or_path = name
     logger.warning("effllm stand-in: %r is a tiny random %s model (%d layers, %s; the original: %s). Numbers "

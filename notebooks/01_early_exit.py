@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from IPython.display import HTML, display
 
-from effllm import models, plots
+from effllm import models, plots, records
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import AdaptiveThreshold, Calm, Free, StaticExit, decode
@@ -264,7 +264,7 @@ else:
 # %%
 if trained_model:
     ee, _ = models.load_model(trained_model, dtype=dtype)
-    trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
+    trained_layers = list(getattr(records.EXITS.get(ee), "layers", []))
     if not trained_layers:
         raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")
     trained_at = max(layer for layer in trained_layers if layer < L)

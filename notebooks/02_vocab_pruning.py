@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import models, plots, vocab
+from effllm import models, plots, records, vocab
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Full, VocabPruning, decode
@@ -82,7 +82,7 @@ for name in model_names:
     model, tokenizer = models.load_model(name, dtype=dtype)
     adapter = get_adapter(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    trained = getattr(model, "_effllm_exits", None)  # load_model("<model>-ee"): exits trained by effllm.training
+    trained = records.EXITS.get(model)  # load_model("<model>-ee"): exits trained by effllm.training
     if trained is not None and trained.layers:
         transform = trained  # (layer, hidden) -> hidden like the fitted exits; the identity at untrained layers
         layer = exit_min_layer or min(trained.layers)  # checks start where the trained exit is

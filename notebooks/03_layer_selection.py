@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import controllers, data, models, oracle, plots
+from effllm import controllers, data, models, oracle, plots, records
 from effllm.adapters import get_adapter
 from effllm.decoding import Skip, StaticExit, plans
 from effllm.experiments.analyses import hidden_similarity
@@ -198,7 +198,7 @@ print(f"Full model: ROUGE-L {full_row.rougeL_vs_reference:.3f} against the refer
 # %%
 if trained_model:
     ee, _ = models.load_model(trained_model, dtype=dtype, device=device)
-    trained_layers = list(getattr(getattr(ee, "_effllm_exits", None), "layers", []))
+    trained_layers = list(getattr(records.EXITS.get(ee), "layers", []))
     if not trained_layers:
         raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")
     at = max(layer for layer in trained_layers if layer < n_layers)

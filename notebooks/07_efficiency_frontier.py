@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import data, execution, frontier, models, plots, pruning
+from effllm import data, execution, frontier, models, plots, pruning, records
 from effllm.adapters import get_adapter
 from effllm.decoding import Calm, Free, Skip, StaticExit, VocabPruning
 from effllm.experiments.frontier import FrontierTable
@@ -238,7 +238,7 @@ table_rows.add_decoder(f"static skip {skip_budget:.0%} layers", "skip", dense, s
 # %%
 if trained_model:
     ee, _ = models.load_model(trained_model, dtype=dtype, device=device)
-    trained_exits = getattr(ee, "_effllm_exits", None)
+    trained_exits = records.EXITS.get(ee)
     if trained_exits is None or not trained_exits.layers:
         raise ValueError(f"{trained_model!r} has no trained exit modules to compare (exits: {trained_exits!r})")
     trained_layer = max(layer for layer in trained_exits.layers if layer < n_layers)

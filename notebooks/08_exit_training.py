@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import models, plots
+from effllm import models, plots, records
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Free, SelfSpec, StaticExit
@@ -78,7 +78,7 @@ exit_layer = exit_layer or (2 * L) // 3
 model, tokenizer, trained_exits, training = train_exits(recipe(recipe_name, model=model_name,
                                                                **{"exit_layers": (exit_layer,), **training_overrides}),
                                                         model=model, tokenizer=tokenizer)
-object.__setattr__(model, "_effllm_exits", trained_exits)  # decoding reads the model's exits by default
+records.EXITS.set(model, trained_exits)  # decoding reads the model's exits by default
 minutes = training["teacher_pass_minutes"] + training["training_minutes"]
 fitted = cached_linear_exits(model, tokenizer, model_name)  # the untrained baseline: least-squares exits
 machine = device_description()

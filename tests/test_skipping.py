@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from effllm import controllers as ctl
-from effllm import exits, oracle
+from effllm import exits, oracle, records
 from effllm.adapters import get_adapter
 from effllm.bench import early_exit
 from effllm.decoding import Skip, decode, plans
@@ -48,7 +48,7 @@ def _hf_greedy(model, ids, max_new_tokens, eos=2):
 def _reduced_copy(model, kept):
     """A deep copy with only the ``kept`` layers in its ModuleList, renumbered for the KV cache."""
     reduced = copy.deepcopy(model)
-    object.__setattr__(reduced, "_effllm_adapter", None)
+    records.ADAPTER.set(reduced, None)
     adapter = get_adapter(reduced)
     layers = adapter.layers
     new_layers = torch.nn.ModuleList(layers[i] for i in kept)

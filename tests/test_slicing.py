@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from effllm import records
 from effllm.adapters import UnsupportedArchitectureError, get_adapter
 from effllm.models import load_model, tiny_model
 from effllm.slicing import (
@@ -155,7 +156,7 @@ def test_amplitude_zero_is_constant_slicing():
     ids = calibration_ids()
     slice_model(constant, ids, mean=0.25)
     slice_model(dynamic, ids, mean=0.25, amplitude=0.0)
-    assert dynamic._effllm_slicing["fractions"] == [0.25] * 4
+    assert records.SLICING.get(dynamic)["fractions"] == [0.25] * 4
     torch.testing.assert_close(logits(dynamic, ids), logits(constant, ids), rtol=0, atol=0)
 
 
@@ -173,7 +174,7 @@ def test_save_and_load_sliced_gives_identical_logits(case, tmp_path):
     assert not loaded.training
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert n_parameters(loaded) == n_parameters(model)
-    assert loaded._effllm_slicing == model._effllm_slicing
+    assert records.SLICING.get(loaded) == records.SLICING.get(model)
     assert (tmp_path / "sliced" / "tokenizer.json").is_file()
 
 
@@ -284,7 +285,7 @@ def test_compare_methods_rows_match_slicing_each_copy_directly():
     for mean in (0.2, 0.5):
         rows = table[table["mean"] == mean].set_index("method")
         reference = slice_model(copy.deepcopy(model), ids, mean=mean, amplitude=0.1)  # the same slicing, directly
-        assert rows.loc["dynamic", "dims"] == reference._effllm_slicing["dims"]
+        assert rows.loc["dynamic", "dims"] == records.SLICING.get(reference)["dims"]
         assert rows.loc["dynamic", "first_logit"] == logits(reference, held_out)[0, 0, 0].item()
         assert rows.loc["constant", "parameters"] == sliced_parameter_count(model, [mean] * 6)
         n_remove = equal_parameter_shortgpt_layers(model, mean=mean)
@@ -526,7 +527,7 @@ def test_interrupted_shortgpt_puts_every_layer_back(error, monkeypatch):
     assert get_adapter(model).num_layers == 4 and model.config.to_dict() == config
     assert [get_adapter(model).attention(i).layer_idx for i in range(4)] == [0, 1, 2, 3]
     assert torch.equal(logits(model, ids), before)
-    assert not hasattr(model, "_effllm_incomplete")
+    assert not records.INCOMPLETE.present(model)
     reference, _ = tiny_model("gemma3")
     slice_model(reference, ids, mean=0.5, method="shortgpt")
     slice_model(model, ids, mean=0.5, method="shortgpt")  # and it can be sliced now

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import run_all
-from effllm import data, domains, exits, metrics, models, standins
+from effllm import data, domains, exits, metrics, models, records, standins
 from effllm.adapters import get_adapter
 from effllm.models import ModelNotAvailableError, load_model, tiny_tokenizer
 
@@ -95,7 +95,7 @@ def test_standin_model_has_the_originals_structure(hub_id, standins_on, no_hub, 
     with caplog.at_level("WARNING", logger="effllm.standins"):
         model, tokenizer = load_model(hub_id)
     _LOADED[hub_id] = (model, tokenizer)
-    assert model._effllm_standin == hub_id and model.config.model_type == model_type
+    assert records.STANDIN.get(model) == hub_id and model.config.model_type == model_type
     assert any("mean nothing" in record.getMessage() and hub_id in record.getMessage() for record in caplog.records)
     facts = models.describe(model)
     assert (facts["layers"], facts["vocab_size"], facts["tied_embeddings"]) == (layers, vocab, tied)
@@ -149,7 +149,7 @@ def test_standin_follows_dtype_and_is_seeded(standins_on):
     again, _ = load_model("meta-llama/Llama-3.2-1B", dtype=torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
     same, _ = load_model("facebook/opt-350M")  # hub ids resolve case-insensitively, as on the hub
-    assert same._effllm_standin == "facebook/opt-350m"
+    assert records.STANDIN.get(same) == "facebook/opt-350m"
 
 
 def test_unknown_hub_model_with_standins_on_lists_the_known_ones(standins_on, no_hub):
@@ -160,7 +160,7 @@ def test_unknown_hub_model_with_standins_on_lists_the_known_ones(standins_on, no
 
 def test_embedded_tiny_and_folder_names_are_not_stood_in(standins_on):
     model, _ = load_model("tiny-llama")
-    assert not hasattr(model, "_effllm_standin")
+    assert not records.STANDIN.present(model)
 
 
 # --------------------------------------------------------------------------------------------------

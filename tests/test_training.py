@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effllm import models
+from effllm import models, records
 from effllm.training import core, losses
 from effllm.training.core import ExitTrainingConfig
 
@@ -230,15 +230,15 @@ def test_paper_recipe_data_fails_offline_with_the_data_error(monkeypatch):
 
 def test_exit_trained_model_by_name_is_cached_and_carries_its_exits():
     model, _ = models.load_model("tiny-llama-ee")
-    exits = model._effllm_exits
+    exits = records.EXITS.get(model)
     hidden = torch.randn(1, 3, 64)
     assert exits.layers == [2] and exits.position_wise
     assert torch.equal(exits(1, hidden), hidden)  # identity where no exit was trained
     assert exits(2, hidden).shape == hidden.shape
     again, _ = models.load_model("tiny-llama-ee")  # from the cache: the same exits, no training
-    for a, b in zip(exits.state_dict().values(), again._effllm_exits.state_dict().values(), strict=True):
+    for a, b in zip(exits.state_dict().values(), records.EXITS.get(again).state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert "_effllm_exits" not in dict(model.named_modules())  # not a submodule of the model
+    assert records.EXITS.attribute not in dict(model.named_modules())  # not a submodule of the model
 
 
 # ---- bfloat16 loading ---------------------------------------------------------------------------------

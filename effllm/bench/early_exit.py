@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from effllm import records
 from effllm.adapters import get_adapter
 from effllm.bench import device_description, print_table, write_result
 from effllm.decoding import LOGIT_LENS, Calm, Free, Policy, SelfSpec, Skip, StaticExit, VocabPruning
@@ -59,7 +60,7 @@ def threshold_of(policy: Policy | None) -> float | None:
 def default_settings(n_layers: int, k: int = 256, include_skipping: bool = True,
                      trained_layer: int | None = None) -> dict[str, Policy]:
     """The benchmark's rows besides hf_generate and full: label -> policy. ``trained_layer``: the layer of a
-    trained exit (``model._effllm_exits.layers``); CALM then checks from it and FREE exits there, since the
+    trained exit (``records.EXITS.get(model).layers``); CALM then checks from it and FREE exits there, since the
     other layers have no exit of their own."""
     mid, late = n_layers // 2, (2 * n_layers) // 3
     if trained_layer is not None:
@@ -142,7 +143,7 @@ def _exit_maps(model, tokenizer, args) -> tuple[Any, str]:
 
     if args.no_fitted_exits:
         return LOGIT_LENS, "logit lens"
-    if getattr(model, "_effllm_exits", None) is not None:
+    if records.EXITS.get(model) is not None:
         return None, "trained (attached to the model)"
     if getattr(model.config, "is_encoder_decoder", False):
         return LOGIT_LENS, "logit lens"
@@ -171,7 +172,7 @@ def run(args) -> int:
     n_layers = adapter.num_layers
     if not 2 <= args.k <= adapter.vocab_size:
         args._parser.error(f"--k must lie in [2, {adapter.vocab_size}] (the vocabulary size); got {args.k}")
-    trained = getattr(getattr(model, "_effllm_exits", None), "layers", None)
+    trained = getattr(records.EXITS.get(model), "layers", None)
     settings = default_settings(n_layers, k=args.k, trained_layer=min(trained) if trained else None)
     ltt_base = Calm("softmax", 0.9, min(trained) if trained else n_layers // 2)
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from effllm import data, metrics
+from effllm import data, metrics, records
 from effllm.adapters import get_adapter
 from effllm.bench import device_description, print_table, write_result
 from effllm.models import load_model
@@ -141,7 +141,7 @@ def slice_rows(model, tokenizer, calibration, eval_tokens, args) -> tuple[list[d
     for label, variant, seconds in variants:
         ppl = metrics.perplexity(variant, eval_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                                  max_windows=args.eval_windows)
-        settings = getattr(variant, "_effllm_slicing", None) or {}
+        settings = records.SLICING.get(variant) or {}
         rows.append({
             "variant": label,
             "layers": get_adapter(variant).num_layers,

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from effllm import checks
+from effllm import checks, records
 from effllm.adapters import get_adapter
 from effllm.decoding import early_exit, skipping, speculative
 from effllm.decoding.policies import Full, Policy
@@ -100,9 +100,9 @@ def _eos_tensor(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None
 
 def resolve_exit_transform(model: torch.nn.Module, exit_transform: Any) -> ExitTransform | None:
     """The exit map to use: an explicit callable; ``LOGIT_LENS`` for none; None for the exits attached to the
-    model (``model._effllm_exits``, set by exit training) or, without any, the plain logit lens."""
+    model (``records.EXITS``, set by exit training) or, without any, the plain logit lens."""
     if exit_transform is None:
-        return getattr(model, "_effllm_exits", None)
+        return records.EXITS.get(model)
     if isinstance(exit_transform, str):
         if exit_transform != LOGIT_LENS:
             raise ValueError(f"exit_transform must be a callable (layer, hidden) -> hidden, None or {LOGIT_LENS!r}; "

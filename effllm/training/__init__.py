@@ -12,9 +12,9 @@ decoder, with the backbone frozen, adapted with peft LoRA (merged at the end) or
     model, tokenizer, exits, result = train_exits(recipe("free", model="tiny-t5"))
 
     model, tokenizer = load_model("smollm2-135m-ee")   # trained on first use with `default`, then cached
-    exits = model._effllm_exits                         # exit_transform(layer, hidden) -> hidden, or None
+    exits = records.EXITS.get(model)                   # exit_transform(layer, hidden) -> hidden, or None
 
-**The exit contract.** ``model._effllm_exits`` (set with ``object.__setattr__`` so that it is not a submodule)
+**The exit contract.** ``records.EXITS.get(model)`` (a plain attribute, not a submodule: effllm.records)
 is ``exit_transform(layer: int, hidden: Tensor[b, q, d]) -> Tensor[b, q, d]``: 1-based layer, the result goes
 through the model's final norm and LM head, position-wise (no attention, no cache), the identity at layers
 without a trained exit; None when the training changed the model's own weights and left no exit module
@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from effllm import io
+from effllm import io, records
 from effllm.training.core import (
     RECIPES,
     RESULT_KIND,
@@ -164,7 +164,7 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
                       recipe_name: str = "default", progress: bool = True):
     """``load_model("<model>-ee")``: the model with its exits trained by recipe ``recipe_name``, trained on first
     use (a progress bar; minutes on the embedded model) and loaded from the cache after. The exits are
-    attached as ``model._effllm_exits`` (see the package docstring); returns ``(model, tokenizer)``."""
+    attached as ``records.EXITS`` (see the package docstring); returns ``(model, tokenizer)``."""
     from effllm.models import EXIT_TRAINED_SUFFIX, resolve_dtype
 
     base = name.removesuffix(EXIT_TRAINED_SUFFIX)
@@ -174,6 +174,6 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
         model = model.to(device=device, dtype=dtype)
         if exits is not None:
             exits = exits.to(device=device, dtype=dtype)  # the exit modules compute in the model's precision
-    object.__setattr__(model, "_effllm_exits", exits)
-    object.__setattr__(model, "_effllm_exit_training", result)
+    records.EXITS.set(model, exits)
+    records.EXIT_TRAINING.set(model, result)
     return model.eval(), tokenizer
