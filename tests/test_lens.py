@@ -116,3 +116,27 @@ def test_float32_exits_map_bfloat16_states_in_float32_and_return_bfloat16():
     expected = (hidden.to(torch.bfloat16).float() @ exits.weight[1] + exits.bias[1]).to(torch.bfloat16)
     assert torch.equal(out, expected)
     assert torch.equal(exits(4, hidden.to(torch.bfloat16)), hidden.to(torch.bfloat16))  # the last layer passes
+
+
+def test_meta_classifier_of_a_bfloat16_model_scores_in_float32_and_leaves_its_exits_alone():
+    """Notebook 01 in bfloat16 stopped here ("mat1 and mat2 must have the same dtype"): the classifier is trained in
+    float32, the model's states are bfloat16, and the fitted exits it reads must keep the model's precision."""
+    from effllm import exits
+    from effllm.lens import fit_meta_classifier
+
+    model, _ = tiny_model("llama", num_hidden_layers=4)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 250, (4, 16), generator=torch.Generator().manual_seed(5))
+    fitted = fit_linear_exits(model, ids, progress=False)
+    assert fitted.weight.dtype == torch.bfloat16
+    classifier = fit_meta_classifier(model, ids, exit_transform=fitted, min_layer=1, steps=20, progress=False)
+    assert classifier.linear.weight.dtype == torch.float32 and fitted.weight.dtype == torch.bfloat16
+    hidden = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    prob = classifier.bind(model)(2, hidden)
+    features = classifier.features(get_adapter(model), 2, hidden).float()
+    expected = torch.sigmoid(classifier.linear(features).squeeze(-1) + classifier.layer_bias[2])
+    assert prob.dtype == torch.float32 and torch.equal(prob, expected)
+    out = exits.generate(model, ids[:1, :6], 4, method="calm", exit_conf_type="meta", exit_transform=fitted,
+                         meta_classifier=classifier.bind(model), exit_conf_threshold=0.5, exit_min_layer=2,
+                         eos_token_id=[])
+    assert out.sequences.shape == (1, 10)
