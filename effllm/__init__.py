@@ -17,6 +17,8 @@ The methods:
 
 What they share:
     data, metrics, zeroshot, plots, checks, io, paths, execution (confined model-written code), standins
+    records     the notes effllm keeps on a model (trained exits, slicing / pruning settings, ...): typed get / set
+    precision   the EFFLLM_DTYPE switch (auto | float32 | bfloat16) that load_model, run_all.py and the bench honour
 
 Around them:
     experiments the experiments notebooks and benchmarks share (prompts, runs, evaluation, claims, README)
