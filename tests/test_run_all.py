@@ -39,7 +39,8 @@ out = pathlib.Path(figures_dir)
 (out / "tables").mkdir(parents=True, exist_ok=True)
 received = dict(profile=profile, model_name=model_name, seed=seed, n_items=n_items, figures_dir=figures_dir,
                 cwd=os.getcwd(), MPLBACKEND=os.environ.get("MPLBACKEND"),
-                EFFLLM_FIGURES=os.environ.get("EFFLLM_FIGURES"), start=start, end=time.time())
+                EFFLLM_FIGURES=os.environ.get("EFFLLM_FIGURES"), EFFLLM_DTYPE=os.environ.get("EFFLLM_DTYPE"),
+                start=start, end=time.time())
 (out / "alpha.json").write_text(json.dumps(received))
 (out / "tables" / "alpha.csv").write_text("x,y\\n1,2\\n")
 """
@@ -88,13 +89,15 @@ def mixed_run(tmp_path_factory):
     notebooks = write_notebooks(root / "nb", **{"00_alpha": ALPHA, "01_beta": BETA, "02_broken": BROKEN})
     before = digest(notebooks)
     build = root / "build"
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setenv("EFFLLM_DTYPE", "auto")  # --dtype sets it for the run: restored for the other tests
         raise SystemExit(cli.main([
             "--profile", "smoke", "--notebooks-dir", str(notebooks), "--build-dir", str(build),
-            "--jobs", "2", "-p", "n_items=3",
+            "--jobs", "2", "-p", "n_items=3", "--dtype", "bfloat16",
         ]))
     summary = json.loads((build / "smoke" / "summary.json").read_text())
     return dict(root=root, notebooks=notebooks, before=before, build=build, code=exit_info.value.code,
+                precision=summary["precision"],
                 summary={entry["notebook"]: entry for entry in summary["notebooks"]},
                 publish=build / "smoke" / "figures")
 
@@ -108,6 +111,10 @@ def test_profile_parameters_reach_the_notebook(mixed_run):
     assert received["n_items"] == 3  # from -p
     assert Path(received["figures_dir"]) == staging
     assert Path(received["EFFLLM_FIGURES"]) == staging
+    # --dtype reaches every kernel and the summary records the run's precision
+    assert received["EFFLLM_DTYPE"] == "bfloat16"
+    assert mixed_run["precision"]["dtype"] == "bfloat16" and mixed_run["precision"]["dtype_setting"] == "bfloat16"
+    assert isinstance(mixed_run["precision"]["cpu_bfloat16"], bool)
     # JupyterLab's inline backend (headless, draws with Agg): figures appear in the executed copy and its report
     assert received["MPLBACKEND"] == "module://matplotlib_inline.backend_inline"
     assert Path(received["cwd"]) == mixed_run["notebooks"]
