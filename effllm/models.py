@@ -158,14 +158,15 @@ def dtype_override() -> torch.dtype | None:
 
 
 def dtype_report(device: str | torch.device | None = None) -> dict[str, Any]:
-    """What precision this run takes and why, for run summaries and benchmark JSON: the ``EFFLLM_DTYPE`` setting,
-    the dtype embedded models load in, and whether this CPU computes in bfloat16 natively."""
-    flags = cpu_flags()
-    isa = ("AVX-512 BF16" if cpu_supports_bfloat16() else "AVX-512" if "avx512f" in flags
+    """What precision this run takes and why, for run summaries and benchmark JSON: ``dtype``, the default every
+    model without a ``dtype`` of its own loads in (a benchmark's own ``dtype`` field is what it measured), the
+    ``EFFLLM_DTYPE`` setting, and whether this CPU computes in bfloat16 natively."""
+    flags, native = cpu_flags(), cpu_supports_bfloat16()
+    isa = ("AVX-512 BF16" if native else "AVX-512" if "avx512f" in flags
            else "AVX2" if "avx2" in flags else platform.machine() or "unknown")
     return {"dtype": str(default_dtype(device)).removeprefix("torch."),
             "dtype_setting": os.environ.get(DTYPE_ENV, "auto") or "auto",
-            "cpu_bfloat16": cpu_supports_bfloat16(), "cpu_isa": isa, "cpu_model": cpu_model()}
+            "cpu_bfloat16": native, "cpu_isa": isa, "cpu_model": cpu_model()}
 
 
 def dtype_line(device: str | torch.device | None = None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import jupytext
@@ -10,7 +9,6 @@ import nbformat
 import pytest
 
 from effllm import models, runner
-from effllm.precision import DTYPE_ENV
 from effllm.runner.executors import LocalExecutor
 
 NOTEBOOKS_DIR = runner.REPO_ROOT / "notebooks"
@@ -93,7 +91,7 @@ def test_every_notebook_runs_in_smoke_profile(tmp_path):
     # rule), so the smoke run walks the default run's path; `make test` runs it again in the other precision.
     precision = str(models.default_dtype()).removeprefix("torch.")
     jobs, _ = runner.build_jobs(TWINS, "smoke", tmp_path / "build", timeout=600)
-    jobs = [replace(job, env={**job.env, DTYPE_ENV: precision}) for job in jobs]
+    jobs = runner.jobs.with_dtype(jobs, precision)
     assert all(job.env.get("OMP_NUM_THREADS") == "1" for job in jobs)
     results = runner.run(jobs, LocalExecutor(2))
     failed = {job.notebook.stem: f"{result.error} (executed copy: {result.executed})"

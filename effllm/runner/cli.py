@@ -23,7 +23,6 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,13 @@ from effllm.precision import DTYPE_CHOICES, DTYPE_ENV
 from effllm.runner.executors import LocalExecutor
 from effllm.runner.jobs import (
     Executor,
-    Job,
     build_jobs,
     format_summary,
     land,
     run,
     run_job_isolated,
     was_interrupted,
+    with_dtype,
     write_summary,
 )
 from effllm.runner.notebooks import NOTEBOOK_PATTERN, discover_notebooks, select_notebooks
@@ -211,11 +210,6 @@ def main(argv: Sequence[str] | None = None, repo_root: Path | None = None) -> in
             return EXIT_INTERRUPTED
 
 
-def _with_dtype(jobs: list[Job], dtype: str | None) -> list[Job]:
-    """Jobs whose kernels get ``EFFLLM_DTYPE=dtype`` (in the job's own environment, so remote executors carry it)."""
-    return jobs if dtype is None else [replace(job, env={**job.env, DTYPE_ENV: dtype}) for job in jobs]
-
-
 def _precision(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Apply ``--dtype`` to this process (kernels inherit it), print the precision once, return it for the summary."""
     from effllm.models import dtype_line, dtype_report  # torch: only once notebooks are about to run
@@ -258,7 +252,7 @@ def _main(argv: Sequence[str] | None, repo_root: Path, guard: _SignalGuard) -> i
     publish_dir = (args.figures_dir.resolve() if args.figures_dir
                    else publish_dir_for(args.profile, build_dir, repo_root))
     jobs, warnings = build_jobs(notebooks, args.profile, build_dir, dict(args.parameters), publish_dir, args.timeout)
-    jobs = _with_dtype(jobs, args.dtype)
+    jobs = with_dtype(jobs, args.dtype)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.list:
@@ -317,7 +311,7 @@ def main_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, notebo
                         else publish_dir_for(profile, build_dir, repo_root))
         jobs, points = build_sweep_jobs(sweep, notebooks, profile, build_dir, dict(args.parameters),
                                         publish_root, args.timeout)
-        jobs = _with_dtype(jobs, args.dtype)
+        jobs = with_dtype(jobs, args.dtype)
     except SweepError as error:
         parser.error(str(error))
     figures_root = sweep_publish_dir(sweep.name, profile, build_dir, publish_root)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from effllm.paths import write_atomic
+from effllm.precision import DTYPE_ENV
 from effllm.runner.notebooks import (
     COMMON_PARAMETERS,
     declared_parameters,
@@ -440,6 +441,12 @@ def format_summary(results: Sequence[JobResult], label: str = "notebook") -> str
             tally += f", {counts[status]} {status}"
     lines.append(tally)
     return "\n".join(lines)
+
+
+def with_dtype(jobs: Sequence[Job], dtype: str | None) -> list[Job]:
+    """``jobs`` whose kernels get ``EFFLLM_DTYPE=dtype`` (in each job's own environment, so that remote executors carry
+    it); unchanged for None."""
+    return list(jobs) if dtype is None else [replace(job, env={**job.env, DTYPE_ENV: dtype}) for job in jobs]
 
 
 def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence[JobResult],
