@@ -7,13 +7,15 @@ loss CE + alpha * (mean fraction of executed layers).
     decode(model, ids, 64, Skip(skip_mode="controller", controller=SkipControllers.load(path, model)))
 
 During training every layer runs on every token and a skipped token's output is replaced by its input
-(:func:`mixed_forward`), which gives the same states as decoding with ``skipped_kv="propagate"``.
+(:func:`mixed_forward`), which gives the same states as decoding with ``Skip(kv="propagate")``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +164,7 @@ def mixed_forward(
     by its input. Returns the last states [b, s, d] (before the final norm).
 
     The skipped positions' K/V at layer i come from their input state, so this is decoding with
-    ``skipped_kv="propagate"`` done in parallel (the paper's training pass). ``keep`` is a [L, b, s] tensor
+    ``kv="propagate"`` done in parallel (the paper's training pass). ``keep`` is a [L, b, s] tensor
     (bool or float; fractional values mix) or ``keep(i, hidden) -> [b, s]``, called on the state entering
     layer i (differentiable: the controllers' training uses it). Gradients flow when enabled.
     """
@@ -195,22 +197,33 @@ def _controller_gate(controllers: SkipControllers, skip_positions: torch.Tensor,
     return keep
 
 
+@dataclass(frozen=True)
+class ControllerTraining:
+    """The settings of :func:`train_controllers`: the loss weight ``alpha`` of the layer cost, ``steps`` of Adam
+    at ``lr``, the Gumbel-softmax temperature ``tau``, the initial keep logit, the seed, and whether the
+    controllers read a fixed input instead of the hidden state."""
+
+    with_fixed_input: bool = False
+    alpha: float = 0.5
+    steps: int = 60
+    lr: float = 0.05
+    tau: float = 1.0
+    init_keep_logit: float = 2.0
+    seed: int = 0
+
+
 def train_controllers(
     model: nn.Module,
     examples: Sequence[tuple[torch.LongTensor, torch.Tensor]],
+    settings: ControllerTraining | None = None,
     *,
-    with_fixed_input: bool = False,
-    alpha: float = 0.5,
-    steps: int = 60,
-    lr: float = 0.05,
-    tau: float = 1.0,
-    init_keep_logit: float = 2.0,
-    seed: int = 0,
     model_name: str | None = None,
     progress: bool = True,
+    **overrides: Any,
 ) -> tuple[SkipControllers, pd.DataFrame]:
     """Train one :class:`SkipControllers` on a frozen ``model`` with the cost-aware loss
-    CE + ``alpha`` * (mean fraction of executed layers).
+    CE + ``alpha`` * (mean fraction of executed layers). ``settings`` (default :class:`ControllerTraining`), with
+    any of its fields given as keywords (``alpha=1.0, steps=40``) replacing its values.
 
     ``examples`` are (input_ids [1, n], label_mask [1, n]) pairs: label positions are the answer tokens.
     As in the paper's code, prompt positions always run every layer; answer positions (as inputs) skip
@@ -221,6 +234,9 @@ def train_controllers(
     weights and ``requires_grad`` flags are left as they were. Returns the controllers (in eval use:
     ``generate(..., skip_mode="controller", controller=...)``) and a per-step history.
     """
+    settings = dataclasses.replace(settings or ControllerTraining(), **overrides)
+    with_fixed_input, alpha, steps, lr = settings.with_fixed_input, settings.alpha, settings.steps, settings.lr
+    tau, init_keep_logit, seed = settings.tau, settings.init_keep_logit, settings.seed
     if not examples:
         raise ValueError("train_controllers needs at least one (input_ids, label_mask) example")
     checks.number("alpha", alpha, low=0, hint=" (the weight of the layer cost)")

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from effllm import data
 from effllm.adapters import get_adapter
-from effllm.pruning import _check_arguments, apply_masks, prune
+from effllm.pruning import apply_masks, check_arguments, prune
 
 SELF_GENERATED = "self-generated"
 # Calibration set -> (domain, built-in corpus or SELF_GENERATED)
@@ -121,11 +121,11 @@ def calibration_documents(name: str) -> list[str]:
     if source in CALIBRATION_FIRST_ITEM:
         return data.documents(source, "test")[CALIBRATION_FIRST_ITEM[source]:]
     if source == "docstrings":
-        # data._split_of is how python-code assigns files to splits: keep docstrings of train-split files only, so
+        # data.split_of is how python-code assigns files to splits: keep docstrings of train-split files only, so
         # no calibration text appears in the held-out code the code perplexity is measured on.
         records = data.load("docstrings", "train")
         return [text for text, key in zip(records["text"], records["source"], strict=True)
-                if data._split_of(key.split(":", 1)[0]) == "train"]
+                if data.split_of(key.split(":", 1)[0]) == "train"]
     return data.documents(source, "train")
 
 
@@ -218,7 +218,7 @@ class SubModelBank:
         """Prune the dense model on ``calibration`` and keep the result as sub-model ``name``."""
         if name == DENSE:
             raise ValueError(f"{DENSE!r} names the unpruned model; give the sub-model another name.")
-        _check_arguments(self.model, method, sparsity, pattern, calibration, method_kwargs)  # before any change
+        check_arguments(self.model, method, sparsity, pattern, calibration, method_kwargs)  # before any change
         self.restore_dense()
         start = time.perf_counter()
         masks = prune(self.model, method, sparsity, pattern, calibration=calibration, progress=progress,

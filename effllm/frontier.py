@@ -92,7 +92,7 @@ def decode_flops(model: nn.Module, outputs: Sequence[Any], prompts: Sequence[tor
 
     Each step's token attends to prompt + (tokens so far) positions and runs the layers its output says
     (``layers_run`` when given, else layers 1..``exit_layers``). A layer it skips costs, by ``kv_policy``:
-    ``propagate`` its K/V projections (CALM's state propagation, skipping's ``skipped_kv="propagate"``),
+    ``propagate`` its K/V projections (CALM's state propagation, skipping's ``kv="propagate"``),
     ``deferred`` the whole layer (FREE and CALM without propagation run it later in a synchronized pass),
     ``none`` nothing. Every token pays its exit checks (``confidence_flops``, plus ``transform_flops_per_check``
     per check for a fitted exit map); a token that leaves at a checked layer takes its logits from that check,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from effllm import io
 from effllm.adapters import get_adapter
+from effllm.decoding.exits import agreement_counts, exit_logits
 
 EXITS_FILE = "linear_exits.safetensors"
 EXITS_KIND = "effllm-linear-exits"
@@ -52,13 +53,9 @@ def logit_lens_agreement(
         final_logits, states = adapter.forward(batch, output_hidden_states=True)
         final = final_logits.argmax(-1)  # [b, s]
         for layer in range(1, n_layers + 1):
-            state = states[layer]
-            if exit_transform is not None and layer < n_layers:
-                state = exit_transform(layer, state)
-            logits = adapter.logits(state)
-            agree[layer - 1] += (logits.argmax(-1) == final).sum()
-            top = logits.topk(top_k, dim=-1).indices  # [b, s, k]
-            in_top_k[layer - 1] += (top == final.unsqueeze(-1)).any(-1).sum()
+            hits, in_top = agreement_counts(adapter, layer, states[layer], final, exit_transform, top_k)
+            agree[layer - 1] += hits
+            in_top_k[layer - 1] += in_top
         total += final.numel()
     return pd.DataFrame(
         {
@@ -243,7 +240,8 @@ def fit_meta_classifier(
             for layer in range(min_layer, n_layers):
                 x = classifier.features(adapter, layer, states[layer]).reshape(-1, adapter.hidden_size)
                 features.append(x.float())
-                labels.append(adapter._head(x, None).argmax(-1) == final)  # x is already normed
+                predicted = exit_logits(adapter, layer, states[layer], exit_transform).argmax(-1).reshape(-1)
+                labels.append(predicted == final)
                 layers.append(torch.full((x.shape[0],), layer))
     x, y, layer_ids = torch.cat(features), torch.cat(labels).float(), torch.cat(layers)
     optimizer = torch.optim.Adam([p for n, p in classifier.named_parameters() if not n.startswith("exit_transform")],

@@ -9,7 +9,7 @@ threshold) down, and the sequence stops at the first one that is not rejected. E
 valid; the lowest is the fastest.
 
     result = calibrate_threshold(model, prompts, max_new_tokens=32, candidates=[0.99, 0.95, 0.9, 0.8, 0.7],
-                                 delta=0.2, epsilon=0.05, policy=Calm(exit_min_layer=20))
+                                 delta=0.2, epsilon=0.05, policy=Calm(candidate_layer=20))
     result.threshold     # None if even the safest candidate could not be certified
 
 The binomial tail is written out here (a few lines) rather than taken from scipy, which effllm does not
@@ -125,7 +125,7 @@ def disagreement(early: torch.Tensor, full: torch.Tensor, distance: str = "token
     raise ValueError(f"unknown distance {distance!r}; allowed: {', '.join(DISTANCES)}")
 
 
-THRESHOLD_FIELDS = {"calm": "exit_conf_threshold", "free": "shallow2deep_conf_threshold"}
+DECODE_OPTIONS = ("exit_transform", "eos_token_id")  # what calibrate_threshold passes on to decoding.decode
 
 
 def calibrate_threshold(
@@ -138,32 +138,37 @@ def calibrate_threshold(
     policy: Calm | Free,
     distance: str = "token",
     decode: Callable[[torch.Tensor], str] | None = None,
-    exit_transform: Any = None,
-    eos_token_id: int | list[int] | None = None,
     progress: bool = True,
+    **decode_options: Any,
 ) -> LTTResult:
-    """Choose the threshold of a CALM or FREE ``policy`` (``exit_conf_threshold`` / ``shallow2deep_conf_threshold``;
-    its own value is ignored) by Learn-then-Test: decode every prompt at full depth and with each candidate,
-    measure the per-prompt disagreement of the generated tokens (``distance``), test. Works on T5 too (the
-    generated tokens are compared, whatever the encoder input)."""
+    """Choose the ``threshold`` of a CALM or FREE ``policy`` (its own value is ignored) by Learn-then-Test: decode
+    every prompt at full depth and with each candidate, measure the per-prompt disagreement of the generated
+    tokens (``distance``), test. ``decode_options`` go to :func:`effllm.decoding.decode`: ``exit_transform`` (the
+    candidates' decoding only) and ``eos_token_id``. Works on T5 too (the generated tokens are compared, whatever
+    the encoder input)."""
+    unknown = sorted(set(decode_options) - set(DECODE_OPTIONS))
+    if unknown:
+        raise TypeError(f"calibrate_threshold() got unexpected keyword argument(s) {unknown}; allowed besides its "
+                        f"own: {', '.join(DECODE_OPTIONS)}")
+    exit_transform = decode_options.get("exit_transform")
+    eos_token_id = decode_options.get("eos_token_id")
     if not isinstance(policy, (Calm, Free)):
         raise ValueError(f"calibration is for a Calm or Free policy; got {type(policy).__name__}")
     if not candidates:
         raise ValueError("candidates must list at least one threshold")
-    field = THRESHOLD_FIELDS[policy.method]
     full = []
     for ids in tqdm(prompts, desc="full-depth references", disable=not progress):
         out = decoding.decode(model, ids, max_new_tokens, decoding.Full(), eos_token_id=eos_token_id)
-        full.append(out.new_tokens(ids.shape[1])[0])
+        full.append(out.new_tokens()[0])
     risks, layers = {}, {}
     for candidate in tqdm(sorted(candidates, reverse=True), desc="candidates", disable=not progress):
-        candidate_policy = dataclasses.replace(policy, **{field: candidate})
+        candidate_policy = dataclasses.replace(policy, threshold=candidate)
         losses, used, count = [], 0.0, 0
         for ids, reference in zip(prompts, full, strict=True):
             out = decoding.decode(model, ids, max_new_tokens, candidate_policy, eos_token_id=eos_token_id,
                                   exit_transform=exit_transform)
-            losses.append(disagreement(out.new_tokens(ids.shape[1])[0], reference, distance, decode))
-            used += float(out.exit_layers.double().sum())
-            count += out.exit_layers.numel()
+            losses.append(disagreement(out.new_tokens()[0], reference, distance, decode))
+            used += float(out.num_layers_run.double().sum())
+            count += out.num_layers_run.numel()
         risks[candidate], layers[candidate] = losses, used / count
     return learn_then_test(risks, delta, epsilon, layers)

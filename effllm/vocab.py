@@ -1,6 +1,6 @@
 """Analyses of dynamic vocabulary pruning for early-exit confidence (Vincenti et al. 2024; seed 000).
 
-The pruned confidence itself lives in the decoding engine (:class:`effllm.exits.ExitHead`,
+The pruned confidence itself lives in the decoding engine (:class:`effllm.decoding.exits.ExitHead`,
 ``type_vocab_reduct``); this module measures what the paper plots, teacher-forced on text:
 
     table = layer_analysis(model, token_ids, prune_layer=20, k=256, exit_transform=exits)
@@ -17,6 +17,7 @@ layer-``prune_layer`` logits, which fixed-k pruning keeps for every later layer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from effllm import checks
 from effllm.adapters import get_adapter
-from effllm.decoding.early_exit import head_flops, softmax_confidence
+from effllm.decoding.exits import exit_logits, head_flops, softmax_confidence
 
 
 def final_token_ranks(logits: torch.Tensor, final_ids: torch.LongTensor) -> torch.LongTensor:
@@ -61,11 +62,23 @@ def _check_layers(layers: Sequence[int] | None, prune_layer: int, n_layers: int)
     return layers
 
 
-def _exit_logits(adapter, state: torch.Tensor, layer: int, exit_transform) -> torch.Tensor:
-    """Full-vocabulary exit logits [c, V] at ``layer``, as the engine's exit head computes them."""
-    if exit_transform is not None and layer < adapter.num_layers:
-        state = exit_transform(layer, state)
-    return adapter.logits(state).float()
+def _layer_rows(logits: torch.Tensor, layer: int, final: torch.LongTensor, prune_layer: int,
+                candidates: torch.LongTensor, survived: torch.Tensor) -> dict[str, Any]:
+    """The columns of one layer's rows (see :func:`layer_analysis`) from its exit logits [c, V]."""
+    row = {"layer": layer, "confidence": softmax_confidence(logits).cpu().numpy(),
+           "agrees": (logits.argmax(-1) == final).cpu().numpy(),
+           "final_rank": final_token_ranks(logits, final).cpu().numpy()}
+    if layer >= prune_layer:
+        # at the pruning layer itself the check uses the full vocabulary (it picks the candidates)
+        pruned = logits if layer == prune_layer else logits.gather(-1, candidates)  # == W[I]·LN(h)
+        if layer == prune_layer:
+            pruned_ids = pruned.argmax(-1)
+        else:
+            pruned_ids = candidates.gather(-1, pruned.argmax(-1, keepdim=True))[:, 0]
+        row["confidence_pruned"] = softmax_confidence(pruned).cpu().numpy()
+        row["agrees_pruned"] = (pruned_ids == final).cpu().numpy()
+        row["final_in_candidates"] = survived.cpu().numpy()
+    return row
 
 
 @torch.no_grad()
@@ -126,30 +139,16 @@ def layer_analysis(
         position = torch.arange(batch.shape[1]).repeat(batch.shape[0])
         for lo in range(0, n_tokens, chunk_tokens):
             hi = min(lo + chunk_tokens, n_tokens)
+            def logits_at(layer: int) -> torch.Tensor:  # [c, V], one layer at a time (a 262k vocabulary is large)
+                return exit_logits(adapter, layer, states[layer][lo:hi], exit_transform).float()  # noqa: B023
 
-            def exit_logits(layer: int) -> torch.Tensor:
-                return _exit_logits(adapter, states[layer][lo:hi], layer, exit_transform)  # noqa: B023 (used at once)
-
-            final = exit_logits(n_layers).argmax(-1)  # [c]
-            candidates = exit_logits(prune_layer).topk(k, dim=-1).indices  # [c, k]
+            final = logits_at(n_layers).argmax(-1)  # [c]
+            candidates = logits_at(prune_layer).topk(k, dim=-1).indices  # [c, k]
             survived = (candidates == final.unsqueeze(-1)).any(-1)
             for layer in layers:
-                logits = exit_logits(layer)
-                row = {"sequence": sequence[lo:hi].numpy(), "position": position[lo:hi].numpy(), "layer": layer,
-                       "confidence": softmax_confidence(logits).cpu().numpy(),
-                       "agrees": (logits.argmax(-1) == final).cpu().numpy(),
-                       "final_rank": final_token_ranks(logits, final).cpu().numpy()}
-                if layer >= prune_layer:
-                    # at the pruning layer itself the check uses the full vocabulary (it picks the candidates)
-                    pruned = logits if layer == prune_layer else logits.gather(-1, candidates)  # == W[I]·LN(h)
-                    if layer == prune_layer:
-                        pruned_ids = pruned.argmax(-1)
-                    else:
-                        pruned_ids = candidates.gather(-1, pruned.argmax(-1, keepdim=True))[:, 0]
-                    row["confidence_pruned"] = softmax_confidence(pruned).cpu().numpy()
-                    row["agrees_pruned"] = (pruned_ids == final).cpu().numpy()
-                    row["final_in_candidates"] = survived.cpu().numpy()
-                tables.append(pd.DataFrame(row))
+                row = _layer_rows(logits_at(layer), layer, final, prune_layer, candidates, survived)
+                tables.append(pd.DataFrame({"sequence": sequence[lo:hi].numpy(),
+                                            "position": position[lo:hi].numpy(), **row}))
     table = pd.concat(tables, ignore_index=True)
     for column in ("confidence_pruned", "agrees_pruned", "final_in_candidates"):
         if column not in table:

@@ -296,10 +296,32 @@ def zero_shot_accuracy(
     scores every choice of an item from one pass over its context (the module docstring); False runs lm-eval's own
     HF scoring, one full pass per choice.
     """
+    standin = _check_request(model, tokenizer, task, limit, batch_size)
+    results, name = _evaluate(model, tokenizer, task, limit, batch_size, prefix_sharing, standin)
+    metrics = results["results"][name]
+    samples = results.get("samples", {})
+    if name in samples:
+        items = _items(samples[name])
+    else:  # a group (lm-eval's mmlu): its leaf tasks' samples, item ids prefixed by the leaf task
+        items = [item for leaf in sorted(samples) for item in _items(samples[leaf], prefix=f"{leaf}/")]
+    n = int(results["n-samples"][name]["effective"]) if name in results.get("n-samples", {}) else len(items)
+    result = {"task": task, "accuracy": float(metrics["acc,none"]), "n": n}
+    if task in TASK_PROMPTS:
+        scored = task_records(task)[:n]
+        result["chance"] = sum(1 / len(record["choices"]) for record in scored) / n
+        result["choices"] = max(len(record["choices"]) for record in scored)
+    if "acc_norm,none" in metrics:
+        result["accuracy_norm"] = float(metrics["acc_norm,none"])
+    result["items"] = items
+    return result
+
+
+def _check_request(model: nn.Module, tokenizer: Any, task: str, limit: int | None, batch_size: int) -> bool:
+    """Checks the arguments of :func:`zero_shot_accuracy`; returns whether a hub task runs on its stand-in."""
     _check_task(task, hub_allowed=True)
     _check_model(model)
-    standin = task in HUB_TASKS and data._standins_on()
-    if task in HUB_TASKS and not standin and data._hub_offline():
+    standin = task in HUB_TASKS and data.standins_on()
+    if task in HUB_TASKS and not standin and data.hub_offline():
         raise data.DataNotAvailableError(
             f"Zero-shot task {task!r} is lm-eval's, on hub data, and HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is "
             f"set. Built-in tasks that work offline: {', '.join(TASKS)}."
@@ -310,7 +332,12 @@ def zero_shot_accuracy(
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     if tokenizer is None:
         raise ValueError("Pass the model's tokenizer: without one lm-eval would look it up on the hub.")
+    return standin
 
+
+def _evaluate(model: nn.Module, tokenizer: Any, task: str, limit: int | None, batch_size: int, prefix_sharing: bool,
+              standin: bool) -> tuple[dict[str, Any], str]:
+    """(lm-eval's results, the task's name in them): one quiet lm-eval run, the model's training mode restored."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -340,20 +367,4 @@ def zero_shot_accuracy(
         model.train(was_training)
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    name = task if task in HUB_TASKS and not standin else config["task"]
-    metrics = results["results"][name]
-    samples = results.get("samples", {})
-    if name in samples:
-        items = _items(samples[name])
-    else:  # a group (lm-eval's mmlu): its leaf tasks' samples, item ids prefixed by the leaf task
-        items = [item for leaf in sorted(samples) for item in _items(samples[leaf], prefix=f"{leaf}/")]
-    n = int(results["n-samples"][name]["effective"]) if name in results.get("n-samples", {}) else len(items)
-    result = {"task": task, "accuracy": float(metrics["acc,none"]), "n": n}
-    if task in TASK_PROMPTS:
-        scored = task_records(task)[:n]
-        result["chance"] = sum(1 / len(record["choices"]) for record in scored) / n
-        result["choices"] = max(len(record["choices"]) for record in scored)
-    if "acc_norm,none" in metrics:
-        result["accuracy_norm"] = float(metrics["acc_norm,none"])
-    result["items"] = items
-    return result
+    return results, (task if task in HUB_TASKS and not standin else config["task"])

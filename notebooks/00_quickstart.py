@@ -31,6 +31,7 @@ from IPython.display import display
 
 from effllm import data, models, plots
 from effllm.adapters import get_adapter
+from effllm.experiments.session import open_session
 from effllm.lens import logit_lens_agreement
 
 # %% tags=["parameters"]
@@ -39,6 +40,7 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 max_new_tokens = 64  # length of each chat reply
 lens_corpora = ["python-docs", "python-code"]  # built-in corpora for the logit lens (effllm.data)
 lens_sequences = 8  # windows per corpus
@@ -47,9 +49,9 @@ lens_seq_len = 256  # tokens per window
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, dtype=dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
-print(f"{model_name}: {type(model).__name__} through {type(adapter).__name__}")
+print(f"{model_name}: {type(model).__name__} through {type(adapter).__name__}; {machine}")
 
 # %% [markdown]
 # ## Chat with it

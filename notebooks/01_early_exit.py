@@ -43,7 +43,7 @@ from effllm.decoding import AdaptiveThreshold, Calm, Free, StaticExit, decode
 from effllm.experiments.analyses import exit_histogram, token_exits
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import reference_quality, run_policies
-from effllm.experiments.timing import device_description
+from effllm.experiments.session import open_session
 from effllm.lens import cached_linear_exits, fit_meta_classifier, logit_lens_agreement
 from effllm.ltt import calibrate_threshold, disagreement
 
@@ -53,6 +53,7 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
 n_prompts = 4  # timed prompts per data set, decoded by every setting
 max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
@@ -85,7 +86,7 @@ trained_model = None
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, dtype=dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_min_layer = exit_min_layer or max(1, (2 * L) // 3)
@@ -93,7 +94,6 @@ shallow_exit_layer = shallow_exit_layer or (2 * L) // 3
 static_exit_layers = static_exit_layers or sorted({max(1, L // 2), max(1, (2 * L) // 3), max(1, L - 2)})
 encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
 transform = cached_linear_exits(model, tokenizer, model_name) if use_fitted_exits and not encoder_decoder else None
-machine = device_description()
 print(f"{model_name}: {L} decoder layers, CALM checks from layer {exit_min_layer}, FREE exits at "
       f"{shallow_exit_layer}; exits: {'fitted (least squares)' if transform is not None else 'logit lens'}; {machine}")
 
@@ -157,12 +157,11 @@ fmt = prompt_format(model, tokenizer, model_name)
 budget = prompt_budget(model, max(max_new_tokens, calibration_tokens, adaptive_tokens))
 prompts, calibration_set, adaptive_set = [], [], []
 for name in prompt_data:
-    prompts += task_prompts(tokenizer, name, n_prompts, offset=0, fmt=fmt, max_tokens=budget)
-    calibration_set += [p.input_ids for p in task_prompts(tokenizer, name, calibration_prompts, offset=n_prompts,
-                                                           fmt=fmt, max_tokens=budget)]
-    adaptive_set += [p.input_ids for p in task_prompts(tokenizer, name, adaptive_prompts,
-                                                        offset=n_prompts + calibration_prompts, fmt=fmt,
-                                                        max_tokens=budget)]
+    prompts += [p.to(device) for p in task_prompts(tokenizer, name, n_prompts, fmt=fmt, max_tokens=budget)]
+    calibration_set += [p.input_ids.to(device) for p in task_prompts(
+        tokenizer, name, calibration_prompts, offset=n_prompts, fmt=fmt, max_tokens=budget)]
+    adaptive_set += [p.input_ids.to(device) for p in task_prompts(
+        tokenizer, name, adaptive_prompts, offset=n_prompts + calibration_prompts, fmt=fmt, max_tokens=budget)]
 print(f"{len(prompts)} timed prompts ({fmt} format), {len(calibration_set)} calibration prompts, "
       f"{len(adaptive_set)} prompts for the adaptive threshold")
 
@@ -187,7 +186,7 @@ settings[f"FREE {rollback_at} + rollback"] = Free(shallow_exit_layer, rollback_a
 run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds,
                    speed_prompts=speed_prompts)
 curve = run.summary
-curve["threshold"] = curve.get("exit_conf_threshold").combine_first(curve.get("shallow2deep_conf_threshold"))
+# CALM and FREE both name their exit threshold `threshold`: one column for both
 curve["variant"] = curve.label.str.replace(r" [0-9.]+$", "", regex=True).str.replace(r" [0-9.]+ ", " ", regex=True)
 display(curve[["label", "method", "threshold", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max",
                "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
@@ -263,7 +262,7 @@ else:
 
 # %%
 if trained_model:
-    ee, _ = models.load_model(trained_model, dtype=dtype)
+    ee, _ = models.load_model(trained_model, dtype=dtype, device=device)
     trained_layers = list(getattr(records.EXITS.get(ee), "layers", []))
     if not trained_layers:
         raise ValueError(f"{trained_model!r} carries no trained exit modules to compare")
@@ -396,7 +395,7 @@ else:
 # %% [markdown]
 # ## 5. FREE's adaptive threshold
 #
-# FREE starts from `shallow2deep_conf_threshold` = 0.9 and, at every deep token, records the shallow
+# FREE starts from `threshold` = 0.9 and, at every deep token, records the shallow
 # confidence and whether the shallow argmax agreed with the deep one; a two-component Beta mixture fitted
 # by moments sets the threshold to the lowest grid point where "agree" has posterior above 0.4. One
 # estimator persists over a sequence of prompts.

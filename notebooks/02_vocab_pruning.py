@@ -34,13 +34,13 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import models, plots, records, vocab
+from effllm import plots, records, vocab
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Full, VocabPruning, decode
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
-from effllm.experiments.timing import device_description
+from effllm.experiments.session import open_session
 from effllm.lens import cached_linear_exits
 
 # %% tags=["parameters"]
@@ -49,6 +49,7 @@ model_name = "smollm2-135m"  # the model when model_names is None (run_all's com
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 # every model analysed side by side (a "<model>-ee" name: that model with its trained exit); None: [model_name]
 model_names = ["smollm2-135m", "smollm2-135m-ee", "gemma3-270m"]
 prompt_data = ["builtin"]  # per model (or one for all): builtin (arithmetic + HumanEval) | squad | samsum
@@ -75,11 +76,10 @@ prompt_data = list(prompt_data) * len(model_names) if len(prompt_data) == 1 else
 if len(prompt_data) != len(model_names):
     raise ValueError(f"prompt_data needs one entry per model: {len(model_names)} models {model_names}, "
                      f"{len(prompt_data)} entries {prompt_data}")
-machine = device_description()
 loaded = {}
 facts = []
 for name in model_names:
-    model, tokenizer = models.load_model(name, dtype=dtype)
+    model, tokenizer, device, machine = open_session(name, device, dtype)
     adapter = get_adapter(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     trained = records.EXITS.get(model)  # load_model("<model>-ee"): exits trained by effllm.training
@@ -115,7 +115,7 @@ for name, item in loaded.items():
         sources = task_prompts(item["tokenizer"], prompt_data[model_names.index(name)], 2 * analysis_sequences,
                                fmt="t5")
         length = min(p.input_ids.shape[1] for p in sources)
-        encoder_ids = torch.cat([p.input_ids[:, :length] for p in sources])
+        encoder_ids = torch.cat([p.input_ids[:, :length] for p in sources]).to(item["model"].device)
         with torch.inference_mode():  # the full model's own greedy output as the decoder input
             targets = decode(item["model"], encoder_ids, analysis_seq_len, Full(), eos_token_id=[])
         decoder_ids = targets.sequences[:, :-1]  # starts with the decoder start token
@@ -248,8 +248,9 @@ generation, generation_items, generation_timings = [], [], []
 for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     model, tokenizer = item["model"], item["tokenizer"]
     fmt = prompt_format(model, tokenizer, name)
-    prompts = task_prompts(tokenizer, data_name, n_prompts, fmt=fmt, max_tokens=prompt_budget(model, max_new_tokens))
-    base = {"exit_conf_type": "softmax", "exit_conf_threshold": threshold, "exit_min_layer": item["prune_layer"]}
+    prompts = [p.to(model.device) for p in task_prompts(tokenizer, data_name, n_prompts, fmt=fmt,
+                                                        max_tokens=prompt_budget(model, max_new_tokens))]
+    base = {"exit_conf_type": "softmax", "threshold": threshold, "candidate_layer": item["prune_layer"]}
     settings = {"none": Calm(**base)}
     settings |= {f"fixed k={size}": Calm(**base, vocab=VocabPruning("fixed", size))
                  for size in generation_ks if size <= item["adapter"].vocab_size}

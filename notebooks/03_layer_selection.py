@@ -39,6 +39,7 @@ from effllm.decoding import Skip, StaticExit, plans
 from effllm.experiments.analyses import hidden_similarity
 from effllm.experiments.prompts import answer_examples, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
+from effllm.experiments.session import open_session
 from effllm.paths import cache_dir
 
 # %% tags=["parameters"]
@@ -47,7 +48,7 @@ model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
-device = None  # None: CPU; "cuda" in the paper profile
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 task = "arithmetic"  # prompts with reference answers: arithmetic | humaneval | alpaca (the paper's, hub)
 budgets = [4 / 24, 8 / 24, 12 / 24, 1.0]  # the paper's 4 / 8 / 12 / 24 of 24 layers, as fractions of the depth
 n_prompts = 8  # test prompts decoded with every setting
@@ -69,7 +70,7 @@ trained_model = None
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
 fmt = prompt_format(model, tokenizer, model_name)
@@ -80,7 +81,7 @@ budget_table = pd.DataFrame({
     "skipping keeps (0-based)": [plans.static_layers(n_layers, budget=b) for b in budgets],
     "early exit keeps": [f"0..{plans.budget_layer_count(n_layers, b) - 1}" for b in budgets],
 })
-print(f"{model_name}: {n_layers} layers; {len(items)} {task} test prompts (items 0..{len(items) - 1})")
+print(f"{model_name}: {n_layers} layers; {len(items)} {task} test prompts (items 0..{len(items) - 1}); {machine}")
 with pd.option_context("display.max_colwidth", None):
     display(budget_table)
 

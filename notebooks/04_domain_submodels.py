@@ -42,10 +42,11 @@ from IPython.display import display
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from effllm import domains, execution, models, plots, pruning
+from effllm import domains, execution, plots, pruning
 from effllm.adapters import get_adapter
 from effllm.experiments import claims, evaluate
 from effllm.experiments.compression import WANDA_GOAL, prune_rows
+from effllm.experiments.session import open_session
 from effllm.experiments.stats import mean_ci
 from effllm.pruning import jaccard_matrix, linear_roles, pairwise_jaccard, random_mask_jaccard
 
@@ -54,7 +55,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
-device = None  # None: CPU; "cuda" or "auto" for the paper profile
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 # domains.CALIBRATION_SETS (two per domain) or hub names (effllm.data.HUB, domains.HUB_CALIBRATION_DOMAINS)
 calibration_sets = ["python-code", "humaneval", "python-docs", "docstrings", "arithmetic", "arithmetic-mc",
@@ -108,9 +109,8 @@ domains.check_held_out(list(calibration_sets), {
 })
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
-machine = torch.cuda.get_device_name() if next(model.parameters()).is_cuda else "CPU"
 settings = evaluate.EvaluationSettings(
     perplexity_seq_len=perplexity_seq_len, perplexity_windows=perplexity_windows,
     humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,

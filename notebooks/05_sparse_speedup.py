@@ -36,9 +36,10 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import models, plots, sparse
+from effllm import plots, sparse
 from effllm.adapters import get_adapter
 from effllm.experiments import sparse_speed, timing
+from effllm.experiments.session import open_session
 from effllm.pruning import prune
 
 # %% tags=["parameters"]
@@ -46,7 +47,7 @@ profile = "default"  # smoke | default | paper (set by run_all.py)
 model_name = "smollm2-135m"  # an embedded model, tiny-FAMILY, a local folder or a hub id
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
-device = "auto"  # auto (a CUDA GPU if there is one) | cpu | cuda; the paper profile asks for cuda
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda; the paper profile asks for cuda
 # None: what the kernels take, float16 on a GPU (2:4) and float32 on a CPU (torch's CSR matmul has no bfloat16 on a
 # CPU, so EFFLLM_DTYPE does not apply here)
 dtype = None
@@ -65,7 +66,7 @@ plots.set_figures_dir(figures_dir)
 target = sparse.resolve_device(device)
 env = sparse.environment(target)
 fmt, dtype = env["format"], dtype or sparse.default_dtype(target)
-model, tokenizer = models.load_model(model_name, dtype=dtype, device=target)
+model, tokenizer, target, machine = open_session(model_name, target, dtype)  # this notebook's own precision rule
 adapter = get_adapter(model)
 display(pd.Series({k: v for k, v in env.items() if k != "note"}, name="this machine").to_frame())
 print(env["note"])

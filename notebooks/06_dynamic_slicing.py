@@ -38,11 +38,13 @@ import torch
 from IPython.display import display
 from matplotlib.ticker import MaxNLocator
 
-from effllm import data, metrics, models, plots, zeroshot
+from effllm import data, metrics, plots, zeroshot
 from effllm.adapters import get_adapter
+from effllm.experiments.session import open_session
+from effllm.experiments.slicing_compare import CompareSettings, compare_methods
 from effllm.experiments.stats import mean_ci, paired_difference_ci
 from effllm.slicing import (
-    compare_methods,
+    amplitude_grid,
     equal_parameter_constant_fraction,
     equal_parameter_shortgpt_layers,
     layer_scores,
@@ -67,8 +69,11 @@ eval_windows = 32  # perplexity windows of eval_seq_len tokens (None: every wind
 eval_seq_len = 256
 means = [0.1, 0.2, 0.3, 0.4]  # mean slice fractions M to compare
 amplitude = 0.1  # A of dynamic slicing in the comparison
+# levels M (among means) also sliced at every A of the authors' grid amplitude_grid(M) = np.arange(0, M + 0.01, 0.02)
+# (perplexity only; 14 more slicings at M = 0.3); [] keeps A fixed
+amplitude_sweep_means = []
 vector_mean = 0.25  # M of the slicing-vector figure
-vector_amplitudes = [0.05, 0.1, 0.2]  # amplitudes of the slicing-vector figure, beside constant slicing
+vector_amplitudes = None  # amplitudes of the slicing-vector figure; None: the authors' grid amplitude_grid(vector_mean)
 # Multiple-choice tasks scored per item through lm-eval: built-in (effllm.zeroshot.TASKS) or lm-eval's hub tasks
 # (effllm.zeroshot.HUB_TASKS; the paper profile runs seed 004's suite). [] skips zero-shot accuracy.
 zero_shot_tasks = ["prose-mc"]
@@ -79,15 +84,12 @@ batch_size = 8
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-model, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
 calibration = data.calibration(calibration_data, tokenizer, n_samples=calibration_samples,
                                seq_len=calibration_seq_len, seed=seed, split="train")
 eval_tokens = data.calibration_tokens(eval_data, tokenizer, split=eval_split)
-machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
 setting = f"calibration: {calibration_data} {calibration_samples}x{calibration_seq_len} tokens · {machine}"
 print(f"{model_name}: {n_layers} layers, d = {adapter.hidden_size}; {setting}")
 
@@ -98,7 +100,8 @@ print(f"{model_name}: {n_layers} layers, d = {adapter.hidden_size}; {setting}")
 # and slicing share). **LR** (layer redundancy): v_i = 1 - minmax(sum over tokens of (1 - cos(h_{i-1}, h_i))),
 # so 1 marks the layer that changes its input least. **BI** (ShortGPT's block influence):
 # 1 - mean cos(h_{i-1}, h_i), so low BI marks a layer that is cheap to remove. Both come from the same cosine;
-# LR is rescaled and inverted.
+# LR is rescaled and inverted. For the last layer, LR compares its input with its output after the final norm, as
+# the authors' code does (it reads HF's hidden states, whose last one is normed); BI compares the raw output.
 
 # %%
 lr = layer_scores(model, calibration, "lr", batch_size=batch_size)
@@ -130,11 +133,13 @@ print(f"lowest block influence (ShortGPT removes first): {scores.nsmallest(3, 'b
 # Dynamic fractions p_i = (M - A) + A · u_i / mean(u) with u = minmax(LR): their mean is exactly M for any
 # amplitude A, the least redundant layer gets M - A, and A = 0 is constant SliceGPT. The kept width of
 # layer i is d_i = round((1 - p_i) · D). Slicing also unties the LM head and adds shortcut matrices, so
-# the parameter count is not (1 - M) times the dense one; `sliced_parameter_count` gives it exactly.
+# the parameter count is not (1 - M) times the dense one; `sliced_parameter_count` gives it exactly. The
+# amplitudes are the authors' sweep, A = 0, 0.02, ..., up to M (`amplitude_grid`).
 
 # %%
+amplitudes = amplitude_grid(vector_mean) if vector_amplitudes is None else [0.0, *vector_amplitudes]
 vectors = []
-for a in [0.0, *vector_amplitudes]:
+for a in amplitudes:
     fractions = slice_fractions(lr, vector_mean, a)
     dims = sliced_dims(fractions, adapter.hidden_size)
     count = sliced_parameter_count(model, fractions)
@@ -147,12 +152,12 @@ display(summary)
 
 fig, ax = plots.new_figure()
 for a, group in vectors.groupby("amplitude"):
-    shade = 0.35 + 0.65 * a / max(vector_amplitudes)  # one colour per method; darker = larger amplitude
+    shade = 0.35 + 0.65 * a / max(amplitudes)  # one colour per method; darker = larger amplitude
     ax.plot(group.layer, group.fraction, marker="o", markersize=3, label="constant" if a == 0 else f"dynamic, A = {a}",
             color=plots.colour("constant" if a == 0 else "dynamic"), alpha=1 if a == 0 else shade)
 ax.set(xlabel="layer", ylabel="slice fraction p_i", ylim=(0, None))
 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-ax.legend(title=f"M = {vector_mean}")
+ax.legend(title=f"M = {vector_mean}", ncol=2 if len(amplitudes) > 6 else 1, fontsize="x-small")
 ax.set_title("Slicing vectors: constant vs dynamic (LR)\n" + plots.provenance(model=model_name, data=calibration_data))
 plots.save_figure(fig, "06_slicing_vectors", table=vectors)
 assert (summary.mean_fraction - vector_mean).abs().max() < 1e-12  # the defining property of dynamic slicing
@@ -161,7 +166,7 @@ assert (summary.mean_fraction - vector_mean).abs().max() < 1e-12  # the defining
 # Every curve averages exactly M (the table's `mean_fraction` column, checked by the `assert`). Larger A
 # moves width from redundant layers to the layers that change the signal most. The `parameters` column shows
 # that the same mean gives nearly, not exactly, the same size: the shortcut matrices are quadratic in d_i, and
-# the embeddings follow the first layer's width and the LM head the last layer's.
+# the embeddings follow the first layer's width (the LM head keeps the full width D, as in SliceGPT's code).
 
 # %% [markdown]
 # ## Step 3: size at equal mean, and the like-for-like baselines
@@ -211,9 +216,10 @@ plots.save_figure(fig, "06_model_size", table=sizes)
 
 # %% [markdown]
 # On a small model with a large vocabulary, slicing pays a fixed price before it saves anything: a second
-# V x d matrix once the LM head is untied, and 2 d_i^2 of shortcuts per layer. The printed lines say at which M
-# the sliced model is smaller than the dense one here, and how many more parameters dynamic slicing keeps than
-# constant slicing at the same mean (its widest layers cost more shortcut parameters than its narrowest save).
+# V x D matrix once the LM head is untied (SliceGPT keeps it at full width), and 2 d_i^2 of shortcuts per
+# layer. The printed lines say at which M the sliced model is smaller than the dense one here, and how many
+# more parameters dynamic slicing keeps than constant slicing at the same mean (its widest layers cost more
+# shortcut parameters than its narrowest save).
 # That difference is why Step 4 also compares dynamic slicing with constant slicing **at the same parameter
 # count**, not only at the same M. On 7-8 B models the fixed price is a few percent.
 
@@ -234,7 +240,8 @@ def zero_shot_wanted(row):
     if row["method"] == "dense":
         return True
     levels = means if zero_shot_means is None else zero_shot_means
-    return row["mean"] in levels and not (row["method"] == "constant" and row["matched"] == "parameters")
+    return row["mean"] in levels and row["matched"] != "sweep" and not (
+        row["method"] == "constant" and row["matched"] == "parameters")
 
 
 dense_result = {}
@@ -255,9 +262,12 @@ def evaluate(sliced, row):
     return result
 
 
+settings = CompareSettings(batch_size=batch_size, match_parameters=True, pass_row=True,
+                           sweep_means=tuple(amplitude_sweep_means))
 results = compare_methods(model, calibration, means, amplitude, evaluate, lr_scores=lr, bi_scores=bi,
-                          batch_size=batch_size, match_parameters=True, pass_row=True)
-results["variant"] = [f"{m} (equal parameters)" if m == "constant" and k == "parameters" else m
+                          settings=settings)
+results["variant"] = [f"{m} (equal parameters)" if m == "constant" and k == "parameters" else
+                      "dynamic (amplitude sweep)" if k == "sweep" else m
                       for m, k in zip(results.method, results.matched, strict=True)]
 n_windows = len(results.window_nll.iloc[0])
 intervals = [mean_ci(nll) for nll in results.window_nll]
@@ -272,7 +282,7 @@ display(results[["mean", "variant", "slice_fraction", "layers", "parameters", "p
 window_rows = []
 for m in means:
     level = results[results["mean"] == m]
-    dynamic_row = level[level.method == "dynamic"].iloc[0]
+    dynamic_row = level[(level.method == "dynamic") & (level.matched == "mean")].iloc[0]
     for matched in ("mean", "parameters"):
         constant_row = level[(level.method == "constant") & (level.matched == matched)].iloc[0]
         for variant, row in (("constant", constant_row), ("dynamic", dynamic_row)):
@@ -316,7 +326,8 @@ labels = {"constant": "SliceGPT constant, same M", "dynamic": f"dynamic (LR), A 
           "constant (equal parameters)": "SliceGPT constant, dynamic's size", "shortgpt": "ShortGPT, constant's size"}
 dense_row = results[results.method == "dense"].iloc[0]
 fig, (ax_m, ax_p) = plots.new_figure(1, 2, figsize=(10, 3.8))
-for variant, group in results[results.method != "dense"].groupby("variant", sort=False):
+compared = results[(results.method != "dense") & (results.matched != "sweep")]  # the sweep has its own figure
+for variant, group in compared.groupby("variant", sort=False):
     marker, line = styles[variant]
     errors = [group.perplexity - group.ppl_low, group.ppl_high - group.perplexity]
     kwargs = {"marker": marker, "linestyle": line, "color": plots.colour(variant), "label": labels[variant],
@@ -338,6 +349,22 @@ fig.suptitle(f"Constant vs dynamic slicing vs ShortGPT: perplexity with 95% inte
              f" · {setting}", fontsize="small")
 plots.save_figure(fig, "06_slicing_comparison",
                   table=results.drop(columns=["window_nll", "zero_shot", "dims"], errors="ignore"))
+
+# %%
+sweep = results[(results.method == "constant") & (results.matched == "mean") | (results.method == "dynamic")]
+sweep = sweep[sweep["mean"].isin(amplitude_sweep_means)].sort_values(["mean", "amplitude"])
+if not sweep.empty:  # the authors' amplitude sweep: perplexity against A at each swept M (A = 0: constant)
+    fig, ax = plots.new_figure(figsize=(6, 3.4))
+    for m, group in sweep.groupby("mean"):
+        ax.errorbar(group.amplitude, group.perplexity, marker="o", markersize=3, capsize=2, label=f"M = {m}",
+                    yerr=[group.perplexity - group.ppl_low, group.ppl_high - group.perplexity])
+    ax.axhline(dense_row.perplexity, color=plots.colour("dense"), linestyle="--", linewidth=1, label="dense model")
+    ax.set(xlabel="amplitude A (0 = constant SliceGPT)", ylabel="held-out perplexity", yscale="log")
+    ax.legend(loc="best")
+    ax.set_title("Dynamic slicing over the authors' amplitude grid, A = 0, 0.02, ..., M (95% intervals)\n"
+                 + plots.provenance(model=model_name, data=f"{eval_data} ({eval_split})"), fontsize="small")
+    plots.save_figure(fig, "06_amplitude_sweep", table=sweep.drop(columns=["window_nll", "zero_shot", "dims"],
+                                                                  errors="ignore"))
 
 # %%
 fig, ax = plots.new_figure(figsize=(6, 3.4))

@@ -39,9 +39,9 @@ from IPython.display import display
 from effllm import data, execution, frontier, models, plots, pruning, records
 from effllm.adapters import get_adapter
 from effllm.decoding import Calm, Free, Skip, StaticExit, VocabPruning
-from effllm.experiments.frontier import FrontierTable
+from effllm.experiments.frontier import FrontierSettings, FrontierTable
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
-from effllm.experiments.timing import device_description
+from effllm.experiments.session import open_session
 from effllm.lens import cached_linear_exits
 from effllm.ltt import calibrate_threshold
 from effllm.slicing import layer_scores, slice_fractions, slice_model
@@ -98,9 +98,7 @@ if humaneval_problems:  # refuse now, not after the models are built and timed
     execution.require_code_execution(allow_code_execution)
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-dense, tokenizer = models.load_model(model_name, dtype=dtype, device=device)
+dense, tokenizer, device, machine = open_session(model_name, device, dtype)
 dense.eval()
 adapter = get_adapter(dense)
 n_layers, hidden = adapter.num_layers, adapter.hidden_size
@@ -118,7 +116,6 @@ ltt_prompts = [p.input_ids.to(device) for p in task_prompts(tokenizer, "builtin"
 prefill_ids = data.calibration(eval_data, tokenizer, n_samples=1, seq_len=prefill_tokens, seed=seed).to(device)
 transform = cached_linear_exits(dense, tokenizer, model_name) if use_fitted_exits else None
 transform_flops = 2 * hidden * hidden if transform is not None else 0  # one d x d exit map per check
-machine = device_description()
 setting = (f"{machine} · {n_prompts} prompts x {max_new_tokens} new tokens, batch 1, greedy · "
            f"perplexity: {eval_data} test {eval_windows}x{eval_seq_len}")
 print(f"{model_name}: {n_layers} layers, d = {hidden}; CALM from layer {exit_min_layer}, FREE shallow exit "
@@ -139,13 +136,14 @@ print(f"{model_name}: {n_layers} layers, d = {hidden}; CALM from layer {exit_min
 # its base model's parameters and prefill time (the prompt runs at full depth) and has no perplexity of its own.
 
 # %%
+measurement = FrontierSettings(
+    eval_seq_len=eval_seq_len, eval_windows=eval_windows, batch_size=batch_size, speed_prompts=speed_prompts,
+    rounds=rounds, prefill_min_run_time=prefill_min_run_time, zero_shot_task=zero_shot_task,
+    zero_shot_limit=zero_shot_limit, humaneval_problems=humaneval_problems,
+    humaneval_max_new_tokens=humaneval_max_new_tokens, allow_code_execution=allow_code_execution,
+    transform_flops=transform_flops)
 table_rows = FrontierTable(dense, tokenizer, prompts, max_new_tokens, prefill_ids=prefill_ids, eval_tokens=eval_tokens,
-                           eval_seq_len=eval_seq_len, eval_windows=eval_windows, batch_size=batch_size,
-                           speed_prompts=speed_prompts, rounds=rounds, prefill_min_run_time=prefill_min_run_time,
-                           zero_shot_task=zero_shot_task, zero_shot_limit=zero_shot_limit,
-                           humaneval_problems=humaneval_problems, humaneval_max_new_tokens=humaneval_max_new_tokens,
-                           allow_code_execution=allow_code_execution, exit_transform=transform,
-                           transform_flops=transform_flops)
+                           settings=measurement, exit_transform=transform)
 dense_row = table_rows.add_model("dense", "dense", dense)
 
 # %% [markdown]
@@ -214,7 +212,7 @@ vocab = VocabPruning("fixed", k)
 calm = Calm("softmax", calm_threshold, exit_min_layer)
 calm_vocab = Calm("softmax", calm_threshold, exit_min_layer, vocab=vocab)
 free = Free(shallow_exit_layer, free_threshold)
-free_vocab = Free(shallow_exit_layer, free_threshold, vocab=vocab, prune_layer=prune_layer)
+free_vocab = Free(shallow_exit_layer, free_threshold, vocab=vocab, candidate_layer=prune_layer)
 skip = Skip("static", budget=skip_budget)
 
 table_rows.add_decoder(f"CALM λ={calm_threshold}", "calm", dense, calm, "dense", threshold=calm_threshold,

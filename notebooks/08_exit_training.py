@@ -34,14 +34,14 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from effllm import models, plots, records
+from effllm import plots, records
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Free, SelfSpec, StaticExit
 from effllm.decoding.speculative import expected_speedup, speedup_at_acceptance_rate
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
-from effllm.experiments.timing import device_description
+from effllm.experiments.session import open_session
 from effllm.lens import cached_linear_exits, logit_lens_agreement
 from effllm.training import recipe, train_exits
 
@@ -51,6 +51,7 @@ model_name = "smollm2-135m"  # the base model (its default exit-trained version 
 seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
+device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 recipe_name = "default"  # effllm.training recipe (`paper`: the seeds' data sets, hub)
 training_overrides = {}  # ExitTrainingConfig fields over the recipe (e.g. {"steps": 300}); part of its cache key
 exit_layer = None  # the trained exit's layer (1-based); None: 2 L // 3 (layer 20 of SmolLM2's 30)
@@ -69,7 +70,7 @@ agreement_seq_len = 128
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer = models.load_model(model_name, dtype=dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_layer = exit_layer or (2 * L) // 3
@@ -81,7 +82,6 @@ model, tokenizer, trained_exits, training = train_exits(recipe(recipe_name, mode
 records.EXITS.set(model, trained_exits)  # decoding reads the model's exits by default
 minutes = training["teacher_pass_minutes"] + training["training_minutes"]
 fitted = cached_linear_exits(model, tokenizer, model_name)  # the untrained baseline: least-squares exits
-machine = device_description()
 print(f"{model_name}: {L} layers, trained exit at layer {exit_layer} ({training['config']['exit_module']}, "
       f"{training['config']['backbone']} backbone, {minutes:.1f} min of training"
       f"{', loaded from the cache' if training.get('loaded_from_cache') else ''}); {machine}")
@@ -162,7 +162,8 @@ display(agreement[agreement.layer == exit_layer].set_index("exits").agreement.ro
 
 # %%
 fmt = prompt_format(model, tokenizer, model_name)
-prompts = task_prompts(tokenizer, prompt_data, n_prompts, fmt=fmt, max_tokens=prompt_budget(model, max_new_tokens))
+prompts = [p.to(device) for p in task_prompts(tokenizer, prompt_data, n_prompts, fmt=fmt,
+                                              max_tokens=prompt_budget(model, max_new_tokens))]
 settings = {f"static@{exit_layer}": StaticExit(exit_layer)}
 settings |= {f"CALM {t}": Calm("softmax", t, exit_layer) for t in thresholds}
 settings |= {f"FREE {t}": Free(exit_layer, t) for t in thresholds}

@@ -105,3 +105,30 @@ def test_append_kv_writes_what_the_layer_would_write(family):
         values = [c.layers[i].values for c in (full, kv_only)]
         torch.testing.assert_close(keys[0], keys[1])
         torch.testing.assert_close(values[0], values[1])
+
+
+def test_every_tiny_family_maps_to_the_adapter_module_of_its_family():
+    from effllm import adapters
+
+    expected = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "gemma": "llama", "gemma3": "llama",
+                "opt": "opt", "gpt2": "gpt2", "t5": "t5", "t5-tied": "t5"}
+    assert sorted(expected) == FAMILIES  # a new tiny family needs its row here
+    for family, module in expected.items():
+        model, _ = tiny_model(family)
+        adapter_class = adapters.ADAPTERS[model.config.model_type]
+        assert type(get_adapter(model)) is adapter_class
+        assert adapter_class.__module__ == f"effllm.adapters.{module}"
+        assert issubclass(adapter_class, adapters.ArchitectureAdapter)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "t5-tied"])
+@torch.no_grad()
+def test_head_logits_on_normed_states_are_the_logits(family):
+    """head_logits is logits without what normed applies (the final norm, OPT's project_out, T5's output scaling)."""
+    model, _ = tiny_model(family)
+    adapter = get_adapter(model)
+    hidden = torch.randn(2, 3, adapter.hidden_size, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([7, 3, 300])
+    normed = adapter.normed(hidden)
+    torch.testing.assert_close(adapter.head_logits(normed), adapter.logits(hidden))
+    torch.testing.assert_close(adapter.head_logits(normed, rows), adapter.logits(hidden)[..., rows])

@@ -42,7 +42,7 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
     # method is the family, every parameter its own column
     assert rows["calm-softmax-fixed32 0.9"]["method"] == "calm"
     assert rows["calm-softmax-fixed32 0.9"]["type_vocab_reduct"] == "fixed" and rows["calm-softmax-fixed32 0.9"]["k"] == 32
-    assert rows["calm-softmax 0.9"]["threshold"] == 0.9 == rows["calm-softmax 0.9"]["exit_conf_threshold"]
+    assert rows["calm-softmax 0.9"]["threshold"] == 0.9
     assert rows["free@2 0.7"]["threshold"] == 0.7 and rows["free@2 0.7"]["shallow_exit_layer"] == 2
     # self-speculation is lossless: identical to the full-depth output, with an acceptance rate
     for label in ("self-spec@1x4", "self-spec@2x4"):

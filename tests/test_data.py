@@ -49,7 +49,7 @@ def test_calibration_windows_are_contiguous_slices_of_the_tokenized_corpus(built
 
 
 def test_calibration_cap_keeps_whole_documents_in_corpus_order(built_cache):
-    capped = data._capped_documents("python-code", None, max_chars=200_000)
+    capped = data.windows._capped_documents("python-code", None, max_chars=200_000)
     everything = data.documents("python-code")
     assert 0 < sum(len(d) + 2 for d in capped) <= 200_000
     remaining = iter(everything)
@@ -88,7 +88,7 @@ def test_arithmetic_answers_are_correct(built_cache):
 
 
 def test_arithmetic_is_reproducible(built_cache):
-    assert data._build_arithmetic() == data._build_arithmetic()
+    assert data.builtin._build_arithmetic() == data.builtin._build_arithmetic()
 
 
 def test_extract_answer_and_score():
@@ -157,7 +157,7 @@ def test_build_command_prints_one_line_per_set(tmp_path, monkeypatch, capsys):
 
 def test_english_prose_needs_fortunes_and_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "FORTUNE_DIRS", (tmp_path / "no-fortunes",))
+    monkeypatch.setattr(data.builtin, "FORTUNE_DIRS", (tmp_path / "no-fortunes",))
     with pytest.raises(data.DataNotAvailableError, match="fortunes-min.*python-docs"):
         data.load("english-prose")
 
@@ -168,7 +168,7 @@ def test_english_prose_is_built_from_fortune_files(tmp_path, monkeypatch):
     (folder / "wisdom").write_text("A penny saved.\n%\nLook before\nyou leap.\n%\n")
     (folder / "wisdom.dat").write_bytes(b"\x00\x01binary index")
     monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(data, "FORTUNE_DIRS", (folder,))
+    monkeypatch.setattr(data.builtin, "FORTUNE_DIRS", (folder,))
     assert sorted(data.load("english-prose", split="all")["text"]) == ["A penny saved.", "Look before\nyou leap."]
 
 
@@ -255,6 +255,32 @@ def test_prose_mc_endings_complete_held_out_sentences(built_cache):
 
 @pytest.mark.parametrize("name", ["arithmetic-mc", "prose-mc"])
 def test_multiple_choice_sets_are_reproducible_and_test_only(built_cache, name):
-    assert data._BUILDERS[name]() == data._BUILDERS[name]()
+    assert data.builtin._BUILDERS[name]() == data.builtin._BUILDERS[name]()
     with pytest.raises(ValueError, match="no split 'train'.*test"):
         data.load(name, split="train")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layering: stand-ins know nothing of effllm.data; `python -m effllm.data` stays the set-up command
+
+
+def test_standins_import_no_part_of_effllm_data():
+    """The dependency runs one way (data -> standins): importing the stand-ins loads no effllm.data module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, effllm.standins, effllm.word_problems; "
+            "print(sorted(m for m in sys.modules if m == 'effllm.data' or m.startswith('effllm.data.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_m_effllm_data_lists_every_set():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "effllm.data", "list"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == [*data.BUILTIN, *data.HUB]
+

@@ -2,6 +2,7 @@
 and the package's import graph."""
 
 import ast
+import dataclasses
 import pathlib
 
 import pytest
@@ -65,7 +66,7 @@ def test_padded_batch_rules():
     # a single padded row loses its padding and decodes as if alone, with any policy
     padded, mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], 1), torch.ones(1, 10, dtype=torch.long)
     mask[0, :3] = 0
-    policy = Calm(exit_conf_threshold=0.0, exit_min_layer=2)
+    policy = Calm(threshold=0.0, candidate_layer=2)
     alone = decode(model, ids[:1], 5, policy, eos_token_id=[])
     with_padding = decode(model, padded, 5, policy, eos_token_id=[], attention_mask=mask)
     assert torch.equal(with_padding.sequences[0, 10:], alone.sequences[0, 7:])
@@ -131,7 +132,7 @@ def test_self_speculation_stops_at_end_of_sequence_like_greedy():
     full = decode(model, ids, 30, Full(), eos_token_id=[])
     eos = int(full.sequences[0, ids.shape[1] + 5])  # a token the model emits at step 5
     expected = _hf(model, ids, 30, eos=eos)
-    out = exits.generate(model, ids, 30, method="self-spec", draft_exit_layer=2, num_draft_tokens=4, eos_token_id=eos)
+    out = decode(model, ids, 30, SelfSpec(draft_exit_layer=2, num_draft_tokens=4), eos_token_id=eos)
     assert torch.equal(out.sequences, expected)
 
 
@@ -145,8 +146,8 @@ def test_policies_validate_when_built_and_against_the_model():
         Calm(exit_conf_type="meta")
     with pytest.raises(ValueError, match="use_adapt_threshold"):
         Free(shallow_exit_layer=2, adapt_threshold=object())
-    with pytest.raises(ValueError, match="prune_layer"):
-        Free(shallow_exit_layer=2, prune_layer=1)
+    with pytest.raises(ValueError, match="candidate_layer=1 is used only with vocabulary pruning"):
+        Free(shallow_exit_layer=2, candidate_layer=1)
     with pytest.raises(ValueError, match="skip_mode='random' takes budget"):
         Skip("random")
     with pytest.raises(ValueError, match="num_draft_tokens"):
@@ -154,17 +155,21 @@ def test_policies_validate_when_built_and_against_the_model():
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="draft_exit_layer must be a layer between 1 and 3"):
         decode(model, _prompt(0), 3, SelfSpec(4))
-    with pytest.raises(ValueError, match="prune_layer must be a layer between 1 and 1"):
-        decode(model, _prompt(0), 3, Free(2, vocab=VocabPruning(), prune_layer=2))
+    with pytest.raises(ValueError, match="candidate_layer must be a layer between 1 and 1"):
+        decode(model, _prompt(0), 3, Free(2, vocab=VocabPruning(), candidate_layer=2))
     with pytest.raises(ValueError, match="policy must be an effllm.decoding policy"):
         decode(model, _prompt(0), 3, "calm")
 
 
 def test_policy_columns_and_labels():
-    calm = Calm(exit_conf_threshold=0.8, exit_min_layer=10, vocab=VocabPruning("fixed", 64))
-    assert calm.columns() == {"method": "calm", "exit_conf_type": "softmax", "exit_conf_threshold": 0.8,
-                              "exit_min_layer": 10, "exit_position_temp": None, "state_propagation": True,
+    calm = Calm(threshold=0.8, candidate_layer=10, vocab=VocabPruning("fixed", 64))
+    assert calm.columns() == {"method": "calm", "exit_conf_type": "softmax", "threshold": 0.8,
+                              "candidate_layer": 10, "exit_position_temp": None, "kv": "propagate",
                               "type_vocab_reduct": "fixed", "k": 64, "k_min": 4}
+    assert Free(20, 0.5, vocab=VocabPruning("fixed", 64)).columns() == {
+        "method": "free", "shallow_exit_layer": 20, "threshold": 0.5, "shallow2deep_conf_type": "softmax",
+        "use_adapt_threshold": False, "rollback_threshold": None, "type_vocab_reduct": "fixed", "k": 64, "k_min": 4,
+        "candidate_layer": 10}  # the default candidate layer is filled in: the shallow exit's middle
     assert calm.label == "calm-softmax-fixed64"
     assert Full().columns() == {"method": "full"} and StaticExit(5).label == "static@5"
     assert Free(20, use_adapt_threshold=True, rollback_threshold=2.0).label == "free@20-adaptive-rollback"
@@ -174,13 +179,12 @@ def test_policy_columns_and_labels():
 
 def test_exit_position_temp_sets_the_decay():
     """CALM's decaying threshold uses the seed's temperature: lambda (0.9 + 0.1 exp(-temp t / N))."""
-    assert Calm(exit_conf_threshold=0.9).threshold_at(5, 10) == 0.9
+    assert Calm(threshold=0.9).threshold_at(5, 10) == 0.9
     slow, fast = Calm(exit_position_temp=1.0), Calm(exit_position_temp=8.0)
     assert slow.threshold_at(5, 10) == pytest.approx(0.9 * (0.9 + 0.1 * 2.718281828 ** -0.5))
     assert fast.threshold_at(5, 10) < slow.threshold_at(5, 10)
     model, _ = tiny_model("llama")
-    out = exits.generate(model, _prompt(1), 6, method="calm", exit_conf_threshold=2.0, exit_position_temp=8.0,
-                         eos_token_id=[])
+    out = decode(model, _prompt(1), 6, Calm(threshold=2.0, exit_position_temp=8.0), eos_token_id=[])
     assert out.thresholds[1:] == pytest.approx([2.0 * (0.9 + 0.1 * 2.718281828 ** (-8.0 * t / 6)) for t in range(1, 6)])
 
 
@@ -281,7 +285,7 @@ def test_bfloat16_decoding_equals_hf_generate_and_self_speculation_stays_exact(f
         ids = _prompt(20 + seed, length=9)
         full = decode(model, ids, 16, Full(), eos_token_id=[])
         assert torch.equal(full.sequences, _hf(model, ids, 16)), (family, seed)
-        for policy in (Calm(exit_conf_threshold=2.0, exit_min_layer=1), Free(2, 2.0), SelfSpec(2, 4)):
+        for policy in (Calm(threshold=2.0, candidate_layer=1), Free(2, 2.0), SelfSpec(2, 4)):
             assert torch.equal(decode(model, ids, 16, policy, eos_token_id=[]).sequences, full.sequences), policy
 
 
@@ -320,3 +324,60 @@ def test_expected_speculative_speedup_matches_a_simulation_of_rounds():
         expected_speedup(1.2, 4, 20, 30)
     with pytest.raises(ValueError, match="draft_layer"):
         expected_speedup(0.5, 4, 30, 30)
+
+
+# ---- one name per concept: the seeds' names as deprecated aliases, kv_mode ---------------------------------
+
+
+def test_seed_names_are_deprecated_aliases_of_the_policy_fields():
+    with pytest.warns(DeprecationWarning, match=r"Calm\(exit_conf_threshold=...\) is deprecated; use threshold="):
+        calm = Calm(exit_conf_threshold=0.7, exit_min_layer=20)
+    assert calm == Calm(threshold=0.7, candidate_layer=20)
+    with pytest.warns(DeprecationWarning):
+        free = Free(shallow_exit_layer=20, shallow2deep_conf_threshold=0.6)
+    assert free == Free(20, 0.6) and free.threshold == 0.6
+    with pytest.warns(DeprecationWarning):
+        assert Calm(state_propagation=False).kv == "deferred"
+    with pytest.warns(DeprecationWarning):
+        assert Skip("random", budget=0.5, skipped_kv="none").kv == "none"
+    with pytest.warns(DeprecationWarning):
+        assert Free(4, vocab=VocabPruning(), prune_layer=2).candidate_layer == 2
+    with pytest.warns(DeprecationWarning, match=r"Calm.exit_conf_threshold is deprecated"):
+        assert calm.exit_conf_threshold == 0.7  # reading the old name still works
+    with pytest.warns(DeprecationWarning):
+        assert Calm(kv="deferred").state_propagation is False
+    with pytest.raises(TypeError, match="got both threshold= and exit_conf_threshold="):
+        Calm(threshold=0.5, exit_conf_threshold=0.5)
+    with pytest.raises(TypeError, match="got both threshold= and shallow2deep_conf_threshold="):
+        Free(20, 0.5, shallow2deep_conf_threshold=0.5)  # positional counts as given
+    with pytest.raises(ValueError, match="state_propagation must be True or False"):
+        Calm(state_propagation="yes")
+    with pytest.raises(ValueError, match="unknown kv 'pending'"):
+        Calm(kv="pending")
+    assert Free(20).shallow_exit_layer == 20  # positional construction as before
+    with pytest.warns(DeprecationWarning):  # dataclasses.replace with a seed name replaces, as it always did
+        assert dataclasses.replace(Calm(threshold=0.9), exit_conf_threshold=0.5) == Calm(threshold=0.5)
+
+
+def test_every_policy_says_what_the_k_v_of_skipped_layers_is():
+    assert Full().kv_mode == "none" and StaticExit(2).kv_mode == "none"
+    assert Calm().kv_mode == "propagate" and Calm(kv="deferred").kv_mode == "deferred"
+    assert Free(2).kv_mode == "deferred" and SelfSpec(2).kv_mode == "deferred"
+    assert Skip("random", budget=0.5).kv_mode == "propagate" and Skip("random", budget=0.5, kv="none").kv_mode == "none"
+    # a static pattern never runs a skipped layer again: no K/V whatever kv says
+    assert Skip("static", budget=0.5).kv_mode == "none" and Skip("early-exit", budget=0.5).kv_mode == "none"
+    with pytest.raises(AttributeError):
+        Calm().kv_mode = "none"
+
+
+def test_exit_layers_is_an_exit_layer_and_num_layers_run_a_count():
+    model, _ = tiny_model("llama")
+    ids = _prompt(3)
+    calm = decode(model, ids, 6, Calm(threshold=0.0, candidate_layer=2), eos_token_id=[])
+    assert torch.equal(calm.exit_layers, calm.num_layers_run)  # early exit: layers 1..l ran
+    skip = decode(model, ids, 6, Skip("static", skip_pattern=[0, 2]), eos_token_id=[])
+    assert skip.exit_layers[0].tolist() == [4] + [3] * 5  # the prompt's full depth, then the last kept layer
+    assert skip.num_layers_run[0].tolist() == [4] + [2] * 5 and skip.avg_layers == pytest.approx(14 / 6)
+    assert torch.equal(skip.new_tokens(), skip.sequences[:, ids.shape[1]:])
+    with pytest.warns(DeprecationWarning, match="new_tokens"):
+        assert torch.equal(skip.new_tokens(ids.shape[1]), skip.new_tokens())

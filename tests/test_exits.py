@@ -354,7 +354,7 @@ def test_pruned_exit_emits_the_full_vocabulary_id():
     """A head whose rows are one-hot: the exit's argmax in the pruned space maps back to the right id."""
     model, _ = tiny_model("llama", num_hidden_layers=4)
     adapter = get_adapter(model)
-    head = exits.ExitHead(adapter, vocab=VocabPruning("fixed", k=3), prune_layer=1)
+    head = exits.ExitHead(adapter, vocab=VocabPruning("fixed", k=3), candidate_layer=1)
     hidden = torch.zeros(1, 1, adapter.hidden_size)
     with torch.no_grad():
         weight = torch.zeros(adapter.vocab_size, adapter.hidden_size)
@@ -396,3 +396,20 @@ def test_t5_calm_state_propagation_runs_and_exits():
     out = exits.generate(model, _prompt(19, length=9), 10, method="calm", exit_conf_threshold=0.0,
                          exit_min_layer=1, eos_token_id=[])
     assert (out.exit_layers[0, 1:] == 1).all() and out.sequences.shape == (1, 11)
+
+
+def test_the_front_end_maps_the_seeds_names_onto_the_policies():
+    """One name per concept in the policies; the seeds' names live only in generate / make_policy."""
+    from effllm.decoding import Calm, Free, Skip
+
+    assert exits.make_policy("calm", exit_conf_threshold=0.7, exit_min_layer=3, state_propagation=False) == Calm(
+        threshold=0.7, candidate_layer=3, kv="deferred")
+    assert exits.make_policy("free", shallow_exit_layer=4, shallow2deep_conf_threshold=0.6) == Free(4, threshold=0.6)
+    assert exits.make_policy("free", shallow_exit_layer=4, type_vocab_reduct="fixed", k=8, exit_min_layer=2) == Free(
+        4, vocab=VocabPruning("fixed", 8), candidate_layer=2)
+    assert exits.make_policy("skip", skip_mode="random", budget=0.5, skipped_kv="none") == Skip(
+        "random", budget=0.5, kv="none")
+    assert exits.in_seed_names("candidate_layer must be a layer; threshold; rollback_threshold", "calm") == (
+        "exit_min_layer must be a layer; exit_conf_threshold; rollback_threshold")
+    with pytest.raises(ValueError, match="state_propagation must be True or False"):
+        exits.make_policy("calm", state_propagation="no")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from effllm import data, metrics
-from effllm.decoding import Calm, Full, Skip, StaticExit, decode
+from effllm.decoding import Calm, Free, Full, Skip, StaticExit, decode
 from effllm.experiments import evaluate, prompts, stats
-from effllm.experiments.frontier import FrontierTable
+from effllm.experiments.frontier import FrontierSettings, FrontierTable
 from effllm.experiments.runs import normalize_settings, reference_quality, run_policies
 from effllm.models import tiny_model
 
@@ -141,9 +141,10 @@ def test_frontier_table_rows(tiny):
     model, tokenizer = tiny
     items = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
     eval_tokens = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(0))
+    settings = FrontierSettings(eval_seq_len=32, eval_windows=2, speed_prompts=1, rounds=2, prefill_min_run_time=0.01,
+                                progress=False)
     table = FrontierTable(model, tokenizer, items, 4, prefill_ids=items[0].input_ids, eval_tokens=eval_tokens,
-                          eval_seq_len=32, eval_windows=2, speed_prompts=1, rounds=2, prefill_min_run_time=0.01,
-                          progress=False)
+                          settings=settings)
     dense = table.add_model("dense", "dense", model)
     assert dense["rougeL_vs_dense"] == 1.0 and dense["identical_to_dense"] == 1.0 and dense["n_prompts"] == 2
     assert dense["perplexity"] == pytest.approx(metrics.perplexity(model, eval_tokens, seq_len=32, max_windows=2))
@@ -188,3 +189,82 @@ def test_forward_cost_sees_the_same_context_every_call(tiny):
     assert rows[1]["x_one_token"] == pytest.approx(rows[1]["ms"] / rows[0]["ms"])
     with pytest.raises(ValueError, match="token_counts must be positive integers"):
         forward_cost(model, token_counts=(0,))
+
+
+def test_time_rounds_runs_every_label_once_a_round_in_a_seeded_shuffled_order():
+    from effllm.experiments.timing import seconds_by_label, time_rounds
+
+    calls = []
+    labels = [f"s{i}" for i in range(5)]
+    timed = time_rounds({label: (lambda label=label: calls.append(label) or label) for label in labels}, 4, seed=3)
+    orders = [[t.label for t in timed if t.round == r] for r in range(4)]
+    assert all(sorted(order) == labels for order in orders)  # each label once per round
+    assert calls == [t.label for t in timed] and all(t.value == t.label for t in timed)
+    assert len({tuple(o) for o in orders}) > 1  # the order changes between rounds
+    again = time_rounds({label: (lambda: None) for label in labels}, 4, seed=3)
+    assert [t.label for t in again] == [t.label for t in timed]  # same seed, same order
+    per_label = seconds_by_label(time_rounds({"a": lambda: None, "b": lambda: None}, 3,
+                                             measure=lambda fn: (7.0, fn())))
+    assert per_label == {"a": [7.0] * 3, "b": [7.0] * 3} or per_label == {"b": [7.0] * 3, "a": [7.0] * 3}
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        time_rounds({"a": lambda: None}, 0)
+    with pytest.raises(ValueError, match="calls is empty"):
+        time_rounds({}, 2)
+
+
+def test_run_policies_options_and_keywords_agree(tiny):
+    from effllm.experiments.runs import RunOptions
+
+    model, tokenizer = tiny
+    items = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
+    by_keywords = run_policies(model, tokenizer, items, [StaticExit(2)], 4, hf=False, rounds=2, progress=False)
+    by_options = run_policies(model, tokenizer, items, [StaticExit(2)], 4, RunOptions(hf=False, rounds=2,
+                                                                                      progress=False))
+    assert by_keywords.items.drop(columns="text").equals(by_options.items.drop(columns="text"))
+    assert len(by_options.timings) == 4 and set(by_options.timings.label) == {"full", StaticExit(2).label}
+    with pytest.raises(TypeError, match="unknown keyword.*'round'.*allowed: exit_transform"):
+        run_policies(model, tokenizer, items, [StaticExit(2)], 4, round=2)
+    with pytest.raises(ValueError, match="speed_prompts"):
+        RunOptions(speed_prompts=0)
+
+
+class _StubPolicy:
+    method = "calm"
+
+    def __init__(self, kv_mode):
+        self.kv_mode = kv_mode
+
+
+def test_frontier_costs_a_policy_by_its_kv_mode():
+    from effllm.experiments.frontier import policy_kv_mode
+
+    assert [policy_kv_mode(_StubPolicy(m)) for m in ("propagate", "deferred", "none")] == [
+        "propagate", "deferred", "none"]  # the policy's own kv_mode wins over its family
+    assert policy_kv_mode(Calm("softmax", 0.9, 2)) == "propagate"
+    assert policy_kv_mode(Calm("softmax", 0.9, 2, kv="deferred")) == "deferred"  # pending, run later
+    assert policy_kv_mode(Skip("random", budget=0.5, kv="none")) == "none"
+    assert policy_kv_mode(Skip("random", budget=0.5)) == "propagate"
+    assert policy_kv_mode(Skip("static", budget=0.5)) == "none"  # a static pattern never computes skipped K/V
+    assert policy_kv_mode(StaticExit(2)) == "none" and policy_kv_mode(Free(2)) == "deferred"
+    with pytest.raises(ValueError, match="kv_mode is 'pending'; allowed: propagate, deferred, none"):
+        policy_kv_mode(_StubPolicy("pending"))
+
+
+def test_open_session_loads_on_the_device_asked_for(tiny):
+    from effllm.experiments.session import open_session, resolve_device
+
+    session = open_session("tiny-llama", "cpu", "float32")
+    model, tokenizer, device, machine = session
+    assert device == torch.device("cpu") and next(model.parameters()).device == device
+    assert session.dtype == torch.float32 and machine.startswith("CPU (") and tokenizer is session.tokenizer
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_translation_sampling_must_be_a_sampling():
+    with pytest.raises(ValueError, match=r"sampling must be a Sampling\(seed=\.\.\., temperature"):
+        evaluate.translation_best_of(None, None, "wmt14", 1, sampling=3)

@@ -1,13 +1,18 @@
 """Loading: tiny models, bad names, offline hub ids, and the embedded models' safetensors cache."""
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from effllm import models
+from effllm import models, precision
 from effllm.adapters import get_adapter
 from effllm.models import ModelNotAvailableError, cache_is_valid, load_model, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tiny_models_are_deterministic_per_seed():
@@ -238,13 +243,103 @@ def test_device_map_bad_input_is_a_clear_error():
 def test_hub_ids_default_to_device_map_auto_on_a_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("EFFLLM_MAX_MEMORY", "0=70GiB, 1=70GiB,cpu=200GiB")
-    options = models._device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None)
+    options = models.device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None)
     assert options == {"device_map": "auto", "max_memory": {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}}
-    assert models._device_map_options("smollm2-135m", None, None, None, None) == {}  # embedded: one device
-    assert models._device_map_options("meta-llama/Llama-3.2-1B", "cuda:0", None, None, None) == {}
+    assert models.device_map_options("smollm2-135m", None, None, None, None) == {}  # embedded: one device
+    assert models.device_map_options("meta-llama/Llama-3.2-1B", "cuda:0", None, None, None) == {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("EFFLLM_MAX_MEMORY")
-    assert models._device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None) == {}
+    assert models.device_map_options("meta-llama/Llama-3.2-1B", None, None, None, None) == {}
     monkeypatch.setenv("EFFLLM_MAX_MEMORY", "lots")
     with pytest.raises(ValueError, match="EFFLLM_MAX_MEMORY"):
-        models._device_map_options("a/b", None, "auto", None, None)
+        models.device_map_options("a/b", None, "auto", None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layering: the registry of model sources ("-ee"), no training import, precision without torch
+
+
+def run_fresh(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing imported yet), from the repository root."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_importing_models_imports_no_training_code():
+    result = run_fresh("import sys, effllm.models\n"
+                       "print(sorted(m for m in sys.modules if m.startswith('effllm.training')))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_precision_imports_without_torch():
+    blocked = ("import sys\nsys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
+               "from effllm import precision\n"
+               "print(precision.DTYPE_CHOICES, precision.cpu_isa({'avx2'}, False), bool(precision.cpu_model()))")
+    result = run_fresh(blocked)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["('auto',", "'float32',", "'bfloat16')", "AVX2", "True"]
+    other = subprocess.run([sys.executable, "-m", "effllm.precision", "--other"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=300)
+    assert other.stdout.strip() == ("float32" if models.cpu_supports_bfloat16() else "bfloat16")
+
+
+def test_an_exit_trained_name_goes_through_the_registered_source(monkeypatch):
+    calls = []
+
+    def fake_loader(name, dtype=None, device=None):
+        calls.append((name, dtype, device))
+        return tiny_model("gpt2")
+
+    declared = models.source_for("smollm2-135m-ee")
+    assert declared.loader == "effllm.training:load_exit_trained"  # named, imported only when loading
+    monkeypatch.setitem(models.SOURCES, "-ee", models.ModelSource("-ee", fake_loader, "a fake"))
+    model, _ = load_model("smollm2-135m-ee", dtype="bfloat16", device="cpu")
+    assert calls == [("smollm2-135m-ee", "bfloat16", "cpu")] and model.config.model_type == "gpt2"
+
+
+def test_the_declared_exit_trained_source_resolves_to_the_training_loader():
+    from effllm.training import load_exit_trained
+
+    assert models.source_for("tiny-llama-ee").resolve() is load_exit_trained
+
+
+def test_a_registered_source_takes_its_suffix_until_removed(tmp_path):
+    models.register_source("-fake", lambda name, dtype=None, device=None: (name, dtype), "fake models")
+    try:
+        assert load_model("tiny-llama-fake", dtype="float16") == ("tiny-llama-fake", "float16")
+        with pytest.raises(ModelNotAvailableError, match=r"suffix -fake \(smollm2-135m-fake\): fake models"):
+            load_model("no-such-model")
+        folder = tmp_path / "saved-fake"  # a folder is a folder, whatever its name ends in
+        folder.mkdir()
+        assert models.source_for(str(folder)) is None
+    finally:
+        assert models.unregister_source("-fake") is not None
+    assert models.source_for("tiny-llama-fake") is None
+    with pytest.raises(ModelNotAvailableError, match="Unknown tiny model family 'llama-fake'"):
+        load_model("tiny-llama-fake")
+
+
+def test_register_source_refuses_what_it_cannot_use():
+    with pytest.raises(ValueError, match="non-empty suffix"):
+        models.register_source("", print, "nothing")
+    with pytest.raises(ValueError, match="'package.module:function'; got 'effllm.training'"):
+        models.register_source("-x", "effllm.training", "a module, not a function")
+    assert "-x" not in models.SOURCES
+
+
+def test_unknown_name_lists_the_exit_trained_suffix():
+    with pytest.raises(ModelNotAvailableError, match=r"suffix -ee \(smollm2-135m-ee\): fine-tuned to exit early"):
+        load_model("smollm3-1b")
+
+
+@pytest.mark.parametrize(("flags", "capability", "expected"), [
+    ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", torch.bfloat16),
+    ({"avx2", "avx512f"}, "AVX512", torch.float32),
+    ({"avx2"}, "AMX", torch.bfloat16),
+])
+def test_default_dtype_follows_the_cpu_facts_of_precision(monkeypatch, flags, capability, expected):
+    monkeypatch.delenv(models.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert models.default_dtype() is expected and models.cpu_supports_bfloat16() is (expected is torch.bfloat16)
+    assert models.dtype_report()["cpu_isa"] == ("AVX-512 BF16" if expected is torch.bfloat16 else "AVX-512")

@@ -322,7 +322,7 @@ def test_unknown_method_option_raises():
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_prune_magnitude_equals_prune_wanda_when_input_norms_are_equal(monkeypatch, pattern):
     """Through prune() itself: feed Wanda inputs whose column norms are all equal and it picks magnitude's masks."""
-    import effllm.pruning as pruning
+    from effllm.pruning import layerwise  # where prune() looks up its helpers
 
     def equal_norms(runner, i, linears, method):
         runner.run(i)  # the layer still runs, as in the real statistics pass
@@ -331,7 +331,7 @@ def test_prune_magnitude_equals_prune_wanda_when_input_norms_are_equal(monkeypat
 
     sparsity = 0.5 if pattern == "unstructured" else None
     magnitude = prune(tiny_model("llama")[0], "magnitude", sparsity, pattern, progress=False)
-    monkeypatch.setattr(pruning, "_input_statistics", equal_norms)
+    monkeypatch.setattr(layerwise, "_input_statistics", equal_norms)
     wanda = prune(tiny_model("llama")[0], "wanda", sparsity, pattern, calibration=calibration_ids(), progress=False)
     assert magnitude.keys() == wanda.keys()
     assert all(torch.equal(magnitude[name], wanda[name]) for name in magnitude)
@@ -423,8 +423,9 @@ RAISING = {"magnitude": "magnitude_mask", "wanda": "wanda_mask", "sparsegpt": "s
 
 
 def fail_on_call(monkeypatch, function_name, call, error):
-    """Make pruning.<function_name> raise ``error`` on its ``call``-th call (1-based)."""
-    original, calls = getattr(pruning, function_name), [0]
+    """Make <function_name>, as prune() calls it (effllm.pruning.layerwise), raise ``error`` on its ``call``-th call
+    (1-based)."""
+    original, calls = getattr(pruning.layerwise, function_name), [0]
 
     def wrapper(*args, **kwargs):
         calls[0] += 1
@@ -432,7 +433,7 @@ def fail_on_call(monkeypatch, function_name, call, error):
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(pruning, function_name, wrapper)
+    monkeypatch.setattr(pruning.layerwise, function_name, wrapper)
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("Hessian")], ids=["ctrl-c", "error"])

@@ -23,6 +23,7 @@ profile = "unset"
 model_name = "unset"
 seed = -1
 figures_dir = "unset"
+device = "auto"
 dtype = None
 """
 

@@ -105,7 +105,8 @@ def test_output_is_an_exit_output_with_per_token_layers():
     out = _skip(model, _prompt(2), 6, skip_pattern="every-2", eos_token_id=[])
     assert isinstance(out, exits.ExitOutput)
     assert out.layers_run == [tuple(range(6))] + [(0, 2, 4, 5)] * 5
-    assert out.exit_layers.tolist() == [[6, 4, 4, 4, 4, 4]]
+    assert out.num_layers_run.tolist() == [[6, 4, 4, 4, 4, 4]]
+    assert out.exit_layers.tolist() == [[6] * 6]  # every-2 keeps the last layer: the head reads layer 6
     assert out.num_layers == 6 and math.isclose(out.layer_fraction, (6 + 5 * 4) / 6 / 6)
 
 
@@ -123,7 +124,7 @@ def test_static_pattern_equals_a_model_built_from_the_kept_layers(family, kept):
         out = _skip(model, ids, 16, skip_pattern=kept, skip_prompt=True, skipped_kv=skipped_kv,
                                 eos_token_id=2)
         assert torch.equal(out.sequences, expected)
-        assert (out.exit_layers == len(kept)).all()
+        assert (out.num_layers_run == len(kept)).all()
 
 
 def test_every_k_and_budget_patterns():
@@ -357,7 +358,7 @@ def test_default_benchmark_skip_rows_run_the_paper_budgets():
     for label, policy in early_exit.default_settings(6).items():
         if policy.method == "skip":
             out = decode(model, _prompt(0), 4, policy, eos_token_id=[])
-            assert (out.exit_layers[0, 1:] == plans.budget_layer_count(6, policy.budget)).all(), label
+            assert (out.num_layers_run[0, 1:] == plans.budget_layer_count(6, policy.budget)).all(), label
 
 
 # ---- the oracle -----------------------------------------------------------------------------------------

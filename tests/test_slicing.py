@@ -14,10 +14,11 @@ import torch
 
 from effllm import records
 from effllm.adapters import UnsupportedArchitectureError, get_adapter
+from effllm.experiments.slicing_compare import CompareSettings, compare_methods
 from effllm.models import load_model, tiny_model
 from effllm.slicing import (
     SlicedModelError,
-    compare_methods,
+    amplitude_grid,
     equal_parameter_constant_fraction,
     equal_parameter_shortgpt_layers,
     layer_scores,
@@ -88,6 +89,7 @@ def test_zero_slicing_is_a_pure_rotation():
             assert weight.shape == (full, full)
             torch.testing.assert_close(weight @ weight.T, torch.eye(full, dtype=torch.float64), atol=1e-5, rtol=0)
     assert adapter.embed_tokens.weight.shape[1] == full
+    assert adapter.lm_head.weight.shape[1] == full  # the full head: nothing sliced, nothing lost
     dense, _ = tiny_model("llama")
     shapes = {name: p.shape for name, p in dense.named_parameters()}
     for name, parameter in model.named_parameters():  # nothing sliced: every dense weight keeps its shape
@@ -96,7 +98,10 @@ def test_zero_slicing_is_a_pure_rotation():
     assert relative_error(logits(model, ids), before) < 1e-4
 
 
-def test_sliced_model_is_smaller_and_matches_the_parameter_formula():
+@pytest.mark.parametrize("slice_head", [False, True], ids=["full-head", "sliced-head"])
+def test_sliced_model_is_smaller_and_matches_the_parameter_formula(slice_head):
+    """The last layer writes, and the final norm and LM head read, the full D = 64 by default (SliceGPT's
+    do_slice_head=False: DynamicSlicing src/slicegpt/rotate.py:161, 271-274, 286-288), d_3 = 40 with slice_head."""
     model, _ = tiny_model("llama")
     ids = calibration_ids()
     vocab, full, mlp, q_out, kv_out = 384, 64, 128, 64, 32
@@ -104,32 +109,49 @@ def test_sliced_model_is_smaller_and_matches_the_parameter_formula():
     dims = sliced_dims(fractions, full)
     assert dims == [48, 32, 56, 40]
     n_dense = n_parameters(model)
-    slice_model(model, ids, fractions=fractions)
+    slice_model(model, ids, fractions=fractions, slice_head=slice_head)
     adapter = get_adapter(model)
 
+    d_head = 40 if slice_head else full
     expected = vocab * dims[0]  # embeddings
     for i, d in enumerate(dims):
-        d_out = dims[i + 1] if i + 1 < len(dims) else d
+        d_out = dims[i + 1] if i + 1 < len(dims) else d_head
         expected += d * (q_out + 2 * kv_out) + q_out * d  # q, k, v read d dims; o writes d
         expected += 2 * mlp * d + mlp * d_out  # gate, up read d; down writes the next layer's d
         expected += 2 * d  # the two norms
         expected += d * d + d * d_out  # shortcuts: attention -> MLP basis, MLP -> next layer's basis
         assert adapter.attention_projections(i)["q"].weight.shape == (q_out, d)
         assert adapter.mlp_projections(i)["down"].weight.shape == (d_out, mlp)
-    expected += dims[-1] + vocab * dims[-1]  # final norm, untied LM head
+    assert adapter.layer(3).mlp_shortcut.weight.shape == (d_head, 40)  # [d_out, d_mid] of the last layer
+    assert adapter.lm_head.weight.shape == (vocab, d_head) and adapter.final_norm.weight.shape == (d_head,)
+    expected += d_head + vocab * d_head  # final norm, untied LM head
     assert n_parameters(model) == expected < n_dense
+    assert records.SLICING.get(model)["slice_head"] is slice_head
     out = logits(model, ids)
     assert out.shape == (4, 16, vocab) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("slice_head", [False, True], ids=["full-head", "sliced-head"])
 @pytest.mark.parametrize("family", SLICEGPT_FAMILIES)
-def test_parameter_count_formula_matches_the_sliced_model(family):
+def test_parameter_count_formula_matches_the_sliced_model(family, slice_head):
     model, _ = tiny_model(family)
     fractions = [0.25, 0.5, 0.125, 0.375]
-    predicted = sliced_parameter_count(model, fractions)  # from the dense shapes, nothing sliced
+    predicted = sliced_parameter_count(model, fractions, slice_head)  # from the dense shapes, nothing sliced
     assert n_parameters(model) == n_parameters(tiny_model(family)[0])
-    slice_model(model, calibration_ids(), fractions=fractions)
+    slice_model(model, calibration_ids(), fractions=fractions, slice_head=slice_head)
     assert n_parameters(model) == predicted
+
+
+def test_full_head_costs_the_last_layers_sliced_width_in_parameters():
+    """Full head minus sliced head, tiny Llama (V = 384, D = 64, MLP 128), last layer kept at d = 40: the head
+    and final norm gain (V + 1)(64 - 40), the last down projection 128 (64 - 40), its shortcut 40 (64 - 40)."""
+    model, _ = tiny_model("llama")
+    fractions = [0.25, 0.5, 0.125, 0.375]
+    gap = sliced_parameter_count(model, fractions) - sliced_parameter_count(model, fractions, slice_head=True)
+    assert gap == (384 + 1 + 128 + 40) * (64 - 40) == 13272
+    n_full = equal_parameter_shortgpt_layers(model, fractions=fractions)
+    n_sliced = equal_parameter_shortgpt_layers(model, fractions=fractions, slice_head=True)
+    assert n_full <= n_sliced  # a larger SliceGPT model: ShortGPT removes no more layers to match it
 
 
 def test_equal_parameter_shortgpt_layers_is_the_closest_count():
@@ -160,13 +182,17 @@ def test_amplitude_zero_is_constant_slicing():
     torch.testing.assert_close(logits(dynamic, ids), logits(constant, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["slicegpt-llama", "slicegpt-opt", "shortgpt-llama", "shortgpt-gemma3"])
+@pytest.mark.parametrize("case", ["slicegpt-llama", "slicegpt-opt", "slicehead-llama", "slicehead-opt",
+                                  "shortgpt-llama", "shortgpt-gemma3"])
 def test_save_and_load_sliced_gives_identical_logits(case, tmp_path):
+    """Both head widths round-trip: the full head (default) and a sliced one (``slicehead``)."""
     method, family = case.split("-")
     model, tokenizer = tiny_model(family)
     ids = calibration_ids()
-    if method == "slicegpt":
-        slice_model(model, ids, mean=0.25, amplitude=0.1)
+    if method in ("slicegpt", "slicehead"):
+        slice_model(model, ids, mean=0.25, amplitude=0.1, slice_head=method == "slicehead")
+        head_width = get_adapter(model).lm_head.weight.shape[1]
+        assert (head_width < 64) == (method == "slicehead")
     else:
         slice_model(model, ids, mean=0.5, method="shortgpt")
     save_sliced(model, tmp_path / "sliced", tokenizer=tokenizer)
@@ -176,6 +202,8 @@ def test_save_and_load_sliced_gives_identical_logits(case, tmp_path):
     assert n_parameters(loaded) == n_parameters(model)
     assert records.SLICING.get(loaded) == records.SLICING.get(model)
     assert (tmp_path / "sliced" / "tokenizer.json").is_file()
+    if method != "shortgpt":
+        assert get_adapter(loaded).lm_head.weight.shape == get_adapter(model).lm_head.weight.shape
 
 
 def _saved(tmp_path, name="sliced", family="llama", mean=0.25):
@@ -277,7 +305,8 @@ def test_compare_methods_rows_match_slicing_each_copy_directly():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     held_out = calibration_ids(seed=1)
     table = compare_methods(model, ids, [0.2, 0.5], amplitude=0.1,
-                            evaluate=lambda m: {"first_logit": logits(m, held_out)[0, 0, 0].item()}, progress=False)
+                            evaluate=lambda m: {"first_logit": logits(m, held_out)[0, 0, 0].item()},
+                            settings=CompareSettings(progress=False))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # the original stays dense
     assert list(zip(table["mean"], table["method"], strict=True)) == [
         (0.0, "dense"), (0.2, "constant"), (0.2, "dynamic"), (0.2, "shortgpt"),
@@ -344,7 +373,7 @@ def test_layer_scores_match_the_hidden_states(family):
     distance = (1 - cos).sum(dim=(1, 2))
     lr = 1 - (distance - distance.min()) / (distance.max() - distance.min())
     bi = 1 - cos.mean(dim=(1, 2))
-    torch.testing.assert_close(layer_scores(model, ids, "lr", batch_size=3), lr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer_scores(model, ids, "lr", batch_size=3, last_layer="raw"), lr, atol=1e-5, rtol=0)
     torch.testing.assert_close(layer_scores(model, ids, "bi", batch_size=3), bi, atol=1e-6, rtol=0)
 
 
@@ -477,12 +506,12 @@ def test_layer_scores_reject_bad_calibration(ids, message):
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("boom")], ids=["ctrl-c", "error"])
 def test_interrupted_slicegpt_marks_the_model_and_later_calls_refuse_it(error, monkeypatch, tmp_path):
-    from effllm import slicing
     from effllm.models import IncompleteModelError
     from effllm.pruning import prune, save_pruned
+    from effllm.slicing import surgery
 
     model, _ = tiny_model("llama")
-    original, calls = slicing._pca, [0]
+    original, calls = surgery.pca, [0]
 
     def pca(covariance):
         calls[0] += 1
@@ -490,7 +519,7 @@ def test_interrupted_slicegpt_marks_the_model_and_later_calls_refuse_it(error, m
             raise error
         return original(covariance)
 
-    monkeypatch.setattr(slicing, "_pca", pca)
+    monkeypatch.setattr(surgery, "pca", pca)
     with pytest.raises(type(error)):
         slice_model(model, calibration_ids(), mean=0.25)
     monkeypatch.undo()
@@ -551,7 +580,8 @@ def test_compare_methods_matches_parameters_and_passes_rows():
     model, _ = tiny_model("llama", num_hidden_layers=6)
     ids = calibration_ids()
     seen = []
-    table = compare_methods(model, ids, [0.3], amplitude=0.1, progress=False, match_parameters=True, pass_row=True,
+    settings = CompareSettings(progress=False, match_parameters=True, pass_row=True)
+    table = compare_methods(model, ids, [0.3], amplitude=0.1, settings=settings,
                             evaluate=lambda m, row: seen.append(row) or {"layers_seen": get_adapter(m).num_layers})
     assert list(zip(table.method, table.matched, strict=True)) == [
         ("dense", ""), ("constant", "mean"), ("dynamic", "mean"), ("shortgpt", "parameters"),
@@ -564,3 +594,97 @@ def test_compare_methods_matches_parameters_and_passes_rows():
     assert rows.loc[("constant", "parameters"), "parameters"] == sliced_parameter_count(model, [matched] * 6)
     assert rows.loc[("dynamic", "mean"), "slice_fraction"] == pytest.approx(0.3)
     assert rows.loc[("constant", "mean"), "parameters"] == sliced_parameter_count(model, [0.3] * 6)
+
+
+# ------------------------------------------------------------------------------------------------
+# As the authors' code computes it (issue 31): LR's last layer, the amplitude grid, the sweep in the comparison
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_lr_last_layer_compares_its_input_with_the_normed_output(family):
+    """DynamicSlicing short_hf.py:76-88 adds sum(1 - cos(hiddens[i], hiddens[i+1])) per layer over HF's
+    output_hidden_states (short_hf.py:137-141), whose last entry is after the final norm; calculate_LR.py:82-87
+    turns the sums into LR = 1 - minmax. Reference by hand from the model's own modules: the adapter's raw states,
+    the final norm applied to the last one, which is what HF's hidden_states[-1] holds."""
+    model, _ = tiny_model(family)
+    randomise_norms(model)  # a final norm of ones would scale the state only: the cosine could not tell
+    ids = calibration_ids()
+    adapter = get_adapter(model)
+    _, raw = adapter.forward(ids, output_hidden_states=True)
+    with torch.no_grad():
+        normed = raw[:-1] + [adapter.final_norm(raw[-1])]
+        hf = model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hf[-1], normed[-1])  # the fact the authors' code rests on
+
+    def distances(states):
+        return torch.stack([(1 - torch.nn.functional.cosine_similarity(states[i].double(), states[i + 1].double(),
+                                                                       dim=-1)).sum() for i in range(len(states) - 1)])
+
+    n_tokens = ids.numel()
+    bi_normed = layer_scores(model, ids, "bi", last_layer="normed")
+    bi_raw = layer_scores(model, ids, "bi", last_layer="raw")
+    torch.testing.assert_close(bi_normed, distances(normed) / n_tokens, atol=1e-6, rtol=0)
+    torch.testing.assert_close(bi_raw, distances(raw) / n_tokens, atol=1e-6, rtol=0)
+    assert torch.equal(bi_normed[:-1], bi_raw[:-1])  # every other layer: the same numbers
+    assert abs(bi_normed[-1] - bi_raw[-1]) > 1e-3  # the last one moves
+    assert torch.equal(layer_scores(model, ids, "bi"), bi_raw)  # BI (ShortGPT) keeps the raw output by default
+
+    lr = layer_scores(model, ids, "lr")  # the default: normed, as the authors run it
+    expected = distances(normed)
+    torch.testing.assert_close(lr, 1 - (expected - expected.min()) / (expected.max() - expected.min()),
+                               atol=1e-5, rtol=0)
+    assert torch.equal(lr, layer_scores(model, ids, "lr", last_layer="normed"))
+    assert not torch.allclose(lr, layer_scores(model, ids, "lr", last_layer="raw"), atol=1e-3)
+
+
+def test_layer_scores_reject_an_unknown_last_layer():
+    model, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="last_layer must be one of \\('normed', 'raw'\\).*got 'final'"):
+        layer_scores(model, calibration_ids(), last_layer="final")
+
+
+def test_amplitude_grid_is_the_authors_arange():
+    """DynamicSlicing experiments/mean_cut_accuracy_experiments.py:69: np.arange(0, M + 0.01, 0.02)."""
+    import numpy as np
+
+    for mean in (0.1, 0.2, 0.25, 0.3, 0.35, 0.4):
+        authors = np.arange(0, mean + 0.01, 0.02)
+        grid = amplitude_grid(mean)
+        assert len(grid) == len(authors) and np.allclose(grid, authors, rtol=0, atol=1e-12)
+    assert amplitude_grid(0.3) == [round(0.02 * k, 12) for k in range(16)] and amplitude_grid(0.3)[-1] == 0.3
+    assert amplitude_grid(0.35)[-1] == 0.34 and len(amplitude_grid(0.35)) == 18
+    assert amplitude_grid(0.335)[-1] == 0.32  # arange's 0.34 > M would slice the least redundant layer below 0
+    scores = torch.tensor([0.0, 0.4, 1.0, 0.7], dtype=torch.float64)
+    assert slice_fractions(scores, 0.3, amplitude_grid(0.3)[-1]).min() == 0  # not arange's 0.30000000000000004
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        amplitude_grid(1.0)
+
+
+def test_compare_methods_sweeps_the_amplitude_grid():
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = calibration_ids()
+    table = compare_methods(model, ids, [0.1], amplitude=0.04, evaluate=lambda m: {},
+                            settings=CompareSettings(progress=False, sweep_means=(0.1,)))
+    sweep = table[table.matched == "sweep"]
+    assert sweep.amplitude.tolist() == [0.02, 0.06, 0.08, 0.1]  # amplitude_grid(0.1) less A = 0 and A = 0.04
+    assert set(sweep.method) == {"dynamic"} and (sweep["mean"] == 0.1).all()
+    assert table.set_index(["method", "matched"]).loc[("dynamic", "mean"), "amplitude"] == 0.04
+    for row in sweep.itertuples():
+        reference = slice_model(copy.deepcopy(model), ids, mean=0.1, amplitude=row.amplitude)
+        assert row.dims == records.SLICING.get(reference)["dims"]
+    with pytest.raises(ValueError, match=r"sweep_means \[0.2\] are not among means \[0.1\]"):
+        compare_methods(model, ids, [0.1], 0.04, lambda m: {}, settings=CompareSettings(sweep_means=(0.2,)))
+
+
+@pytest.mark.embedded
+def test_smollm2_parameter_counts_with_the_full_and_the_sliced_head():
+    """SmolLM2-135M (30 layers, D = 576, V = 49152, MLP 1536) at a constant 25%: d = 432 everywhere. The full head
+    (DynamicSlicing src/slicegpt/rotate.py:271-274, 286-288) adds (V + 1 + 1536 + 432)(576 - 432) parameters over
+    a sliced one: the head and final norm read 576, the last down projection and its shortcut write 576."""
+    model, _ = load_model("smollm2-135m", dtype=torch.float32)
+    full = sliced_parameter_count(model, [0.25] * 30)
+    sliced = sliced_parameter_count(model, [0.25] * 30, slice_head=True)
+    assert (full, sliced) == (140678784, 133317360)
+    assert full - sliced == (49152 + 1 + 1536 + 432) * (576 - 432)
+    assert equal_parameter_shortgpt_layers(model, mean=0.3) == 1
+    assert equal_parameter_shortgpt_layers(model, mean=0.3, slice_head=True) == 3

@@ -316,7 +316,7 @@ def test_every_hub_name_of_the_paper_profile_has_a_standin(standins_on, no_hub):
             data_names |= set(values)
     assert {"google-t5/t5-large", "jvelja/t5-squad", "google/gemma-1.1-7b-it"} <= model_ids
     for hub_id in model_ids:
-        assert standins._find_model_standin(hub_id).hub_id.lower() == hub_id.lower()
+        assert standins.find_model_standin(hub_id).hub_id.lower() == hub_id.lower()
     hub_names = {n for n in data_names if n not in data.BUILTIN}
     assert {"squad", "samsum", "wikitext2", "c4", "alpaca", "orca_math"} <= hub_names
     for name in hub_names:

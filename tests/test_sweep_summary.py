@@ -225,3 +225,33 @@ def test_run_all_sweep_runs_the_declared_summary_at_the_end(tmp_path, capsys):
     pairs = pd.read_csv(folder / "summary" / "same_vs_cross_domain.csv")
     assert len(pairs) == 1 and not pairs.same_domain[0] and 1 / 3 < pairs.jaccard[0] < 1
     assert (folder / "summary" / "weight_views_sparsity-0.5_arithmetic_vs_python-code.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# The analysis itself (effllm.experiments.masks), on hand-made masks
+
+
+def test_compare_mask_sets_orders_by_domain_and_averages_same_and_cross_pairs():
+    from effllm.experiments.masks import MaskComparisonError, calibration_domain, compare_mask_sets
+
+    def mask(*pruned):  # one linear of 4 weights
+        return {"layers.0.q": torch.tensor([i in pruned for i in range(4)])}
+
+    masks = {"python-code": mask(0, 1), "math_orca": mask(0, 2), "orca_math": mask(0, 3), "humaneval": mask(1)}
+    assert [calibration_domain(name) for name in masks] == ["code", "math", "math", "code"]
+    assert calibration_domain("no-such-set") == "other"
+    overlap = compare_mask_sets(masks, "g")
+    assert list(overlap.masks) == ["python-code", "humaneval", "math_orca", "orca_math"]  # code, then math
+    assert list(overlap.matrix.index) == list(overlap.masks)
+    # same-domain pairs: {0,1}/{1} = 1/2 and {0,2}/{0,3} = 1/3; cross: {0,1}/{0,2} 1/3, {0,1}/{0,3} 1/3,
+    # {1}/{0,2} 0, {1}/{0,3} 0
+    assert overlap.row["same_domain_pairs"] == 2 and overlap.row["cross_domain_pairs"] == 4
+    assert overlap.row["same_domain_jaccard"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert overlap.row["cross_domain_jaccard"] == pytest.approx((1 / 3 + 1 / 3) / 4)
+    density = {"python-code": 0.5, "humaneval": 0.25, "math_orca": 0.5, "orca_math": 0.5}
+    expected = [pruning.random_mask_jaccard(density[a], density[b]) for a, b in zip(overlap.pairs.a,
+                                                                                    overlap.pairs.b, strict=True)]
+    assert overlap.pairs.baseline.tolist() == pytest.approx(expected)
+    assert (overlap.pairwise.group == "g").all()
+    with pytest.raises(MaskComparisonError, match="needs two mask sets; got python-code"):
+        compare_mask_sets({"python-code": mask(0)}, "g")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effllm import models, records
+from effllm import models, precision, records
 from effllm.training import core, losses
 from effllm.training.core import ExitTrainingConfig
 
@@ -253,7 +253,7 @@ def test_exit_trained_model_by_name_is_cached_and_carries_its_exits():
 ])
 def test_default_dtype_follows_the_cpu_capability(monkeypatch, flags, capability, expected):
     monkeypatch.delenv(models.DTYPE_ENV, raising=False)
-    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert models.default_dtype() is expected
     assert models.default_dtype("cpu") is expected

@@ -1,5 +1,5 @@
 """effllm.vocab against brute-force references: sorting for ranks, counting for survival, HF forward passes
-and the decoding engine's own pruned exit head (effllm.exits.ExitHead) for the per-layer analysis."""
+and the decoding engine's own pruned exit head (effllm.decoding.exits.ExitHead) for the per-layer analysis."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from effllm import exits, vocab
 from effllm.adapters import get_adapter
-from effllm.decoding.early_exit import ExitHead
+from effllm.decoding.exits import ExitHead
 from effllm.decoding.policies import VocabPruning
 from effllm.lens import LinearExits
 from effllm.models import tiny_model
@@ -67,7 +67,7 @@ def test_layer_analysis_equals_hf_states_and_the_engines_pruned_head(with_exits)
         for s in range(2):
             for p in range(9):
                 rows = table[(table.sequence == s) & (table.position == p)].set_index("layer")
-                head = ExitHead(adapter, transform, "softmax", vocab=VocabPruning("fixed", k=k), prune_layer=prune_layer)
+                head = ExitHead(adapter, transform, "softmax", vocab=VocabPruning("fixed", k=k), candidate_layer=prune_layer)
                 head.new_token()
                 for layer in range(1, n_layers):
                     h = hf.hidden_states[layer][s : s + 1, p : p + 1]

@@ -50,11 +50,7 @@ HELP = ("decoding speed and quality of full / static / CALM / FREE / vocabulary 
 
 def threshold_of(policy: Policy | None) -> float | None:
     """The confidence threshold of a CALM or FREE policy (None for the others)."""
-    if isinstance(policy, Calm):
-        return policy.exit_conf_threshold
-    if isinstance(policy, Free):
-        return policy.shallow2deep_conf_threshold
-    return None
+    return policy.threshold if isinstance(policy, (Calm, Free)) else None
 
 
 def default_settings(n_layers: int, k: int = 256, include_skipping: bool = True,
@@ -76,7 +72,7 @@ def default_settings(n_layers: int, k: int = 256, include_skipping: bool = True,
     for t in (0.9, 0.7):
         settings[f"free@{late} {t}"] = Free(late, t)
     if late > 1:  # the candidates are picked at a layer below the shallow exit
-        settings[f"free@{late}-fixed{k} 0.9"] = Free(late, 0.9, vocab=vocab, prune_layer=min(mid, late - 1))
+        settings[f"free@{late}-fixed{k} 0.9"] = Free(late, 0.9, vocab=vocab, candidate_layer=min(mid, late - 1))
     settings[f"free@{late}-adaptive"] = Free(late, 0.9, use_adapt_threshold=True)
     for draft in sorted({max(1, n_layers // 3), max(1, mid), late}):
         if draft < n_layers:
@@ -204,7 +200,7 @@ def run(args) -> int:
                 print(f"Learn-then-Test on {ltt.n} calibration prompts (delta={ltt.delta}, epsilon={ltt.epsilon}): "
                       f"threshold {ltt.threshold}")
                 if ltt.threshold is not None:
-                    selected[LTT_LABEL] = dataclasses.replace(ltt_base, exit_conf_threshold=ltt.threshold)
+                    selected[LTT_LABEL] = dataclasses.replace(ltt_base, threshold=ltt.threshold)
         run_result = run_policies(model, tokenizer, prompts, selected, args.max_new_tokens, exit_transform=transform,
                                   rounds=args.rounds, speed_prompts=args.speed_prompts, progress=False)
         check = vocab.confidence_check_cost(model, [args.k, None])

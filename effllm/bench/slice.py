@@ -12,6 +12,9 @@ Rows, all from the same dense model in the same run:
   SliceGPT model's parameter count (``effllm.slicing.equal_parameter_shortgpt_layers``; can be 0);
 - ``shortgpt-mean-layers``: ShortGPT removing round(mean * L) layers (the ShortGPT paper's own setting).
 
+SliceGPT keeps the last layer's output and the LM head at the full width D, as the authors run it
+(``do_slice_head=False``); ``--slice-head`` slices them to the last layer's width (``slice_model(slice_head=True)``).
+
 ``slice_s`` is the time to slice (including the layer-score pass where the method needs one) and
 ``slice_vs_forward`` that time over one dense forward pass over the same calibration tokens. Perplexity
 is on the held-out split (``--eval-data``, ``--eval-split``) in windows of ``--seq-len``. Speed is HF
@@ -56,6 +59,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens for decode speed")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (median kept)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--slice-head", action="store_true",
+                        help="slice the last layer's output and the LM head too (default: full width, as SliceGPT)")
     parser.add_argument("--out", type=Path, default=None)
 
 
@@ -100,13 +105,13 @@ def _generate_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: 
     return time.perf_counter() - start
 
 
-def slice_variants(model, calibration, mean: float, amplitude: float, batch_size: int):
+def slice_variants(model, calibration, mean: float, amplitude: float, batch_size: int, slice_head: bool = False):
     """(label, sliced copy, seconds to slice) for each compared method; ``model`` stays dense."""
     n_layers = get_adapter(model).num_layers
-    n_equal = equal_parameter_shortgpt_layers(model, mean=mean)
+    n_equal = equal_parameter_shortgpt_layers(model, mean=mean, slice_head=slice_head)
     plans = [
-        ("slicegpt-constant", dict(mean=mean)),
-        ("slicegpt-dynamic", dict(mean=mean, amplitude=amplitude)),
+        ("slicegpt-constant", dict(mean=mean, slice_head=slice_head)),
+        ("slicegpt-dynamic", dict(mean=mean, amplitude=amplitude, slice_head=slice_head)),
         ("shortgpt-equal-params", dict(mean=n_equal / n_layers, method="shortgpt")),
         ("shortgpt-mean-layers", dict(mean=mean, method="shortgpt")),
     ]
@@ -123,7 +128,7 @@ def slice_rows(model, tokenizer, calibration, eval_tokens, args) -> tuple[list[d
     """The benchmark's rows (see the module docstring) and the dense forward time over the calibration."""
     forward_s = _forward_seconds(model, calibration, args.batch_size, args.repeats)
     variants = [("dense", model, None)] + slice_variants(model, calibration, args.mean, args.amplitude,
-                                                         args.batch_size)
+                                                         args.batch_size, args.slice_head)
     prompt = eval_tokens[: args.prompt_len].unsqueeze(0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for _, variant, _ in variants:  # warm-up
@@ -178,7 +183,7 @@ def run(args) -> int:
         rows, forward_s = slice_rows(model, tokenizer, calibration, eval_tokens, args)
     result = {
         "model": args.model, "device": device_description(), "torch": torch.__version__,
-        "mean": args.mean, "amplitude": args.amplitude,
+        "mean": args.mean, "amplitude": args.amplitude, "slice_head": args.slice_head,
         "calibration": {"data": args.data, "split": "train", "samples": args.samples, "seq_len": args.seq_len,
                         "tokens": args.samples * args.seq_len},
         "evaluation": {"data": args.eval_data, "split": args.eval_split, "windows": args.eval_windows,

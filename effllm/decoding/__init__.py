@@ -2,12 +2,14 @@
 
     from effllm.decoding import decode, Full, StaticExit, Calm, Free, Skip, SelfSpec, VocabPruning
 
-    out = decode(model, input_ids, 64, Free(shallow_exit_layer=20, shallow2deep_conf_threshold=0.9))
+    out = decode(model, input_ids, 64, Free(shallow_exit_layer=20, threshold=0.9))
 
 Modules: ``policies`` (the dataclasses, validated when built), ``core`` (``decode`` and ``DecodeOutput``: the
-prompt pass, cache, end of sequence, padded batches, bookkeeping), ``early_exit`` (exit head, confidences,
-CALM and FREE), ``skipping`` (skip plans and the skip step), ``speculative`` (self-speculative decoding).
-``effllm.exits.generate`` is the seeds'-keyword front end over ``decode``.
+prompt pass, cache, end of sequence, padded batches, bookkeeping), ``exits`` (the exit: exit map lookup,
+``exit_logits``, per-layer agreement, confidences, ``ExitHead``), ``early_exit`` (CALM and FREE),
+``skipping`` (skip plans and the skip step), ``plans`` (skip patterns), ``speculative`` (self-speculative
+decoding), ``state`` (the strategy interface), ``seeds`` (the seeds'-keyword front end over ``decode``, public as
+``effllm.exits.generate``).
 """
 
 from effllm.decoding.core import LOGIT_LENS, DecodeOutput, decode

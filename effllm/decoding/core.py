@@ -1,9 +1,10 @@
 """The decoding core: greedy decoding with a KV cache where every generated token may run its own layers.
 
-    out = decode(model, input_ids, max_new_tokens=64, policy=Calm(exit_conf_threshold=0.9, exit_min_layer=20))
-    out.sequences      # [batch, prompt + new] as HF `generate` returns them (T5: decoder start + new)
-    out.exit_layers    # [batch, new]: per new token, the layer it left from (layer skipping: layers run)
-    out.layers_run     # per new token, the 0-based layers its prediction ran
+    out = decode(model, input_ids, max_new_tokens=64, policy=Calm(threshold=0.9, candidate_layer=20))
+    out.sequences       # [batch, prompt + new] as HF `generate` returns them (T5: decoder start + new)
+    out.exit_layers     # [batch, new]: per new token, the 1-based layer whose state its prediction read
+    out.num_layers_run  # [batch, new]: per new token, how many layers its prediction ran
+    out.layers_run      # per new token, the 0-based layers its prediction ran
 
 What every policy shares is written once here: argument checks, the prompt pass (the "encoder side" of a
 decoder-only model, at the depth the policy gives the prompt), the T5 encoder, the end of sequence, padded
@@ -26,27 +27,33 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from effllm import checks, records
+from effllm import checks
 from effllm.adapters import get_adapter
 from effllm.decoding import early_exit, skipping, speculative
+from effllm.decoding.exits import LOGIT_LENS, ExitTransform, resolve_exit_transform
 from effllm.decoding.policies import Full, Policy
-from effllm.decoding.state import DecodeState, Strategy
+from effllm.decoding.state import DecodeState, Emitted, Strategy
 from effllm.models import check_complete
 
-ExitTransform = Callable[[int, torch.Tensor], torch.Tensor]
-LOGIT_LENS = "logit-lens"  # exit_transform=LOGIT_LENS: the plain final norm + head even if the model has exits
+__all__ = ["LOGIT_LENS", "DecodeOutput", "ExitTransform", "decode", "eos_ids", "resolve_exit_transform"]
 
 
 @dataclass
 class DecodeOutput:
+    """What :func:`decode` returns. ``exit_layers`` is always an exit layer: the 1-based layer whose state the
+    token's prediction read (L for full depth, self-speculation and the first token; layer skipping: the last
+    layer that ran, the skipped ones above it passing the state on). ``num_layers_run`` is how many layers that
+    prediction ran (early exit: the exit layer; layer skipping: fewer), which is what costs compare."""
+
     sequences: torch.LongTensor  # [batch, prompt + new]
-    exit_layers: torch.LongTensor  # [batch, new]: 1-based exit layer (skipping: the number of layers run)
+    exit_layers: torch.LongTensor  # [batch, new]: the 1-based layer each new token's prediction read
     confidences: list[list[float]] = field(default_factory=list)  # per new token: confidence at each checked layer
     thresholds: list[float] = field(default_factory=list)  # per new token: the threshold in force (nan: none)
     confidence_flops: list[int] = field(default_factory=list)  # per new token: FLOPs spent on exit decisions
@@ -59,11 +66,16 @@ class DecodeOutput:
     policy: Policy | None = None
     prefill_seconds: float = 0.0  # the prompt pass and the first token (CUDA synchronised)
     decode_seconds: float = 0.0  # every later token
+    num_layers_run: torch.LongTensor | None = None  # [batch, new]: layers each prediction ran (None: exit_layers)
+
+    def __post_init__(self) -> None:
+        if self.num_layers_run is None:
+            self.num_layers_run = self.exit_layers
 
     @property
     def avg_layers(self) -> float:
-        """Mean over new tokens of their exit layer (skipping: layers run)."""
-        return float(self.exit_layers.double().mean())
+        """Mean over new tokens of the number of layers they ran (``num_layers_run``)."""
+        return float(self.num_layers_run.double().mean())
 
     @property
     def layer_fraction(self) -> float:
@@ -75,8 +87,12 @@ class DecodeOutput:
         """Self-speculation: accepted / drafted tokens (nan without drafts)."""
         return self.accepted / self.drafted if self.drafted else math.nan
 
-    def new_tokens(self, prompt_len: int) -> torch.LongTensor:
-        """The generated ids [batch, new] (after the prompt; T5: after the decoder start token)."""
+    def new_tokens(self, prompt_len: int | None = None) -> torch.LongTensor:
+        """The generated ids [batch, new] (after the prompt; T5: after the decoder start token). ``prompt_len`` is
+        deprecated and ignored: the output knows how many tokens are new."""
+        if prompt_len is not None:
+            warnings.warn("DecodeOutput.new_tokens(prompt_len) is deprecated: the argument is ignored; call "
+                          "new_tokens()", DeprecationWarning, stacklevel=2)
         return self.sequences[:, self.sequences.shape[1] - self.exit_layers.shape[1]:]
 
 
@@ -96,21 +112,6 @@ def _eos_tensor(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None
         eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def resolve_exit_transform(model: torch.nn.Module, exit_transform: Any) -> ExitTransform | None:
-    """The exit map to use: an explicit callable; ``LOGIT_LENS`` for none; None for the exits attached to the
-    model (``records.EXITS``, set by exit training) or, without any, the plain logit lens."""
-    if exit_transform is None:
-        return records.EXITS.get(model)
-    if isinstance(exit_transform, str):
-        if exit_transform != LOGIT_LENS:
-            raise ValueError(f"exit_transform must be a callable (layer, hidden) -> hidden, None or {LOGIT_LENS!r}; "
-                             f"got {exit_transform!r}")
-        return None
-    if not callable(exit_transform):
-        raise ValueError(f"exit_transform must be a callable (layer, hidden) -> hidden; got {type(exit_transform).__name__}")
-    return exit_transform
 
 
 def _check_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,93 @@ def _strategy(policy: Policy, adapter: Any, model: torch.nn.Module, exit_transfo
     return early_exit.ExitStrategy(policy, adapter, exit_transform, max_new_tokens)
 
 
+def _prepare_prompt(input_ids: torch.LongTensor, mask: torch.Tensor | None, encoder_decoder: bool
+                    ) -> tuple[torch.LongTensor, torch.LongTensor | None, torch.Tensor | None]:
+    """The prompt to decode from, the left-padding of each row and the padded batch's mask: a single padded row
+    decodes as if alone (its padding dropped); a batch must be padded on the left."""
+    if mask is None or encoder_decoder or bool(mask.all()):
+        return input_ids, None, None
+    if input_ids.shape[0] == 1:
+        return input_ids[:, mask[0].bool()], None, None
+    lengths = mask.sum(dim=1)
+    left_padded = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) >= (mask.shape[1] - lengths).unsqueeze(1)
+    if not torch.equal(mask.bool(), left_padded):
+        raise ValueError("attention_mask pads on the right (or in the middle); decoder-only batches must be "
+                         "padded on the left (tokenizer.padding_side = 'left'), as for HF generate")
+    return input_ids, mask.shape[1] - lengths, mask
+
+
+def _check_policy(model: torch.nn.Module, adapter: Any, policy: Policy | None, batch: int) -> Policy:
+    policy = Full() if policy is None else policy
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be an effllm.decoding policy (Full, StaticExit, Calm, Free, Skip, SelfSpec); "
+                         f"got {type(policy).__name__}")
+    policy.check(adapter.num_layers, adapter.vocab_size)
+    if policy.method == "skip" and getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError("layer skipping decodes decoder-only models (llama family, opt, gpt2); got a T5 "
+                         "encoder-decoder")
+    if batch > 1 and not policy.batched:
+        raise ValueError(f"{policy.method!r} decodes one sequence at a time (batch 1: each token runs its own "
+                         f"layers); got batch {batch}: call it once per prompt (only full and static decode batches)")
+    return policy
+
+
+def _prefill(strategy: Strategy, state: DecodeState, prompt: torch.LongTensor) -> Emitted:
+    """The prompt pass at the depth the strategy gives the prompt, and the first new token."""
+    adapter = state.adapter
+    hidden = adapter.embed(prompt, position_ids=state.position_ids(0, prompt.shape[1]), cache=state.cache)
+    context = state.context(hidden, 0)
+    for i in strategy.prompt_layers:
+        hidden = adapter.run_layer(i, hidden, context)
+    state.position = prompt.shape[1]
+    strategy.after_prompt(state, hidden)
+    return strategy.first_token(state, hidden)
+
+
+def _generate(strategy: Strategy, state: DecodeState, eos: torch.Tensor, finished: torch.Tensor) -> None:
+    """Step until ``max_new_tokens`` or every row has ended. A strategy's step feeds ``state.next_token`` at
+    ``state.position`` and advances ``state.position`` by the tokens it leaves in the cache; this loop keeps the
+    records, the end of sequence and ``state.next_token``."""
+    records = state.records
+    while len(records) < state.max_new_tokens and not bool(finished.all()):
+        result = strategy.step(state)
+        if result.rewind is not None:
+            del records[result.rewind:]
+        for record in result.emitted:
+            if len(records) >= state.max_new_tokens or bool(finished.all()):
+                break
+            # Finished rows keep emitting EOS (HF pads them with pad = eos for greedy search likewise).
+            if eos.numel():
+                record.token = torch.where(finished, eos[:1].expand_as(record.token), record.token)
+            records.append(record)
+            finished |= torch.isin(record.token, eos)
+        state.next_token = records[-1].token
+        state.generated = len(records)
+
+
+def _output(records: list[Emitted], prompt: torch.LongTensor, strategy: Strategy, n_layers: int, policy: Policy,
+            seconds: tuple[float, float]) -> DecodeOutput:
+    batch = prompt.shape[0]
+    new = torch.cat([r.token.to(prompt.device) for r in records], dim=1)
+    return DecodeOutput(
+        sequences=torch.cat([prompt, new], dim=1),
+        exit_layers=torch.tensor([[r.exit_layer for r in records]] * batch, device=prompt.device),
+        num_layers_run=torch.tensor([[len(r.layers_run) for r in records]] * batch, device=prompt.device),
+        confidences=[r.confidences for r in records],
+        thresholds=[r.threshold for r in records],
+        confidence_flops=[r.flops for r in records],
+        confidence_seconds=[r.seconds for r in records],
+        layers_run=[r.layers_run for r in records],
+        rollbacks=getattr(strategy, "rollbacks", 0),
+        drafted=getattr(strategy, "drafted", 0),
+        accepted=getattr(strategy, "accepted", 0),
+        num_layers=n_layers,
+        policy=policy,
+        prefill_seconds=seconds[0],
+        decode_seconds=seconds[1],
+    )
+
+
 @torch.no_grad()
 def decode(
     model: torch.nn.Module,
@@ -151,41 +239,18 @@ def decode(
     ``exit_transform(layer, h)`` maps an intermediate state before the final norm and head at an exit (a fitted
     or trained exit); None uses the model's attached exits if it has any, ``LOGIT_LENS`` the plain head.
     On T5, ``input_ids`` is the encoder input and ``sequences`` starts with the decoder start token."""
-    policy = Full() if policy is None else policy
-    if not isinstance(policy, Policy):
-        raise ValueError(f"policy must be an effllm.decoding policy (Full, StaticExit, Calm, Free, Skip, SelfSpec); "
-                         f"got {type(policy).__name__}")
     check_complete(model, "decode")  # a model that pruning or slicing stopped on part-way gives no tokens
     adapter = get_adapter(model)
     input_ids = checks.token_ids("input_ids", input_ids, adapter.embed_tokens.weight.shape[0])
     checks.positive_int("max_new_tokens", max_new_tokens)
-    policy.check(adapter.num_layers, adapter.vocab_size)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    if policy.method == "skip" and encoder_decoder:
-        raise ValueError("layer skipping decodes decoder-only models (llama family, opt, gpt2); got a T5 "
-                         "encoder-decoder")
     batch = input_ids.shape[0]
-    if batch > 1 and not policy.batched:
-        raise ValueError(f"{policy.method!r} decodes one sequence at a time (batch 1: each token runs its own "
-                         f"layers); got batch {batch}: call it once per prompt (only full and static decode batches)")
-    original_prompt = input_ids
+    policy = _check_policy(model, adapter, policy, batch)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
-    offsets = prompt_mask = None
-    if mask is not None and not encoder_decoder and not bool(mask.all()):
-        if batch == 1:  # a single row decodes as if alone: drop its padding
-            input_ids = input_ids[:, mask[0].bool()]
-        else:
-            lengths = mask.sum(dim=1)
-            left_padded = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0) >= (mask.shape[1] - lengths
-                                                                                          ).unsqueeze(1)
-            if not torch.equal(mask.bool(), left_padded):
-                raise ValueError("attention_mask pads on the right (or in the middle); decoder-only batches must be "
-                                 "padded on the left (tokenizer.padding_side = 'left'), as for HF generate")
-            offsets = mask.shape[1] - lengths
-            prompt_mask = mask
+    original_prompt = input_ids  # the sequences start with it, padding included
+    input_ids, offsets, prompt_mask = _prepare_prompt(input_ids, mask, encoder_decoder)
     transform = resolve_exit_transform(model, exit_transform)
     eos = _eos_tensor(model, eos_token_id, input_ids.device)
-
     extras: dict[str, Any] = {}
     prompt = input_ids
     if encoder_decoder:
@@ -204,53 +269,14 @@ def decode(
     strategy.prepare_cache(cache)
     state = DecodeState(adapter, cache, extras, next_token=prompt[:, -1:], position=0, max_new_tokens=max_new_tokens,
                         generated=0, offsets=offsets, prompt_mask=prompt_mask)
-    hidden = adapter.embed(prompt, position_ids=state.position_ids(0, prompt.shape[1]), cache=cache)
-    context = state.context(hidden, 0)
-    for i in strategy.prompt_layers:
-        hidden = adapter.run_layer(i, hidden, context)
-    state.position = prompt.shape[1]
-    strategy.after_prompt(state, hidden)
-    first = strategy.first_token(state, hidden)
-    records = state.records
-    records.append(first)
+    first = _prefill(strategy, state, prompt)
+    state.records.append(first)
     finished = torch.isin(first.token, eos)
     _synchronize(device)
     prefilled = time.perf_counter()
     state.next_token = first.token
     state.generated = 1
-    # A strategy's step feeds state.next_token at state.position and advances state.position by the tokens it
-    # leaves in the cache; the core keeps the records, the end of sequence and state.next_token.
-    while len(records) < max_new_tokens and not bool(finished.all()):
-        result = strategy.step(state)
-        if result.rewind is not None:
-            del records[result.rewind:]
-        for record in result.emitted:
-            if len(records) >= max_new_tokens or bool(finished.all()):
-                break
-            # Finished rows keep emitting EOS (HF pads them with pad = eos for greedy search likewise).
-            if eos.numel():
-                record.token = torch.where(finished, eos[:1].expand_as(record.token), record.token)
-            records.append(record)
-            finished |= torch.isin(record.token, eos)
-        state.next_token = records[-1].token
-        state.generated = len(records)
-
+    _generate(strategy, state, eos, finished)
     _synchronize(device)
-    finished_at = time.perf_counter()
-    new = torch.cat([r.token.to(prompt.device) for r in records], dim=1)
-    return DecodeOutput(
-        sequences=torch.cat([original_prompt, new], dim=1),
-        exit_layers=torch.tensor([[r.exit_layer for r in records]] * batch, device=prompt.device),
-        confidences=[r.confidences for r in records],
-        thresholds=[r.threshold for r in records],
-        confidence_flops=[r.flops for r in records],
-        confidence_seconds=[r.seconds for r in records],
-        layers_run=[r.layers_run for r in records],
-        rollbacks=getattr(strategy, "rollbacks", 0),
-        drafted=getattr(strategy, "drafted", 0),
-        accepted=getattr(strategy, "accepted", 0),
-        num_layers=adapter.num_layers,
-        policy=policy,
-        prefill_seconds=prefilled - started,
-        decode_seconds=finished_at - prefilled,
-    )
+    return _output(state.records, original_prompt, strategy, adapter.num_layers, policy,
+                   (prefilled - started, time.perf_counter() - prefilled))

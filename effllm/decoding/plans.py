@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from effllm import checks
 
-if TYPE_CHECKING:
-    from effllm.decoding.policies import Skip
+
+class SkipPlan(Protocol):
+    """What :func:`plan_layers` reads of a :class:`effllm.decoding.policies.Skip` (the policies import this
+    module, so it names no policy)."""
+
+    skip_mode: str
+    skip_pattern: Any
+    budget: float | None
 
 # The paper's 4 / 8 / 12 / 24 layers of OPT-IML-1.3b (24 layers), as fractions of the depth.
 PAPER_BUDGETS = (4 / 24, 8 / 24, 12 / 24, 24 / 24)
@@ -88,7 +94,7 @@ def early_exit_layers(n_layers: int, budget: float) -> list[int]:
     return list(range(budget_layer_count(n_layers, budget)))
 
 
-def plan_layers(policy: Skip, n_layers: int) -> list[int] | None:
+def plan_layers(policy: SkipPlan, n_layers: int) -> list[int] | None:
     """The layers every generated token runs under ``policy`` (static, early exit); None when it is decided per
     token (random, controller)."""
     if policy.skip_mode == "static":

@@ -2,16 +2,18 @@
 layers a generated token runs, and the skip step of the decoding core.
 
     decode(model, ids, 64, Skip(skip_mode="static", budget=8 / 24))
-    out.exit_layers    # [1, new]: how many layers ran for each new token
-    out.layers_run     # per new token: the 0-based indices of the layers that ran
+    out.num_layers_run  # [1, new]: how many layers ran for each new token
+    out.exit_layers     # [1, new]: the 1-based last layer that ran (the head reads its state)
+    out.layers_run      # per new token: the 0-based indices of the layers that ran
 
 A skipped layer is not computed at all: its input state goes on to the next layer unchanged. Later tokens
 that run the layer still attend to the skipped position, so its K/V must come from somewhere:
-``skipped_kv="propagate"`` computes only the layer's K and V projections from the copied state (the adapter's
+``kv="propagate"`` computes only the layer's K and V projections from the copied state (the adapter's
 ``append_kv``: about a sixth of the layer's work on SmolLM2), ``"none"`` leaves the position out of that
 layer's cache, so the layer's later attention sees only the positions where it ran (each layer's cache then
 has its own length, and its causal mask is sized to it). Static patterns and early exit never run a skipped
-layer again, so no K/V is computed for it in either mode (both give the same tokens).
+layer again, so no K/V is computed for it in either mode (both give the same tokens; ``Skip.kv_mode`` is
+``none``).
 
 As in the paper's code (``skip_prompt=False``), the prompt runs at full depth and only generated tokens skip,
 so the first new token comes from all L layers. ``skip_prompt=True`` (static and early exit) runs the prompt
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from effllm.controllers import SkipControllers
+from effllm.decoding.exits import exit_logits
 from effllm.decoding.plans import budget_layer_count, plan_layers
 from effllm.decoding.policies import Skip
 from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
@@ -49,13 +52,13 @@ class SkipStrategy(Strategy):
             self.controllers = controller
         self.n_random = budget_layer_count(self.n_layers, policy.budget) if policy.skip_mode == "random" else None
         self.generator = torch.Generator(device="cpu").manual_seed(policy.seed)
-        # Fixed patterns never run a skipped layer again, so its K/V would never be read.
-        self.propagate = policy.skipped_kv == "propagate" and self.fixed is None
+        # Fixed patterns never run a skipped layer again, so its K/V would never be read (kv_mode "none").
+        self.propagate = policy.kv_mode == "propagate"
         self.prompt_layers = self.fixed if policy.skip_prompt else list(range(self.n_layers))
 
     def first_token(self, state: DecodeState, hidden: torch.Tensor) -> Emitted:
-        token = self.adapter.logits(hidden[:, -1:]).argmax(-1).to(state.next_token.device)
-        return Emitted(token, len(self.prompt_layers), tuple(self.prompt_layers))
+        token = exit_logits(self.adapter, self.n_layers, hidden[:, -1:]).argmax(-1).to(state.next_token.device)
+        return Emitted(token, _read_layer(self.prompt_layers), tuple(self.prompt_layers))
 
     def step(self, state: DecodeState) -> StepResult:
         adapter = self.adapter
@@ -77,5 +80,12 @@ class SkipStrategy(Strategy):
             elif self.propagate:
                 adapter.append_kv(i, hidden, context)
         state.position += 1
-        token = adapter.logits(hidden[:, -1:]).argmax(-1).to(state.next_token.device)
-        return StepResult([Emitted(token, len(ran), tuple(ran))])
+        # the head reads the last state, which skipped layers pass on unchanged: the prediction of layer L
+        token = exit_logits(adapter, self.n_layers, hidden[:, -1:]).argmax(-1).to(state.next_token.device)
+        return StepResult([Emitted(token, _read_layer(ran), tuple(ran))])
+
+
+def _read_layer(ran) -> int:
+    """The exit layer of a token that ran the 0-based layers ``ran``: the last one that ran, 1-based (0: none ran,
+    the head reads the embedding)."""
+    return max(ran) + 1 if len(ran) else 0

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from effllm.decoding.early_exit import allow_crop, crop_cache, head_flops
+from effllm.decoding.early_exit import allow_crop, crop_cache
+from effllm.decoding.exits import exit_logits, head_flops
 from effllm.decoding.policies import SelfSpec
 from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
 
@@ -44,14 +45,9 @@ class SelfSpecStrategy(Strategy):
         allow_crop(cache)
 
     def first_token(self, state: DecodeState, hidden: torch.Tensor) -> Emitted:
-        token = self.adapter.logits(hidden[:, -1:]).argmax(-1).to(state.next_token.device)
+        token = exit_logits(self.adapter, self.n_layers, hidden[:, -1:]).argmax(-1).to(state.next_token.device)
         return Emitted(token, self.n_layers, tuple(range(self.n_layers)))
 
-    def _draft_logits(self, hidden: torch.Tensor, rows: torch.LongTensor | None) -> torch.Tensor:
-        layer = self.policy.draft_exit_layer
-        if self.exit_transform is not None:
-            hidden = self.exit_transform(layer, hidden)
-        return self.adapter.logits(hidden, rows)[0, -1]
 
     def step(self, state: DecodeState) -> StepResult:
         adapter, exit_layer = self.adapter, self.policy.draft_exit_layer
@@ -69,7 +65,7 @@ class SelfSpecStrategy(Strategy):
             for i in range(exit_layer):
                 hidden = adapter.run_layer(i, hidden, context)
             states.append(hidden)
-            logits = self._draft_logits(hidden, rows)  # [V] or [k]
+            logits = exit_logits(adapter, exit_layer, hidden, self.exit_transform, rows)[0, -1]  # [V] or [k]
             flops += head_flops(adapter.hidden_size, logits.shape[-1])
             local = logits.argmax()
             token = (local if rows is None else rows[local]).view(1, 1).to(state.next_token.device)
@@ -89,7 +85,7 @@ class SelfSpecStrategy(Strategy):
         context = state.context(hidden, p)
         for i in range(lower, self.n_layers):
             hidden = adapter.run_layer(i, hidden, context)
-        verified = adapter.logits(hidden).argmax(-1)[0].to(state.next_token.device)  # [g + 1]
+        verified = exit_logits(adapter, self.n_layers, hidden).argmax(-1)[0].to(state.next_token.device)  # [g + 1]
         n = 0
         while n < len(drafts) and int(drafts[n]) == int(verified[n]):
             n += 1

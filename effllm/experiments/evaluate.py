@@ -38,6 +38,7 @@ HUMANEVAL_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")  # C
 MATH_TASKS = ("arithmetic", "gsm8k")  # built-in (offline) and the seed's GSM8K (hub; answers after '####')
 MBPP_STOP = ("[DONE]",)
 MBPP_SHOT_TASKS = (2, 3, 4)  # the MBPP paper's few-shot examples (task ids of its "prompt" split), as in lm-eval
+MBPP_TIMEOUT_S = 5.0  # seconds each MBPP program may run
 FEW_SHOT_STOP = ("\n\nQuestion:", "Question:")  # a few-shot answer ends where the model starts the next question
 # Translation: the seed's en -> fr sets (effllm.data.HUB names) and where each keeps its two languages
 TRANSLATION_SETS: dict[str, tuple[str, str]] = {
@@ -181,15 +182,16 @@ def mbpp_program(record: dict[str, Any], completion: str) -> str:
 
 def mbpp_pass_at_1(
     model: nn.Module, tokenizer: Any, problems: int | None, max_new_tokens: int, batch_size: int = 8,
-    progress: bool = False, *, shots: int = 3, timeout: float = 5.0, policy: Policy | None = None,
-    exit_transform: Any = None, allow_code_execution: bool = False,
+    progress: bool = False, *, shots: int = 3, policy: Policy | None = None, exit_transform: Any = None,
+    allow_code_execution: bool = False,
 ) -> dict[str, Any]:
     """Greedy pass@1 on the first ``problems`` (None: all) of MBPP's test split (hub data, ``effllm.data`` name
     ``mbpp``; stand-ins with ``EFFLLM_STANDINS=1``): ``{"pass@1", "n", "passed" (per problem), "completions"}``.
 
     The prompt is lm-eval's ``mbpp`` format with ``shots`` worked examples (the paper's tasks 2, 3 and 4 of the
     ``prompt`` split, code then ``[DONE]``); the completion is cut at ``[DONE]``. Each program (the completion, the
-    set-up code and the test assertions) runs confined through :func:`effllm.execution.run_program`, which needs
+    set-up code and the test assertions) runs confined through :func:`effllm.execution.run_program`
+    (:data:`MBPP_TIMEOUT_S` seconds each), which needs
     the caller's opt-in (``allow_code_execution=True`` or ``EFFLLM_ALLOW_CODE_EXECUTION=1``), checked first."""
     if problems is not None and (isinstance(problems, bool) or not isinstance(problems, int) or problems < 1):
         raise ValueError(f"problems must be a positive integer or None (all); got {problems!r}")
@@ -204,7 +206,7 @@ def mbpp_pass_at_1(
     prompts = [tokenizer(prefix + mbpp_prompt(r), add_special_tokens=True)["input_ids"] for r in records]
     completions = complete(model, tokenizer, prompts, max_new_tokens, policy=policy, exit_transform=exit_transform,
                            batch_size=batch_size, stop_strings=MBPP_STOP, progress=progress)
-    passed = [run_program(mbpp_program(r, c), timeout, allow_code_execution=True)[0]
+    passed = [run_program(mbpp_program(r, c), MBPP_TIMEOUT_S, allow_code_execution=True)[0]
               for r, c in zip(records, completions, strict=True)]
     return {"pass@1": sum(passed) / len(passed), "n": len(passed), "passed": [bool(p) for p in passed],
             "completions": completions}
@@ -255,18 +257,27 @@ def translation_pairs(task: str, split: str | None = None, source: str = "en", t
     splits = data.HUB[task].splits
     split = split or next(s for s in ("test", "validation", "train") if s in splits)
     rows = data.load(task, split)
-    columns = [data._column(rows, path) for path in TRANSLATION_SETS[task]]
+    columns = [data.column_values(rows, path) for path in TRANSLATION_SETS[task]]
     return list(zip(*columns, strict=True))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How :func:`translation_best_of` samples (seed 002's settings): seeded temperature and top-p sampling, no
+    top-k."""
+
+    seed: int = 0
+    temperature: float = 0.7
+    top_p: float = 0.95
 
 
 @torch.no_grad()
 def translation_best_of(
     model: nn.Module, tokenizer: Any, task: str, problems: int | None, max_new_tokens: int = 128, samples: int = 5,
-    batch_size: int = 8, seed: int = 0, temperature: float = 0.7, top_p: float = 0.95, split: str | None = None,
-    progress: bool = False,
+    batch_size: int = 8, sampling: Sampling | None = None, split: str | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """Seed 002's translation score: for each of the first ``problems`` English sentences of ``task``, ``samples``
-    sampled French translations (chat prompt; temperature and top-p sampling, seeded), each scored against the
+    sampled French translations (chat prompt; ``sampling``: :class:`Sampling`), each scored against the
     reference, the best kept. Returns ``{"meteor", "chrf", "bleu", "n", "meteor_items", "chrf_items", "bleu_items",
     "outputs", "wordnet"}``: mean best METEOR (:func:`meteor`), mean best chrF and mean best sentence BLEU (sacrebleu,
     0-100, need no data), their per-item values, the samples, and whether METEOR had WordNet's synonyms."""
@@ -276,6 +287,10 @@ def translation_best_of(
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be a positive integer; got {samples!r}")
+    sampling = Sampling() if sampling is None else sampling
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a Sampling(seed=..., temperature=..., top_p=...) or None; got "
+                         f"{sampling!r}")
     pairs = translation_pairs(task, split)
     pairs = pairs if problems is None else pairs[:problems]
     if not pairs:
@@ -286,11 +301,12 @@ def translation_best_of(
                                          f"translation only.\n\n{source}")[0].tolist() for source, _ in pairs]
     outputs: list[list[str]] = []
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(sampling.seed)
         for first in tqdm(range(0, len(prompts), batch_size), desc=f"translate ({task})", disable=not progress):
             ids, mask = _pad_left(prompts[first: first + batch_size], pad_id)
             generated = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                       temperature=temperature, top_p=top_p, top_k=0, num_return_sequences=samples,
+                                       temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                       num_return_sequences=samples,
                                        max_new_tokens=max_new_tokens, pad_token_id=pad_id)
             texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated[:, ids.shape[1]:]]
             outputs.extend(texts[i: i + samples] for i in range(0, len(texts), samples))
@@ -352,7 +368,7 @@ def held_out_ids(corpus: str, tokenizer: Any) -> torch.Tensor:
     """Token ids [1, N] of :func:`effllm.data.held_out_text` of ``corpus`` (memoized per corpus and tokenizer:
     every sub-model is scored on the same stream)."""
     key = (corpus, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-           data._standins_on())
+           data.standins_on())
     if key not in _HELD_OUT_MEMO:
         _HELD_OUT_MEMO[key] = tokenizer(data.held_out_text(corpus), return_tensors="pt",
                                         add_special_tokens=False).input_ids
@@ -396,8 +412,8 @@ def evaluate_submodel_items(
         items += _item_rows(f"{s.math_task}_em", result["correct"])
     if s.translation_task and s.translation_problems:
         result = translation_best_of(model, tokenizer, s.translation_task, s.translation_problems,
-                                     s.translation_max_new_tokens, s.translation_samples, s.batch_size, s.seed,
-                                     progress=progress)
+                                     s.translation_max_new_tokens, s.translation_samples, s.batch_size,
+                                     Sampling(seed=s.seed), progress=progress)
         for name in ("meteor", "chrf", "bleu"):
             summary[f"{s.translation_task}_{name}"] = result[name]
             items += _item_rows(f"{s.translation_task}_{name}", result[f"{name}_items"])

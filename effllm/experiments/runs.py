@@ -1,6 +1,6 @@
 """Policies x prompts -> one tidy table: every decoding experiment of the notebooks and benchmarks.
 
-    run = run_policies(model, tokenizer, prompts, {"CALM 0.9": Calm(exit_conf_threshold=0.9, exit_min_layer=20),
+    run = run_policies(model, tokenizer, prompts, {"CALM 0.9": Calm(threshold=0.9, candidate_layer=20),
                                                   "FREE 0.9": Free(shallow_exit_layer=20)}, max_new_tokens=32,
                        rounds=5)
     run.summary     # one row per setting: speed (median of interleaved rounds, vs HF and vs the engine's full
@@ -13,7 +13,7 @@ ignored, so that every row does the same work) unless ``stop_at_eos``. With ``sp
 prompts are timed (in every round); quality always covers every prompt. Two references always run: ``full``
 (the engine at full depth: the quality reference, and the speed of the engine itself) and, with ``hf=True``,
 ``hf_generate`` (HF ``generate``: the speed reference). Timing runs ``rounds`` times with the settings
-interleaved (a different order each round), and a speed ratio is the median of the per-round ratios, each
+interleaved (:func:`effllm.experiments.timing.time_rounds`: the order shuffled each round, ``seed``), and a speed ratio is the median of the per-round ratios, each
 measured within one round: the machine's drift between rounds cancels out of every ratio.
 
 Quality against the full-depth output is ROUGE-L over token ids and per-position token agreement
@@ -24,14 +24,12 @@ normalisation) on the answer up to the first end of sequence.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from effllm import checks, metrics
 from effllm.adapters import get_adapter
@@ -39,6 +37,7 @@ from effllm.decoding import DecodeOutput, Full, Policy, decode
 from effllm.decoding.core import eos_ids
 from effllm.experiments.prompts import Prompt, as_ids, generated_ids
 from effllm.experiments.stats import mean_ci, ratio_summary
+from effllm.experiments.timing import time_rounds
 
 HF_LABEL = "hf_generate"
 FULL_LABEL = "full"
@@ -84,9 +83,50 @@ class RunResult:
         return self.outputs[label]
 
 
-def _decode_all(model, prompts, max_new_tokens, policy, exit_transform, eos) -> list[DecodeOutput]:
-    return [decode(model, ids, max_new_tokens, policy, eos_token_id=eos, exit_transform=exit_transform)
-            for ids in prompts]
+@dataclass(frozen=True)
+class RunOptions:
+    """How :func:`run_policies` runs (its keywords; see the module docstring).
+
+    ``exit_transform`` applies to every early-exit setting (None: the model's attached exits, if any); ``hf`` adds
+    the ``hf_generate`` speed reference; ``rounds`` timing rounds, the settings' order shuffled each round by
+    ``seed``; ``speed_prompts``: time only the first N prompts in every round (quality always comes from every
+    prompt, decoded once more when N is smaller); ``stop_at_eos``: stop at the end of sequence instead of decoding
+    exactly ``max_new_tokens``; ``progress``: a progress bar over the timed calls."""
+
+    exit_transform: Any = None
+    hf: bool = True
+    rounds: int = 1
+    speed_prompts: int | None = None
+    stop_at_eos: bool = False
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks.positive_int("rounds", self.rounds)
+        if self.speed_prompts is not None:
+            checks.positive_int("speed_prompts", self.speed_prompts)
+
+
+# The columns a policy writes into the result tables (one place: a renamed policy field renames its column here
+# and nowhere else), and the per-prompt measures that the summary aggregates rather than copies.
+HF_COLUMNS: dict[str, Any] = {"method": "hf"}
+PER_PROMPT_COLUMNS = ("prompt", "text", "new_tokens", "avg_layers", "rougeL_vs_full", "token_agreement_vs_full",
+                      "identical_to_full", "rougeL_vs_reference", "squad_exact_match", "squad_f1",
+                      "confidence_flops_per_token", "confidence_ms_per_token", "drafted", "accepted", "rollbacks")
+
+
+def policy_columns(policy: Policy | None) -> dict[str, Any]:
+    """The setting columns of one row: the policy's own (:meth:`Policy.columns`), or HF ``generate``'s."""
+    return dict(HF_COLUMNS) if policy is None else policy.columns()
+
+
+def _with_full(settings: SettingsLike) -> dict[str, Policy]:
+    policies = normalize_settings(settings)
+    if FULL_LABEL not in policies:
+        return {FULL_LABEL: Full(), **policies}
+    if not isinstance(policies[FULL_LABEL], Full):
+        raise ValueError(f"the label {FULL_LABEL!r} is the full-depth reference; give your setting another label")
+    return policies
 
 
 def run_policies(
@@ -95,101 +135,103 @@ def run_policies(
     prompts: Sequence[Prompt | torch.LongTensor],
     settings: SettingsLike,
     max_new_tokens: int,
-    *,
-    exit_transform: Any = None,
-    hf: bool = True,
-    rounds: int = 1,
-    speed_prompts: int | None = None,
-    stop_at_eos: bool = False,
-    progress: bool = True,
+    options: RunOptions | None = None,
+    **keywords: Any,
 ) -> RunResult:
     """Decode every prompt with every setting (plus the references ``full`` and, with ``hf``, ``hf_generate``)
-    and measure speed and quality; see the module docstring. ``exit_transform`` applies to every early-exit
-    setting (None: the model's attached exits, if any). ``speed_prompts``: time only the first N prompts in the
-    ``rounds`` rounds (quality always comes from every prompt, decoded once more when N is smaller)."""
+    and measure speed and quality; see the module docstring. ``options`` (:class:`RunOptions`), or its fields as
+    keywords (``rounds=5``, ``exit_transform=...``, ``hf=False``, ``speed_prompts=8``, ``progress=False``)."""
+    unknown = set(keywords) - {f.name for f in fields(RunOptions)}
+    if unknown:
+        raise TypeError(f"run_policies got unknown keyword(s) {sorted(unknown)}; allowed: "
+                        f"{', '.join(f.name for f in fields(RunOptions))}")
+    options = replace(options or RunOptions(), **keywords)
     checks.positive_int("max_new_tokens", max_new_tokens)
-    checks.positive_int("rounds", rounds)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt")
-    speed_prompts = len(prompts) if speed_prompts is None else min(checks.positive_int("speed_prompts", speed_prompts),
-                                                                   len(prompts))
-    policies = normalize_settings(settings)
-    if FULL_LABEL not in policies:
-        policies = {FULL_LABEL: Full(), **policies}
-    elif not isinstance(policies[FULL_LABEL], Full):
-        raise ValueError(f"the label {FULL_LABEL!r} is the full-depth reference; give your setting another label")
+    policies = _with_full(settings)
     ids = as_ids(prompts)
-    references = [p.reference if isinstance(p, Prompt) else None for p in prompts]
-    answers = [p.answers if isinstance(p, Prompt) else () for p in prompts]  # SQuAD: every gold answer
-    stop_ids = eos_ids(model)  # where a SQuAD answer ends
-    eos = None if stop_at_eos else []
-    n_layers = get_adapter(model).num_layers
-
-    runners: dict[str, Any] = {}
-    if hf:
-        runners[HF_LABEL] = lambda some: [hf_generate(model, tokenizer, i, max_new_tokens, stop_at_eos) for i in some]
-    for label, policy in policies.items():
-        runners[label] = (lambda some, policy=policy: _decode_all(model, some, max_new_tokens, policy, exit_transform,
-                                                                  eos))
-    timed = ids[:speed_prompts]
-
-    with torch.inference_mode():  # first-call allocations out of the timings
-        warm = ids[0][:, :4]
-        if hf:
-            hf_generate(model, tokenizer, warm, 2)
-        decode(model, warm, 2, Full(), eos_token_id=[])
-        results: dict[str, list] = {}
-        timing_rows = []
-        labels = list(runners)
-        jobs = [(r, labels[(k + r) % len(labels)]) for r in range(rounds) for k in range(len(labels))]
-        for r, label in tqdm(jobs, desc="decode", disable=not progress):
-            start = time.perf_counter()
-            outputs = runners[label](timed)
-            seconds = time.perf_counter() - start
-            if label not in results:
-                rest = runners[label](ids[speed_prompts:]) if speed_prompts < len(ids) else []
-                results[label] = [*outputs, *rest]
-            new = sum(len(generated_ids(model, o if isinstance(o, torch.Tensor) else o.sequences, p))
-                      for o, p in zip(outputs, timed, strict=True))
-            timing_rows.append({"round": r, "label": label, "seconds": seconds, "new_tokens": new,
-                                "tokens_per_s": new / seconds})
-    timings = pd.DataFrame(timing_rows)
-
-    full_new = [generated_ids(model, o.sequences, p) for o, p in zip(results[FULL_LABEL], ids, strict=True)]
+    results, timings = _timed_decode(model, tokenizer, ids, policies, max_new_tokens, options)
     item_rows = []
     for label, outputs in results.items():
-        policy = policies.get(label)
-        columns = policy.columns() if policy is not None else {"method": "hf"}
-        for k, (output, prompt) in enumerate(zip(outputs, ids, strict=True)):
-            sequences = output if isinstance(output, torch.Tensor) else output.sequences
-            new = generated_ids(model, sequences, prompt)
-            reference_ids = full_new[k]
-            shared = min(len(new), len(reference_ids))
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            row = {"label": label, **columns, "prompt": k, "new_tokens": len(new),
-                   "avg_layers": float(n_layers) if isinstance(output, torch.Tensor) else output.avg_layers,
-                   "rougeL_vs_full": metrics.token_rouge_l(new.tolist(), reference_ids.tolist()),
-                   "token_agreement_vs_full": float((new[:shared] == reference_ids[:shared]).sum()) / max(1, len(new)),
-                   "identical_to_full": bool(torch.equal(new, reference_ids)),
-                   "rougeL_vs_reference": (metrics.rouge_l([text], [references[k]]) if references[k] else float("nan")),
-                   "text": text}
-            if answers[k]:
-                # SQuAD's exact match and F1 against every gold answer (the seeds' metric), on the answer the model
-                # gave: its new tokens up to the first end of sequence (decoding ran past it only to equalise the
-                # timed work), first line
-                stops = torch.isin(new, stop_ids.to(new.device)).nonzero()
-                given = tokenizer.decode(new[: int(stops[0]) if len(stops) else len(new)], skip_special_tokens=True)
-                squad = metrics.squad_scores(given.strip().split("\n")[0], answers[k])
-                row.update(squad_exact_match=squad["exact_match"], squad_f1=squad["f1"])
-            if not isinstance(output, torch.Tensor):
-                tokens = max(1, len(output.confidence_flops))
-                row.update(confidence_flops_per_token=sum(output.confidence_flops) / tokens,
-                           confidence_ms_per_token=1e3 * sum(output.confidence_seconds) / tokens,
-                           drafted=output.drafted, accepted=output.accepted, rollbacks=output.rollbacks)
-            item_rows.append(row)
+        item_rows.extend(_item_rows(model, tokenizer, prompts, ids, label, policies.get(label), outputs,
+                                    results[FULL_LABEL]))
     items = pd.DataFrame(item_rows)
-    return RunResult(summarize(items, timings, hf), items, timings, {k: v for k, v in results.items()
-                                                                       if k != HF_LABEL})
+    return RunResult(summarize(items, timings, options.hf), items, timings,
+                     {k: v for k, v in results.items() if k != HF_LABEL})
+
+
+def _timed_decode(model, tokenizer, ids, policies, max_new_tokens, options: RunOptions
+                  ) -> tuple[dict[str, list], pd.DataFrame]:
+    """(label -> output of every prompt, one timing row per (round, label)): interleaved rounds over the first
+    ``speed_prompts`` prompts (:func:`effllm.experiments.timing.time_rounds`); each label's first timed call also
+    gives its outputs, and the untimed prompts are decoded once after it."""
+    speed_prompts = len(ids) if options.speed_prompts is None else min(options.speed_prompts, len(ids))
+    eos = None if options.stop_at_eos else []
+    runners: dict[str, Any] = {}
+    if options.hf:
+        runners[HF_LABEL] = lambda some: [hf_generate(model, tokenizer, i, max_new_tokens, options.stop_at_eos)
+                                          for i in some]
+    for label, policy in policies.items():
+        runners[label] = lambda some, policy=policy: [
+            decode(model, i, max_new_tokens, policy, eos_token_id=eos, exit_transform=options.exit_transform)
+            for i in some]
+    timed = ids[:speed_prompts]
+    with torch.inference_mode():  # first-call allocations out of the timings
+        warm = ids[0][:, :4]
+        if options.hf:
+            hf_generate(model, tokenizer, warm, 2)
+        decode(model, warm, 2, Full(), eos_token_id=[])
+        calls = {label: (lambda run=run: run(timed)) for label, run in runners.items()}
+        results: dict[str, list] = {}
+        timing_rows = []
+        for t in time_rounds(calls, options.rounds, seed=options.seed, progress=options.progress, desc="decode"):
+            if t.label not in results:
+                rest = runners[t.label](ids[speed_prompts:]) if speed_prompts < len(ids) else []
+                results[t.label] = [*t.value, *rest]
+            new = sum(len(generated_ids(model, o if isinstance(o, torch.Tensor) else o.sequences, p))
+                      for o, p in zip(t.value, timed, strict=True))
+            timing_rows.append({"round": t.round, "label": t.label, "seconds": t.seconds, "new_tokens": new,
+                                "tokens_per_s": new / t.seconds})
+    return {label: results[label] for label in runners}, pd.DataFrame(timing_rows)  # rows in settings order
+
+
+def _item_rows(model, tokenizer, prompts, ids, label, policy, outputs, full_outputs) -> list[dict[str, Any]]:
+    """One row per prompt of one setting: quality against the full-depth output and the task's references."""
+    columns = policy_columns(policy)
+    n_layers = get_adapter(model).num_layers
+    stop_ids = eos_ids(model)  # where a SQuAD answer ends
+    rows = []
+    for k, (output, prompt, full) in enumerate(zip(outputs, ids, full_outputs, strict=True)):
+        reference = prompts[k].reference if isinstance(prompts[k], Prompt) else None
+        answers = prompts[k].answers if isinstance(prompts[k], Prompt) else ()  # SQuAD: every gold answer
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        new = generated_ids(model, sequences, prompt)
+        reference_ids = generated_ids(model, full.sequences, prompt)
+        shared = min(len(new), len(reference_ids))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        row = {"label": label, **columns, "prompt": k, "new_tokens": len(new),
+               "avg_layers": float(n_layers) if isinstance(output, torch.Tensor) else output.avg_layers,
+               "rougeL_vs_full": metrics.token_rouge_l(new.tolist(), reference_ids.tolist()),
+               "token_agreement_vs_full": float((new[:shared] == reference_ids[:shared]).sum()) / max(1, len(new)),
+               "identical_to_full": bool(torch.equal(new, reference_ids)),
+               "rougeL_vs_reference": metrics.rouge_l([text], [reference]) if reference else float("nan"),
+               "text": text}
+        if answers:
+            # SQuAD's exact match and F1 against every gold answer (the seeds' metric), on the answer the model
+            # gave: its new tokens up to the first end of sequence (decoding ran past it only to equalise the
+            # timed work), first line
+            stops = torch.isin(new, stop_ids.to(new.device)).nonzero()
+            given = tokenizer.decode(new[: int(stops[0]) if len(stops) else len(new)], skip_special_tokens=True)
+            squad = metrics.squad_scores(given.strip().split("\n")[0], answers)
+            row.update(squad_exact_match=squad["exact_match"], squad_f1=squad["f1"])
+        if not isinstance(output, torch.Tensor):
+            tokens = max(1, len(output.confidence_flops))
+            row.update(confidence_flops_per_token=sum(output.confidence_flops) / tokens,
+                       confidence_ms_per_token=1e3 * sum(output.confidence_seconds) / tokens,
+                       drafted=output.drafted, accepted=output.accepted, rollbacks=output.rollbacks)
+        rows.append(row)
+    return rows
 
 
 def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd.DataFrame:
@@ -200,11 +242,7 @@ def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd
     rows = []
     for label, group in items.groupby("label", sort=False):
         first = group.iloc[0]
-        row = {c: first[c] for c in group.columns
-               if c not in ("prompt", "text", "new_tokens", "avg_layers", "rougeL_vs_full", "token_agreement_vs_full",
-                            "identical_to_full", "rougeL_vs_reference", "squad_exact_match", "squad_f1",
-                            "confidence_flops_per_token",
-                            "confidence_ms_per_token", "drafted", "accepted", "rollbacks")}
+        row = {c: first[c] for c in group.columns if c not in PER_PROMPT_COLUMNS}
         n_tokens = int(group.new_tokens.sum())
         row.update(n_prompts=len(group), new_tokens=n_tokens, rounds=len(per_round),
                    tokens_per_s=float(per_round[label].median()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,14 +25,21 @@ from tqdm.auto import tqdm
 
 from effllm.decoding import Full, decode
 from effllm.experiments.stats import ratio_summary
-from effllm.experiments.timing import num_threads, time_call, time_pair_rounds
+from effllm.experiments.timing import (
+    num_threads,
+    seconds_by_label,
+    self_timed,
+    time_call,
+    time_pair_rounds,
+    time_rounds,
+)
 from effllm.pruning import magnitude_mask, parse_pattern
 from effllm.sparse import (
     TOKEN_COUNTS,
     CSRLinear,
     ProjectionShape,
     SparseFormatUnavailableError,
-    _check_format,
+    check_format,
     default_dtype,
     default_format,
     default_pattern,
@@ -87,7 +95,7 @@ def projection_timings(
     """
     device = resolve_device(device)
     fmt = fmt or default_format(device)
-    _check_format(fmt)
+    check_format(fmt)
     dtype = dtype or default_dtype(device)
     if fmt == "semi-structured":
         reason = semi_structured_unavailable_reason(device)
@@ -100,19 +108,34 @@ def projection_timings(
     backend = semi_structured_backend() if fmt == "semi-structured" else None
     rows = []
     bar = tqdm(total=len(shapes) * len(token_counts), desc=f"dense vs {fmt}", unit="matmul", disable=not progress)
+    setup = _Setup(fmt, backend, pattern, sparsity, device, dtype, min_run_time, rounds, seed)
     with num_threads(threads):
         for index, shape in enumerate(shapes):
-            rows.extend(_shape_timings(index, shape, token_counts, fmt, backend, pattern, sparsity, device, dtype,
-                                       min_run_time, rounds, seed, bar))
+            rows.extend(_shape_timings(index, shape, token_counts, setup, bar))
     bar.close()
     return pd.DataFrame(rows)
 
 
-def _shape_timings(
-    index: int, shape: ProjectionShape, token_counts: Sequence[int], fmt: str, backend: str | None, pattern: str,
-    sparsity: float, device: torch.device, dtype: torch.dtype, min_run_time: float, rounds: int, seed: int, bar: Any,
-) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Setup:
+    """What every shape of one :func:`projection_timings` call is timed with."""
+
+    fmt: str
+    backend: str | None
+    pattern: str
+    sparsity: float
+    device: torch.device
+    dtype: torch.dtype
+    min_run_time: float
+    rounds: int
+    seed: int
+
+
+def _shape_timings(index: int, shape: ProjectionShape, token_counts: Sequence[int], setup: _Setup, bar: Any
+                   ) -> list[dict[str, Any]]:
     """The rows of :func:`projection_timings` for one shape (its weight is built and converted once)."""
+    fmt, backend, pattern, sparsity = setup.fmt, setup.backend, setup.pattern, setup.sparsity
+    device, dtype, min_run_time, rounds, seed = setup.device, setup.dtype, setup.min_run_time, setup.rounds, setup.seed
     rows = []
     weight = pruned_random_weight(shape, pattern, sparsity, seed + index, dtype, device)
     reason = semi_structured_shape_reason(shape.out_features, shape.in_features, dtype, backend) \
@@ -213,11 +236,11 @@ def _end_to_end_timings(dense_model, sparse_model, input_ids, decode_tokens, min
     prefill = time_pair_rounds(lambda: dense_model(input_ids, use_cache=True, **_forward_kwargs(dense_model)),
                                lambda: sparse_model(input_ids, use_cache=True, **_forward_kwargs(sparse_model)),
                                min_run_time, rounds)
-    decode_dense, decode_sparse = [], []
-    for _ in range(max(rounds, 1) + 1):  # the first pair of runs is a warm-up
-        decode_dense.append(greedy_step_seconds(dense_model, input_ids, decode_tokens)[1])
-        decode_sparse.append(greedy_step_seconds(sparse_model, input_ids, decode_tokens)[1])
-    decode = decode_dense[1:], decode_sparse[1:]
+    steps = time_rounds({"dense": lambda: greedy_step_seconds(dense_model, input_ids, decode_tokens)[1],
+                         "sparse": lambda: greedy_step_seconds(sparse_model, input_ids, decode_tokens)[1]},
+                        max(rounds, 1) + 1, measure=self_timed)
+    per_round = seconds_by_label([t for t in steps if t.round > 0])  # the first round is a warm-up
+    decode = per_round["dense"], per_round["sparse"]
     rows = []
     for phase, tokens, (dense_s, sparse_s) in (("prefill", input_ids.shape[1], prefill),
                                                ("decode", decode_tokens, decode)):

@@ -4,6 +4,8 @@
         seconds = time_call(lambda: model(ids))               # torch.utils.benchmark, blocked autorange median
     floor = weight_read_floor(model)                          # reading every weight once: the decode-speed bound
     ms = 1e3 * prefill_seconds(model, ids)
+    timed = time_rounds({"dense": run_dense, "sparse": run_sparse}, rounds=5)   # interleaved rounds
+    per_round = seconds_by_label(timed)                       # label -> seconds of each round
 
 Speed is always a ratio measured within one run; these helpers give the numbers the ratios are made of.
 """
@@ -13,21 +15,26 @@ from __future__ import annotations
 import contextlib
 import math
 import platform
+import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
+from tqdm.auto import tqdm
 
 from effllm.adapters import get_adapter
 
 
-def device_description() -> str:
-    """The machine a number was measured on, as written into every result."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+def device_description(device: str | torch.device | None = None) -> str:
+    """The machine a number was measured on, as written into every result: the GPU's name, or the CPU's with this
+    process's thread count. ``device`` (where the work runs): None, the GPU if there is one."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -60,18 +67,84 @@ def time_call(fn: Callable[[], Any], min_run_time: float = 0.2) -> float:
     return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
-def time_pair_rounds(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time: float = 0.2,
-                     rounds: int = 5) -> tuple[list[float], list[float]]:
-    """(dense seconds per round, sparse seconds per round): each round times ``dense`` then ``sparse``
-    (:func:`time_call` medians), so the two of one round saw the same machine; report the median of the per-round
-    ratios and their spread (:func:`effllm.experiments.stats.ratio_summary`)."""
-    if rounds < 1:
+# --------------------------------------------------------------------------------------------------
+# Interleaved rounds: the one timing loop behind every speed ratio
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """One timed call of :func:`time_rounds`: its round, its label, its seconds and what the call returned."""
+
+    round: int
+    label: str
+    seconds: float
+    value: Any = None
+
+
+Measure = Callable[[Callable[[], Any]], tuple[float, Any]]
+
+
+def wall_time(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds of one ``fn()`` call, what it returned): the default measure of :func:`time_rounds`."""
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def median_time(min_run_time: float = 0.2) -> Measure:
+    """A measure for :func:`time_rounds`: the :func:`time_call` median of many ``fn()`` calls (value None)."""
+    return lambda fn: (time_call(fn, min_run_time), None)
+
+
+def self_timed(fn: Callable[[], float]) -> tuple[float, Any]:
+    """A measure for :func:`time_rounds` whose call returns its own seconds (e.g. a decoder's step time)."""
+    return float(fn()), None
+
+
+def time_rounds(calls: Mapping[str, Callable[[], Any]], rounds: int, *, seed: int = 0, measure: Measure = wall_time,
+                progress: bool = False, desc: str = "time") -> list[RoundTiming]:
+    """Time every call of ``calls`` (label -> zero-argument callable) once per round, ``rounds`` rounds, the order of
+    the labels shuffled afresh each round (``random.Random(seed)``): drift of a shared machine falls on every label
+    alike, and a ratio of two labels taken within one round cancels it (report the median of per-round ratios and
+    their spread, :func:`effllm.experiments.stats.ratio_summary`). ``measure(fn)`` -> (seconds, value) times one call
+    (:func:`wall_time`, :func:`median_time`, :func:`self_timed`). Returns one :class:`RoundTiming` per (round,
+    label), in the order they ran."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}.")
-    dense_times, sparse_times = [], []
-    for _ in range(rounds):
-        dense_times.append(time_call(dense, min_run_time))
-        sparse_times.append(time_call(sparse, min_run_time))
-    return dense_times, sparse_times
+    if not calls:
+        raise ValueError("calls is empty; give at least one label -> callable")
+    order, shuffle = list(calls), random.Random(seed).shuffle
+    jobs = []
+    for r in range(rounds):
+        shuffle(order)
+        jobs.extend((r, label) for label in order)
+    timings = []
+    for r, label in tqdm(jobs, desc=desc, disable=not progress):
+        seconds, value = measure(calls[label])
+        timings.append(RoundTiming(r, label, seconds, value))
+    return timings
+
+
+def seconds_by_label(timings: list[RoundTiming]) -> dict[str, list[float]]:
+    """label -> the seconds of each round, in round order (labels in the order of their first call)."""
+    out: dict[str, list[float]] = {}
+    for t in sorted(timings, key=lambda t: t.round):
+        out.setdefault(t.label, []).append(t.seconds)
+    return out
+
+
+def time_pair_rounds(dense: Callable[[], Any], sparse: Callable[[], Any], min_run_time: float = 0.2,
+                     rounds: int = 5, seed: int = 0) -> tuple[list[float], list[float]]:
+    """(dense seconds per round, sparse seconds per round): :func:`time_rounds` of the two with :func:`time_call`
+    medians, so the two of one round saw the same machine; report the median of the per-round ratios and their
+    spread (:func:`effllm.experiments.stats.ratio_summary`)."""
+    per_round = seconds_by_label(time_rounds({"dense": dense, "sparse": sparse}, rounds, seed=seed,
+                                             measure=median_time(min_run_time)))
+    return per_round["dense"], per_round["sparse"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounds and profiles
 
 
 def weight_read_floor(model: nn.Module, dtype: torch.dtype | None = None, repeats: int = 10) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     profiles.py   the parameter sets (profiles/smoke.yaml, default.yaml, paper.yaml) and figure folders
     notebooks.py  finding notebooks, selecting them by name, the parameters each one gets
-    jobs.py       a Job, running it (`run_job`), publishing all-or-nothing, interrupts, summaries
+    jobs.py       a Job, running it (`run_job`), publishing all-or-nothing, summaries
+    kernels.py    a kernel with everything it started, Ctrl-C (Cancellation), the kernel manager
     reports.py    an executed notebook as a self-contained HTML page
     executors.py  where jobs run: local threads, Ray tasks, SLURM jobs (submitit)
     sweeps.py     sweep files: one notebook over a parameter grid

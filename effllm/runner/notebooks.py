@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from nbformat import NotebookNode
 
 NOTEBOOK_PATTERN = "[0-9][0-9]_*.py"
-COMMON_PARAMETERS = ("profile", "model_name", "seed", "figures_dir", "dtype")
+COMMON_PARAMETERS = ("profile", "model_name", "seed", "figures_dir", "device", "dtype")
 PYTHON3_KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 __all__ = ["COMMON_PARAMETERS", "NOTEBOOK_PATTERN", "PYTHON3_KERNELSPEC", "RESERVED_PARAMETERS",

@@ -71,7 +71,7 @@ def profile_files() -> dict[str, Any]:
     return {name: found[name] for name in sorted(found, key=lambda n: (rank.get(n, len(rank)), n))}
 
 
-def read_profile(text: str, source: str) -> ProfileFile:
+def read_profile(text: str, source: str) -> ProfileFile:  # noqa: C901, PLR0912 -- one branch per profile key; to split further
     """Check one profile file's text: its parameter table, ``extends`` and ``environment``."""
     def fail(message: str) -> ProfileError:
         return ProfileError(f"profile file {source}: {message}")

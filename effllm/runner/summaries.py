@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -115,15 +114,6 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _domain(name: str) -> str:
-    from effllm import data, domains
-
-    if name in domains.CALIBRATION_SETS:
-        return domains.CALIBRATION_SETS[name][0]
-    return domains.HUB_CALIBRATION_DOMAINS.get(name) or domains.HUB_CALIBRATION_DOMAINS.get(
-        data.canonical_name(name), "other")
-
-
 def _file_stem(text: str) -> str:
     """A plain file stem for effllm.plots (letters, digits, '_', '-', '.')."""
     import re
@@ -171,96 +161,26 @@ def _fingerprint(file: Path) -> str | None:
     return (meta.get("fingerprint") or {}).get("weights_sha256")
 
 
-def _jaccard_figure(matrix: Any, domains: dict[str, str], baseline: float, title: str) -> Any:
-    import numpy as np
+@dataclass
+class _MaskRuns:
+    """The ok runs of a mask_overlap sweep, their mask files by group, and what they share."""
 
+    runs: list[dict[str, Any]]
+    skipped: int
+    groups: dict[str, dict[str, Path]]
+    model_name: str
+    dtype: str | None
+    layer: int | None
+    model: Any  # loaded only for the weight views: None without any
+    provenance: str
+
+
+def _mask_runs(folder: Path, payload: dict[str, Any], spec: SummarySpec, device: str) -> _MaskRuns:
     from effllm import plots
-
-    n = len(matrix)
-    fig, ax = plots.new_figure(figsize=(1.6 + 0.55 * n, 1.2 + 0.5 * n))
-    image = ax.imshow(matrix.values, cmap="viridis", vmin=min(baseline, float(np.nanmin(matrix.values))), vmax=1)
-    for (i, j), value in np.ndenumerate(matrix.values):
-        ax.text(j, i, f"{value:.3f}", ha="center", va="center", color="white" if value < 0.8 else "black",
-                fontsize=7)
-    labels = [f"{name} ({domains[name]})" for name in matrix.index]
-    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=7)
-    ax.set_yticks(range(n), labels, fontsize=7)
-    edges = [i for i in range(1, n) if domains[matrix.index[i]] != domains[matrix.index[i - 1]]]
-    for edge in edges:  # domain blocks: same-domain pairs lie inside them
-        ax.axhline(edge - 0.5, color="white", linewidth=1.5)
-        ax.axvline(edge - 0.5, color="white", linewidth=1.5)
-    ax.grid(False)
-    fig.colorbar(image, ax=ax, label=f"Jaccard of pruned positions (random masks: {baseline:.3f})")
-    ax.set_title(title, fontsize=9)
-    return fig
-
-
-def _same_vs_cross_figure(table: Any, title: str) -> Any:
-    from effllm import plots
-
-    fig, ax = plots.new_figure(figsize=(1.8 + 1.3 * table.group.nunique(), 3.6))
-    groups = list(dict.fromkeys(table.group))
-    for offset, (same, colour, label) in enumerate([(True, "tab:green", "same domain"),
-                                                    (False, "tab:grey", "cross domain")]):
-        rows = table[table.same_domain == same]
-        x = [groups.index(g) + (offset - 0.5) * 0.3 for g in rows.group]
-        ax.scatter(x, rows.jaccard, s=12, color=colour, alpha=0.7, label=label)
-        means = rows.groupby("group", sort=False).jaccard.mean()
-        ax.scatter([groups.index(g) + (offset - 0.5) * 0.3 for g in means.index], means.values, marker="_",
-                   s=400, color=colour)
-    baselines = table.groupby("group", sort=False).baseline.mean()
-    ax.scatter([groups.index(g) for g in baselines.index], baselines.values, marker="x", color="black",
-               label="random masks")
-    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("whole-model Jaccard of a pair")
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    return fig
-
-
-def _weight_view(model: Any, layer: int | None, masks: dict[str, dict[str, Any]], pair: tuple[str, str],
-                 title: str) -> tuple[Any, Any]:
-    """Notebook 04's weight view of the q projection of ``layer`` (None: the middle one) for two mask sets."""
-    import pandas as pd
-
-    from effllm import plots, pruning
-    from effllm.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    layer = adapter.num_layers // 2 if layer is None else layer
-    roles = pruning.linear_roles(model)
-    linear = next((name for name, (i, kind) in roles.items() if i == layer and kind in ("q", "qkv")), None)
-    if linear is None:
-        raise SummaryError(f"weight view: the model has no q projection at layer {layer} (it has "
-                           f"{adapter.num_layers} layers)")
-    module = dict(model.named_modules())[linear]
-    first, second = pair
-    dense = module.weight.detach().float().cpu()
-    mask_a, mask_b = masks[first][linear], masks[second][linear]
-    if adapter.weight(module) is not module.weight:  # GPT-2's Conv1D stores the transpose
-        dense, mask_a, mask_b = dense.t(), mask_a.t(), mask_b.t()
-    fig = plots.plot_weight_views(dense.masked_fill(mask_a, 0), dense.masked_fill(mask_b, 0), mask_a, mask_b,
-                                  (first, second), f"{linear}: {first} and {second} · {title}")
-    difference = pruning.mask_difference(mask_a, mask_b)
-    table = pd.DataFrame({"code": range(4), "meaning": ["kept by both", f"pruned only in {first}",
-                                                       f"pruned only in {second}", "pruned in both"],
-                          "weights": [int((difference == k).sum()) for k in range(4)]})
-    return fig, table
-
-
-def summarize_mask_overlap(folder: Path, payload: dict[str, Any], spec: SummarySpec,
-                           device: str = "cpu") -> SummaryResult:
-    """The ``mask_overlap`` step on a sweep's figure folder (see the module docstring)."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from effllm import plots, pruning
     from effllm.models import load_model
     from effllm.runner.profiles import profile_environment
 
-    result = SummaryResult(folder / SUMMARY_FOLDER)
     runs = [run for run in payload["runs"] if run["status"] == "ok"]
-    skipped = len(payload["runs"]) - len(runs)
     groups = _collect(folder, runs, spec.compare)
     all_parameters = [run["all_parameters"] for run in runs]
     model_name = _one([p.get("model_name") for p in all_parameters], "model_name")
@@ -273,78 +193,97 @@ def summarize_mask_overlap(folder: Path, payload: dict[str, Any], spec: SummaryS
         with _environment(profile_environment(payload["profile"])):
             model, _ = load_model(model_name, dtype=dtype, device=device)
     provenance = plots.provenance(model=model_name, extra=f"sweep {payload['sweep']}, profile {payload['profile']}")
+    return _MaskRuns(runs, len(payload["runs"]) - len(runs), groups, model_name, dtype, layer, model, provenance)
 
-    def save(fig: Any, name: str, table: Any) -> None:
-        written = plots.save_figure(fig, name, table=table, out_dir=result.folder)
-        plt.close(fig)
-        result.files += [path.relative_to(result.folder).as_posix() for path in written.values()]
 
-    def say(line: str) -> None:
-        result.lines.append(line)
+def _save(result: SummaryResult, fig: Any, name: str, table: Any) -> None:
+    import matplotlib.pyplot as plt
 
-    say(f"mask_overlap of sweep {payload['sweep']}: {len(runs)} ok run(s)"
-        + (f" ({skipped} not ok, left out)" if skipped else "") + f", {len(groups)} group(s) by "
-        + (", ".join(k for k in runs[0]["parameters"] if k != spec.compare) or "nothing") + f"; model {model_name}")
+    from effllm import plots
+
+    written = plots.save_figure(fig, name, table=table, out_dir=result.folder)
+    plt.close(fig)
+    result.files += [path.relative_to(result.folder).as_posix() for path in written.values()]
+
+
+def _weight_views(result: SummaryResult, spec: SummarySpec, runs: _MaskRuns, group: str,
+                  masks: dict[str, dict[str, Any]]) -> None:
+    from effllm.experiments.masks import MaskComparisonError, weight_view
+
+    for pair in spec.weight_view_pairs:
+        if not set(pair) <= set(masks):
+            result.lines.append(f"  {group}: weight view {pair[0]} / {pair[1]} skipped: no ok run saved "
+                                f"{', '.join(sorted(set(pair) - set(masks)))}")
+            continue
+        try:
+            fig, table = weight_view(runs.model, runs.layer, masks, pair, f"{group} · {runs.provenance}")
+        except MaskComparisonError as error:
+            raise SummaryError(f"weight view: {error}") from None
+        _save(result, fig, _file_stem(f"weight_views_{group}_{pair[0]}_vs_{pair[1]}"), table)
+        changed = int(table.weights[1] + table.weights[2])
+        result.lines.append(f"  {group}: weight view {pair[0]} / {pair[1]}: masks differ at {changed} of "
+                            f"{int(table.weights.sum())} weights")
+
+
+def _summarize_group(result: SummaryResult, spec: SummarySpec, runs: _MaskRuns, group: str,
+                     masks: dict[str, dict[str, Any]]) -> Any:
+    """One group's Jaccard figure, pairwise table and weight views; its MaskOverlap."""
+    from effllm import pruning
+    from effllm.experiments.masks import compare_mask_sets, jaccard_figure
+
+    roles = pruning.linear_roles(runs.model) if runs.model is not None else None
+    overlap = compare_mask_sets(masks, group, roles)
+    row = overlap.row
+    _save(result, jaccard_figure(overlap.matrix, overlap.domains, row["random_baseline"],
+                                 f"Whole-model Jaccard, {group}\n{runs.provenance}"),
+          f"jaccard_{group}", overlap.matrix.reset_index(names="calibration"))
+    write_atomic(result.folder / f"jaccard_pairwise_{group}.csv", overlap.pairwise.to_csv(index=False).encode())
+    result.files.append(f"jaccard_pairwise_{group}.csv")
+    result.lines.append(
+        f"  {group}: {len(overlap.masks)} mask sets; mean whole-model Jaccard same-domain "
+        f"{row['same_domain_jaccard']:.3f} ({row['same_domain_pairs']} pairs), cross-domain "
+        f"{row['cross_domain_jaccard']:.3f} ({row['cross_domain_pairs']} pairs); random masks "
+        f"{row['random_baseline']:.3f}")
+    _weight_views(result, spec, runs, group, overlap.masks)
+    return overlap
+
+
+def summarize_mask_overlap(folder: Path, payload: dict[str, Any], spec: SummarySpec,
+                           device: str = "cpu") -> SummaryResult:
+    """The ``mask_overlap`` step on a sweep's figure folder (see the module docstring)."""
+    import pandas as pd
+
+    from effllm import pruning
+    from effllm.experiments.masks import same_vs_cross_figure
+
+    result = SummaryResult(folder / SUMMARY_FOLDER)
+    runs = _mask_runs(folder, payload, spec, device)
+    result.lines.append(
+        f"mask_overlap of sweep {payload['sweep']}: {len(runs.runs)} ok run(s)"
+        + (f" ({runs.skipped} not ok, left out)" if runs.skipped else "") + f", {len(runs.groups)} group(s) by "
+        + (", ".join(k for k in runs.runs[0]["parameters"] if k != spec.compare) or "nothing")
+        + f"; model {runs.model_name}")
     fingerprints = set()
     pair_rows, group_rows = [], []
-    for group, files in groups.items():
-        masks = {name: pruning.load_masks(file, model) for name, file in files.items()}  # checksums; fingerprint
+    for group, files in runs.groups.items():
+        masks = {name: pruning.load_masks(file, runs.model) for name, file in files.items()}  # checksums
         fingerprints |= {_fingerprint(file) for file in files.values()}
         if len(fingerprints) > 1:
             raise SummaryError(f"the saved masks were pruned from {len(fingerprints)} different models (their "
                                "fingerprints differ); a summary compares masks of one model")
         if len(masks) < 2:
-            say(f"  {group}: only {', '.join(masks)}: no pair to compare (a pair needs two ok runs)")
+            result.lines.append(f"  {group}: only {', '.join(masks)}: no pair to compare (a pair needs two ok runs)")
             continue
-        domains = {name: _domain(name) for name in masks}
-        order = sorted(masks, key=lambda name: (domains[name], list(masks).index(name)))
-        masks = {name: masks[name] for name in order}
-        roles = pruning.linear_roles(model) if model is not None else None
-        pairwise = pruning.pairwise_jaccard(masks, roles)
-        density = {name: sum(int(m.sum()) for m in ms.values()) / sum(m.numel() for m in ms.values())
-                   for name, ms in masks.items()}
-        pairs = pairwise[pairwise.level == "model"][["a", "b", "intersection", "union", "jaccard"]].copy()
-        pairs.insert(0, "group", group)
-        pairs["domain_a"] = [domains[a] for a in pairs.a]
-        pairs["domain_b"] = [domains[b] for b in pairs.b]
-        pairs["same_domain"] = pairs.domain_a == pairs.domain_b
-        pairs["baseline"] = [pruning.random_mask_jaccard(density[a], density[b]) for a, b in zip(pairs.a, pairs.b,
-                                                                                                 strict=True)]
-        pair_rows.append(pairs)
-        matrix = pruning.jaccard_matrix(pairwise, "model")
-        baseline = float(pairs.baseline.mean())
-        save(_jaccard_figure(matrix, domains, baseline, f"Whole-model Jaccard, {group}\n{provenance}"),
-             f"jaccard_{group}", matrix.reset_index(names="calibration"))
-        pairwise.insert(0, "group", group)
-        write_atomic(result.folder / f"jaccard_pairwise_{group}.csv", pairwise.to_csv(index=False).encode())
-        result.files.append(f"jaccard_pairwise_{group}.csv")
-        same, cross = pairs[pairs.same_domain].jaccard, pairs[~pairs.same_domain].jaccard
-        row = {"group": group, "mask_sets": len(masks), "same_domain_pairs": len(same),
-               "same_domain_jaccard": float(same.mean()) if len(same) else math.nan,
-               "cross_domain_pairs": len(cross),
-               "cross_domain_jaccard": float(cross.mean()) if len(cross) else math.nan,
-               "random_baseline": baseline}
-        group_rows.append(row)
-        say(f"  {group}: {len(masks)} mask sets; mean whole-model Jaccard same-domain {row['same_domain_jaccard']:.3f} "
-            f"({len(same)} pairs), cross-domain {row['cross_domain_jaccard']:.3f} ({len(cross)} pairs); random "
-            f"masks {baseline:.3f}")
-        for pair in spec.weight_view_pairs:
-            if not set(pair) <= set(masks):
-                say(f"  {group}: weight view {pair[0]} / {pair[1]} skipped: no ok run saved "
-                    f"{', '.join(sorted(set(pair) - set(masks)))}")
-                continue
-            fig, table = _weight_view(model, layer, masks, pair, f"{group} · {provenance}")
-            save(fig, _file_stem(f"weight_views_{group}_{pair[0]}_vs_{pair[1]}"), table)
-            changed = int(table.weights[1] + table.weights[2])
-            say(f"  {group}: weight view {pair[0]} / {pair[1]}: masks differ at {changed} of "
-                f"{int(table.weights.sum())} weights")
+        overlap = _summarize_group(result, spec, runs, group, masks)
+        pair_rows.append(overlap.pairs)
+        group_rows.append(overlap.row)
     if pair_rows:
         pairs = pd.concat(pair_rows, ignore_index=True)
-        save(_same_vs_cross_figure(pairs, f"Same-domain vs cross-domain mask overlap\n{provenance}"),
-             "same_vs_cross_domain", pairs)
-        summary = {"sweep": payload["sweep"], "profile": payload["profile"], "model_name": model_name,
-                   "dtype": dtype, "runs": len(runs), "runs_left_out": skipped, "spec": spec_to_json(spec),
-                   "fingerprint": next(iter(fingerprints)), "groups": group_rows}
+        _save(result, same_vs_cross_figure(pairs, f"Same-domain vs cross-domain mask overlap\n{runs.provenance}"),
+              "same_vs_cross_domain", pairs)
+        summary = {"sweep": payload["sweep"], "profile": payload["profile"], "model_name": runs.model_name,
+                   "dtype": runs.dtype, "runs": len(runs.runs), "runs_left_out": runs.skipped,
+                   "spec": spec_to_json(spec), "fingerprint": next(iter(fingerprints)), "groups": group_rows}
         write_atomic(result.folder / "mask_overlap.json", (json.dumps(summary, indent=2) + "\n").encode())
         result.files.append("mask_overlap.json")
     return result

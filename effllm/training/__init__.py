@@ -164,7 +164,9 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
                       recipe_name: str = "default", progress: bool = True):
     """``load_model("<model>-ee")``: the model with its exits trained by recipe ``recipe_name``, trained on first
     use (a progress bar; minutes on the embedded model) and loaded from the cache after. The exits are
-    attached as ``records.EXITS`` (see the package docstring); returns ``(model, tokenizer)``."""
+    attached as ``records.EXITS`` (see the package docstring); returns ``(model, tokenizer)``. load_model reaches
+    it through the ``-ee`` source of :mod:`effllm.models.sources`, which names it by its import path: rename
+    it there too."""
     from effllm.models import EXIT_TRAINED_SUFFIX, resolve_dtype
 
     base = name.removesuffix(EXIT_TRAINED_SUFFIX)

@@ -100,8 +100,8 @@ class LayerExit(nn.Module):
         adapter = get_adapter(self._model)
         context = adapter.context(hidden)
         last = adapter.num_layers - 1
-        out = self.layer(hidden, attention_mask=adapter._mask(last, context), position_ids=context.position_ids,
-                         past_key_values=None, use_cache=False, position_embeddings=adapter._rotary(last, context))
+        out = self.layer(hidden, attention_mask=adapter.layer_mask(last, context), position_ids=context.position_ids,
+                         past_key_values=None, use_cache=False, position_embeddings=adapter.rotary_embeddings(last, context))
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -1,0 +1,331 @@
+"""The claims of the claims report, one section per seed paper (:mod:`effllm.experiments.claims` runs them):
+each reads the notebook tables it needs from a figures folder and returns a decided :class:`Claim` (or several),
+or an undecided one naming the missing table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from effllm.experiments.verdicts import (
+    FAILS,
+    QUALITY_TOLERANCE,
+    Claim,
+    missing_tables,
+    paired_difference,
+    read_table,
+    round_ratio,
+)
+
+# ---- seed 000: vocabulary pruning ---------------------------------------------------------------------
+
+
+def vocab_pruning_keeps_quality(folder: Path) -> Claim:
+    claim = Claim("000", "CALM with the exit check pruned to the top-k candidates keeps the output of CALM without "
+                         "pruning (ROUGE-L vs full depth, pruned minus unpruned, above -0.05)",
+                  "T5-large SQuAD / SAMSum: quality within ~1 point of unpruned CALM at k = 256")
+    items = read_table(folder, "02_generation_items")
+    if items is None:
+        return missing_tables(claim, "02_generation_items")
+    items = items[items.model == items.model.iloc[0]]
+    pruned = next((label for label in items.label.unique() if label.startswith("fixed") and "256" in label), None)
+    if pruned is None:
+        return missing_tables(claim, "02_generation_items (no fixed k=256 row)")
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = paired_difference(items, pruned, "none", "rougeL_vs_full")
+    claim.bar = -QUALITY_TOLERANCE
+    claim.decide(above=True)
+    claim.source = f"02_generation_items.csv ({items.model.iloc[0]}, '{pruned}' vs 'none', paired over prompts)"
+    return claim
+
+
+def vocab_pruning_speeds_up_calm(folder: Path) -> Claim:
+    claim = Claim("000", "Pruning the exit check to k = 256 candidates makes CALM faster (tokens/s ratio, pruned / "
+                         "unpruned, above 1)", "fewer FLOPs per check: (2d - 1) k instead of (2d - 1) V")
+    timings = read_table(folder, "02_generation_timings")
+    if timings is None:
+        return missing_tables(claim, "02_generation_timings")
+    timings = timings[timings.model == timings.model.iloc[0]]
+    pruned = next((label for label in timings.label.unique() if label.startswith("fixed") and "256" in label), None)
+    if pruned is None:
+        return missing_tables(claim, "02_generation_timings (no fixed k=256 row)")
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = round_ratio(timings, pruned, "none")
+    claim.bar = 1.0
+    claim.decide(above=True)
+    claim.source = f"02_generation_timings.csv ({timings.model.iloc[0]}; median and range of {claim.n} rounds)"
+    return claim
+
+
+# ---- seed 001: early exit (FREE, CALM, self-speculation) ----------------------------------------------
+
+
+TRAINED = "after: trained"  # notebook 08's rows decoded through the trained exits
+
+
+def _trained(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of the exit-trained model (notebook 08 has before / after rows in an ``exits`` column)."""
+    if table is None or "exits" not in table:
+        return table
+    return table[table.exits == TRAINED]
+
+
+def _fastest(summary: pd.DataFrame, methods: tuple[str, ...], bar: float = 0.9) -> pd.Series | None:
+    """The fastest row of ``methods`` whose ROUGE-L vs full depth (its interval's low end) reaches ``bar``."""
+    rows = summary[summary.method.isin(methods) & (summary.rougeL_vs_full_ci_low >= bar)]
+    return None if rows.empty else rows.sort_values("speedup_vs_hf").iloc[-1]
+
+
+def free_faster_than_calm(folder: Path, table: str = "08_speed_quality") -> Claim:
+    claim = Claim("001", "FREE is faster than CALM at equal quality (fastest of each whose ROUGE-L vs full depth "
+                         "has its 95% low end >= 0.9; tokens/s ratio FREE / CALM above 1)",
+                  "FREE 1.5-2.2x vs CALM's 1.2-1.6x at ~99% of full quality (T5-large, trained exits)")
+    summary = _trained(read_table(folder, table))
+    timings = _trained(read_table(folder, table.replace("speed_quality", "timings")))
+    if summary is None or timings is None:
+        return missing_tables(claim, table, table.replace("speed_quality", "timings"))
+    free, calm = _fastest(summary, ("free",)), _fastest(summary, ("calm",))
+    if free is None or calm is None:
+        claim.source = (f"{table}.csv: no {'FREE' if free is None else 'CALM'} setting reaches ROUGE-L 0.9 "
+                        "(low end of its interval)")
+        return claim
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = round_ratio(timings, free.label, calm.label)
+    claim.bar = 1.0
+    claim.decide(above=True)
+    claim.source = f"{table}.csv / {table.replace('speed_quality', 'timings')}.csv ('{free.label}' vs '{calm.label}')"
+    return claim
+
+
+def free_speedup(folder: Path, table: str = "08_speed_quality", bar: float = 1.7) -> Claim:
+    claim = Claim("001", f"FREE decodes at least {bar}x faster than HF generate while keeping ROUGE-L >= 0.9 against "
+                         "the full-depth output (speed ratio range over rounds above the bar)",
+                  "FREE: up to 2.16x at ~99% of full quality")
+    summary = _trained(read_table(folder, table))
+    if summary is None:
+        return missing_tables(claim, table)
+    free = _fastest(summary, ("free",))
+    if free is None:
+        claim.source = f"{table}.csv: no FREE setting reaches ROUGE-L 0.9 (low end of its interval)"
+        return claim
+    claim.measured, claim.ci_low, claim.ci_high = free.speedup_vs_hf, free.speedup_vs_hf_min, free.speedup_vs_hf_max
+    claim.n = int(free.rounds)
+    claim.bar = bar
+    claim.decide(above=True)
+    claim.source = f"{table}.csv ('{free.label}', ROUGE-L {free.rougeL_vs_full:.3f}, {int(free.n_prompts)} prompts)"
+    return claim
+
+
+def self_speculation_lossless_speedup(folder: Path, table: str = "08_speed_quality") -> Claim:
+    claim = Claim("001", "Self-speculative decoding gives exactly the full model's tokens and is faster than HF "
+                         "generate (speed ratio range over rounds above 1; every prompt identical)",
+                  "LayerSkip: 1.8-2.2x on Llama, identical output")
+    summary = _trained(read_table(folder, table))
+    if summary is None:
+        return missing_tables(claim, table)
+    rows = summary[summary.method == "self-spec"]
+    if rows.empty:
+        return missing_tables(claim, f"{table} (no self-spec row)")
+    best = rows.sort_values("speedup_vs_hf").iloc[-1]
+    claim.measured, claim.ci_low, claim.ci_high = best.speedup_vs_hf, best.speedup_vs_hf_min, best.speedup_vs_hf_max
+    claim.n = int(best.rounds)
+    claim.bar = 1.0
+    claim.decide(above=True)
+    if best.identical_to_full < 1.0:
+        claim.verdict, claim.n_to_decide = FAILS, math.nan
+    claim.source = (f"{table}.csv ('{best.label}', identical outputs on {best.identical_to_full:.0%} of "
+                    f"{int(best.n_prompts)} prompts, acceptance {best.acceptance_rate:.2f})")
+    return claim
+
+
+# ---- seed 002: domain sub-models ----------------------------------------------------------------------
+
+
+def in_domain_claims(windows: pd.DataFrame, source: str = "04_domain_windows.csv") -> list[Claim]:
+    """Per domain: held-out log-perplexity of the best in-domain sub-model minus the best other sub-model's (each
+    chosen by its mean over the windows, so both sides are picked the same way), paired over evaluation windows
+    (below 0: the in-domain calibration wins its domain). With one set per domain the in-domain side is that set.
+    ``windows`` has the columns of ``04_domain_windows.csv``: calibration, calibration_domain, eval_domain, window,
+    nll."""
+    claims = []
+    for domain, group in windows[windows.calibration_domain != "dense"].groupby("eval_domain", sort=False):
+        claim = Claim("002", f"In-domain calibration gives the best held-out {domain} perplexity (log-ppl of the "
+                             f"best {domain}-calibrated sub-model minus the best other one, below 0)",
+                      "seed 002's table: each domain's calibration wins its own column")
+        own = group[group.calibration_domain == domain]
+        others = group[group.calibration_domain != domain]
+        if own.empty or others.empty:
+            claims.append(missing_tables(claim, "04_domain_windows (domain rows)"))
+            continue
+        own_name = own.groupby("calibration").nll.mean().idxmin()
+        best_other = others.groupby("calibration").nll.mean().idxmin()
+        pivot = group[group.calibration.isin([own_name, best_other])].pivot(index="window", columns="calibration",
+                                                                            values="nll").dropna()
+        claim.paired(pivot[own_name], pivot[best_other], above=False)
+        claim.source = f"{source} (best in-domain '{own_name}' vs the best other, '{best_other}'; paired over windows)"
+        claims.append(claim)
+    return claims
+
+
+def in_domain_calibration_wins(folder: Path) -> list[Claim]:
+    """:func:`in_domain_claims` from ``04_domain_windows.csv`` in ``folder``."""
+    windows = read_table(folder, "04_domain_windows")
+    if windows is None:
+        return [missing_tables(Claim("002", "In-domain calibration gives the best held-out perplexity on its own domain",
+                               "Gemma-7B / CodeLlama: in-domain calibration wins its domain"), "04_domain_windows")]
+    return in_domain_claims(windows)
+
+
+def same_domain_claim(pairs: pd.DataFrame, source: str = "04_jaccard_pairs.csv") -> Claim:
+    """Mean Jaccard of same-domain pairs minus cross-domain pairs, per layer, paired over layers (above 0: masks
+    of one domain are more alike). ``pairs`` has the columns of ``04_jaccard_pairs.csv``: set_a, set_b, layer,
+    jaccard, same_domain."""
+    claim = Claim("002", "Masks calibrated on the same domain overlap more than masks of different domains (mean "
+                         "same-domain minus cross-domain Jaccard per layer, above 0)",
+                  "seed 002: sub-models of one domain share more of their pruned weights")
+    same = pairs.same_domain.astype(str).str.lower() == "true"
+    per_layer = pairs.assign(same_domain=same).groupby(["layer", "same_domain"]).jaccard.mean().unstack()
+    if True not in per_layer or False not in per_layer:
+        claim.source = f"{source}: needs pairs of calibration sets within and across domains"
+        return claim
+    per_layer = per_layer.dropna()
+    claim.paired(per_layer[True], per_layer[False], above=True)
+    claim.source = (f"{source} ({int(same.sum() // max(len(per_layer), 1))} same-domain and "
+                    f"{int((~same).sum() // max(len(per_layer), 1))} cross-domain pairs; paired over layers)")
+    return claim
+
+
+def same_domain_masks_more_alike(folder: Path) -> Claim:
+    """:func:`same_domain_claim` from ``04_jaccard_pairs.csv`` in ``folder``."""
+    pairs = read_table(folder, "04_jaccard_pairs")
+    if pairs is None:
+        return missing_tables(same_domain_claim(pd.DataFrame(columns=["layer", "same_domain", "jaccard"])),
+                        "04_jaccard_pairs")
+    return same_domain_claim(pairs)
+
+
+def sparse_2_4_speedup(folder: Path) -> Claim:
+    claim = Claim("002", "2:4 semi-structured sparse matmul is faster than dense at CodeLlama-13B's q projection "
+                         "(median speedup over interleaved rounds, and its range, above 1)",
+                  "CodeLlama-13B on a GPU: q/k/v/o 1.36x, up/gate 1.01x, down 1.20x")
+    timings = read_table(folder, "05_projection_speedup")
+    if timings is None:
+        return missing_tables(claim, "05_projection_speedup")
+    rows = timings[timings.shapes.astype(str).str.startswith("CodeLlama") & (timings.kind == "q")
+                   & (timings["format"] == "semi-structured")]
+    if rows.empty:
+        formats = ", ".join(sorted(set(timings["format"].astype(str))))
+        claim.source = (f"05_projection_speedup.csv measured {formats} only: no 2:4 kernel on this device "
+                        "(a CUDA GPU of compute capability >= 8.0 decides it)")
+        return claim
+    row = rows.sort_values("tokens").iloc[-1]
+    claim.measured, claim.ci_low, claim.ci_high = (float(row.speedup), float(row.speedup_min),
+                                                   float(row.speedup_max))
+    claim.n = int(row.rounds)
+    claim.bar = 1.0
+    claim.decide(above=True)
+    claim.source = f"05_projection_speedup.csv (q, {int(row.tokens)} tokens, {row.device}; range of {claim.n} rounds)"
+    return claim
+
+
+# ---- seed 003: layer selection ------------------------------------------------------------------------
+
+
+def skipping_beats_early_exit(folder: Path) -> Claim:
+    claim = Claim("003", "At equal layer counts (the budget nearest half the layers), skipping layers keeps the output "
+                         "closer to the full model than early exit (ROUGE-L vs full depth, skipping minus early exit, "
+                         "above 0)",
+                  "OPT-IML-1.3b: a pretrained decoder is far more robust to skipping than to early exit")
+    items = read_table(folder, "03_generation_items")
+    if items is None:
+        return missing_tables(claim, "03_generation_items")
+    budgets = {label.split(" ")[-1] for label in items.label if label.startswith("skipping")}
+    if not budgets:
+        return missing_tables(claim, "03_generation_items (no skipping rows)")
+
+    def distance_from_half(count: str) -> tuple[float, float]:  # "15/30" -> 0.0; ties: the larger budget
+        ran, total = (int(part) for part in count.split("/"))
+        return abs(ran / total - 0.5), -ran / total
+
+    middle = min(budgets, key=distance_from_half)  # the budget nearest half the depth
+    a, b = f"skipping {middle}", f"early exit {middle}"
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = paired_difference(items, a, b, "rougeL_vs_full")
+    claim.bar = 0.0
+    claim.decide(above=True)
+    claim.source = f"03_generation_items.csv ('{a}' vs '{b}', paired over prompts)"
+    return claim
+
+
+def oracle_layer_share(folder: Path, bootstrap: int = 2000, seed: int = 0) -> Claim:
+    claim = Claim("003", "A per-sequence oracle over the budget models matches the full model's mean ROUGE-L "
+                         "(vs references) with at most half of the layers on average",
+                  "OPT-IML-1.3b / Alpaca: 23.3% of the layers")
+    items, costs = read_table(folder, "03_oracle_items"), read_table(folder, "03_oracle_costs")
+    if items is None or costs is None:
+        return missing_tables(claim, "03_oracle_items", "03_oracle_costs")
+    from effllm.oracle import oracle_fraction_to_match
+
+    per_item = items.set_index("prompt")
+    budget = dict(zip(costs.label, costs.layers, strict=True))
+    n_layers = int(costs.layers.max())
+    claim.measured = oracle_fraction_to_match(per_item, budget, float(per_item["full"].mean()), n_layers)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(bootstrap):  # resample prompts; the oracle and its target are recomputed on each resample
+        sample = per_item.iloc[rng.integers(0, len(per_item), len(per_item))].reset_index(drop=True)
+        draws.append(oracle_fraction_to_match(sample, budget, float(sample["full"].mean()), n_layers))
+    claim.ci_low, claim.ci_high = (float(v) for v in np.nanpercentile(draws, [2.5, 97.5]))
+    claim.n = len(per_item)
+    claim.bar = 0.5
+    claim.decide(above=False)
+    claim.source = "03_oracle_items.csv, 03_oracle_costs.csv (percentile bootstrap over prompts)"
+    return claim
+
+
+# ---- seed 004: dynamic slicing ------------------------------------------------------------------------
+
+
+def dynamic_beats_constant(folder: Path, matched: str = "mean") -> list[Claim]:
+    """Dynamic minus constant slicing, held-out log-perplexity paired over windows, at each level M: at equal
+    mean slice fraction (``matched="mean"``) or at equal parameter count (``matched="parameters"``)."""
+    windows = read_table(folder, "06_slicing_windows")
+    text = "equal mean slice fraction" if matched == "mean" else "equal parameter count"
+    if windows is None:
+        return [missing_tables(Claim("004", f"Dynamic slicing beats constant slicing at {text}",
+                               "Llama-3-8B / Mistral-7B: up to -7% perplexity"), "06_slicing_windows")]
+    claims = []
+    for level, group in windows[windows.matched == matched].groupby("level", sort=True):
+        claim = Claim("004", f"Dynamic slicing beats constant slicing at {text}, M = {level:g} (log-perplexity "
+                             "dynamic minus constant, below 0)",
+                      "Llama-3-8B / Mistral-7B: up to -7% perplexity, +5% accuracy vs constant at the same mean")
+        pivot = group.pivot(index="window", columns="variant", values="nll")
+        if "dynamic" not in pivot or "constant" not in pivot:
+            claims.append(missing_tables(claim, "06_slicing_windows (variants)"))
+            continue
+        claim.paired(pivot["dynamic"], pivot["constant"], above=False)
+        claim.source = f"06_slicing_windows.csv (M = {level:g}, {text}, paired over windows)"
+        claims.append(claim)
+    return claims
+
+
+def dynamic_accuracy(folder: Path) -> list[Claim]:
+    """Per level M with zero-shot items: accuracy of dynamic minus constant slicing at the same mean, paired over
+    items (every task's items pooled; item ids are unique across tasks)."""
+    text = ("Dynamic slicing keeps more zero-shot accuracy than constant slicing at equal mean{} (accuracy "
+            "dynamic minus constant, paired over items, above 0)")
+    original = "up to +5% average zero-shot accuracy (Llama-3-8B)"
+    items = read_table(folder, "06_zero_shot_items")
+    if items is None:
+        return [missing_tables(Claim("004", text.format(""), original), "06_zero_shot_items")]
+    claims = []
+    for level, group in items[items.variant.isin(["dynamic", "constant"])].groupby("level", sort=True):
+        claim = Claim("004", text.format(f", M = {level:g}"), original)
+        pivot = group.pivot(index="item", columns="variant", values="correct").dropna()
+        if "dynamic" not in pivot or "constant" not in pivot:
+            claims.append(missing_tables(claim, "06_zero_shot_items (variants)"))
+            continue
+        claim.paired(pivot["dynamic"], pivot["constant"], above=True)
+        claim.source = f"06_zero_shot_items.csv (M = {level:g}, paired over items)"
+        claims.append(claim)
+    return claims or [missing_tables(Claim("004", text.format(""), original), "06_zero_shot_items (dynamic rows)")]

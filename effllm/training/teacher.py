@@ -1,0 +1,160 @@
+"""Running the model layer by layer for exit training (gradients where wanted, optional layer skipping), and
+the teacher pass: the untouched model's states and top-k distributions, cached once per data configuration."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from effllm import io
+from effllm.adapters import get_adapter
+from effllm.decoding.exits import agreement_counts, exit_logits
+from effllm.training import losses
+from effllm.training.config import STATES_KIND, ExitTrainingConfig, data_key, training_dir
+from effllm.training.data import corpus_windows, pack, self_distillation_prompts, self_distillation_sequences
+
+# --------------------------------------------------------------------------------------------------
+# Running the model layer by layer (with gradients where they are wanted, and optional layer skipping)
+
+
+def _split_t5(windows: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """T5 trains on (source, target) pairs: the first half of a window is the source, the second the target."""
+    half = windows.shape[1] // 2
+    return windows[:, :half], windows[:, half:]
+
+
+def run_layers(model, ids: torch.LongTensor, skip: list[torch.Tensor | None] | None = None
+               ) -> tuple[list[torch.Tensor], torch.LongTensor]:
+    """States [h_0 (embeddings), h_1, ..., h_L] for windows ``ids`` [b, q], and the next-token labels [b, q']
+    (-100 where there is none). Gradients flow where parameters require them. ``skip[i]``: a boolean [b, 1]
+    or [b, q] mask of the rows / tokens that skip layer i (their state passes through unchanged)."""
+    adapter = get_adapter(model)
+    if adapter.family == "t5":
+        source, target = _split_t5(ids)
+        start = model.config.decoder_start_token_id
+        decoder_input = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], dim=1)
+        encoder = adapter.encode(source)
+        hidden = adapter.embed(decoder_input)
+        context = adapter.context(hidden, encoder_hidden_states=encoder)
+        labels = target
+    else:
+        hidden = adapter.embed(ids)
+        context = adapter.context(hidden)
+        labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], losses.IGNORE_INDEX)], dim=1)
+    states = [hidden]
+    for i in range(adapter.num_layers):
+        new = adapter.run_layer(i, hidden, context)
+        if skip is not None and skip[i] is not None:
+            new = torch.where(skip[i].unsqueeze(-1), hidden, new)
+        hidden = new
+        states.append(hidden)
+    return states, labels
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher pass: the original model's states and top-k distributions, once per data configuration
+
+
+@dataclass
+class TeacherData:
+    """What the untouched model computes on the training and held-out windows."""
+
+    train_ids: torch.LongTensor  # [n, q]
+    heldout_ids: torch.LongTensor  # [m, q]
+    train_topk_ids: torch.LongTensor  # [n, q', k] (q' = q, or the target half for T5)
+    train_topk_logprobs: torch.Tensor  # [n, q', k]
+    heldout_argmax: torch.LongTensor  # [m, q'] the final layer's greedy token
+    train_states: dict[int, torch.Tensor]  # layer -> [n, q', d] (the fast path's inputs)
+    heldout_states: dict[int, torch.Tensor]  # layer -> [m, q', d]
+    heldout_agreement: list[float]  # per layer 1..L: argmax of the logit lens == final argmax
+    heldout_nll: float  # mean next-token negative log-likelihood of the last layer
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def build_windows(model, tokenizer, config: ExitTrainingConfig, progress: bool = True
+                  ) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Training windows (corpus windows + packed self-distillation answers) and held-out windows."""
+    train = corpus_windows(tokenizer, config.corpora, config.windows_per_corpus, config.seq_len, config.seed)
+    if config.self_distill_prompts and get_adapter(model).family != "t5":
+        prompts = self_distillation_prompts(config.self_distill_prompts, config.seed)
+        answers = self_distillation_sequences(model, tokenizer, prompts, config.answer_tokens, progress=progress)
+        train = torch.cat([train, pack(answers, config.seq_len)])
+    heldout = corpus_windows(tokenizer, config.corpora, config.heldout_windows_per_corpus, config.seq_len,
+                             config.seed, split="validation")
+    return train, heldout
+
+
+@torch.no_grad()
+def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: torch.dtype, progress: bool = True,
+                 batch_size: int = 4) -> TeacherData:
+    """Run the untouched model over the training and held-out windows once; cached on disk (checksummed) by a
+    hash of the data settings, so recipes that share their data share this pass."""
+    layers = tuple(config.exit_layers) if config.fast_path else ()
+    path = training_dir(config.model) / f"states-{data_key(config, compute_dtype, layers)}.safetensors"
+    try:
+        tensors, meta = io.load_tensors(path, STATES_KIND)
+        return _teacher_from_tensors(tensors, meta)
+    except (io.ArtifactError, KeyError):  # missing, corrupt or incomplete: compute it again
+        pass
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train_ids, heldout_ids = build_windows(model, tokenizer, config, progress)
+    n_layers = adapter.num_layers
+    tensors: dict[str, torch.Tensor] = {"train_ids": train_ids, "heldout_ids": heldout_ids}
+    topk_ids, topk_logprobs, train_states = [], [], {layer: [] for layer in layers}
+    heldout_states = {layer: [] for layer in layers}
+    batches = [("train", s) for s in range(0, len(train_ids), batch_size)]
+    batches += [("heldout", s) for s in range(0, len(heldout_ids), batch_size)]
+    agree = torch.zeros(n_layers, dtype=torch.long)
+    nll, counted, argmaxes = 0.0, 0, []
+    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+        for part, start in tqdm(batches, desc="teacher pass", disable=not progress):
+            ids = (train_ids if part == "train" else heldout_ids)[start:start + batch_size].to(device)
+            states, labels = run_layers(model, ids)
+            final = exit_logits(adapter, n_layers, states[-1]).float()  # [b, q', V]
+            if part == "train":
+                values, indices = torch.log_softmax(final, -1).topk(config.top_k, dim=-1)
+                topk_ids.append(indices.int().cpu())
+                topk_logprobs.append(values.cpu())
+                for layer in layers:
+                    train_states[layer].append(states[layer].float().cpu())
+                continue
+            target = final.argmax(-1)
+            argmaxes.append(target.cpu())
+            for layer in range(1, n_layers + 1):
+                agree[layer - 1] += agreement_counts(adapter, layer, states[layer], target)[0]
+            for layer in layers:
+                heldout_states[layer].append(states[layer].float().cpu())
+            mask = labels != losses.IGNORE_INDEX
+            nll += float(torch.nn.functional.cross_entropy(final[mask], labels[mask].to(device), reduction="sum"))
+            counted += int(mask.sum())
+    tensors["train_topk_ids"] = torch.cat(topk_ids)
+    tensors["train_topk_logprobs"] = torch.cat(topk_logprobs)
+    tensors["heldout_argmax"] = torch.cat(argmaxes)
+    tensors["heldout_agreement"] = (agree.double() / tensors["heldout_argmax"].numel()).float()
+    for layer in layers:
+        tensors[f"train_states.{layer}"] = torch.cat(train_states[layer])
+        tensors[f"heldout_states.{layer}"] = torch.cat(heldout_states[layer])
+    meta = {"heldout_nll": nll / max(counted, 1), "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "train_windows": len(train_ids), "heldout_windows": len(heldout_ids), "layers": list(layers),
+            "model": config.model}
+    io.save_tensors(path, tensors, meta, STATES_KIND)
+    return _teacher_from_tensors(tensors, meta)
+
+
+def _teacher_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TeacherData:
+    layers = meta["layers"]
+    return TeacherData(
+        tensors["train_ids"].long(), tensors["heldout_ids"].long(), tensors["train_topk_ids"].long(),
+        tensors["train_topk_logprobs"].float(), tensors["heldout_argmax"].long(),
+        {layer: tensors[f"train_states.{layer}"] for layer in layers},
+        {layer: tensors[f"heldout_states.{layer}"] for layer in layers},
+        tensors["heldout_agreement"].tolist(), float(meta["heldout_nll"]), meta)
+
+
