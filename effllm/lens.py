@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from effllm import io
+from effllm import checks, io
 from effllm.adapters import get_adapter
 from effllm.decoding.exits import agreement_counts, exit_logits
 
@@ -181,29 +181,55 @@ def cached_linear_exits(
     return exits
 
 
-class MetaClassifier(torch.nn.Module):
-    """CALM's ``meta`` confidence: the probability that the exit at layer l already gives the final token.
+META_HEADS = ("mlp", "logistic")
 
-    A logistic regression on the exit's normed state (after the fitted exit map, if any) plus a learned
-    per-layer offset, trained on calibration text with labels 1[argmax at l == argmax at L]. Called as
+
+class MetaClassifier(torch.nn.Module):
+    """CALM's ``meta`` confidence: the probability that the exit at layer l already gives the final token, from the
+    exit's normed state (after the fitted exit map, if any), trained on labels 1[argmax at l == argmax at L].
+
+    ``head="mlp"`` (the default) is the authors' (fast_robust_early_exit ``models/deploying_t5.py:1035-1039``):
+    Linear(d, d) - ReLU - Linear(d, 2), one for every layer, confidence = softmax[1] (``util/skip_conf.py:19-29``),
+    trained with class-balanced, logit-adjusted cross-entropy (``util/losses.py:133-159``). ``head="logistic"`` is
+    effllm's earlier variant: a logistic regression plus a learned per-layer offset, trained with plain BCE. Called as
     ``classifier(layer, hidden) -> probability`` (the ``meta_classifier`` of :func:`effllm.exits.generate`).
     """
 
-    def __init__(self, hidden_size: int, n_layers: int, exit_transform: LinearExits | None = None):
+    def __init__(self, hidden_size: int, n_layers: int, exit_transform: LinearExits | None = None,
+                 head: str = "mlp"):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        self.layer_bias = torch.nn.Parameter(torch.zeros(n_layers + 1))
+        self.head = checks.choice("head", head, META_HEADS)
+        if head == "mlp":
+            self.net = torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden_size), torch.nn.ReLU(),
+                                           torch.nn.Linear(hidden_size, 2))
+        else:
+            self.linear = torch.nn.Linear(hidden_size, 1)
+            self.layer_bias = torch.nn.Parameter(torch.zeros(n_layers + 1))
         self.exit_transform = exit_transform
         self.n_layers = n_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.net[0] if self.head == "mlp" else self.linear).weight.dtype
+
+    def class_logits(self, features: torch.Tensor, layers: torch.LongTensor) -> torch.Tensor:
+        """[..., 2] logits of (disagree, agree); the logistic head's are (0, its logit)."""
+        # trained in float32; a bfloat16 model's features are scored in the classifier's precision
+        features = features.to(self.dtype)
+        if self.head == "mlp":
+            return self.net(features)
+        logit = self.linear(features).squeeze(-1) + self.layer_bias[layers]
+        return torch.stack([torch.zeros_like(logit), logit], dim=-1)
+
+    def logit(self, features: torch.Tensor, layers: torch.LongTensor) -> torch.Tensor:
+        """log-odds of "agree": sigmoid of it is softmax(class_logits)[..., 1]."""
+        z = self.class_logits(features, layers)
+        return z[..., 1] - z[..., 0]
 
     def features(self, adapter, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         if self.exit_transform is not None and layer < self.n_layers:
             hidden = self.exit_transform(layer, hidden)
         return adapter.normed(hidden)
-
-    def logit(self, features: torch.Tensor, layers: torch.LongTensor) -> torch.Tensor:
-        # trained in float32; a bfloat16 model's features are scored in the classifier's precision
-        return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1) + self.layer_bias[layers]
 
     def bind(self, model: torch.nn.Module):
         """The ``meta_classifier(layer, hidden)`` callable for ``model``."""
@@ -212,9 +238,16 @@ class MetaClassifier(torch.nn.Module):
         def classify(layer: int, hidden: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 features = self.features(adapter, layer, hidden)
-                return torch.sigmoid(self.logit(features, torch.tensor(layer)))
+                return torch.softmax(self.class_logits(features, torch.tensor(layer)).float(), dim=-1)[..., 1]
 
         return classify
+
+
+def _meta_loss(classifier: MetaClassifier, x: torch.Tensor, y: torch.Tensor, layers: torch.LongTensor,
+               adjustment: torch.Tensor) -> torch.Tensor:
+    if classifier.head == "mlp":  # losses.py:154-158: CE(z + log[neg, pos], y), the logit adjustment
+        return torch.nn.functional.cross_entropy(classifier.class_logits(x, layers) + adjustment, y.long())
+    return torch.nn.functional.binary_cross_entropy_with_logits(classifier.logit(x, layers), y)
 
 
 def fit_meta_classifier(
@@ -223,15 +256,20 @@ def fit_meta_classifier(
     exit_transform: LinearExits | None = None,
     min_layer: int = 1,
     steps: int = 300,
-    lr: float = 0.05,
+    lr: float | None = None,
     batch_size: int = 4,
     progress: bool = True,
+    head: str = "mlp",
 ) -> MetaClassifier:
     """Train a :class:`MetaClassifier` on every position of ``token_ids`` [n, seq] and layers
-    ``min_layer`` .. L-1 (full-batch Adam on the collected features; the backbone is frozen)."""
+    ``min_layer`` .. L-1 (full-batch Adam on the collected features, ``lr`` 1e-3 for the MLP and 0.05 for the
+    logistic head unless given; the backbone is frozen). ``train_loss`` is the loss it was trained with,
+    ``balanced_accuracy`` the mean of its recall on either class on the training positions."""
     adapter = get_adapter(model)
     n_layers = adapter.num_layers
-    classifier = MetaClassifier(adapter.hidden_size, n_layers, exit_transform)
+    torch.manual_seed(0)  # the MLP's initial weights
+    classifier = MetaClassifier(adapter.hidden_size, n_layers, exit_transform, head=head)
+    lr = lr if lr is not None else (1e-3 if head == "mlp" else 0.05)
     features, layers, labels = [], [], []
     with torch.no_grad():
         for start in tqdm(range(0, token_ids.shape[0], batch_size), desc="meta features", disable=not progress):
@@ -246,11 +284,17 @@ def fit_meta_classifier(
     x, y, layer_ids = torch.cat(features), torch.cat(labels).float(), torch.cat(layers)
     optimizer = torch.optim.Adam([p for n, p in classifier.named_parameters() if not n.startswith("exit_transform")],
                                  lr=lr)
+    positive = float(y.mean())
+    adjustment = torch.log(torch.tensor([1 - positive, positive]).clamp_min(1e-12))  # the class prior
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(classifier.logit(x, layer_ids), y)
+        loss = _meta_loss(classifier, x, y, layer_ids, adjustment)
         loss.backward()
         optimizer.step()
     classifier.train_loss = float(loss.detach())
-    classifier.positive_rate = float(y.mean())
+    classifier.positive_rate = positive
+    with torch.no_grad():
+        said = classifier.logit(x, layer_ids) > 0
+    recalls = [float((said[y == c] == bool(c)).float().mean()) for c in (0, 1) if bool((y == c).any())]
+    classifier.balanced_accuracy = sum(recalls) / len(recalls)
     return classifier.requires_grad_(False)

@@ -152,3 +152,87 @@ def test_adaptive_size_floors_at_two_rows():
     assert vocab_schedule.adaptive_size(256, 0.5) == int(256 * (1 - 0.45))
     assert vocab_schedule.adaptive_size(3, 0.99) == 2
     assert _reference_rows("adaptive", 256, 7, 24, 32128, [0.5] * 17)[:3] == [32128, 256, int(256 * 0.55)]
+
+
+def test_free_records_every_stacked_token_at_a_synchronized_pass():
+    """deploying_t5.py:898-906: a deep token with shallow-exited tokens stacked before it records them all and itself;
+    a deep token with nothing stacked records nothing. Counted from the decode's own exit layers."""
+    import torch
+
+    from effllm.decoding import Free, decode
+    from effllm.models import tiny_model
+
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(5))
+    mixed = 0
+    for threshold in (0.002, 0.0025, 0.003, 0.0035, 0.004):  # random tiny weights: confidences sit near 0.003
+        estimator = AdaptiveThreshold(initial=threshold)
+        out = decode(model, ids, 24, Free(3, threshold, use_adapt_threshold=True, adapt_threshold=estimator),
+                     eos_token_id=[])
+        expected, stacked = 0, 0
+        for layer in out.exit_layers[0, 1:].tolist():  # token 0 comes from the prompt pass
+            if layer == 3:
+                stacked += 1
+            else:
+                expected += stacked + 1 if stacked else 0
+                stacked = 0
+        mixed += expected > 0
+        assert len(estimator.confidences) == expected == len(estimator.agreed)
+        assert estimator.fits == 0 and estimator.threshold == threshold  # one sequence: no refit inside it
+    assert mixed  # some setting mixes shallow and deep tokens
+
+
+class _Head24:
+    """A 24-layer head of 32128 rows: logits from a fixed random table, so every check's confidence is known."""
+
+    num_layers, vocab_size, hidden_size = 24, 32128, 8
+
+    def __init__(self):
+        import torch
+
+        self.table = torch.randn(self.vocab_size, generator=torch.Generator().manual_seed(0)) * 4
+        self.scored = []
+
+    def logits(self, hidden, rows=None):
+        self.scored.append(self.vocab_size if rows is None else int(rows.shape[0]))
+        values = self.table if rows is None else self.table[rows]
+        return values.view(1, 1, -1)
+
+
+@pytest.mark.parametrize("schedule", ["decaying", "adaptive"])
+@pytest.mark.parametrize("first_check", [7, 19])
+@pytest.mark.parametrize("k", [256, None])
+def test_exit_head_scores_the_rows_the_authors_code_scores(schedule, first_check, k):
+    """deploying_t5.py@7289604:1001-1013 and skip_conf.py@7289604:10-16, through effllm's ExitHead: the rows each
+    check from exit_min_layer on scores, against the reference reading above (k = 256 and k unset)."""
+    import torch
+
+    from effllm.decoding.exits import ExitHead
+    from effllm.decoding.policies import VocabPruning
+
+    adapter = _Head24()
+    head = ExitHead(adapter, vocab=VocabPruning(schedule, k), candidate_layer=first_check)
+    head.new_token()
+    confidences = []
+    for layer in range(first_check, 24):
+        confidence, _ = head.confidence(layer, torch.zeros(1, 1, 8), torch.zeros(1, 1, 8))
+        confidences.append(confidence)
+    assert adapter.scored == _reference_rows(schedule, k, first_check, 24, 32128, confidences)
+    if schedule == "decaying" and k is None and first_check == 7:
+        assert adapter.scored[1:4] == [842, 739, 658]
+
+
+def test_meta_loss_is_the_authors_balanced_logit_adjusted_cross_entropy():
+    """util/losses.py:154-158: bal_prior = log([neg, pos]); CrossEntropyLoss()(preds + bal_prior, labels)."""
+    import torch
+
+    from effllm.lens import MetaClassifier, _meta_loss
+
+    torch.manual_seed(1)
+    head = MetaClassifier(4, 3)
+    x, y = torch.randn(10, 4), torch.tensor([1, 1, 1, 0, 1, 1, 0, 1, 1, 1]).float()
+    pos = float(y.mean())
+    adjustment = torch.log(torch.tensor([1 - pos, pos]))
+    z = head.net(x) + adjustment
+    by_hand = -sum(float(torch.log_softmax(z[i], -1)[int(y[i])]) for i in range(10)) / 10
+    assert float(_meta_loss(head, x, y, torch.zeros(10, dtype=torch.long), adjustment)) == pytest.approx(by_hand)

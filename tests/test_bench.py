@@ -55,15 +55,15 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
             assert row["confidence_flops_per_token"] >= 0 and row["confidence_ms_per_token"] >= 0
             assert 0 <= row["token_agreement_vs_full"] <= 1
             assert row["rougeL_vs_full_ci_low"] <= row["rougeL_vs_full"] <= row["rougeL_vs_full_ci_high"]
-    # tiny-llama: d = 64, V = 384. CALM softmax from layer 2 of 4 checks layers 2 and 3 of every new token
-    # but the first (prompt pass): (2d - 1) V FLOPs per check, averaged over the 5 tokens
+    # tiny-llama: d = 64, V = 384. CALM softmax from layer 2 of 4 checks layers 2 and 3 of every new token, the
+    # first (from the prompt pass) included as in the authors' code: (2d - 1) V FLOPs per check, over the 5 tokens
     calm = rows["calm-softmax 0.9"]
     per_check = exits.head_flops(64, 384)
-    assert calm["confidence_flops_per_token"] <= 2 * per_check * 4 / 5 + 1e-9
-    assert calm["confidence_flops_per_token"] >= per_check * 4 / 5 - 1e-9  # at least one check per token
+    assert calm["confidence_flops_per_token"] <= 2 * per_check + 1e-9
+    assert calm["confidence_flops_per_token"] >= per_check - 1e-9  # at least one check per token
     # fixed-k pruning: one full check at layer 2, then k = 32 rows; never more than the unpruned check
     fixed = rows["calm-softmax-fixed32 0.9"]
-    assert fixed["confidence_flops_per_token"] <= (per_check + exits.head_flops(64, 32)) * 4 / 5 + 1e-9
+    assert fixed["confidence_flops_per_token"] <= per_check + exits.head_flops(64, 32) + 1e-9
     # Learn-then-Test ran on separate prompts with the requested risk level
     calibration = result["calibration"]
     assert calibration["n"] == 3 and calibration["delta"] == 0.9 and calibration["max_new_tokens"] == 3

@@ -165,10 +165,10 @@ def test_policy_columns_and_labels():
     calm = Calm(threshold=0.8, candidate_layer=10, vocab=VocabPruning("fixed", 64))
     assert calm.columns() == {"method": "calm", "exit_conf_type": "softmax", "threshold": 0.8,
                               "candidate_layer": 10, "exit_position_temp": None, "kv": "propagate",
-                              "type_vocab_reduct": "fixed", "k": 64, "k_min": 4}
+                              "type_vocab_reduct": "fixed", "k": 64, "k_min": 64}
     assert Free(20, 0.5, vocab=VocabPruning("fixed", 64)).columns() == {
         "method": "free", "shallow_exit_layer": 20, "threshold": 0.5, "shallow2deep_conf_type": "softmax",
-        "use_adapt_threshold": False, "rollback_threshold": None, "type_vocab_reduct": "fixed", "k": 64, "k_min": 4,
+        "use_adapt_threshold": False, "rollback_threshold": None, "type_vocab_reduct": "fixed", "k": 64, "k_min": 64,
         "candidate_layer": 10}  # the default candidate layer is filled in: the shallow exit's middle
     assert calm.label == "calm-softmax-fixed64"
     assert Full().columns() == {"method": "full"} and StaticExit(5).label == "static@5"
@@ -185,7 +185,22 @@ def test_exit_position_temp_sets_the_decay():
     assert fast.threshold_at(5, 10) < slow.threshold_at(5, 10)
     model, _ = tiny_model("llama")
     out = decode(model, _prompt(1), 6, Calm(threshold=2.0, exit_position_temp=8.0), eos_token_id=[])
-    assert out.thresholds[1:] == pytest.approx([2.0 * (0.9 + 0.1 * 2.718281828 ** (-8.0 * t / 6)) for t in range(1, 6)])
+    # generated token k (from 0) is checked at position k + 1, token 0 included (fast_robust_early_exit
+    # util/skip_conf.py:60-63 with pos_time = past length + 1, models/deploying_t5.py:926)
+    assert out.thresholds == pytest.approx([2.0 * (0.9 + 0.1 * 2.718281828 ** (-8.0 * (k + 1) / 6)) for k in range(6)])
+
+
+def test_calm_exits_only_above_the_threshold():
+    """get_skip_mask keeps a token whose confidence equals the threshold (``conf <= threshold``: skip_conf.py:76);
+    with a constant 0.5 meta confidence, threshold 0.5 never exits and 0.4999 always does, from token 0."""
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+
+    def half(layer, hidden):
+        return torch.tensor(0.5)
+
+    at = decode(model, _prompt(2), 5, Calm("meta", 0.5, 2, meta_classifier=half), eos_token_id=[])
+    below = decode(model, _prompt(2), 5, Calm("meta", 0.4999, 2, meta_classifier=half), eos_token_id=[])
+    assert (at.exit_layers == 6).all() and (below.exit_layers == 2).all()
 
 
 # ---- bad input -------------------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def _prefill(strategy: Strategy, state: DecodeState, prompt: torch.LongTensor) -
     hidden = adapter.embed(prompt, position_ids=state.position_ids(0, prompt.shape[1]), cache=state.cache)
     context = state.context(hidden, 0)
     for i in strategy.prompt_layers:
-        hidden = adapter.run_layer(i, hidden, context)
+        previous, hidden = hidden, adapter.run_layer(i, hidden, context)
+        strategy.after_prompt_layer(i + 1, previous, hidden)
     state.position = prompt.shape[1]
     strategy.after_prompt(state, hidden)
     return strategy.first_token(state, hidden)

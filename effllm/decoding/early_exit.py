@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from effllm import checks
+from effllm.decoding.adaptive_threshold import AdaptiveThreshold
 from effllm.decoding.exits import (  # noqa: F401 (ExitHead and the confidences have always been importable here)
     ExitHead,
     adaptive_k,
@@ -35,85 +35,8 @@ from effllm.decoding.exits import (  # noqa: F401 (ExitHead and the confidences 
     softmax_confidence,
     state_confidence,
 )
-from effllm.decoding.policies import Calm, Free, Policy, StaticExit, check_threshold
+from effllm.decoding.policies import Calm, Free, Policy, StaticExit
 from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
-
-
-class AdaptiveThreshold:
-    """FREE's adaptive threshold estimator: a two-component Beta mixture over shallow confidences.
-
-    At every synchronization the decoder records (c, 1[shallow argmax == deep argmax]) for the token the deep
-    model decided; the two classes' Beta parameters are fitted by moments (alpha = m (m (1 - m) / s^2 - 1),
-    beta = alpha (1 - m) / m), and the threshold becomes the smallest grid point in [0.3, 0.9] whose posterior
-    probability of "agree" exceeds ``zeta``. Updates stop after ``max_sequences`` sequences (the first ~300 in
-    FREE). One object persists across decoding calls.
-    """
-
-    def __init__(self, initial: float = 0.9, zeta: float = 0.4, max_sequences: int = 300,
-                 grid: tuple[float, float, float] = (0.3, 0.9, 0.01), min_per_class: int = 3):
-        self.threshold = check_threshold("threshold", initial)
-        self.zeta = checks.fraction("zeta", zeta, zero=False, one=False)
-        self.max_sequences = checks.positive_int("max_sequences", max_sequences)
-        self.min_per_class = checks.positive_int("min_per_class", min_per_class)
-        low, high, step = grid
-        self.grid = [low + step * i for i in range(int(round((high - low) / step)) + 1)]
-        self.samples: list[tuple[float, bool]] = []
-        self.sequences = 0
-        self.history: list[tuple[int, int, float]] = []  # (sequence, samples so far, threshold) after each fit
-
-    @property
-    def frozen(self) -> bool:
-        return self.sequences > self.max_sequences
-
-    def start_sequence(self) -> None:
-        self.sequences += 1
-
-    def record(self, confidence: float, agree: bool) -> None:
-        if self.frozen:
-            return
-        self.samples.append((float(confidence), bool(agree)))
-        fitted = self.fit()
-        if fitted is not None:
-            self.threshold = fitted
-        self.history.append((self.sequences, len(self.samples), self.threshold))
-
-    @staticmethod
-    def beta_moments(values: list[float]) -> tuple[float, float]:
-        eps = 1e-4
-        x = [min(max(v, eps), 1 - eps) for v in values]
-        m = sum(x) / len(x)
-        var = sum((v - m) ** 2 for v in x) / max(len(x) - 1, 1)
-        var = max(var, 1e-6)
-        common = m * (1 - m) / var - 1
-        if common <= 0:  # variance too large for a Beta: fall back to the flattest Beta with this mean
-            common = 1e-3
-        alpha = m * common
-        return alpha, alpha * (1 - m) / m
-
-    @staticmethod
-    def beta_log_pdf(x: float, alpha: float, beta: float) -> float:
-        x = min(max(x, 1e-6), 1 - 1e-6)
-        return ((alpha - 1) * math.log(x) + (beta - 1) * math.log1p(-x)
-                + math.lgamma(alpha + beta) - math.lgamma(alpha) - math.lgamma(beta))
-
-    def posterior_agree(self, confidence: float) -> float | None:
-        agree = [c for c, a in self.samples if a]
-        disagree = [c for c, a in self.samples if not a]
-        if len(agree) < self.min_per_class or len(disagree) < self.min_per_class:
-            return None
-        prior = len(agree) / len(self.samples)
-        la = math.log(prior) + self.beta_log_pdf(confidence, *self.beta_moments(agree))
-        ld = math.log(1 - prior) + self.beta_log_pdf(confidence, *self.beta_moments(disagree))
-        return 1.0 / (1.0 + math.exp(min(ld - la, 700.0)))
-
-    def fit(self) -> float | None:
-        """The threshold the current samples give, or None while a class has too few samples."""
-        if self.posterior_agree(0.5) is None:
-            return None
-        for tau in self.grid:
-            if self.posterior_agree(tau) > self.zeta:
-                return tau
-        return self.grid[-1]
 
 
 def allow_crop(cache: Any) -> None:
@@ -184,6 +107,7 @@ class ExitStrategy(Strategy):
         self.deferred: dict[int, list] = {}
         self.rollbacks = 0
         self.first_position = 0
+        self.prompt_states: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # CALM's checks of token 0
 
     def prepare_cache(self, cache: Any) -> None:
         if getattr(self.policy, "rollback_threshold", None) is not None:
@@ -192,15 +116,35 @@ class ExitStrategy(Strategy):
     def after_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.first_position = state.position  # where the first generated token is fed
 
+    def after_prompt_layer(self, layer: int, previous: torch.Tensor, hidden: torch.Tensor) -> None:
+        """CALM checks token 0 too (``deploying_t5.py:926``, ``pos_time`` 1): keep the last prompt position's state
+        at each checked layer (the prompt itself runs every layer: its K/V are needed)."""
+        if self.calm and layer in self.checked_layers and layer < self.n_layers:
+            self.prompt_states.append((layer, previous[:, -1:], hidden[:, -1:]))
+
     def first_token(self, state: DecodeState, hidden: torch.Tensor) -> Emitted:
+        if self.calm and self.prompt_states:
+            threshold = self._threshold(0)
+            self.head.new_token()
+            confidences = []
+            for layer, previous, current in self.prompt_states:
+                confidence, candidate = self.head.confidence(layer, current, previous)
+                confidences.append(confidence)
+                if confidence > threshold:
+                    token = candidate if candidate is not None else self.head.final(layer, current)
+                    return Emitted(token.to(state.next_token.device), layer, tuple(range(layer)), confidences,
+                                   threshold, self.head.flops, self.head.seconds)
+            token = self.head.final(self.depth, hidden).to(state.next_token.device)
+            return Emitted(token, self.depth, tuple(range(self.depth)), confidences, threshold, self.head.flops,
+                           self.head.seconds)
         token = self.head.final(self.depth, hidden).to(state.next_token.device)
         return Emitted(token, self.depth, tuple(range(self.depth)))
 
     def _threshold(self, t: int) -> float:
         if self.free:
             return self.estimator.threshold if self.estimator is not None else self.policy.threshold
-        if self.calm:
-            return self.policy.threshold_at(t, self.max_new_tokens)
+        if self.calm:  # generated token k uses position k + 1 (deploying_t5.py:926: past length + 1)
+            return self.policy.threshold_at(t + 1, self.max_new_tokens)
         return math.nan
 
     def step(self, state: DecodeState) -> StepResult:
@@ -211,14 +155,27 @@ class ExitStrategy(Strategy):
         emitted = Emitted(token, found.exit_layer, tuple(range(found.exit_layer)), found.confidences,
                           threshold if self.checked_layers else math.nan, self.head.flops, self.head.seconds)
         state.position += 1
-        if self.estimator is not None and found.shallow_token is not None and found.exit_layer == self.n_layers:
-            self.estimator.record(found.confidences[-1], bool(found.shallow_token.item() == token.item()))
+        if self.estimator is not None and found.synced_logits is not None:
+            self._record_synchronized(state, found, token)
         rollback = getattr(self.policy, "rollback_threshold", None)
         if found.synced and rollback is not None and found.synced_logits is not None:
             revised = self._rollback(state, found, rollback)
             if revised is not None:
                 return revised
         return StepResult([emitted])
+
+    def _record_synchronized(self, state: DecodeState, found: _Pass, token: torch.Tensor) -> None:
+        """FREE's calibration set (``deploying_t5.py:898-906``): at a synchronized pass, every stacked token's
+        (shallow confidence, shallow token == deep argmax at its position) and the current token's."""
+        deep = found.synced_logits.argmax(-1)  # [q]: the deep prediction at each stacked position and the current
+        confidences, agreed = [], []
+        for row, position in enumerate(found.synced_positions[:-1]):
+            record = state.records[position - self.first_position + 1]  # the token predicted at `position`
+            confidences.append(record.confidences[-1])
+            agreed.append(int(record.token.item()) == int(deep[row].item()))
+        confidences.append(found.confidences[-1])
+        agreed.append(int(found.shallow_token.item()) == int(token.item()))
+        self.estimator.record(confidences, agreed)
 
     def _rollback(self, state: DecodeState, found: _Pass, rollback_threshold: float) -> StepResult | None:
         """Revise the first stacked token whose deep cross-entropy exceeds the threshold, dropping what followed."""
@@ -242,7 +199,6 @@ class ExitStrategy(Strategy):
         position = state.position
         hidden = adapter.embed(state.next_token, position_ids=state.position_ids(position, 1), cache=state.cache)
         context = state.context(hidden, position)
-        strict = self.free  # FREE exits when the confidence exceeds the threshold, CALM when it reaches it
         confidences, shallow_token, synced = [], None, False
         joined: list[int] = []  # deferred positions advanced together with this token, ascending
         for i in range(self.depth):
@@ -267,7 +223,7 @@ class ExitStrategy(Strategy):
             if self.free and layer != self.policy.shallow_exit_layer:
                 continue  # FREE with vocabulary pruning: this check only picks the candidates
             confidences.append(confidence)
-            exits_here = confidence > threshold if strict else confidence >= threshold
+            exits_here = confidence > threshold  # both exit above it: get_skip_mask keeps `conf <= threshold`
             if self.free:
                 shallow_token = candidate
             if exits_here:

@@ -82,12 +82,14 @@ def state_confidence(previous: torch.Tensor, current: torch.Tensor) -> torch.Ten
 
 
 def decaying_k(k: int, k_min: int, layer: int, n_layers: int) -> int:
-    """Vincenti et al.'s decaying vocabulary size: k_l = max(k_min, floor(k / (1 + (k - k_min)/k_min * l/L)))."""
+    """The decaying size of the paper's text with k as its start: k_l = max(k_min, floor(k / (1 + (k - k_min)/k_min
+    * l/L))). The engine follows the authors' code instead (start 35000: :mod:`effllm.decoding.vocab_schedule`)."""
     return max(k_min, math.floor(k / (1 + (k - k_min) / k_min * layer / n_layers)))
 
 
 def adaptive_k(vocab_size: int, confidence: float, k_min: int) -> int:
-    """Vincenti et al.'s adaptive vocabulary size: k = V (1 - 0.9 c) of the previous layer's confidence."""
+    """An adaptive size from the whole vocabulary, k = V (1 - 0.9 c); the engine follows the authors' code instead
+    (k_i = int(k_{i-1} (1 - 0.9 c_{i-1})) from k: :mod:`effllm.decoding.vocab_schedule`)."""
     return max(k_min, math.ceil(vocab_size * (1.0 - 0.9 * confidence)))
 
 
@@ -106,7 +108,8 @@ class ExitHead:
 
     Vocabulary pruning (Vincenti et al. 2024): at ``candidate_layer`` the full head gives z and the candidate ids
     I = top-k(z); later checks compute logits for I only (``fixed`` k; ``decaying`` k_l; ``adaptive``
-    k = V (1 - 0.9 c_{l-1})), each time keeping the current layer's best k_{l+1} of I, and an exit emits
+    k_l = k_{l-1} (1 - 0.9 c_{l-1}): the authors' rules, :mod:`effllm.decoding.vocab_schedule`), each time
+    keeping the current layer's best k_{l+1} of I, and an exit emits
     I[argmax]. The final layer always uses the full vocabulary. ``vocab`` is a
     :class:`effllm.decoding.policies.VocabPruning`.
     """
@@ -128,6 +131,7 @@ class ExitHead:
 
     def new_token(self) -> None:
         self.rows: torch.LongTensor | None = None  # candidate ids for the next check (None: full vocabulary)
+        self.previous_confidence = 0.0  # the adaptive schedule sizes a check's pick from the check before
         self.flops = 0
         self.seconds = 0.0
 
@@ -162,15 +166,15 @@ class ExitHead:
         return confidence, token
 
     def _next_rows(self, layer: int, logits: torch.Tensor, rows: torch.LongTensor | None, confidence: float):
+        """The candidates the next check scores (:mod:`effllm.decoding.vocab_schedule`): picked here from the
+        logits just scored, the size from the schedule (the adaptive one from the previous check's confidence)."""
         ids = torch.arange(logits.shape[-1], device=logits.device) if rows is None else rows
-        vocab = self.vocab
-        if vocab.type_vocab_reduct == "fixed":
-            size = vocab.k
-        elif vocab.type_vocab_reduct == "decaying":
-            size = decaying_k(vocab.k, vocab.k_min, layer + 1, self.n_layers)
+        if rows is None:
+            size = self.vocab.first_size(layer, self.n_layers)
         else:
-            size = adaptive_k(self.vocab_size, confidence, vocab.k_min)
-        size = min(size, ids.shape[0])
+            size = self.vocab.next_size(layer, self.n_layers, rows.shape[0], self.previous_confidence)
+        self.previous_confidence = confidence
+        size = min(size, ids.shape[0])  # upstream torch.topk raises here; the rows in hand are the most
         if rows is not None and size == ids.shape[0]:
             return rows
         return ids[logits.topk(size).indices]

@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 import torch
 
 from effllm import checks
+from effllm.decoding import vocab_schedule
 from effllm.decoding.plans import check_budget, plan_layers
 
 CONFIDENCE_TYPES = ("softmax", "state", "meta")
@@ -120,27 +121,51 @@ def _same(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class VocabPruning:
-    """Dynamic vocabulary pruning of the softmax exit confidence (Vincenti et al. 2024, seed 000).
+    """Dynamic vocabulary pruning of the softmax exit confidence (Vincenti et al. 2024, seed 000), as the authors'
+    code computes it (MatteoNulli/Vocabulary_pruning @7289604; the rules and lines in
+    :mod:`effllm.decoding.vocab_schedule`).
 
-    At the first checked layer the full head picks the top-``k`` candidate ids; later checks score only those
-    rows: ``fixed`` k, ``decaying`` k_l = max(k_min, floor(k / (1 + (k - k_min) / k_min * l / L))), or
-    ``adaptive`` k = V (1 - 0.9 c) of the previous check's confidence. ``k_min`` defaults to max(2, k // 16).
+    At the first checked layer the full head picks the top-``k`` candidate ids; each later check scores the rows
+    picked at the check before and picks the next ones from them: ``fixed`` k; ``decaying``
+    k_i = max(k_min, int(k_max / (1 + (k_max - k_min) / k_min * i / L))) (k_max 35000, k_min 250, the authors');
+    ``adaptive`` k_i = int(k_{i-1} (1 - 0.9 c_{i-1})) from the previous check's confidence, floored at ``k_min``
+    (2: the softmax gap needs two rows). ``k=None`` (``decaying`` / ``adaptive`` only) starts from the decaying size
+    at the first check, as the authors' scripts run it (their ``--k`` unset).
     """
 
     type_vocab_reduct: str = "fixed"
-    k: int = 256
+    k: int | None = 256
     k_min: int | None = None
+    k_max: int = vocab_schedule.K_MAX
 
     def __post_init__(self) -> None:
         checks.choice("type_vocab_reduct", self.type_vocab_reduct, VOCAB_REDUCTIONS)
-        checks.integer("k", self.k, hint=" (candidate ids kept at the pruning layer)")
+        if self.k is None and self.type_vocab_reduct == "fixed":
+            raise ValueError("type_vocab_reduct='fixed' needs k (the number of candidate ids kept); k=None is for "
+                             "'decaying' and 'adaptive' (start from the decaying size)")
+        if self.k is not None:
+            checks.integer("k", self.k, hint=" (candidate ids kept at the pruning layer)")
         if self.k_min is None:
-            object.__setattr__(self, "k_min", max(2, self.k // 16))
-        checks.integer("k_min", self.k_min)
+            floor = {"fixed": self.k, "decaying": vocab_schedule.K_MIN, "adaptive": vocab_schedule.MIN_ROWS}
+            object.__setattr__(self, "k_min", floor[self.type_vocab_reduct])
+        if self.type_vocab_reduct != "fixed":  # fixed k scores k rows at every check: k_min is k
+            checks.integer("k_min", self.k_min, low=2, hint=" (the fewest rows a later check scores)")
+        checks.integer("k_max", self.k_max, low=2, hint=" (the decaying schedule's start)")
 
     def check(self, vocab_size: int) -> None:
-        checks.integer("k", self.k, low=2, high=vocab_size, hint=" (the vocabulary size is the most)")
-        checks.integer("k_min", self.k_min, low=2, high=self.k, hint=f" (at most k={self.k})")
+        if self.k is not None:
+            checks.integer("k", self.k, low=2, high=vocab_size, hint=" (the vocabulary size is the most)")
+
+    def first_size(self, layer: int, n_layers: int) -> int:
+        floor = self.k_min if self.type_vocab_reduct == "decaying" else vocab_schedule.K_MIN  # the decaying start
+        return vocab_schedule.first_size(self.type_vocab_reduct, self.k, layer, n_layers, self.k_max, floor)
+
+    def next_size(self, layer: int, n_layers: int, previous: int, previous_confidence: float) -> int:
+        if self.type_vocab_reduct == "fixed":
+            return self.k
+        if self.type_vocab_reduct == "decaying":
+            return vocab_schedule.decaying_size(layer, n_layers, self.k_max, self.k_min)
+        return max(self.k_min, vocab_schedule.adaptive_size(previous, previous_confidence))
 
     def columns(self) -> dict[str, Any]:
         return {"type_vocab_reduct": self.type_vocab_reduct, "k": self.k, "k_min": self.k_min}

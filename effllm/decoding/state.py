@@ -78,6 +78,9 @@ class Strategy:
     def prepare_cache(self, cache: Any) -> None:
         """Called once with the new cache, before the prompt pass (e.g. to allow rolling it back)."""
 
+    def after_prompt_layer(self, layer: int, previous: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Called after each prompt layer (1-based ``layer``) with its input and output states."""
+
     def after_prompt(self, state: DecodeState, hidden: torch.Tensor) -> None:
         """Called with the prompt's last-layer states (before the first token is picked)."""
 
