@@ -240,7 +240,8 @@ for row in costs[costs.k == k].itertuples():
 # ## 4. Generation: quality and speed against k, and fixed vs decaying vs adaptive
 #
 # CALM with softmax confidence from layer j at threshold 0.9, decoding the same prompts per model: no
-# pruning, fixed k for every k, and decaying and adaptive k starting from the chosen k. Quality is ROUGE-L
+# pruning, fixed k for every k, and decaying and adaptive k as the authors' scripts run them (k unset: the first
+# check keeps the decaying size, 35000 / (1 + 139 i / L) and at least 250, of layer i). Quality is ROUGE-L
 # and token agreement with the full-depth output; speed is measured against HF `generate`.
 
 # %%
@@ -254,7 +255,9 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     settings = {"none": Calm(**base)}
     settings |= {f"fixed k={size}": Calm(**base, vocab=VocabPruning("fixed", size))
                  for size in generation_ks if size <= item["adapter"].vocab_size}
-    settings |= {reduct: Calm(**base, vocab=VocabPruning(reduct, k)) for reduct in ("decaying", "adaptive")}
+    # decaying and adaptive as the authors' scripts run them: --k unset, so the first check keeps the decaying
+    # size (35000 / (1 + 139 i / L), at least 250) and later checks follow each schedule (effllm.decoding.vocab_schedule)
+    settings |= {reduct: Calm(**base, vocab=VocabPruning(reduct, None)) for reduct in ("decaying", "adaptive")}
     run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
                        rounds=rounds, speed_prompts=speed_prompts)
     generation.append(run.summary[~run.summary.label.isin(["hf_generate", "full"])].assign(model=name))
@@ -330,5 +333,5 @@ for name, group in variants.groupby("model", sort=False):
 # the most where the head is the largest share of a token's work (Gemma-3-270M's 262k rows) and where many
 # layers are checked per token; compare the two models' speed ratios. Because the pruned confidence tends
 # to be higher at a fixed threshold, tokens may also exit earlier (see `avg_layers`), which adds speed and
-# can cost ROUGE-L. Decaying k shrinks the candidates further with depth; adaptive k keeps many candidates
-# (up to V) while the confidence is low, so its cost per check depends on how sure the model is.
+# can cost ROUGE-L. Decaying k shrinks the candidates further with depth; adaptive k shrinks them at each check
+# by (1 - 0.9 c) of the previous check's confidence, so it prunes fastest where the model is sure.
