@@ -236,3 +236,23 @@ def test_meta_loss_is_the_authors_balanced_logit_adjusted_cross_entropy():
     z = head.net(x) + adjustment
     by_hand = -sum(float(torch.log_softmax(z[i], -1)[int(y[i])]) for i in range(10)) / 10
     assert float(_meta_loss(head, x, y, torch.zeros(10, dtype=torch.long), adjustment)) == pytest.approx(by_hand)
+
+
+def test_a_free_policy_keeps_one_estimator_across_the_sequences_it_decodes():
+    """deploying_t5.py:1047-1049, 1208-1214: the estimator lives on the model object for the whole evaluation set;
+    here on the policy object, so the second sequence is decoded at the threshold the first one gave."""
+    import torch
+
+    from effllm.decoding import Free, decode
+    from effllm.models import tiny_model
+
+    model, _ = tiny_model("llama", num_hidden_layers=6)
+    policy = Free(3, 0.003, use_adapt_threshold=True)
+    assert isinstance(policy.adapt_threshold, AdaptiveThreshold) and policy.adapt_threshold.threshold == 0.003
+    for seed in range(4):
+        ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(seed))
+        decode(model, ids, 24, policy, eos_token_id=[])
+    estimator = policy.adapt_threshold
+    assert estimator.sequences == 4 and len(estimator.confidences) > 0
+    assert estimator.fits >= 1 and estimator.history[0][0] >= 2  # refitted at a later sequence's start
+    assert Free(3, use_adapt_threshold=True).adapt_threshold is not Free(3, use_adapt_threshold=True).adapt_threshold

@@ -45,6 +45,7 @@ import torch
 
 from effllm import checks
 from effllm.decoding import vocab_schedule
+from effllm.decoding.adaptive_threshold import AdaptiveThreshold
 from effllm.decoding.plans import check_budget, plan_layers
 
 CONFIDENCE_TYPES = ("softmax", "state", "meta")
@@ -320,8 +321,10 @@ class Free(Policy):
     confidence exceeds ``threshold``; the deep layers of stacked shallow tokens run in one synchronized parallel
     pass with the next deep token.
 
-    ``use_adapt_threshold``: FREE's Beta-mixture estimator, starting from the threshold (pass
-    ``adapt_threshold=AdaptiveThreshold(...)`` to keep one estimator across calls). ``rollback_threshold``
+    ``use_adapt_threshold``: FREE's Beta-mixture estimator (:mod:`effllm.decoding.adaptive_threshold`), starting
+    from the threshold. The policy object owns one (``adapt_threshold``, made here unless given), so every
+    sequence decoded with the same policy adds to its calibration set and is decoded at the threshold the
+    sequences before it gave, as the authors' model object does over an evaluation set. ``rollback_threshold``
     (nats): after a synchronized pass, revise from the first stacked token whose deep cross-entropy exceeds it.
     ``vocab``: prune the shallow check's vocabulary, candidates picked by a full check at ``candidate_layer``
     (below the shallow exit; None: the shallow exit's middle layer, max(1, shallow_exit_layer // 2), which
@@ -349,6 +352,8 @@ class Free(Policy):
         if self.adapt_threshold is not None and not self.use_adapt_threshold:
             raise ValueError("adapt_threshold= is given but use_adapt_threshold=False: set use_adapt_threshold=True "
                              "to use the estimator")
+        if self.use_adapt_threshold and self.adapt_threshold is None:
+            object.__setattr__(self, "adapt_threshold", AdaptiveThreshold(initial=self.threshold))
         _vocab(self.vocab)
         if self.vocab is None and self.candidate_layer is not None:
             raise ValueError(f"candidate_layer={self.candidate_layer!r} is used only with vocabulary pruning "
