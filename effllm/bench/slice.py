@@ -35,6 +35,7 @@ import torch
 from effllm import data, metrics, records
 from effllm.adapters import get_adapter
 from effllm.bench import device_description, print_table, write_result
+from effllm.experiments.timing import time_rounds, wall_time
 from effllm.models import load_model
 from effllm.slicing import equal_parameter_shortgpt_layers, slice_model
 
@@ -88,13 +89,12 @@ def _n_parameters(model: torch.nn.Module) -> int:
 def _forward_seconds(model: torch.nn.Module, calibration: torch.Tensor, batch_size: int, repeats: int) -> float:
     """One dense forward pass over the calibration tokens, in the batches slicing uses (median of repeats)."""
     model(calibration[:1, :8], use_cache=False)  # warm-up: first-call allocations
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def forward() -> None:
         for batch in calibration.split(batch_size):
             model(batch, use_cache=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return statistics.median(t.seconds for t in time_rounds({"forward": forward}, repeats))
 
 
 @torch.no_grad()
@@ -118,9 +118,8 @@ def slice_variants(model, calibration, mean: float, amplitude: float, batch_size
     variants = []
     for label, kwargs in plans:
         copied = copy.deepcopy(model)
-        start = time.perf_counter()
-        slice_model(copied, calibration, batch_size=batch_size, **kwargs)
-        variants.append((label, copied, time.perf_counter() - start))
+        seconds, _ = wall_time(lambda c=copied, k=kwargs: slice_model(c, calibration, batch_size=batch_size, **k))
+        variants.append((label, copied, seconds))
     return variants
 
 
@@ -135,12 +134,14 @@ def slice_rows(model, tokenizer, calibration, eval_tokens, args) -> tuple[list[d
         _generate_seconds(variant, prompt[:, :8], 2, pad)
     prefill = {label: [] for label, _, _ in variants}
     decode = {label: [] for label, _, _ in variants}
-    for _ in range(args.repeats):  # interleaved rounds: machine load hits every variant alike
-        for label, variant, _ in variants:
-            one = _generate_seconds(variant, prompt, 1, pad)
-            many = _generate_seconds(variant, prompt, args.new_tokens, pad)
-            prefill[label].append(prompt.shape[1] / one)
-            decode[label].append((args.new_tokens - 1) / max(many - one, 1e-9))
+    calls = {label: (lambda v=variant: (_generate_seconds(v, prompt, 1, pad),
+                                        _generate_seconds(v, prompt, args.new_tokens, pad)))
+             for label, variant, _ in variants}
+    # interleaved rounds, the order shuffled each round: machine load hits every variant alike
+    for timing in time_rounds(calls, args.repeats):
+        one, many = timing.value
+        prefill[timing.label].append(prompt.shape[1] / one)
+        decode[timing.label].append((args.new_tokens - 1) / max(many - one, 1e-9))
 
     rows = []
     for label, variant, seconds in variants:
