@@ -67,14 +67,44 @@ class DecodeOutput:
     prefill_seconds: float = 0.0  # the prompt pass and the first token (CUDA synchronised)
     decode_seconds: float = 0.0  # every later token
     num_layers_run: torch.LongTensor | None = None  # [batch, new]: layers each prediction ran (None: exit_layers)
+    eos_token_ids: tuple[int, ...] = ()  # where each row's answer ends (empty: decoding ignored the end of sequence)
+    rows: list[DecodeOutput] | None = None  # a batch decoded row by row or in lock step: each row's own output
 
     def __post_init__(self) -> None:
         if self.num_layers_run is None:
             self.num_layers_run = self.exit_layers
 
+    def split(self, attention_mask: torch.Tensor | None = None) -> list[DecodeOutput]:
+        """One batch-1 output per row, as decoding that row alone gives it: the prompt without its left padding
+        (``attention_mask``: the batch's mask), the new tokens up to and including the row's first end of sequence,
+        their exit layers and per-token records."""
+        if self.rows is not None:
+            return list(self.rows)
+        new = self.new_tokens()
+        prompt = self.sequences[:, : self.sequences.shape[1] - new.shape[1]]
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=new.device)
+        out = []
+        for r in range(self.sequences.shape[0]):
+            length = _answer_length(new[r], eos)
+            keep = prompt[r] if attention_mask is None or prompt.shape[1] != attention_mask.shape[1] else (
+                prompt[r][attention_mask[r].bool().to(prompt.device)])
+            out.append(DecodeOutput(
+                sequences=torch.cat([keep, new[r, :length]]).unsqueeze(0),
+                exit_layers=self.exit_layers[r : r + 1, :length],
+                num_layers_run=self.num_layers_run[r : r + 1, :length],
+                confidences=self.confidences[:length], thresholds=self.thresholds[:length],
+                confidence_flops=self.confidence_flops[:length], confidence_seconds=self.confidence_seconds[:length],
+                layers_run=self.layers_run[:length], num_layers=self.num_layers, policy=self.policy,
+                prefill_seconds=self.prefill_seconds, decode_seconds=self.decode_seconds,
+                eos_token_ids=self.eos_token_ids))
+        return out
+
     @property
     def avg_layers(self) -> float:
-        """Mean over new tokens of the number of layers they ran (``num_layers_run``)."""
+        """Mean over new tokens of the number of layers they ran (``num_layers_run``; a batch with ``rows``: over
+        every row's own tokens, up to its end of sequence)."""
+        if self.rows is not None:
+            return float(torch.cat([r.num_layers_run[0] for r in self.rows]).double().mean())
         return float(self.num_layers_run.double().mean())
 
     @property
@@ -94,6 +124,36 @@ class DecodeOutput:
             warnings.warn("DecodeOutput.new_tokens(prompt_len) is deprecated: the argument is ignored; call "
                           "new_tokens()", DeprecationWarning, stacklevel=2)
         return self.sequences[:, self.sequences.shape[1] - self.exit_layers.shape[1]:]
+
+
+def _answer_length(new: torch.Tensor, eos: torch.Tensor) -> int:
+    """How many of one row's new ids [new] belong to its answer: up to and including the first end of sequence."""
+    if not eos.numel():
+        return int(new.shape[0])
+    stops = torch.isin(new, eos).nonzero()
+    return int(stops[0]) + 1 if len(stops) else int(new.shape[0])
+
+
+def stack_rows(rows: list[DecodeOutput], prompt: torch.LongTensor, pad_token_id: int) -> DecodeOutput:
+    """A batch's output from each row's own output (``prompt``: the batch's padded prompt [batch, P], or T5's
+    decoder start column): the new tokens right-padded with ``pad_token_id`` (the end of sequence, as HF pads a
+    finished row), exit layers and layer counts with 0 past a row's end; ``rows`` keeps every row's output."""
+    news = [r.new_tokens()[0] for r in rows]
+    width = max(n.shape[0] for n in news)
+    new = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=prompt.device)
+    exit_layers = torch.zeros((len(rows), width), dtype=torch.long, device=prompt.device)
+    layers = torch.zeros_like(exit_layers)
+    for i, (r, n) in enumerate(zip(rows, news, strict=True)):
+        new[i, : n.shape[0]] = n
+        exit_layers[i, : n.shape[0]] = r.exit_layers[0]
+        layers[i, : n.shape[0]] = r.num_layers_run[0]
+    first = rows[0]
+    return DecodeOutput(
+        sequences=torch.cat([prompt, new], dim=1), exit_layers=exit_layers, num_layers_run=layers,
+        rollbacks=sum(r.rollbacks for r in rows), drafted=sum(r.drafted for r in rows),
+        accepted=sum(r.accepted for r in rows), num_layers=first.num_layers, policy=first.policy,
+        prefill_seconds=sum(r.prefill_seconds for r in rows), decode_seconds=sum(r.decode_seconds for r in rows),
+        eos_token_ids=first.eos_token_ids, rows=rows)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -161,9 +221,6 @@ def _check_policy(model: torch.nn.Module, adapter: Any, policy: Policy | None, b
     if policy.method == "skip" and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError("layer skipping decodes decoder-only models (llama family, opt, gpt2); got a T5 "
                          "encoder-decoder")
-    if batch > 1 and not policy.batched:
-        raise ValueError(f"{policy.method!r} decodes one sequence at a time (batch 1: each token runs its own "
-                         f"layers); got batch {batch}: call it once per prompt (only full and static decode batches)")
     return policy
 
 
@@ -202,7 +259,7 @@ def _generate(strategy: Strategy, state: DecodeState, eos: torch.Tensor, finishe
 
 
 def _output(records: list[Emitted], prompt: torch.LongTensor, strategy: Strategy, n_layers: int, policy: Policy,
-            seconds: tuple[float, float]) -> DecodeOutput:
+            seconds: tuple[float, float], eos: torch.Tensor) -> DecodeOutput:
     batch = prompt.shape[0]
     new = torch.cat([r.token.to(prompt.device) for r in records], dim=1)
     return DecodeOutput(
@@ -221,7 +278,23 @@ def _output(records: list[Emitted], prompt: torch.LongTensor, strategy: Strategy
         policy=policy,
         prefill_seconds=seconds[0],
         decode_seconds=seconds[1],
+        eos_token_ids=tuple(int(e) for e in eos.tolist()),
     )
+
+
+def _decode_each_row(model: torch.nn.Module, input_ids: torch.LongTensor, mask: torch.Tensor | None,
+                     max_new_tokens: int, policy: Policy, keywords: dict[str, Any]) -> DecodeOutput:
+    """A batch decoded one row at a time (each row's padding dropped): the reference the lock-step batch equals,
+    and the path of the batches lock step does not decode (see :mod:`effllm.decoding.lockstep`)."""
+    rows = []
+    for r in range(input_ids.shape[0]):
+        ids = input_ids[r : r + 1] if mask is None else input_ids[r : r + 1, mask[r].bool()]
+        rows.append(decode(model, ids, max_new_tokens, policy, **keywords))
+    eos = rows[0].eos_token_ids
+    pad = eos[0] if eos else int(getattr(model.generation_config, "pad_token_id", None) or 0)
+    prompt = input_ids if not getattr(model.config, "is_encoder_decoder", False) else torch.stack(
+        [r.sequences[0, :1] for r in rows])
+    return stack_rows(rows, prompt, pad)
 
 
 @torch.no_grad()
@@ -248,6 +321,9 @@ def decode(
     policy = _check_policy(model, adapter, policy, batch)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
+    if batch > 1 and not policy.batched:
+        return _decode_each_row(model, input_ids, mask, max_new_tokens, policy,
+                                {"eos_token_id": eos_token_id, "exit_transform": exit_transform})
     original_prompt = input_ids  # the sequences start with it, padding included
     input_ids, offsets, prompt_mask = _prepare_prompt(input_ids, mask, encoder_decoder)
     transform = resolve_exit_transform(model, exit_transform)
@@ -280,4 +356,4 @@ def decode(
     _generate(strategy, state, eos, finished)
     _synchronize(device)
     return _output(state.records, original_prompt, strategy, adapter.num_layers, policy,
-                   (prefilled - started, time.perf_counter() - prefilled))
+                   (prefilled - started, time.perf_counter() - prefilled), eos)
