@@ -57,8 +57,6 @@ def test_padded_batch_rules():
     right[0, -2:] = 0
     with pytest.raises(ValueError, match="pads on the right"):
         decode(model, ids, 3, Full(), attention_mask=right)
-    with pytest.raises(ValueError, match="decodes one sequence at a time"):
-        decode(model, ids, 3, Calm(), attention_mask=torch.ones_like(ids))
     with pytest.raises(ValueError, match="only 0 .padding. and 1"):
         decode(model, ids, 3, Full(), attention_mask=torch.full_like(ids, 2))
     with pytest.raises(ValueError, match="input_ids' shape"):

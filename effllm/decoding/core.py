@@ -17,10 +17,13 @@ The loop is written here rather than as a HF ``generate`` logits processor becau
 run per token, which HF's generation loop has no hook for. With exits disabled it reproduces HF ``generate``
 token for token on every supported family (tests).
 
-Batches: :class:`~effllm.decoding.policies.Full` and :class:`~effllm.decoding.policies.StaticExit` decode a
-batch at once, left-padded rows included (``attention_mask``); each row decodes as it would alone. Every other
-policy decodes one sequence (batch 1) and refuses a batch; a batch-1 prompt with padding has the padding
-removed first. Right padding on a decoder-only batch is refused (pad on the left, as HF ``generate`` needs).
+Batches: every policy decodes a batch, left-padded rows included (``attention_mask``), each row as it would
+alone. :class:`~effllm.decoding.policies.Full` and :class:`~effllm.decoding.policies.StaticExit` natively (every
+row runs the same layers); the per-token policies in lock step (:mod:`effllm.decoding.lockstep`: every layer
+for every row, each row its own exits; a way to measure quality, not speed), or row by row where lock step
+cannot (``lockstep.unsupported`` says why). A batch's output keeps each row's own output in ``rows``
+(``split()``). A batch-1 prompt with padding has the padding removed first. Right padding on a decoder-only
+batch is refused (pad on the left, as HF ``generate`` needs).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 from effllm import checks
 from effllm.adapters import get_adapter
-from effllm.decoding import early_exit, skipping, speculative
+from effllm.decoding import early_exit, lockstep, skipping, speculative
 from effllm.decoding.exits import LOGIT_LENS, ExitTransform, resolve_exit_transform
 from effllm.decoding.policies import Full, Policy
 from effllm.decoding.state import DecodeState, Emitted, Strategy
@@ -321,7 +324,7 @@ def decode(
     policy = _check_policy(model, adapter, policy, batch)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
-    if batch > 1 and not policy.batched:
+    if batch > 1 and not policy.batched and lockstep.unsupported(model, adapter, policy) is not None:
         return _decode_each_row(model, input_ids, mask, max_new_tokens, policy,
                                 {"eos_token_id": eos_token_id, "exit_transform": exit_transform})
     original_prompt = input_ids  # the sequences start with it, padding included
@@ -338,6 +341,11 @@ def decode(
         prompt = torch.full((batch, 1), start, dtype=torch.long, device=input_ids.device)
         original_prompt = prompt
 
+    if batch > 1 and not policy.batched:  # a per-token policy on a batch: lock step, each row its own exits
+        engine = lockstep.Lockstep(model, adapter, policy, transform, max_new_tokens, eos)
+        rows, seconds = engine.run(prompt, offsets, prompt_mask, extras)
+        pad = int(eos[0]) if eos.numel() else int(getattr(model.generation_config, "pad_token_id", None) or 0)
+        return stack_rows(lockstep.outputs(engine, rows, prompt, prompt_mask, seconds), original_prompt, pad)
     strategy = _strategy(policy, adapter, model, transform, max_new_tokens)
     device = input_ids.device
     _synchronize(device)

@@ -148,14 +148,8 @@ class ExitHead:
         start = time.perf_counter()
         token = None
         if self.conf_type == "softmax":
-            rows = self.rows
-            logits = self.logits(layer, hidden[:, -1:], rows)[0, -1]  # [V] or [k_l]
-            confidence = float(softmax_confidence(logits))
-            local = logits.argmax()
-            token = (local if rows is None else rows[local]).view(1, 1)
-            self.flops += head_flops(self.hidden_size, logits.shape[-1])
-            if self.vocab is not None and layer >= self.candidate_layer:
-                self.rows = self._next_rows(layer, logits, rows, confidence)
+            logits = self.logits(layer, hidden[:, -1:], self.rows)[0, -1]  # [V] or [k_l]
+            confidence, token = self.score(layer, logits)
         elif self.conf_type == "state":
             confidence = float(state_confidence(previous[:, -1], hidden[:, -1])[0])
             self.flops += 6 * self.hidden_size  # two norms and a dot product
@@ -163,6 +157,19 @@ class ExitHead:
             confidence = float(self.meta_classifier(layer, hidden[:, -1:]).reshape(-1)[-1])
             self.flops += 2 * self.hidden_size
         self.seconds += time.perf_counter() - start
+        return confidence, token
+
+    def score(self, layer: int, logits: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The softmax confidence and token [1, 1] of ``logits`` [V] (or [k]: scored on the current candidates
+        ``self.rows``) at ``layer``, with their FLOPs, and the candidates the next check scores. The lock-step
+        batch scores many rows' full-vocabulary logits in one product and hands each row's here."""
+        rows = self.rows
+        confidence = float(softmax_confidence(logits))
+        local = logits.argmax()
+        token = (local if rows is None else rows[local]).view(1, 1)
+        self.flops += head_flops(self.hidden_size, logits.shape[-1])
+        if self.vocab is not None and layer >= self.candidate_layer:
+            self.rows = self._next_rows(layer, logits, rows, confidence)
         return confidence, token
 
     def _next_rows(self, layer: int, logits: torch.Tensor, rows: torch.LongTensor | None, confidence: float):
