@@ -43,7 +43,7 @@ dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 max_new_tokens = 64  # length of each chat reply
 lens_corpora = ["python-docs", "python-code"]  # built-in corpora for the logit lens (effllm.data)
-lens_sequences = 8  # windows per corpus
+lens_sequences = 4  # windows per corpus
 lens_seq_len = 256  # tokens per window
 
 # %%

@@ -55,33 +55,33 @@ figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
-n_prompts = 4  # timed prompts per data set, decoded by every setting
-max_new_tokens = 24  # tokens per prompt (end-of-sequence ignored: every row does the same work)
+n_prompts = 8  # timed prompts per data set, decoded by every setting
+max_new_tokens = 12  # answer limit: decoding stops at the end of sequence or after this many tokens
 rounds = 3  # interleaved timing rounds; a speed ratio is their median
-speed_prompts = 4  # the first prompts are timed in every round (quality: every prompt, once)
+speed_prompts = 2  # the first prompts are timed in every round (quality: every prompt, once)
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 lens_corpora = ["python-docs", "python-code"]  # text for the logit-lens agreement
 lens_sequences = 1  # windows per corpus
 lens_seq_len = 128  # tokens per window
 exit_min_layer = None  # CALM's first checked layer; None: 2 L // 3 (fitted exits agree poorly below it)
 shallow_exit_layer = None  # FREE's shallow exit; None: 2 L // 3
-static_exit_layers = None  # static exits to compare; None: L // 2, 2 L // 3, L - 2
-thresholds = [0.99, 0.95, 0.9, 0.7]  # CALM (softmax, meta) / FREE confidence thresholds for the speed-quality curve
-state_thresholds = [0.999, 0.99, 0.95]  # CALM's hidden-state saturation cos(h_{l-1}, h_l)
+static_exit_layers = [20]  # static exits to compare; None: L // 2, 2 L // 3, L - 2
+thresholds = [0.9, 0.7]  # CALM (softmax, meta) / FREE confidence thresholds for the speed-quality curve
+state_thresholds = [0.99]  # CALM's hidden-state saturation cos(h_{l-1}, h_l)
 exit_position_temp = 4.0  # CALM's decaying threshold (the seed's temperature), at the middle threshold
-meta_windows = 4  # calibration windows per corpus to fit CALM's meta classifier (0: no meta rows)
+meta_windows = 2  # calibration windows per corpus to fit CALM's meta classifier (0: no meta rows)
 rollback_threshold = 2.0  # FREE rollback: deep cross-entropy (nats) above which a shallow token is revised
-calibration_prompts = 12  # Learn-then-Test prompts (disjoint from the timed ones)
-calibration_tokens = 12
-ltt_candidates = [0.99, 0.95, 0.9, 0.8]
+calibration_prompts = 8  # Learn-then-Test prompts (disjoint from the timed ones)
+calibration_tokens = 8
+ltt_candidates = [0.99, 0.95, 0.9]
 ltt_distance = "rougeL"  # disagreement with the full model: rougeL (1 - ROUGE-L) | token (mismatch rate)
 ltt_delta = 0.25  # allowed mean disagreement with the full model ...
 ltt_epsilon = 0.1  # ... with probability at least 1 - epsilon
-adaptive_prompts = 12  # prompts decoded in sequence while FREE's threshold adapts
-adaptive_tokens = 24
+adaptive_prompts = 6  # prompts decoded in sequence while FREE's threshold adapts
+adaptive_tokens = 12
 # The same model with exits trained by effllm.training (load_model("<model>-ee"), trained on first use; notebook 08
 # shows the training): static / CALM / FREE run through its trained exit beside the fitted exits (None: skip)
-trained_model = None
+trained_model = "smollm2-135m-ee"
 
 # %%
 torch.manual_seed(seed)

@@ -58,14 +58,14 @@ exit_min_layer = None  # the pruning layer j (1-based); None: 0.6 L of each mode
 k = 256  # candidates kept at the pruning layer
 threshold = 0.9  # CALM softmax threshold (the paper's)
 ks = [16, 64, 256, 1024, 4096]  # candidate-set sizes for the cost of one check against k
-generation_ks = [16, 256, 4096]  # fixed-k sizes decoded with CALM (each is one more generation run per model)
+generation_ks = [256]  # fixed-k sizes decoded with CALM (each is one more generation run per model)
 analysis_corpora = ["python-docs", "python-code"]  # text for the teacher-forced confidence analysis
 analysis_sequences = 1  # windows per corpus
 analysis_seq_len = 128
-n_prompts = 4  # generation prompts per model
-max_new_tokens = 24
+n_prompts = 8  # generation prompts per model
+max_new_tokens = 12
 rounds = 3  # interleaved timing rounds; a speed ratio is their median
-speed_prompts = 4  # the first prompts are timed in every round (quality: every prompt, once)
+speed_prompts = 1  # the first prompts are timed in every round (quality: every prompt, once)
 cost_min_run_time = 0.2  # seconds per timing of one confidence check
 
 # %%

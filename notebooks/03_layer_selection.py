@@ -51,8 +51,8 @@ dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 task = "arithmetic"  # prompts with reference answers: arithmetic | humaneval | alpaca (the paper's, hub)
 budgets = [4 / 24, 8 / 24, 12 / 24, 1.0]  # the paper's 4 / 8 / 12 / 24 of 24 layers, as fractions of the depth
-n_prompts = 8  # test prompts decoded with every setting
-max_new_tokens = 32  # new tokens per prompt
+n_prompts = 12  # test prompts decoded with every setting
+max_new_tokens = 12  # new tokens per prompt
 similarity_corpus = "python-docs"  # windows for the hidden-state comparison (effllm.data)
 similarity_windows = 4  # windows of similarity_seq_len tokens
 similarity_seq_len = 128
@@ -65,7 +65,7 @@ controller_lr = 0.1
 rounds = 1  # interleaved timing rounds (speed: their median)
 # The same model with an exit trained by effllm.training (load_model("<model>-ee")): at its exit layer, skipping,
 # early exit through the plain head and early exit through the trained exit side by side (None: skip)
-trained_model = None
+trained_model = "smollm2-135m-ee"
 
 # %%
 torch.manual_seed(seed)

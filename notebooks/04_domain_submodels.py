@@ -63,17 +63,18 @@ calibration_sets = ["python-code", "humaneval", "python-docs", "docstrings", "ar
 prune_method = "wanda"  # wanda | magnitude | sparsegpt
 sparsity = 0.5
 pattern = "unstructured"  # or "2:4", "4:8"
-calibration_samples = 32  # Wanda's paper: 128 sequences of the model's context length
+calibration_samples = 16  # Wanda's paper: 128 sequences of the model's context length
 calibration_seq_len = 128
 # eval domain -> held-out corpus; a domain named like a calibration domain is that domain's perplexity
 perplexity_domains = {"code": "python-code", "prose": "python-docs", "math": "arithmetic"}
-perplexity_windows = 32  # per domain (None: every window of the held-out text)
-perplexity_seq_len = 256
+perplexity_windows = 16  # per domain (None: every window of the held-out text)
+perplexity_seq_len = 128
 humaneval_problems = 40  # the first N of 164: greedy generation is slow on a CPU
 humaneval_max_new_tokens = 96
 # HumanEval and MBPP run the model's programs on this machine (confined; README "Running model-written code"):
-# opt in with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); without the opt-in the notebook stops here.
-allow_code_execution = False
+# opt in with True, as the default profile does (or EFFLLM_ALLOW_CODE_EXECUTION=1); without the opt-in the
+# notebook stops here.
+allow_code_execution = True
 mbpp_problems = 0  # the first N of MBPP's test split (hub data); 0 skips MBPP
 mbpp_max_new_tokens = 256
 math_task = "arithmetic"  # or "gsm8k" (hub)
@@ -84,11 +85,11 @@ translation_task = None  # wmt14 | opus_books | song_translation (hub data); Non
 translation_problems = 0
 translation_samples = 5  # the seed scores the best of 5 samples
 translation_max_new_tokens = 128
-zero_shot_tasks = ["arithmetic-mc", "prose-mc"]  # effllm.zeroshot.TASKS, or lm-eval hub tasks (paper)
+zero_shot_tasks = []  # effllm.zeroshot.TASKS, or lm-eval hub tasks (paper)
 zero_shot_limit = 200  # the first N items of each task (None: all)
 # Which sub-models the task metrics (generation and zero-shot) run on, besides the dense model: None = all.
 # Perplexity and masks are always measured for every sub-model.
-task_submodels = None
+task_submodels = ["python-code"]
 batch_size = 8
 weight_view_layer = None  # None: the middle layer
 weight_view_pair = ["python-code", "python-docs"]

@@ -65,9 +65,9 @@ calibration_samples = 8  # calibration windows (SliceGPT: 128 x 2048 tokens of w
 calibration_seq_len = 256  # tokens per calibration window
 eval_data = "python-docs"  # held-out perplexity corpus
 eval_split = "test"
-eval_windows = 32  # perplexity windows of eval_seq_len tokens (None: every window of the split)
+eval_windows = 16  # perplexity windows of eval_seq_len tokens (None: every window of the split)
 eval_seq_len = 256
-means = [0.1, 0.2, 0.3, 0.4]  # mean slice fractions M to compare
+means = [0.2, 0.3, 0.4]  # mean slice fractions M to compare
 amplitude = 0.1  # A of dynamic slicing in the comparison
 # levels M (among means) also sliced at every A of the authors' grid amplitude_grid(M) = np.arange(0, M + 0.01, 0.02)
 # (perplexity only; 14 more slicings at M = 0.3); [] keeps A fixed
@@ -77,7 +77,7 @@ vector_amplitudes = None  # amplitudes of the slicing-vector figure; None: the a
 # Multiple-choice tasks scored per item through lm-eval: built-in (effllm.zeroshot.TASKS) or lm-eval's hub tasks
 # (effllm.zeroshot.HUB_TASKS; the paper profile runs seed 004's suite). [] skips zero-shot accuracy.
 zero_shot_tasks = ["prose-mc"]
-zero_shot_limit = None  # items per task (None: all; prose-mc has 227)
+zero_shot_limit = 200  # items per task (None: all; prose-mc has 227)
 zero_shot_means = [0.3]  # the levels M scored on zero-shot (with the dense model); None: every level
 batch_size = 8
 

@@ -59,20 +59,20 @@ calibration_seq_len = 128  # tokens per calibration window
 eval_data = "python-docs"  # held-out perplexity corpus (test split)
 eval_windows = 4  # perplexity windows
 eval_seq_len = 256  # tokens per perplexity window
-n_prompts = 4  # decode prompts (arithmetic questions and HumanEval prompts, alternating)
-max_new_tokens = 32  # new tokens per decode prompt (no EOS stop: every row does the same work)
-speed_prompts = 4  # the first prompts, timed in `rounds` rounds back to back with the dense model
+n_prompts = 8  # decode prompts (arithmetic questions and HumanEval prompts, alternating)
+max_new_tokens = 12  # new tokens per decode prompt (no EOS stop: every row does the same work)
+speed_prompts = 2  # the first prompts, timed in `rounds` rounds back to back with the dense model
 rounds = 3  # timing rounds; a speed ratio is their median
 prefill_tokens = 128  # prompt length of the prefill timing
 prefill_min_run_time = 0.5  # seconds of repeated prefill per row (median kept)
-slice_levels = [0.1, 0.2, 0.3]  # mean slice fractions M of constant and dynamic slicing
+slice_levels = [0.3]  # mean slice fractions M of constant and dynamic slicing
 slice_amplitude = 0.1  # A of dynamic slicing (capped at M, so that no layer gets a negative fraction)
 shortgpt_fraction = 0.1  # fraction of layers ShortGPT removes
 skip_budget = 0.8  # static layer skipping: fraction of layers every decoded token runs
 use_fitted_exits = True  # least-squares exits (effllm.lens) for CALM / FREE; False: the plain logit lens
 # The same model with exits trained by effllm.training (load_model("<model>-ee"), trained on first use): its static
 # exit and FREE rows stand beside the fitted exits' (None: no trained rows)
-trained_model = None
+trained_model = "smollm2-135m-ee"
 k = 256  # candidate tokens of vocabulary pruning (fixed k)
 # Learn-then-Test prompts (disjoint from the decode prompts); with delta = epsilon = 0.2 it needs at least 8
 # prompts to certify anything (0.8^n < epsilon), however small the measured risk.
@@ -86,8 +86,8 @@ humaneval_max_new_tokens = 96
 # HumanEval runs the model's programs on this machine (confined; README "Running model-written code"): opt in
 # with True (or EFFLLM_ALLOW_CODE_EXECUTION=1); with humaneval_problems > 0 and no opt-in the notebook stops here.
 allow_code_execution = False
-# Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it (the default profile runs
-# prose-mc on 40 items: lm-eval takes tens of seconds per model on a 2-core CPU, and there are 10 models).
+# Built-in lm-eval task (effllm.zeroshot) for the model-level rows; None skips it, as the default profile does
+# (lm-eval takes tens of seconds per model on a 2-core CPU, there are 10 models, and notebook 06 scores prose-mc).
 zero_shot_task = None
 zero_shot_limit = 60  # items (None: all)
 batch_size = 8

@@ -159,6 +159,27 @@ def stack_rows(rows: list[DecodeOutput], prompt: torch.LongTensor, pad_token_id:
         eos_token_ids=first.eos_token_ids, rows=rows)
 
 
+def _lockstep_outputs(lockstep: Any, rows: list[Any], prompt: torch.LongTensor, prompt_mask: torch.Tensor | None,
+            seconds: tuple[float, float]) -> list[DecodeOutput]:
+    """Each row's output of a lock-step batch (:mod:`effllm.decoding.lockstep`), as decoding it alone returns it."""
+    out = []
+    eos = tuple(int(e) for e in lockstep.eos.tolist())
+    for r, row in enumerate(rows):
+        head = prompt[r] if prompt_mask is None else prompt[r][prompt_mask[r].bool()]
+        records = row.records
+        new = torch.cat([rec.token.reshape(1).to(prompt.device) for rec in records])
+        out.append(DecodeOutput(
+            sequences=torch.cat([head, new]).unsqueeze(0),
+            exit_layers=torch.tensor([[rec.exit_layer for rec in records]], device=prompt.device),
+            num_layers_run=torch.tensor([[len(rec.layers_run) for rec in records]], device=prompt.device),
+            confidences=[rec.confidences for rec in records], thresholds=[rec.threshold for rec in records],
+            confidence_flops=[rec.flops for rec in records], confidence_seconds=[rec.seconds for rec in records],
+            layers_run=[rec.layers_run for rec in records], rollbacks=row.rollbacks, drafted=row.drafted,
+            accepted=row.accepted, num_layers=lockstep.n_layers, policy=lockstep.policy,
+            prefill_seconds=seconds[0], decode_seconds=seconds[1], eos_token_ids=eos))
+    return out
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -345,7 +366,7 @@ def decode(
         engine = lockstep.Lockstep(model, adapter, policy, transform, max_new_tokens, eos)
         rows, seconds = engine.run(prompt, offsets, prompt_mask, extras)
         pad = int(eos[0]) if eos.numel() else int(getattr(model.generation_config, "pad_token_id", None) or 0)
-        return stack_rows(lockstep.outputs(engine, rows, prompt, prompt_mask, seconds), original_prompt, pad)
+        return stack_rows(_lockstep_outputs(engine, rows, prompt, prompt_mask, seconds), original_prompt, pad)
     strategy = _strategy(policy, adapter, model, transform, max_new_tokens)
     device = input_ids.device
     _synchronize(device)

@@ -151,22 +151,46 @@ class Lockstep:
         for r, record in enumerate(first):
             self._append(rows[r], record)
         prefilled = time.perf_counter()
-        while any(not row.finished and len(row.records) < self.max_new_tokens for row in rows):
-            active = [r for r, row in enumerate(rows) if not row.finished and len(row.records) < self.max_new_tokens]
-            tokens = torch.stack([row.records[-1].token.reshape(1).to(device) for row in rows])  # [batch, 1]
-            positions = torch.tensor([[row.position] for row in rows], device=device)
+        alive = list(range(batch))  # the rows the batch's tensors hold, in order (finished rows leave it)
+        while True:
+            done = [b for b, r in enumerate(alive) if rows[r].finished or len(rows[r].records) >= self.max_new_tokens]
+            if len(done) == len(alive):
+                break
+            if done:
+                alive, valid, extras = self._compact(alive, done, cache, valid, extras)
+            here = [rows[r] for r in alive]
+            n = len(alive)
+            tokens = torch.stack([row.records[-1].token.reshape(1).to(device) for row in here])  # [n, 1]
+            positions = torch.tensor([[row.position] for row in here], device=device)
             hidden = adapter.embed(tokens, position_ids=positions, cache=cache)
-            mask = None if bool(valid.all()) else torch.cat(
-                [valid, valid.new_ones(batch, 1)], dim=1).long()
+            mask = None if bool(valid.all()) else torch.cat([valid, valid.new_ones(n, 1)], dim=1).long()
             context = adapter.context(hidden, position_ids=positions, cache=cache, attention_mask=mask, **extras)
             slot = valid.shape[1]
-            valid = torch.cat([valid, valid.new_ones(batch, 1)], dim=1)
-            for row in rows:
+            valid = torch.cat([valid, valid.new_ones(n, 1)], dim=1)
+            for row in here:
                 row.fed_slots.append(slot)
-            results = self._step(hidden, context, active, rows)
-            for r in active:
-                valid = self._apply(rows[r], r, results[r], valid)
+            results = self._step(hidden, context, list(range(n)), here)
+            for b in range(n):
+                valid = self._apply(here[b], b, results[b], valid)
         return rows, (prefilled - started, time.perf_counter() - prefilled)
+
+    def _compact(self, alive: list[int], done: list[int], cache: Any, valid: torch.Tensor, extras: dict[str, Any]
+                 ) -> tuple[list[int], torch.Tensor, dict[str, Any]]:
+        """Drop the finished rows from the batch (its cache, masks, encoder states and per-row heads), so that a
+        batch whose rows end at different lengths does not keep computing the ended ones."""
+        keep = [b for b in range(len(alive)) if b not in set(done)]
+        index = torch.tensor(keep, device=valid.device)
+        for part in (getattr(cache, "self_attention_cache", cache), getattr(cache, "cross_attention_cache", None)):
+            for layer in getattr(part, "layers", ()):
+                layer.batch_select_indices(index.to(layer.keys.device) if getattr(layer, "keys", None) is not None
+                                           else index)
+        extras = {k: v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) else v
+                  for k, v in extras.items()}
+        if self.heads:
+            self.heads = [self.heads[b] for b in keep]
+        if self.generators:
+            self.generators = [self.generators[b] for b in keep]
+        return [alive[b] for b in keep], valid[index], extras
 
     def _append(self, row: _Row, record: Emitted) -> None:
         if row.finished or len(row.records) >= self.max_new_tokens:
@@ -427,26 +451,3 @@ class Lockstep:
             return
         j, n = j + 1, n + 1
         row.phase = ("bonus", g, n) if j == g else ("draft", j, g, n)
-
-
-def outputs(lockstep: Lockstep, rows: list[_Row], prompt: torch.LongTensor, prompt_mask: torch.Tensor | None,
-            seconds: tuple[float, float]) -> list[Any]:
-    """Each row's :class:`~effllm.decoding.core.DecodeOutput`, as decoding it alone returns it."""
-    from effllm.decoding.core import DecodeOutput  # the core imports this module
-
-    out = []
-    eos = tuple(int(e) for e in lockstep.eos.tolist())
-    for r, row in enumerate(rows):
-        head = prompt[r] if prompt_mask is None else prompt[r][prompt_mask[r].bool()]
-        records = row.records
-        new = torch.cat([rec.token.reshape(1).to(prompt.device) for rec in records])
-        out.append(DecodeOutput(
-            sequences=torch.cat([head, new]).unsqueeze(0),
-            exit_layers=torch.tensor([[rec.exit_layer for rec in records]], device=prompt.device),
-            num_layers_run=torch.tensor([[len(rec.layers_run) for rec in records]], device=prompt.device),
-            confidences=[rec.confidences for rec in records], thresholds=[rec.threshold for rec in records],
-            confidence_flops=[rec.flops for rec in records], confidence_seconds=[rec.seconds for rec in records],
-            layers_run=[rec.layers_run for rec in records], rollbacks=row.rollbacks, drafted=row.drafted,
-            accepted=row.accepted, num_layers=lockstep.n_layers, policy=lockstep.policy,
-            prefill_seconds=seconds[0], decode_seconds=seconds[1], eos_token_ids=eos))
-    return out
