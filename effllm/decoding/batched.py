@@ -41,20 +41,23 @@ def decode_rows(model: torch.nn.Module, prompts: Sequence[torch.LongTensor], max
                 policy: Policy | None = None, *, batch_size: int = 16, eos_token_id: Any = None,
                 exit_transform: Any = None) -> list[DecodeOutput]:
     """One :class:`DecodeOutput` per prompt (``prompts``: [1, p_i] id tensors), each what decoding that prompt alone
-    gives, decoded ``batch_size`` prompts at a time (in order: a FREE policy's adaptive threshold calibrates on the
-    batches before). Generation stops at each row's end of sequence (``eos_token_id`` as for :func:`decode`)."""
+    gives, decoded ``batch_size`` prompts at a time: prompts of similar length together (a FREE policy with the
+    adaptive threshold: in the order given, each batch calibrating on the batches before). Generation stops at each row's end of sequence (``eos_token_id`` as for :func:`decode`)."""
     checks.positive_int("batch_size", batch_size)
     if not len(prompts):
         raise ValueError("prompts is empty; give at least one [1, p] id tensor")
-    outputs: list[DecodeOutput] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
+    order = list(range(len(prompts)))
+    if not getattr(policy, "use_adapt_threshold", False):  # similar lengths share a batch: less padding to run
+        order.sort(key=lambda i: prompts[i].shape[-1])
+    outputs: dict[int, DecodeOutput] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
         if len(chunk) == 1:
-            outputs.append(decode(model, chunk[0].reshape(1, -1), max_new_tokens, policy, eos_token_id=eos_token_id,
-                                  exit_transform=exit_transform))
+            outputs[chunk[0]] = decode(model, prompts[chunk[0]].reshape(1, -1), max_new_tokens, policy,
+                                       eos_token_id=eos_token_id, exit_transform=exit_transform)
             continue
-        ids, mask = pad_left(chunk)
+        ids, mask = pad_left([prompts[i] for i in chunk])
         out = decode(model, ids, max_new_tokens, policy, eos_token_id=eos_token_id, attention_mask=mask,
                      exit_transform=exit_transform)
-        outputs.extend(out.split(mask))
-    return outputs
+        outputs.update(zip(chunk, out.split(mask), strict=True))
+    return [outputs[i] for i in range(len(prompts))]
