@@ -167,6 +167,25 @@ def generated_ids(model: torch.nn.Module, sequences: torch.LongTensor, prompt: t
     return sequences[0, start:]
 
 
+def round_robin(groups: Sequence[Sequence[Any]]) -> list[Any]:
+    """The items of ``groups`` (one list per data set) taken in turn: the first of each, then the second of each,
+    and so on (a shorter group drops out when it runs out). The first N prompts of a run, the ones it times, then
+    come from every data set, not from the first one alone."""
+    out, iterators = [], [iter(g) for g in groups]
+    while iterators:
+        alive = []
+        for it in iterators:
+            item = next(it, _END)
+            if item is not _END:
+                out.append(item)
+                alive.append(it)
+        iterators = alive
+    return out
+
+
+_END = object()
+
+
 def as_ids(prompts: Sequence[Prompt | torch.LongTensor]) -> list[torch.LongTensor]:
     """The [1, p] id tensors of ``prompts`` (Prompt objects or tensors)."""
     return [p.input_ids if isinstance(p, Prompt) else p for p in prompts]
