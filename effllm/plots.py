@@ -6,7 +6,9 @@
     save_figure(fig, "04_wanda_perplexity", table=table)   # figures/04_wanda_perplexity.{pdf,png,csv}
 
 Every file is written to a temporary name in its folder and renamed into place, so a figure folder
-never holds a half-written file under a final name.
+never holds a half-written file under a final name. Beside the files of one name goes their stamp,
+``<name>.stamp.json`` (:mod:`effllm.stamps`: the commit, profile, dtype and machine of the run that wrote them),
+renamed into place last; the claims report and the README refuse artefacts whose stamps differ.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from effllm import paths, pruning
+from effllm import paths, pruning, stamps
 
 PNG_DPI = 150
 STYLE_RC: dict[str, Any] = {
@@ -138,12 +140,13 @@ def layer_axis(ax: Axes, axis: str = "x", label: str = "layer (1-based)") -> Non
 def speed_quality(ax: Axes, summary: pd.DataFrame, x: str = "speedup_vs_hf", y: str = "rougeL_vs_full",
                   labels: bool = True) -> None:
     """One speed-quality panel from a :func:`effllm.experiments.runs.run_policies` summary: per method family a
-    line through its settings (ordered by speed), x error bars the range over timing rounds, y error bars the 95%
-    interval over prompts, every point named (:func:`label_points`); HF ``generate`` (x = 1) is the dotted line."""
-    shown = summary[summary.method != "hf"]
+    line through its settings (ordered by speed), x error bars the 95% bootstrap interval over prompts of the paired
+    speed ratio, y error bars the 95% interval over prompts, every point named (:func:`label_points`); HF
+    ``generate`` (x = 1) is the dotted line. Settings that were not timed (no ``x``) are left out."""
+    shown = summary[(summary.method != "hf") & summary[x].notna()]
     for method, rows in shown.groupby("method", sort=False):
         rows = rows.sort_values(x)
-        ax.errorbar(rows[x], rows[y], xerr=[rows[x] - rows[f"{x}_min"], rows[f"{x}_max"] - rows[x]],
+        ax.errorbar(rows[x], rows[y], xerr=[rows[x] - rows[f"{x}_ci_low"], rows[f"{x}_ci_high"] - rows[x]],
                     yerr=[rows[y] - rows[f"{y}_ci_low"], rows[f"{y}_ci_high"] - rows[y]],
                     color=colour(method), marker="o", capsize=2, lw=0.8, label=method,
                     ls="-" if len(rows) > 1 else "none")
@@ -237,13 +240,32 @@ def _write_all(targets: dict[str, tuple[Path, Callable[[Path], None]]]) -> dict[
     return {key: final for key, (final, _) in targets.items()}
 
 
+def _write_stamped(folder: Path, name: str, targets: dict[str, tuple[Path, Callable[[Path], None]]]
+                   ) -> dict[str, Path]:
+    """:func:`_write_all` of ``targets`` and, renamed last, their stamp ``<name>.stamp.json`` (listing them).
+    Returns the artefacts' paths (not the sidecar's). A sidecar of this run for other files of the name (a
+    ``save_html`` beside a ``save_figure`` of one name) keeps listing them; one of another run is replaced, so
+    that its files count as unstamped."""
+    stamp = stamps.run_stamp()
+    files = {final.name for final, _ in targets.values()}
+    earlier = stamps.read_stamp(stamps.stamp_path(folder, name))
+    if earlier is not None and all(earlier.get(k) == stamp.get(k) for k in stamps.COMPARED):
+        files |= {f for f in earlier.get("files", []) if isinstance(f, str) and (folder / f).is_file()}
+    stamp["files"] = sorted(files)
+    data = stamps.stamp_bytes(stamp)
+    written = _write_all({**targets, "stamp": (stamps.stamp_path(folder, name), lambda path: path.write_bytes(data))})
+    written.pop("stamp")
+    return written
+
+
 def save_figure(
     fig: Figure,
     name: str,
     table: pd.DataFrame | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Write ``<dir>/<name>.pdf`` and ``.png`` (150 dpi), and ``.csv`` of ``table`` when given.
+    """Write ``<dir>/<name>.pdf`` and ``.png`` (150 dpi), and ``.csv`` of ``table`` when given, with their stamp
+    ``<name>.stamp.json`` (:mod:`effllm.stamps`).
 
     ``dir`` is ``out_dir``, else the folder of :func:`set_figures_dir`, else ``paths.figures_dir()``.
     Returns ``{"pdf": path, "png": path[, "csv": path]}``.
@@ -269,27 +291,29 @@ def save_figure(
     }
     if table is not None:
         targets["csv"] = (folder / f"{name}.csv", lambda path: table.to_csv(path, index=False))
-    return _write_all(targets)
+    return _write_stamped(folder, name, targets)
 
 
 def save_table(table: pd.DataFrame, name: str, out_dir: str | Path | None = None) -> Path:
     """Write a tidy table that no single figure draws (per-item data behind a claim) to ``<dir>/<name>.csv``,
-    atomically, in the folder :func:`save_figure` uses."""
+    atomically, in the folder :func:`save_figure` uses, with its stamp ``<name>.stamp.json``."""
     _check_name(name)
     if not isinstance(table, pd.DataFrame):
         raise TypeError(f"table must be a pandas DataFrame; got {type(table).__name__}.")
     folder = _out_dir(out_dir)
-    return _write_all({"csv": (folder / f"{name}.csv", lambda path: table.to_csv(path, index=False))})["csv"]
+    return _write_stamped(folder, name, {"csv": (folder / f"{name}.csv",
+                                                 lambda path: table.to_csv(path, index=False))})["csv"]
 
 
 def save_html(html: str, name: str, out_dir: str | Path | None = None) -> Path:
-    """Write an interactive render (e.g. ``treescope.render_to_html(...)``) to ``<dir>/<name>.html``."""
+    """Write an interactive render (e.g. ``treescope.render_to_html(...)``) to ``<dir>/<name>.html``, with its
+    stamp ``<name>.stamp.json``."""
     _check_name(name)
     if not isinstance(html, str):
         raise TypeError(f"html must be a str; got {type(html).__name__}.")
     folder = _out_dir(out_dir)
-    written = _write_all(
-        {"html": (folder / f"{name}.html", lambda path: path.write_text(html, encoding="utf-8"))}
+    written = _write_stamped(
+        folder, name, {"html": (folder / f"{name}.html", lambda path: path.write_text(html, encoding="utf-8"))}
     )
     return written["html"]
 

@@ -49,7 +49,7 @@ lens_seq_len = 256  # tokens per window
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 print(f"{model_name}: {type(model).__name__} through {type(adapter).__name__}; {machine}")
 

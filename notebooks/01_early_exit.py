@@ -54,11 +54,12 @@ seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
-prompt_data = ["builtin"]  # builtin (arithmetic + HumanEval) | squad | samsum (hub, `paper` profile)
-n_prompts = 8  # timed prompts per data set, decoded by every setting
-max_new_tokens = 12  # answer limit: decoding stops at the end of sequence or after this many tokens
-rounds = 3  # interleaved timing rounds; a speed ratio is their median
-speed_prompts = 2  # the first prompts are timed in every round (quality: every prompt, once)
+prompt_data = ["arithmetic+humaneval+docstrings"]  # builtin (arithmetic + HumanEval), tasks joined by "+" (they take turns) | squad | samsum (hub, `paper` profile)
+n_prompts = 102  # timed prompts per data set, decoded by every setting
+max_new_tokens = 48  # answer limit: decoding stops at the end of sequence or after this many tokens
+rounds = 5  # interleaved timing rounds; a speed ratio is paired per prompt (median over rounds), then averaged
+speed_prompts = 8  # the first prompts are timed at batch 1 in every round (quality: every prompt, in batches)
+timed_settings = ["CALM softmax 0.9", "FREE 0.9"]  # the settings timed at batch 1 (label prefixes); None: all; the rest: quality only
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 lens_corpora = ["python-docs", "python-code"]  # text for the logit-lens agreement
 lens_sequences = 1  # windows per corpus
@@ -71,14 +72,14 @@ state_thresholds = [0.99]  # CALM's hidden-state saturation cos(h_{l-1}, h_l)
 exit_position_temp = 4.0  # CALM's decaying threshold (the seed's temperature), at the middle threshold
 meta_windows = 2  # calibration windows per corpus to fit CALM's meta classifier (0: no meta rows)
 rollback_threshold = 2.0  # FREE rollback: deep cross-entropy (nats) above which a shallow token is revised
-calibration_prompts = 8  # Learn-then-Test prompts (disjoint from the timed ones)
-calibration_tokens = 8
+calibration_prompts = 12  # Learn-then-Test prompts (disjoint from the timed ones)
+calibration_tokens = 12
 ltt_candidates = [0.99, 0.95, 0.9]
 ltt_distance = "rougeL"  # disagreement with the full model: rougeL (1 - ROUGE-L) | token (mismatch rate)
 ltt_delta = 0.25  # allowed mean disagreement with the full model ...
 ltt_epsilon = 0.1  # ... with probability at least 1 - epsilon
-adaptive_prompts = 6  # prompts decoded in sequence while FREE's threshold adapts
-adaptive_tokens = 12
+adaptive_prompts = 12  # prompts decoded in sequence while FREE's threshold adapts
+adaptive_tokens = 24
 # The same model with exits trained by effllm.training (load_model("<model>-ee"), trained on first use; notebook 08
 # shows the training): static / CALM / FREE run through its trained exit beside the fitted exits (None: skip)
 trained_model = "smollm2-135m-ee"
@@ -86,7 +87,7 @@ trained_model = "smollm2-135m-ee"
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_min_layer = exit_min_layer or max(1, (2 * L) // 3)
@@ -145,9 +146,11 @@ if len(lens):
 # %% [markdown]
 # ## 2. Speed and quality over thresholds
 #
-# Every setting decodes the same prompts, batch 1, greedy, for exactly `max_new_tokens` tokens, in `rounds`
-# interleaved timing rounds. Speed is tokens/s relative to Hugging Face `generate` in the same round (the
-# median over rounds, with the spread as error bars); quality is ROUGE-L over token ids against the engine's
+# Every setting decodes the same prompts, greedy, to the end of each answer (end of sequence or `max_new_tokens`);
+# quality comes from every prompt, decoded in batches. Speed is timed at batch 1 on the first `speed_prompts`
+# prompts in `rounds` interleaved rounds: per prompt, tokens/s relative to Hugging Face `generate` on the same
+# prompt in the same round, the median over rounds; the axis is the mean over prompts of these paired ratios,
+# with its 95% bootstrap interval over prompts as error bars; quality is ROUGE-L over token ids against the engine's
 # full-depth output (the mean over prompts with its 95% bootstrap interval). CALM runs with three confidence
 # measures (softmax gap, hidden-state saturation, and the meta classifier fitted here), once with the decaying
 # threshold; FREE with fixed thresholds, the adaptive threshold and rollback.
@@ -184,11 +187,11 @@ settings["FREE adaptive"] = Free(shallow_exit_layer, middle, use_adapt_threshold
 rollback_at = thresholds[-1]
 settings[f"FREE {rollback_at} + rollback"] = Free(shallow_exit_layer, rollback_at, rollback_threshold=rollback_threshold)
 run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds,
-                   speed_prompts=speed_prompts)
+                   speed_prompts=speed_prompts, timed=timed_settings)
 curve = run.summary
 # CALM and FREE both name their exit threshold `threshold`: one column for both
 curve["variant"] = curve.label.str.replace(r" [0-9.]+$", "", regex=True).str.replace(r" [0-9.]+ ", " ", regex=True)
-display(curve[["label", "method", "threshold", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max",
+display(curve[["label", "method", "threshold", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high",
                "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
                "identical_to_full"]].round(3))
 
@@ -212,7 +215,7 @@ for variant, group in shown.groupby("variant", sort=False):
     group = group.sort_values("speedup_vs_hf")
     colour = plots.colour(group.method.iloc[0])
     for ax, x in zip(axes, ("speedup_vs_hf", "avg_layers"), strict=True):
-        xerr = ([group.speedup_vs_hf - group.speedup_vs_hf_min, group.speedup_vs_hf_max - group.speedup_vs_hf]
+        xerr = ([group.speedup_vs_hf - group.speedup_vs_hf_ci_low, group.speedup_vs_hf_ci_high - group.speedup_vs_hf]
                 if x == "speedup_vs_hf" else None)
         yerr = [group.rougeL_vs_full - group.rougeL_vs_full_ci_low, group.rougeL_vs_full_ci_high - group.rougeL_vs_full]
         ax.errorbar(group[x], group.rougeL_vs_full, xerr=xerr, yerr=yerr, color=colour, label=variant,
@@ -222,7 +225,7 @@ thresholded = shown[shown.threshold.notna()]
 plots.label_points(axes[0], thresholded.speedup_vs_hf, thresholded.rougeL_vs_full,
                    [f"{t:g}" for t in thresholded.threshold])  # each point's threshold, placed apart
 axes[0].axvline(1.0, color="0.6", ls=":", lw=1)
-axes[0].set_xlabel("speed vs HF generate (tokens/s ratio; bars: min-max over rounds)")
+axes[0].set_xlabel("paired speed ratio vs HF generate (x), 95% CI over prompts")
 axes[1].set_xlabel("average layers per generated token")
 for ax in axes:
     ax.set_ylabel("ROUGE-L vs full-depth output (95% CI)")
@@ -230,8 +233,9 @@ for ax in axes:
 axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
 fig.suptitle("Early exit: speed and quality of every setting (left: labels are thresholds)")
 plots.caption(fig, model=model_name, data=", ".join(prompt_data),
-              extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens (speed: {min(speed_prompts, len(prompts))} "
-                    f"prompts, {rounds} rounds), batch 1, greedy · {machine}")
+              extra=f"n = {len(prompts)} prompts, decoded to {curve.decoded_to.iloc[0]} (at most {max_new_tokens} "
+                    f"tokens), batched; speed: {min(speed_prompts, len(prompts))} prompts x {rounds} rounds at batch 1, "
+                    f"paired, greedy · {machine}")
 plots.save_figure(fig, "01_speed_quality", table=curve)
 
 # %% [markdown]
@@ -245,7 +249,8 @@ good = curve[(curve.rougeL_vs_full >= 0.9) & (curve.method != "hf")]
 if len(good):
     best = good.sort_values("speedup_vs_hf").iloc[-1]
     print(f"fastest setting with ROUGE-L >= 0.9: {best.label} at {best.speedup_vs_hf:.2f}x HF generate "
-          f"(rounds {best.speedup_vs_hf_min:.2f}-{best.speedup_vs_hf_max:.2f}), {best.avg_layers:.1f} layers/token, "
+          f"(95% CI over {best.n_speed_prompts} prompts {best.speedup_vs_hf_ci_low:.2f}-{best.speedup_vs_hf_ci_high:.2f}), "
+          f"{best.avg_layers:.1f} layers/token, "
           f"ROUGE-L {best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}], "
           f"n = {best.n_prompts} prompts")
 else:
@@ -272,26 +277,27 @@ if trained_model:
     compared |= {f"FREE {t}": Free(trained_at, t) for t in thresholds}
     compared["FREE adaptive"] = Free(trained_at, middle, use_adapt_threshold=True)
     trained_run = run_policies(ee, tokenizer, prompts, compared, max_new_tokens, rounds=rounds,
-                               speed_prompts=speed_prompts)  # exit_transform None: the model's trained exits
+                               speed_prompts=speed_prompts, timed=timed_settings)  # exit_transform None: the model's trained exits
     fitted_rows = curve[curve.label.isin(["hf_generate", "full", *(
         label for label in settings if label.startswith(("static", "CALM softmax", "FREE"))
         and "decaying" not in label and "rollback" not in label)])]
     side_by_side = pd.concat([fitted_rows.assign(exits="fitted exits (this model)"),
                               trained_run.summary.assign(exits=f"trained exit at layer {trained_at} ({trained_model})")],
                              ignore_index=True)
-    display(side_by_side[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
+    display(side_by_side[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "avg_layers",
                           "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
                           "n_prompts"]].round(3))
     fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
     for ax, (exits, group) in zip(axes, side_by_side.groupby("exits", sort=False), strict=True):
         plots.speed_quality(ax, group)
-        ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
+        ax.set(xlabel="paired speed ratio vs HF generate (x), 95% CI over prompts", title=exits)
     axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
     axes[1].legend(fontsize=7)
     fig.suptitle("Untrained (fitted) exits and a trained exit, the same settings and prompts")
     plots.caption(fig, model=f"{model_name} | {trained_model}", data=", ".join(prompt_data),
-                  extra=f"n = {len(prompts)} prompts x {max_new_tokens} tokens (speed: {min(speed_prompts, len(prompts))} "
-                        f"prompts, {rounds} rounds), batch 1, greedy · {machine}")
+                  extra=f"n = {len(prompts)} prompts, decoded to {curve.decoded_to.iloc[0]} (at most {max_new_tokens} "
+                        f"tokens), batched; speed: {min(speed_prompts, len(prompts))} prompts x {rounds} rounds at "
+                        f"batch 1, paired, greedy · {machine}")
     plots.save_figure(fig, "01_trained_vs_untrained", table=side_by_side)
     for exits, group in side_by_side.groupby("exits", sort=False):
         keeps = group[(group.rougeL_vs_full_ci_low >= 0.9) & ~group.method.isin(["hf", "full"])]
@@ -471,13 +477,14 @@ plots.save_figure(fig, "01_generation_by_exit_layer", table=coloured)
 
 # %%
 rollback_labels = [f"FREE {rollback_at}", f"FREE {rollback_at} + rollback"]
-rollback = curve.set_index("label").loc[rollback_labels, ["threshold", "speedup_vs_hf", "speedup_vs_hf_min",
-                                                          "speedup_vs_hf_max", "avg_layers", "rougeL_vs_full",
+rollback = curve.set_index("label").loc[rollback_labels, ["threshold", "speedup_vs_hf", "speedup_vs_hf_ci_low",
+                                                          "speedup_vs_hf_ci_high", "avg_layers", "rougeL_vs_full",
                                                           "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
                                                           "rollbacks", "n_prompts"]].reset_index()
 display(rollback.round(3))
 fig, axes = plots.new_figure(1, 3, figsize=(9, 2.8))
-panels = [("speedup_vs_hf", "speed vs HF generate (x)", ("speedup_vs_hf_min", "speedup_vs_hf_max")),
+panels = [("speedup_vs_hf", "paired speed ratio vs HF generate (x),\n95% CI over prompts",
+           ("speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high")),
           ("rougeL_vs_full", "ROUGE-L vs full depth", ("rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high")),
           ("rollbacks", "tokens revised (all prompts)", None)]
 for ax, (column, title, bounds) in zip(axes, panels, strict=True):

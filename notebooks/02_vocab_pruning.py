@@ -41,6 +41,7 @@ from effllm.decoding import Calm, Full, VocabPruning, decode
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import run_policies
 from effllm.experiments.session import open_session
+from effllm.experiments.stats import paired_speedup
 from effllm.lens import cached_linear_exits
 
 # %% tags=["parameters"]
@@ -52,7 +53,7 @@ dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 # every model analysed side by side (a "<model>-ee" name: that model with its trained exit); None: [model_name]
 model_names = ["smollm2-135m", "smollm2-135m-ee", "gemma3-270m"]
-prompt_data = ["builtin"]  # per model (or one for all): builtin (arithmetic + HumanEval) | squad | samsum
+prompt_data = ["arithmetic+humaneval+docstrings"]  # per model (or one for all): builtin (arithmetic + HumanEval), tasks joined by "+" | squad | samsum
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 exit_min_layer = None  # the pruning layer j (1-based); None: 0.6 L of each model (the paper: 19 of 24)
 k = 256  # candidates kept at the pruning layer
@@ -62,10 +63,11 @@ generation_ks = [256]  # fixed-k sizes decoded with CALM (each is one more gener
 analysis_corpora = ["python-docs", "python-code"]  # text for the teacher-forced confidence analysis
 analysis_sequences = 1  # windows per corpus
 analysis_seq_len = 128
-n_prompts = 8  # generation prompts per model
-max_new_tokens = 12
-rounds = 3  # interleaved timing rounds; a speed ratio is their median
-speed_prompts = 1  # the first prompts are timed in every round (quality: every prompt, once)
+n_prompts = 102  # generation prompts per model
+max_new_tokens = 48
+rounds = 5  # interleaved timing rounds; a speed ratio is their median
+speed_prompts = 8  # the first prompts are timed at batch 1 in every round (quality: every prompt, in batches)
+timed_settings = ["none", "fixed"]  # the settings timed at batch 1 (label prefixes); None: all; the rest: quality only
 cost_min_run_time = 0.2  # seconds per timing of one confidence check
 
 # %%
@@ -79,7 +81,7 @@ if len(prompt_data) != len(model_names):
 loaded = {}
 facts = []
 for name in model_names:
-    model, tokenizer, device, machine = open_session(name, device, dtype)
+    model, tokenizer, device, machine = open_session(name, device, dtype, profile=profile)
     adapter = get_adapter(model)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     trained = records.EXITS.get(model)  # load_model("<model>-ee"): exits trained by effllm.training
@@ -242,7 +244,10 @@ for row in costs[costs.k == k].itertuples():
 # CALM with softmax confidence from layer j at threshold 0.9, decoding the same prompts per model: no
 # pruning, fixed k for every k, and decaying and adaptive k as the authors' scripts run them (k unset: the first
 # check keeps the decaying size, 35000 / (1 + 139 i / L) and at least 250, of layer i). Quality is ROUGE-L
-# and token agreement with the full-depth output; speed is measured against HF `generate`.
+# and token agreement with the full-depth output, every prompt decoded to its end of sequence (at most
+# `max_new_tokens`) in batches; speed is timed at batch 1 on the first `speed_prompts` prompts in interleaved
+# rounds and compared paired (same prompt, same round; the mean over prompts of each prompt's median ratio, with a
+# 95% bootstrap interval over prompts) against HF `generate` and against unpruned CALM.
 
 # %%
 generation, generation_items, generation_timings = [], [], []
@@ -259,8 +264,11 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     # size (35000 / (1 + 139 i / L), at least 250) and later checks follow each schedule (effllm.decoding.vocab_schedule)
     settings |= {reduct: Calm(**base, vocab=VocabPruning(reduct, None)) for reduct in ("decaying", "adaptive")}
     run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
-                       rounds=rounds, speed_prompts=speed_prompts)
-    generation.append(run.summary[~run.summary.label.isin(["hf_generate", "full"])].assign(model=name))
+                       rounds=rounds, speed_prompts=speed_prompts, timed=timed_settings)
+    vs_none = [{"label": label, "speedup_vs_unpruned": paired["mean"], "speedup_vs_unpruned_ci_low": paired["ci_low"],
+                "speedup_vs_unpruned_ci_high": paired["ci_high"]}
+               for label in settings for paired in [paired_speedup(run.timings, label, "none")]]
+    generation.append(run.summary.merge(pd.DataFrame(vs_none), on="label").assign(model=name))  # not hf / full
     generation_items.append(run.items.drop(columns="text").assign(model=name))
     generation_timings.append(run.timings.assign(model=name))
 generation = pd.concat(generation, ignore_index=True)
@@ -268,7 +276,9 @@ generation = pd.concat(generation, ignore_index=True)
 plots.save_table(pd.concat(generation_items, ignore_index=True), "02_generation_items")
 plots.save_table(pd.concat(generation_timings, ignore_index=True), "02_generation_timings")
 generation["reduction"] = generation.type_vocab_reduct.fillna("none")
-display(generation[["model", "label", "reduction", "k", "speedup_vs_hf", "avg_layers", "rougeL_vs_full",
+display(generation[["model", "label", "reduction", "k", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high",
+                    "speedup_vs_unpruned", "speedup_vs_unpruned_ci_low", "speedup_vs_unpruned_ci_high",
+                    "avg_layers", "rougeL_vs_full",
                     "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "confidence_flops_per_token",
                     "confidence_ms_per_token", "n_prompts"]].round(3))
 
@@ -280,11 +290,13 @@ for i, (name, group) in enumerate(generation.groupby("model", sort=False)):
     colour = f"C{i}"
     axes[0].plot(fixed.k, fixed.rougeL_vs_full, marker="o", markersize=3, color=colour, label=f"{name}, fixed k")
     axes[0].axhline(unpruned.rougeL_vs_full, color=colour, ls=":", lw=1, label=f"{name}, no pruning")
-    axes[1].plot(fixed.k, fixed.tokens_per_s / unpruned.tokens_per_s, marker="o", markersize=3, color=colour, label=name)
+    axes[1].errorbar(fixed.k, fixed.speedup_vs_unpruned, yerr=[fixed.speedup_vs_unpruned - fixed.speedup_vs_unpruned_ci_low,
+                                                              fixed.speedup_vs_unpruned_ci_high - fixed.speedup_vs_unpruned],
+                     marker="o", markersize=3, capsize=2, lw=0.8, color=colour, label=name)
     axes[2].plot(fixed.k, fixed.confidence_flops_per_token / unpruned.confidence_flops_per_token, marker="o",
                  markersize=3, color=colour, label=name)
 axes[0].set_ylabel("ROUGE-L vs full-depth output")
-axes[1].set_ylabel("tokens/s / unpruned CALM's")
+axes[1].set_ylabel("paired speed ratio vs unpruned CALM (x),\n95% CI over prompts", fontsize=8)
 axes[1].axhline(1.0, color="0.6", ls=":", lw=1)
 axes[2].set_ylabel("confidence FLOPs/token / unpruned")
 axes[2].set_yscale("log")
@@ -295,21 +307,30 @@ axes[0].legend(fontsize=6)
 axes[1].legend(fontsize=6)
 fig.suptitle(f"CALM with a pruned vocabulary against k (threshold {threshold})")
 plots.caption(fig, data=", ".join(dict.fromkeys(prompt_data)),
-              extra=f"n = {n_prompts} prompts x {max_new_tokens} tokens per model, batch 1, greedy · {machine}")
+              extra=f"n = {n_prompts} prompts per model, decoded to {generation.decoded_to.iloc[0]} (at most "
+                    f"{max_new_tokens} tokens), batched; speed: {speed_prompts} prompts x {rounds} rounds at batch 1, "
+                    f"paired, greedy · {machine}")
 plots.save_figure(fig, "02_quality_vs_k", table=generation)
 
 # %%
 variants = generation[generation.reduction.isin(["none", "decaying", "adaptive"])
                       | ((generation.reduction == "fixed") & (generation.k == k))].copy()
 variants["variant"] = variants.reduction + variants.k.map(lambda v: "" if pd.isna(v) else f" (k = {int(v)})")
-columns = {"speedup_vs_hf": "speed vs HF generate (x)", "rougeL_vs_full": "ROUGE-L vs full depth",
+columns = {"speedup_vs_hf": "paired speed ratio vs HF generate (x),\n95% CI over prompts",
+           "rougeL_vs_full": "ROUGE-L vs full depth",
            "avg_layers": "layers per token", "confidence_flops_per_token": "check FLOPs per token",
            "confidence_ms_per_token": "check time per token (ms)"}
 fig, axes = plots.new_figure(1, len(columns), figsize=(2.6 * len(columns), 3.0))
 for ax, (column, title) in zip(axes, columns.items(), strict=True):
-    table = variants.pivot(index="variant", columns="model", values=column).reindex(
-        list(dict.fromkeys(variants.variant)))
-    table.plot.bar(ax=ax, legend=False, rot=60, fontsize=7)
+    order = list(dict.fromkeys(variants.variant))
+    table = variants.pivot(index="variant", columns="model", values=column).reindex(order)
+    yerr = None
+    if f"{column}_ci_low" in variants:  # whiskers: the 95% interval over prompts
+        low, high = (variants.pivot(index="variant", columns="model", values=f"{column}_ci_{end}").reindex(order)
+                     for end in ("low", "high"))
+        below, above = (table - low).clip(lower=0), (high - table).clip(lower=0)
+        yerr = [[below[m].to_numpy(), above[m].to_numpy()] for m in table.columns]
+    table.plot.bar(ax=ax, legend=False, rot=60, fontsize=7, yerr=yerr, capsize=2)
     ax.set_title(title, fontsize=8)
     ax.set_xlabel("")
     if column.startswith("confidence"):
@@ -317,15 +338,17 @@ for ax, (column, title) in zip(axes, columns.items(), strict=True):
 handles, labels = axes[0].get_legend_handles_labels()
 fig.legend(handles, labels, loc="outside upper right", fontsize=7)
 fig.suptitle("Fixed vs decaying vs adaptive candidate sets (CALM softmax, threshold 0.9)")
-plots.caption(fig, extra=f"{n_prompts} prompts x {max_new_tokens} tokens per model · {machine}")
+plots.caption(fig, extra=f"{n_prompts} prompts per model, decoded to {variants.decoded_to.iloc[0]} (at most "
+                         f"{max_new_tokens} tokens); speed: {speed_prompts} prompts x {rounds} rounds, batch 1, paired "
+                         f"· {machine}")
 plots.save_figure(fig, "02_fixed_decaying_adaptive", table=variants)
 
 # %%
 for name, group in variants.groupby("model", sort=False):
     unpruned = group[group.reduction == "none"].iloc[0]
     for row in group[group.reduction != "none"].itertuples():
-        print(f"{name}, {row.variant}: {row.tokens_per_s / unpruned.tokens_per_s:.2f}x the tokens/s of CALM without "
-              f"pruning, ROUGE-L {row.rougeL_vs_full:.3f} (unpruned {unpruned.rougeL_vs_full:.3f}), confidence cost "
+        print(f"{name}, {row.variant}: {row.speedup_vs_unpruned:.2f}x the speed of CALM without pruning (paired, 95% "
+              f"CI over prompts {row.speedup_vs_unpruned_ci_low:.2f}-{row.speedup_vs_unpruned_ci_high:.2f}), ROUGE-L {row.rougeL_vs_full:.3f} (unpruned {unpruned.rougeL_vs_full:.3f}), confidence cost "
               f"{row.confidence_flops_per_token / unpruned.confidence_flops_per_token:.3f}x the FLOPs")
 
 # %% [markdown]

@@ -49,10 +49,10 @@ seed = 0
 figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
-task = "arithmetic"  # prompts with reference answers: arithmetic | humaneval | alpaca (the paper's, hub)
+task = "arithmetic+humaneval+docstrings"  # prompts with reference answers: arithmetic | humaneval | docstrings, joined by "+" | alpaca (the paper's, hub)
 budgets = [4 / 24, 8 / 24, 12 / 24, 1.0]  # the paper's 4 / 8 / 12 / 24 of 24 layers, as fractions of the depth
-n_prompts = 12  # test prompts decoded with every setting
-max_new_tokens = 12  # new tokens per prompt
+n_prompts = 102  # test prompts decoded with every setting
+max_new_tokens = 48  # new tokens per prompt
 similarity_corpus = "python-docs"  # windows for the hidden-state comparison (effllm.data)
 similarity_windows = 4  # windows of similarity_seq_len tokens
 similarity_seq_len = 128
@@ -62,7 +62,8 @@ controller_examples = 48  # training examples (task's train split) for the skip 
 controller_steps = 30  # one example per step, frozen backbone
 controller_alpha = 1.0  # weight of the layer cost in CE + alpha * fraction of executed layers
 controller_lr = 0.1
-rounds = 1  # interleaved timing rounds (speed: their median)
+rounds = 5  # interleaved timing rounds (speed: paired per prompt, median over rounds)
+timed_settings = []  # the settings timed at batch 1 (label prefixes); None: all; the rest: quality only
 # The same model with an exit trained by effllm.training (load_model("<model>-ee")): at its exit layer, skipping,
 # early exit through the plain head and early exit through the trained exit side by side (None: skip)
 trained_model = "smollm2-135m-ee"
@@ -70,7 +71,7 @@ trained_model = "smollm2-135m-ee"
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
 fmt = prompt_format(model, tokenizer, model_name)
@@ -147,7 +148,7 @@ for b in budgets:
         settings[f"skipping {n}/{n_layers}"] = Skip("static", budget=b)
         settings[f"early exit {n}/{n_layers}"] = Skip("early-exit", budget=b)
         layer_counts |= {f"skipping {n}/{n_layers}": n, f"early exit {n}/{n_layers}": n}
-run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rounds)
+run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rounds, timed=timed_settings)
 generations = run.items[run.items.label != "hf_generate"].copy()
 generations["layers"] = generations.label.map(layer_counts)
 generations["mode"] = generations.label.str.extract(r"^(skipping|early exit|full)")[0]
@@ -287,13 +288,15 @@ plots.save_figure(fig, "03_controller_training", table=histories)
 # %%
 controller_settings = {f"controller ({kind})": Skip("controller", controller=reloaded[kind], seed=seed)
                        for kind in reloaded}
-controlled = run_policies(model, tokenizer, items, controller_settings, max_new_tokens, hf=False, rounds=rounds)
+controlled = run_policies(model, tokenizer, items, controller_settings, max_new_tokens, hf=False, rounds=rounds,
+                          timed=timed_settings)
 fractions = controlled.summary.set_index("label").avg_layers / n_layers
 random_settings = {f"random at {kind} budget": Skip("random", budget=min(1.0, max(1 / n_layers,
                                                                                    float(fractions[f"controller ({kind})"]))),
                                                     seed=seed)
                    for kind in reloaded}
-randomised = run_policies(model, tokenizer, items, random_settings, max_new_tokens, hf=False, rounds=rounds)
+randomised = run_policies(model, tokenizer, items, random_settings, max_new_tokens, hf=False, rounds=rounds,
+                          timed=timed_settings)
 controller_quality = pd.concat([controlled.summary, randomised.summary[randomised.summary.label != "full"]],
                                ignore_index=True)
 controller_quality["layer_fraction"] = controller_quality.avg_layers / n_layers

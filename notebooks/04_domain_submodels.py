@@ -110,7 +110,7 @@ domains.check_held_out(list(calibration_sets), {
 })
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 settings = evaluate.EvaluationSettings(
     perplexity_seq_len=perplexity_seq_len, perplexity_windows=perplexity_windows,

@@ -66,7 +66,7 @@ plots.set_figures_dir(figures_dir)
 target = sparse.resolve_device(device)
 env = sparse.environment(target)
 fmt, dtype = env["format"], dtype or sparse.default_dtype(target)
-model, tokenizer, target, machine = open_session(model_name, target, dtype)  # this notebook's own precision rule
+model, tokenizer, target, machine = open_session(model_name, target, dtype, profile=profile)  # this notebook's own precision rule
 adapter = get_adapter(model)
 display(pd.Series({k: v for k, v in env.items() if k != "note"}, name="this machine").to_frame())
 print(env["note"])

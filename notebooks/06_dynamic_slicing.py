@@ -84,7 +84,7 @@ batch_size = 8
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 n_layers = adapter.num_layers
 calibration = data.calibration(calibration_data, tokenizer, n_samples=calibration_samples,

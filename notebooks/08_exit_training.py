@@ -55,22 +55,24 @@ device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 recipe_name = "default"  # effllm.training recipe (`paper`: the seeds' data sets, hub)
 training_overrides = {}  # ExitTrainingConfig fields over the recipe (e.g. {"steps": 300}); part of its cache key
 exit_layer = None  # the trained exit's layer (1-based); None: 2 L // 3 (layer 20 of SmolLM2's 30)
-prompt_data = "builtin"  # arithmetic + HumanEval prompts
-n_prompts = 8  # prompts decoded by every setting (quality)
-speed_prompts = 2  # of which the first are timed, in every round
-rounds = 3  # interleaved timing rounds; a speed ratio is their median
-max_new_tokens = 12
+prompt_data = "arithmetic+humaneval+docstrings"  # arithmetic + HumanEval prompts; tasks joined by "+" take turns
+n_prompts = 102  # prompts decoded by every setting (quality)
+speed_prompts = 8  # of which the first are timed, in every round
+rounds = 5  # interleaved timing rounds; a speed ratio is paired per prompt (median over rounds), then averaged
+timed_settings = None  # the settings timed at batch 1 (label prefixes); None: all; the rest: quality only
+time_fitted_exits = False  # False: the fitted-exit ("before") rows get quality only (the claims read the trained ones)
+max_new_tokens = 48
 thresholds = [0.9, 0.7]  # CALM / FREE confidence thresholds
-draft_lengths = [2, 4]  # self-speculation: tokens drafted per verification
+draft_lengths = [4]  # self-speculation: tokens drafted per verification
 draft_layers = None  # None: the trained exit's layer and two lower ones
-spec_prompts = 4  # prompts for the acceptance-rate grid
+spec_prompts = 8  # prompts for the acceptance-rate grid
 agreement_windows = 2  # held-out windows per corpus for the per-layer agreement (fitted exits)
 agreement_seq_len = 128
 
 # %%
 torch.manual_seed(seed)
 plots.set_figures_dir(figures_dir)
-model, tokenizer, device, machine = open_session(model_name, device, dtype)
+model, tokenizer, device, machine = open_session(model_name, device, dtype, profile=profile)
 adapter = get_adapter(model)
 L = adapter.num_layers
 exit_layer = exit_layer or (2 * L) // 3
@@ -155,8 +157,10 @@ display(agreement[agreement.layer == exit_layer].set_index("exits").agreement.ro
 # ## 3. Static exit, CALM, FREE and self-speculation, before and after training
 #
 # The same settings on the same model: "before" reads the intermediate layers through fitted linear exits,
-# "after" through the trained exit (the model's attached exits). Speed is against HF `generate` on this model in
-# the same run (median of interleaved rounds, bars: their range), quality is ROUGE-L against the engine's
+# "after" through the trained exit (the model's attached exits). Every prompt decodes to its end of sequence (at
+# most `max_new_tokens`). Speed is timed at batch 1 and paired against HF `generate` on this model in the same
+# run (per prompt the median over interleaved rounds of the ratio on that prompt, then the mean over prompts; bars:
+# the 95% bootstrap interval over prompts), quality is ROUGE-L against the engine's
 # full-depth output (mean over prompts with its 95% interval). Self-speculation's output is the full model's by
 # construction: its quality is 1 and only its speed can move.
 
@@ -170,13 +174,14 @@ settings |= {f"FREE {t}": Free(exit_layer, t) for t in thresholds}
 settings[f"self-spec@{exit_layer}x4"] = SelfSpec(exit_layer, 4)
 runs, summaries, timings = {}, [], []
 for exits, transform in (("before: fitted linear", fitted), ("after: trained", None)):
+    timed = timed_settings if exits == "after: trained" or time_fitted_exits else ()
     runs[exits] = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform,
-                               rounds=rounds, speed_prompts=speed_prompts)
+                               rounds=rounds, speed_prompts=speed_prompts, timed=timed)
     summaries.append(runs[exits].summary.assign(exits=exits))
     timings.append(runs[exits].timings.assign(exits=exits))
 speed_quality = pd.concat(summaries, ignore_index=True)
 plots.save_table(pd.concat(timings, ignore_index=True), "08_timings")
-display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "avg_layers",
+display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "avg_layers",
                        "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
                        "acceptance_rate", "n_prompts"]].round(3))
 
@@ -185,12 +190,14 @@ fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True) 
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
     plots.speed_quality(ax, group)
-    ax.set(xlabel="speed vs HF generate (x; bars: range over rounds)", title=exits)
+    ax.set(xlabel="paired speed ratio vs HF generate (x), 95% CI over prompts", title=exits)
 axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
 axes[1].legend(fontsize=7)
 fig.suptitle(f"Early exit at layer {exit_layer} before and after exit training")
-plots.caption(fig, model=model_name, data=prompt_data, extra=f"n = {n_prompts} prompts x {max_new_tokens} tokens "
-              f"(speed: {speed_prompts} prompts, {rounds} rounds), batch 1, greedy · {machine}")
+plots.caption(fig, model=model_name, data=prompt_data,
+              extra=f"n = {n_prompts} prompts, decoded to {speed_quality.decoded_to.iloc[0]} (at most {max_new_tokens} "
+                    f"tokens), batched; speed: {speed_prompts} prompts x {rounds} rounds at batch 1, paired, greedy "
+                    f"· {machine}")
 plots.save_figure(fig, "08_speed_quality", table=speed_quality)
 
 # %%
@@ -198,8 +205,9 @@ after = speed_quality[speed_quality.exits == "after: trained"].set_index("label"
 keeps = after[(after.rougeL_vs_full_ci_low >= 0.9) & (after.method != "hf")]
 best = keeps.speedup_vs_hf.idxmax() if len(keeps) else None
 print("after training: fastest setting whose ROUGE-L interval stays above 0.9: "
-      + (f"{best} at {keeps.loc[best].speedup_vs_hf:.2f}x HF generate (rounds {keeps.loc[best].speedup_vs_hf_min:.2f}-"
-         f"{keeps.loc[best].speedup_vs_hf_max:.2f}), ROUGE-L {keeps.loc[best].rougeL_vs_full:.3f}"
+      + (f"{best} at {keeps.loc[best].speedup_vs_hf:.2f}x HF generate (paired, 95% CI over prompts "
+         f"{keeps.loc[best].speedup_vs_hf_ci_low:.2f}-{keeps.loc[best].speedup_vs_hf_ci_high:.2f}), ROUGE-L "
+         f"{keeps.loc[best].rougeL_vs_full:.3f}"
          if best is not None else "none"))
 spec = after.loc[f"self-spec@{exit_layer}x4"]
 print(f"self-speculation at layer {exit_layer}: identical to full depth on {spec.identical_to_full:.0%} of "
@@ -230,23 +238,26 @@ grid = grid[grid.method == "self-spec"].copy()
 grid["bound_at_this_acceptance"] = [speedup_at_acceptance_rate(r.acceptance_rate, int(r.num_draft_tokens),
                                                                 int(r.draft_exit_layer), L) for r in grid.itertuples()]
 display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "bound_at_this_acceptance",
-              "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max", "identical_to_full", "n_prompts"]].round(3))
+              "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "identical_to_full", "n_prompts"]].round(3))
 fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
 for layer, rows in grid.groupby("draft_exit_layer"):
     rows = rows.sort_values("num_draft_tokens")
     axes[0].plot(rows.num_draft_tokens, rows.acceptance_rate, marker="o", label=f"draft at layer {layer}")
     axes[1].errorbar(rows.num_draft_tokens, rows.speedup_vs_hf,
-                     yerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_min, rows.speedup_vs_hf_max - rows.speedup_vs_hf],
+                     yerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_ci_low, rows.speedup_vs_hf_ci_high - rows.speedup_vs_hf],
                      marker="o", capsize=2, label=f"draft at layer {layer}")
 axes[0].set(xlabel="draft length g (tokens per verification)", ylabel="acceptance rate", ylim=(0, 1))
-axes[1].set(xlabel="draft length g (tokens per verification)", ylabel="speed vs HF generate (x)")
+axes[1].set(xlabel="draft length g (tokens per verification)",
+            ylabel="paired speed ratio vs HF generate (x),\n95% CI over prompts")
 axes[1].axhline(1.0, color="0.6", ls=":", lw=1)
 for ax in axes:
     ax.xaxis.get_major_locator().set_params(integer=True)
 axes[0].legend(fontsize=7)
 fig.suptitle("Self-speculative decoding: acceptance and speed against the draft layer and length")
 plots.caption(fig, model=f"{model_name}-ee", data=prompt_data,
-              extra=f"n = {spec_prompts} prompts x {max_new_tokens} tokens, {rounds} rounds · {machine}")
+              extra=f"n = {spec_prompts} prompts, decoded to {grid.decoded_to.iloc[0]} (at most {max_new_tokens} "
+                    f"tokens); speed: {int(grid.n_speed_prompts.iloc[0])} prompts x {rounds} rounds, batch 1, paired "
+                    f"· {machine}")
 plots.save_figure(fig, "08_acceptance", table=grid)
 
 # %%

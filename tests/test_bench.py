@@ -24,6 +24,7 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
                        "--ltt-delta", "0.9", "--ltt-epsilon", "0.5", "--no-fitted-exits", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["fitted_exits"] is False and result["dtype"] == "float32" and result["rounds"] == 2
+    assert result["decoded_to"] == "eos" and result["batch_size"] == 16
     rows = {row["label"]: row for row in result["rows"]}
     assert list(rows)[:2] == ["hf_generate", "full"]
     assert rows["hf_generate"]["method"] == "hf" and rows["full"]["method"] == "full"
@@ -49,8 +50,11 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
         assert rows[label]["identical_to_full"] == 1.0 and 0.0 <= rows[label]["acceptance_rate"] <= 1.0
     for row in result["rows"]:
         assert set(early_exit.COLUMNS) - {"acceptance_rate", "threshold"} <= set(row)
-        assert row["tokens_per_s"] > 0 and row["n_prompts"] == 2 and row["new_tokens"] == 10
-        assert row["speedup_vs_hf_min"] <= row["speedup_vs_hf"] <= row["speedup_vs_hf_max"]
+        # to the end of sequence: at most 5 tokens per prompt; the paired ratio inside its interval over prompts
+        assert row["tokens_per_s"] > 0 and 2 <= row["new_tokens"] <= 10 and row["decoded_to"] == "eos"
+        assert row["n_prompts"] == (2 if row["method"] != "hf" else row["n_speed_prompts"])
+        assert row["speedup_vs_hf_ci_low"] <= row["speedup_vs_hf"] <= row["speedup_vs_hf_ci_high"]
+        assert row["n_speed_prompts"] == 2 and row["rounds"] == 2 and "speedup_vs_hf_min" not in row
         if row["method"] != "hf":
             assert row["confidence_flops_per_token"] >= 0 and row["confidence_ms_per_token"] >= 0
             assert 0 <= row["token_agreement_vs_full"] <= 1
@@ -84,15 +88,22 @@ def test_early_exit_benchmark_writes_rows(private_cache, capsys):
         floor["float32"]["tokens_per_s"] / rows["hf_generate"]["tokens_per_s"])
     assert floor["float32"]["full_engine_fraction_of_floor"] == pytest.approx(
         rows["full"]["tokens_per_s"] / floor["float32"]["tokens_per_s"])
-    assert "speedup_vs_hf" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup_vs_hf" in out and "decoded to the end of sequence (at most 5 tokens)" in out
 
 
-def test_methods_filter_keeps_the_references_and_matching_rows(private_cache):
+def test_methods_filter_keeps_the_references_and_matching_rows(private_cache, capsys):
     out = private_cache / "ee.json"
     assert bench.main(["early-exit", "--model", "tiny-llama", "--prompts", "1", "--max-new-tokens", "3",
-                       "--rounds", "1", "--methods", "static,free@*-fixed*", "--no-fitted-exits", "--out", str(out)]) == 0
-    labels = [row["label"] for row in json.loads(out.read_text())["rows"]]
+                       "--rounds", "1", "--methods", "static,free@*-fixed*", "--no-fitted-exits", "--fixed-length",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    labels = [row["label"] for row in result["rows"]]
     assert labels == ["hf_generate", "full", "static@2", "free@2-fixed256 0.9"]
+    # fixed length is a micro-benchmark, and says so: in the JSON, in every row and in the table's title
+    assert result["decoded_to"] == "fixed length (end of sequence ignored)"
+    assert all(row["decoded_to"] == result["decoded_to"] and row["new_tokens"] == 3 for row in result["rows"])
+    assert "fixed length: exactly 3 tokens per prompt (end of sequence ignored)" in capsys.readouterr().out
     assert "calibration" not in json.loads(out.read_text())  # the LTT row was not selected
 
 

@@ -23,18 +23,24 @@ def test_run_policies_times_a_subset_and_scores_every_prompt(tiny):
     model, tokenizer = tiny
     items = prompts.task_prompts(tokenizer, "builtin", 3, fmt="plain")
     run = run_policies(model, tokenizer, items, [StaticExit(2)], 5, rounds=2, speed_prompts=1, progress=False)
-    assert set(run.items.label) == {"hf_generate", "full", "static@2"} and len(run.items) == 9
-    assert (run.timings.new_tokens == 5).all() and len(run.timings) == 6  # 1 prompt x 5 tokens, 3 labels x 2 rounds
+    # HF generate is the speed reference only: its quality rows are those of the timed prompt
+    assert set(run.items.label) == {"hf_generate", "full", "static@2"} and len(run.items) == 3 + 3 + 1
+    assert len(run.timings) == 6 and set(run.timings.prompt) == {0}  # 1 prompt x 3 labels x 2 rounds, batch 1
+    assert (run.timings.new_tokens <= 5).all()
     summary = run.summary.set_index("label")
-    assert summary.loc["static@2", "n_prompts"] == 3 and summary.loc["static@2", "new_tokens"] == 15
+    assert summary.loc["static@2", "n_prompts"] == 3 and summary.loc["hf_generate", "n_prompts"] == 1
+    assert summary.loc["static@2", "new_tokens"] == run.items[run.items.label == "static@2"].new_tokens.sum()
     ratios = (run.timings.pivot(index="round", columns="label", values="tokens_per_s")
-              .pipe(lambda t: t["static@2"] / t["hf_generate"]))
+              .pipe(lambda t: t["static@2"] / t["hf_generate"]))  # one prompt: the median of its rounds' ratios
     assert summary.loc["static@2", "speedup_vs_hf"] == pytest.approx(float(ratios.median()))
+    assert summary.loc["static@2", "n_speed_prompts"] == 1 and summary.loc["static@2", "rounds"] == 2
+    assert math.isnan(summary.loc["static@2", "speedup_vs_hf_ci_low"])  # no interval over one prompt
+    assert summary.loc["static@2", "speedup_vs_hf_round_min"] <= summary.loc["static@2", "speedup_vs_hf_round_max"]
     # references have their text ROUGE-L against the task's answers
     assert summary.loc["full", "rougeL_vs_reference"] == pytest.approx(
         np.mean([metrics.rouge_l([t], [p.reference]) for t, p in
                  zip(run.items[run.items.label == "full"].text, items, strict=True)]))
-    for label in summary.index:
+    for label in summary.index.drop("hf_generate"):  # (one prompt: no interval)
         assert summary.loc[label, "rougeL_vs_full_ci_low"] <= summary.loc[label, "rougeL_vs_full"] \
             <= summary.loc[label, "rougeL_vs_full_ci_high"]
 
@@ -42,22 +48,28 @@ def test_run_policies_times_a_subset_and_scores_every_prompt(tiny):
 def test_run_policies_scores_squad_answers_up_to_the_end_of_sequence(tiny):
     model, tokenizer = tiny
     base = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
-    run = run_policies(model, tokenizer, base, [StaticExit(2)], 6, hf=False, progress=False)
+    run = run_policies(model, tokenizer, base, [StaticExit(2)], 6, hf=False, rounds=1, stop_at_eos=False,
+                       progress=False)
     texts = run.items[run.items.label == "full"].text.tolist()
     # gold answers: the full model's own first new token for prompt 0 (EM 1 however the text goes on), and a word
     # it does not say for prompt 1
-    first = run.outputs["full"][0].new_tokens(0)[0]
+    first = run.outputs["full"][0].new_tokens()[0]
     answer0 = tokenizer.decode(first[:1], skip_special_tokens=True).strip().split("\n")[0]
     squad = [prompts.Prompt(p.input_ids, p.text, "x", "squad", i, answers)
              for i, (p, answers) in enumerate(zip(base, [(answer0 or "x",), ("zzzz-not-said",)], strict=True))]
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = int(first[1])  # the second new token ends the answer: the first is it
     try:
-        scored = run_policies(model, tokenizer, squad, [StaticExit(2)], 6, hf=False, progress=False)
+        scored = run_policies(model, tokenizer, squad, [StaticExit(2)], 6, hf=False, rounds=1, progress=False)
+        fixed = run_policies(model, tokenizer, squad, [StaticExit(2)], 6, hf=False, rounds=1, stop_at_eos=False,
+                             progress=False)
     finally:
         model.generation_config.eos_token_id = saved
     full = scored.items[scored.items.label == "full"].reset_index()
-    assert full.text.tolist() == texts  # decoding itself ran past the end of sequence
+    assert full.new_tokens[0] == first.tolist().index(int(first[1])) + 1  # decoding stopped at the end of sequence
+    # fixed length ran past it, but the answer (and its text) ends there all the same
+    assert fixed.items[fixed.items.label == "full"].new_tokens.tolist() == [6, 6]
+    assert fixed.items[fixed.items.label == "full"].text.tolist() == full.text.tolist()
     if answer0:
         assert full.squad_exact_match[0] == 1.0 and full.squad_f1[0] == 1.0
     assert full.squad_exact_match[1] == 0.0
@@ -132,7 +144,7 @@ def test_completion_with_a_policy_is_the_policys_decoding(tiny):
     policy = Skip("static", budget=0.5)
     [text] = evaluate.complete(model, tokenizer, prompt_ids, 6, policy=policy)
     out = decode(model, torch.tensor(prompt_ids), 6, policy)
-    assert text == tokenizer.decode(out.new_tokens(0)[0], skip_special_tokens=True)
+    assert text == tokenizer.decode(out.new_tokens()[0], skip_special_tokens=True)
     [hf_text] = evaluate.complete(model, tokenizer, prompt_ids, 6)
     assert hf_text == evaluate.complete(model, tokenizer, prompt_ids, 6, policy=Full())[0]
 
@@ -141,7 +153,7 @@ def test_frontier_table_rows(tiny):
     model, tokenizer = tiny
     items = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
     eval_tokens = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(0))
-    settings = FrontierSettings(eval_seq_len=32, eval_windows=2, speed_prompts=1, rounds=2, prefill_min_run_time=0.01,
+    settings = FrontierSettings(eval_seq_len=32, eval_windows=2, speed_prompts=2, rounds=2, prefill_min_run_time=0.01,
                                 progress=False)
     table = FrontierTable(model, tokenizer, items, 4, prefill_ids=items[0].input_ids, eval_tokens=eval_tokens,
                           settings=settings)
@@ -150,7 +162,11 @@ def test_frontier_table_rows(tiny):
     assert dense["perplexity"] == pytest.approx(metrics.perplexity(model, eval_tokens, seq_len=32, max_windows=2))
     skip = table.add_decoder("skip half", "skip", model, Skip("static", budget=0.5), "dense")
     assert skip["parameters_M"] == dense["parameters_M"] and math.isnan(skip["perplexity"])
-    assert skip["speedup_vs_dense_min"] <= skip["speedup_vs_dense"] <= skip["speedup_vs_dense_max"]
+    # paired per prompt (2 prompts x 2 rounds, batch 1): the mean ratio inside its interval over prompts
+    assert skip["speedup_vs_dense_ci_low"] <= skip["speedup_vs_dense"] <= skip["speedup_vs_dense_ci_high"]
+    assert skip["speedup_vs_dense_round_min"] <= skip["speedup_vs_dense_round_max"]
+    assert skip["n_speed_prompts"] == 2 and skip["rounds"] == 2 and skip["decoded_to"] == "eos"
+    assert "speedup_vs_dense_min" not in skip and skip["dense_tokens_per_s"] > 0
     assert skip["avg_layers"] == pytest.approx((4 + 3 * 2) / 4)  # first token at full depth, then 2 of 4
     with pytest.raises(ValueError, match="no row labelled 'pruned'"):
         table.add_decoder("x", "skip", model, Skip("static", budget=0.5), "pruned")
@@ -221,7 +237,10 @@ def test_run_policies_options_and_keywords_agree(tiny):
     by_options = run_policies(model, tokenizer, items, [StaticExit(2)], 4, RunOptions(hf=False, rounds=2,
                                                                                       progress=False))
     assert by_keywords.items.drop(columns="text").equals(by_options.items.drop(columns="text"))
-    assert len(by_options.timings) == 4 and set(by_options.timings.label) == {"full", StaticExit(2).label}
+    # one batch-1 call per (label, prompt) per round: 2 labels x 2 prompts x 2 rounds
+    assert len(by_options.timings) == 8 and set(by_options.timings.label) == {"full", StaticExit(2).label}
+    assert RunOptions().stop_at_eos and RunOptions().rounds == 5 and RunOptions().speed_prompts == 8
+    assert RunOptions().batch_size == 16
     with pytest.raises(TypeError, match="unknown keyword.*'round'.*allowed: exit_transform"):
         run_policies(model, tokenizer, items, [StaticExit(2)], 4, round=2)
     with pytest.raises(ValueError, match="speed_prompts"):

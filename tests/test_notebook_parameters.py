@@ -16,6 +16,7 @@ import pytest
 from effllm.runner import REPO_ROOT, discover_notebooks
 from effllm.runner import parameters as P
 from effllm.runner.notebooks import PYTHON3_KERNELSPEC
+from effllm.runner.profiles import PROFILES
 
 NOTEBOOKS = discover_notebooks(REPO_ROOT / "notebooks")
 FIX = "run `.venv/bin/python -m effllm.runner.parameters --write`"
@@ -123,15 +124,18 @@ def test_check_lists_every_mismatch_and_write_fixes_both_twins(tmp_path, capsys)
     copy = tmp_path / source.name
     text = copy.read_text(encoding="utf-8")
     original = text
-    for old, new in (("\nn_prompts = 8 ", "\nn_prompts = 4 "), ("\nmax_new_tokens = 12 ", "\nmax_new_tokens = 24 ")):
+    section = PROFILES["default"]["01_early_exit"]
+    n, tokens = section["n_prompts"], section["max_new_tokens"]
+    for old, new in ((f"\nn_prompts = {n} ", f"\nn_prompts = {n + 1} "),
+                     (f"\nmax_new_tokens = {tokens} ", f"\nmax_new_tokens = {tokens + 1} ")):
         assert text.count(old) == 1
         text = text.replace(old, new)
     copy.write_text(text, encoding="utf-8")
     args = ["--notebooks-dir", str(tmp_path)]
     assert P.main(["--check", *args]) == 1
     out = capsys.readouterr().out
-    assert "01_early_exit.py: n_prompts = 4, the default profile has 8" in out
-    assert "01_early_exit.py: max_new_tokens = 24, the default profile has 12" in out
+    assert f"01_early_exit.py: n_prompts = {n + 1}, the default profile has {n}" in out
+    assert f"01_early_exit.py: max_new_tokens = {tokens + 1}, the default profile has {tokens}" in out
     assert "01_early_exit.ipynb" not in out  # the .ipynb still holds the profile's values
     assert P.main(["--write", *args]) == 0
     assert copy.read_text(encoding="utf-8") == original  # only the two values changed back

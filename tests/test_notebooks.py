@@ -111,6 +111,11 @@ def test_every_notebook_runs_in_smoke_profile(tmp_path):
         errors = [o for cell in nbformat.read(result.executed, as_version=4).cells
                   for o in cell.get("outputs", []) if o.output_type == "error"]
         assert errors == [], f"{notebook.stem}: error outputs in the executed copy: {[e.ename for e in errors]}"
+    # one run, one stamp (effllm.stamps): the claims report and the README accept what it published
+    from effllm.experiments.claims import check_folder_stamps
+
+    made_from = check_folder_stamps(jobs[0].publish_dir)
+    assert made_from.status == "agree" and made_from.stamp["profile"] == "smoke", made_from.line()
     quickstart = next(r.executed for job, r in zip(jobs, results, strict=True) if job.notebook.stem.startswith("00_"))
     described = nbformat.read(quickstart, as_version=4)
     assert f"torch.{precision}" in str([cell.get("outputs", []) for cell in described.cells]), (

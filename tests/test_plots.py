@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -46,7 +48,10 @@ def test_save_figure_writes_pdf_png_csv(tmp_path, table):
     assert written["pdf"].read_bytes().startswith(b"%PDF")
     assert written["png"].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     pd.testing.assert_frame_equal(pd.read_csv(written["csv"]), table)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written.values())
+    # beside them their stamp (effllm.stamps; tests/test_stamps.py checks its fields), which lists them
+    sidecar = tmp_path / "01_perplexity.stamp.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([sidecar.name, *(p.name for p in written.values())])
+    assert json.loads(sidecar.read_text())["files"] == sorted(p.name for p in written.values())
 
 
 def test_without_table_no_csv(tmp_path, table):
@@ -75,8 +80,8 @@ def test_failure_midway_leaves_nothing(tmp_path, table, monkeypatch):
 
 def test_failure_keeps_previous_complete_files(tmp_path, table, monkeypatch):
     fig = _figure(table)
-    first = plots.save_figure(fig, "kept", table=table, out_dir=tmp_path)
-    before = {path.name: path.read_bytes() for path in first.values()}
+    plots.save_figure(fig, "kept", table=table, out_dir=tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}  # the stamp too
 
     def failing_to_csv(*args, **kwargs):
         raise ValueError("boom")
@@ -119,7 +124,7 @@ def test_save_html(tmp_path):
     path = plots.save_html("<div>render</div>", "attention_map", out_dir=tmp_path)
     assert path == tmp_path / "attention_map.html"
     assert path.read_text(encoding="utf-8") == "<div>render</div>"
-    assert [p.name for p in tmp_path.iterdir()] == ["attention_map.html"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_map.html", "attention_map.stamp.json"]
 
 
 def test_style_is_idempotent_and_set():
@@ -161,7 +166,7 @@ def test_save_table_writes_the_csv_atomically(tmp_path, table, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         plots.save_table(table, "04_items", out_dir=tmp_path)
     assert pd.read_csv(path).equals(table)  # the earlier file is untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["04_items.csv"]  # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["04_items.csv", "04_items.stamp.json"]  # no temporary file
     with pytest.raises(ValueError, match="not a plain file stem"):
         plots.save_table(table, "a/b", out_dir=tmp_path)
     with pytest.raises(TypeError, match="DataFrame"):

@@ -335,7 +335,7 @@ def test_run_policies_bookkeeping_for_skipping():
     prompts = task_prompts(tokenizer, "arithmetic", 2, fmt="plain")
     settings = {"static 2/4": Skip("static", budget=0.5), "early exit 2/4": Skip("early-exit", budget=0.5),
                 "random 2/4": Skip("random", budget=0.5)}
-    run = run_policies(model, tokenizer, prompts, settings, 6, rounds=2, progress=False)
+    run = run_policies(model, tokenizer, prompts, settings, 6, rounds=2, stop_at_eos=False, progress=False)
     items = run.items
     assert len(items) == 2 * (len(settings) + 2) and (items.new_tokens == 6).all()
     summary = run.summary.set_index("label")
@@ -347,7 +347,8 @@ def test_run_policies_bookkeeping_for_skipping():
     assert summary.loc["hf_generate", "identical_to_full"] == 1.0  # HF generate and the engine agree
     assert summary.loc["static 2/4", "skip_mode"] == "static" and summary.loc["random 2/4", "skip_mode"] == "random"
     assert (summary.rounds == 2).all() and (summary.n_prompts == 2).all()
-    assert run.timings.groupby("label").size().eq(2).all()  # every setting timed once per round
+    assert run.timings.groupby(["label", "prompt"]).size().eq(2).all()  # each setting and prompt once per round
+    assert (run.summary.decoded_to == "fixed length (end of sequence ignored)").all()
 
 
 def test_default_benchmark_skip_rows_run_the_paper_budgets():

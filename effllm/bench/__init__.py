@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from effllm import io
+from effllm import io, stamps
 from effllm.experiments.timing import device_description  # noqa: F401  (results record the machine)
 from effllm.paths import REPO_ROOT
 
@@ -41,13 +41,13 @@ def print_table(rows: list[dict[str, Any]], columns: list[str] | None = None, wi
 
 def write_result(result: dict[str, Any], out: Path | None, default_name: str) -> Path:
     """Write ``result`` as JSON to ``out`` (default results/<default_name>) atomically (effllm.io.write_json:
-    a reader sees the old file or the whole new one), stamped with ``precision`` (effllm.models.dtype_report),
-    and say where."""
+    a reader sees the old file or the whole new one), stamped with ``precision`` (effllm.models.dtype_report) and
+    ``stamp`` (commit, profile, dtype, machine: effllm.stamps.run_stamp), and say where."""
     from effllm.models import dtype_report
 
     out = Path(out) if out else REPO_ROOT / "results" / default_name
     # the run's precision setting and the CPU's bfloat16 support beside the dtype the benchmark used
-    io.write_json(out, {**result, "precision": dtype_report()})
+    io.write_json(out, {**result, "precision": dtype_report(), "stamp": stamps.run_stamp()})
     print(f"wrote {out}")
     return out
 

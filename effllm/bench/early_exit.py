@@ -2,16 +2,23 @@
 self-speculation, layer skipping, and CALM at a Learn-then-Test calibrated threshold, against HF ``generate``.
 
     python -m effllm.bench early-exit [--model smollm2-135m] [--dtype bfloat16] [--prompts 32] [--max-new-tokens 64]
-                                      [--rounds 5] [--methods calm,free] [--calibration-prompts 16]
+                                      [--rounds 5] [--speed-prompts 8] [--batch-size 16] [--fixed-length]
+                                      [--methods calm,free] [--calibration-prompts 16]
                                       [--out results/early_exit_smollm2-135m_bfloat16.json]
 
-A thin front end over :func:`effllm.experiments.runs.run_policies`: batch 1, greedy, prompts from the built-in
-tasks (arithmetic questions and HumanEval prompts, alternating; chat turns for chat models, plain text for
-base models such as gemma3-270m). Every row decodes the same prompts for exactly ``--max-new-tokens`` tokens
-(end of sequence ignored, so that rows do the same amount of work). Speed is the median over ``--rounds``
-interleaved rounds of the per-round ratio to HF ``generate`` on the same model, in the same dtype, in the same
-run; quality is against the engine's own full-depth output (ROUGE-L over token ids with a 95% bootstrap interval
-over prompts, per-position token agreement, and the share of prompts whose output is identical).
+A thin front end over :func:`effllm.experiments.runs.run_policies`: greedy, prompts from the built-in tasks
+(arithmetic questions and HumanEval prompts, alternating; chat turns for chat models, plain text for base models
+such as gemma3-270m). Every row decodes the same prompts to the end of each answer (the end of sequence, or
+``--max-new-tokens``); ``--fixed-length`` decodes exactly ``--max-new-tokens`` tokens instead (end of sequence
+ignored, so that rows do the same amount of work: a micro-benchmark), and the table's title and the JSON's
+``decoded_to`` say so. Speed is timed at batch 1 on the first ``--speed-prompts`` prompts, one call per (row,
+prompt) in each of ``--rounds`` rounds, the calls of a round shuffled: ``speedup_vs_hf`` is the paired ratio to HF
+``generate`` on the same model, in the same dtype, in the same run (per prompt the median over rounds of the
+ratio of tokens/s on that prompt in that round, then the mean over prompts), with a 95% bootstrap interval over
+prompts (``_ci_low`` / ``_ci_high``) and the range over rounds (``_round_min`` / ``_round_max``). Quality comes
+from every prompt, decoded in batches of ``--batch-size`` (each row as decoded alone), against the engine's own
+full-depth output (ROUGE-L over token ids with a 95% bootstrap interval over prompts, per-position token
+agreement, and the share of prompts whose output is identical).
 
 The JSON also holds the cost of one confidence check over the full and the pruned vocabulary
 (``confidence_check``), the weight-read floor in float32 and bfloat16 (``weight_read_floor``: one token's products
@@ -39,8 +46,8 @@ from effllm.decoding.plans import PAPER_BUDGETS, budget_layer_count
 
 LTT_LABEL = "calm-softmax-ltt"
 LTT_CANDIDATES = (0.99, 0.97, 0.95, 0.9, 0.8, 0.6)
-COLUMNS = ["label", "method", "threshold", "tokens_per_s", "speedup_vs_hf", "speedup_vs_hf_min", "speedup_vs_hf_max",
-           "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
+COLUMNS = ["label", "method", "threshold", "tokens_per_s", "speedup_vs_hf", "speedup_vs_hf_ci_low",
+           "speedup_vs_hf_ci_high", "new_tokens", "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
            "acceptance_rate", "confidence_ms_per_token"]
 
 NAME = "early-exit"
@@ -106,9 +113,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: load_model's choice)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (speed: their median)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds (a prompt's speed ratio: the median over them)")
     parser.add_argument("--speed-prompts", type=int, default=8,
-                        help="the first N prompts are timed in every round (quality: every prompt, once)")
+                        help="the first N prompts are timed at batch 1 in every round (quality: every prompt)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the quality decoding")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="decode exactly --max-new-tokens tokens, the end of sequence ignored (a micro-benchmark; "
+                             "default: to the end of sequence or --max-new-tokens)")
     parser.add_argument("--k", type=int, default=256, help="candidate-set size of the pruned-vocabulary rows")
     parser.add_argument("--methods", default=None,
                         help="comma-separated label prefixes or fnmatch patterns of the rows to run (default: all)")
@@ -124,9 +136,10 @@ def add_arguments(parser) -> None:
 
 def _check(args) -> None:
     if args.prompts < 1 or args.max_new_tokens < 1 or args.calibration_prompts < 0 or args.calibration_tokens < 1 \
-            or args.rounds < 1 or args.speed_prompts < 1:
-        args._parser.error(f"--prompts, --max-new-tokens, --rounds, --speed-prompts and --calibration-tokens must be >= 1 and "
-                           f"--calibration-prompts >= 0; got {args.prompts}, {args.max_new_tokens}, {args.rounds}, "
+            or args.rounds < 1 or args.speed_prompts < 1 or args.batch_size < 1:
+        args._parser.error(f"--prompts, --max-new-tokens, --rounds, --speed-prompts, --batch-size and "
+                           f"--calibration-tokens must be >= 1 and --calibration-prompts >= 0; got {args.prompts}, "
+                           f"{args.max_new_tokens}, {args.rounds}, {args.speed_prompts}, {args.batch_size}, "
                            f"{args.calibration_tokens} and {args.calibration_prompts}")
     if not (0 < args.ltt_delta < 1 and 0 < args.ltt_epsilon < 1):
         args._parser.error(f"--ltt-delta and --ltt-epsilon must lie in (0, 1); got {args.ltt_delta}, {args.ltt_epsilon}")
@@ -154,10 +167,21 @@ def floors(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     return {str(d).removeprefix("torch."): weight_read_floor(model, d) for d in sorted(dtypes, key=str)}
 
 
+def _print_costs(check, own: dict[str, Any], k: int, vocab_size: int, dtype: str) -> None:
+    """The cost of one confidence check (full vocabulary vs k) and the weight-read floor, printed under the table."""
+    pruned = check[check.k == k].iloc[0]
+    print(f"one confidence check: full vocabulary ({vocab_size}) {check.ms.max():.3f} ms, k={k} "
+          f"{pruned.ms:.3f} ms ({pruned.speedup:.1f}x faster, {pruned.flops_ratio:.0f}x fewer FLOPs)")
+    print(f"weight-read floor in {dtype} (every decoder linear and the LM head once, {own['bytes_per_token'] / 1e6:.0f} "
+          f"MB): {own['ms_per_token']:.1f} ms/token; the full-depth engine runs at "
+          f"{own['full_engine_fraction_of_floor']:.2f} of it; at most {own['max_full_depth_speedup_vs_hf']:.2f}x HF "
+          "generate at full depth")
+
+
 def run(args) -> int:
     from effllm import vocab
     from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
-    from effllm.experiments.runs import run_policies
+    from effllm.experiments.runs import decoded_to, run_policies
     from effllm.ltt import calibrate_threshold
     from effllm.models import load_model
 
@@ -182,7 +206,8 @@ def run(args) -> int:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     result: dict[str, Any] = {
         "model": args.model, "device": device_description(), "dtype": dtype, "prompts": args.prompts,
-        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "speed_prompts": min(args.speed_prompts, args.prompts),
+        "max_new_tokens": args.max_new_tokens, "decoded_to": decoded_to(not args.fixed_length), "rounds": args.rounds,
+        "speed_prompts": min(args.speed_prompts, args.prompts), "batch_size": args.batch_size,
         "prompt_format": fmt, "exits": exits_used,
         "fitted_exits": exits_used.startswith("fitted"), "torch": torch.__version__}
     with torch.inference_mode():
@@ -193,7 +218,8 @@ def run(args) -> int:
                                                                  offset=args.prompts, fmt=fmt, max_tokens=budget)]
                 ltt = calibrate_threshold(model, calibration, args.calibration_tokens, LTT_CANDIDATES, args.ltt_delta,
                                           args.ltt_epsilon, ltt_base, distance="rougeL", decode=tokenizer.decode,
-                                          exit_transform=transform, eos_token_id=[], progress=False)
+                                          exit_transform=transform, eos_token_id=[] if args.fixed_length else None,
+                                          progress=False)
                 result["calibration"] = {"delta": ltt.delta, "epsilon": ltt.epsilon, "n": ltt.n,
                                          "max_new_tokens": args.calibration_tokens, "distance": "1 - ROUGE-L",
                                          "threshold": ltt.threshold, "table": ltt.table.to_dict("records")}
@@ -202,7 +228,8 @@ def run(args) -> int:
                 if ltt.threshold is not None:
                     selected[LTT_LABEL] = dataclasses.replace(ltt_base, threshold=ltt.threshold)
         run_result = run_policies(model, tokenizer, prompts, selected, args.max_new_tokens, exit_transform=transform,
-                                  rounds=args.rounds, speed_prompts=args.speed_prompts, progress=False)
+                                  rounds=args.rounds, speed_prompts=args.speed_prompts, batch_size=args.batch_size,
+                                  stop_at_eos=not args.fixed_length, progress=False)
         check = vocab.confidence_check_cost(model, [args.k, None])
         floor = floors(model)
     policies = {"full": None, **selected}
@@ -218,14 +245,11 @@ def run(args) -> int:
     result["rows"] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
                       for row in rows]  # JSON has no NaN: a missing value is null
     result["confidence_check"] = check.to_dict("records")
+    length = (f"fixed length: exactly {args.max_new_tokens} tokens per prompt (end of sequence ignored)"
+              if args.fixed_length else f"decoded to the end of sequence (at most {args.max_new_tokens} tokens)")
+    print(f"{args.model} ({dtype}), {args.prompts} prompts, {length}; speed: paired ratio vs HF generate at batch 1 "
+          f"on {result['speed_prompts']} prompts x {args.rounds} rounds, 95% CI over prompts")
     print_table(rows, COLUMNS, width=11)
-    pruned = check[check.k == args.k].iloc[0]
-    print(f"one confidence check: full vocabulary ({adapter.vocab_size}) {check.ms.max():.3f} ms, k={args.k} "
-          f"{pruned.ms:.3f} ms ({pruned.speedup:.1f}x faster, {pruned.flops_ratio:.0f}x fewer FLOPs)")
-    own = floor[dtype]
-    print(f"weight-read floor in {dtype} (every decoder linear and the LM head once, {own['bytes_per_token'] / 1e6:.0f} "
-          f"MB): {own['ms_per_token']:.1f} ms/token; the full-depth engine runs at "
-          f"{own['full_engine_fraction_of_floor']:.2f} of it; at most {own['max_full_depth_speedup_vs_hf']:.2f}x HF "
-          "generate at full depth")
+    _print_costs(check, floor[dtype], args.k, adapter.vocab_size, dtype)
     write_result(result, args.out, f"early_exit_{args.model.replace('/', '--')}_{dtype}.json")
     return 0

@@ -387,8 +387,14 @@ class Lockstep:
             if not any(runs) and not self.propagate:
                 continue  # nobody runs it and nothing is owed to it (fixed patterns)
             out = adapter.run_layer(i, hidden, context)
-            keep = torch.tensor(runs, device=out.device).view(batch, 1, 1)
-            hidden = torch.where(keep, out, hidden.to(out.device))
+            if all(runs):
+                hidden = out  # (a sliced model's layer may change the width: every row runs it)
+            elif out.shape[-1] != hidden.shape[-1]:
+                raise ValueError(f"layer {i} changes the state's width ({hidden.shape[-1]} -> {out.shape[-1]}: a "
+                                 f"sliced model), so a row cannot skip it; skip only layers that keep the width")
+            else:
+                keep = torch.tensor(runs, device=out.device).view(batch, 1, 1)
+                hidden = torch.where(keep, out, hidden.to(out.device))
             for r in range(batch):
                 if runs[r]:
                     ran[r].append(i)

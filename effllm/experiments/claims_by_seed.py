@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from effllm.experiments.stats import paired_speedup
 from effllm.experiments.verdicts import (
     FAILS,
     QUALITY_TOLERANCE,
@@ -18,7 +19,6 @@ from effllm.experiments.verdicts import (
     missing_tables,
     paired_difference,
     read_table,
-    round_ratio,
 )
 
 # ---- seed 000: vocabulary pruning ---------------------------------------------------------------------
@@ -43,8 +43,8 @@ def vocab_pruning_keeps_quality(folder: Path) -> Claim:
 
 
 def vocab_pruning_speeds_up_calm(folder: Path) -> Claim:
-    claim = Claim("000", "Pruning the exit check to k = 256 candidates makes CALM faster (tokens/s ratio, pruned / "
-                         "unpruned, above 1)", "fewer FLOPs per check: (2d - 1) k instead of (2d - 1) V")
+    claim = Claim("000", "Pruning the exit check to k = 256 candidates makes CALM faster (paired speed ratio, pruned "
+                         "/ unpruned, its 95% interval over prompts above 1)", "fewer FLOPs per check: (2d - 1) k instead of (2d - 1) V")
     timings = read_table(folder, "02_generation_timings")
     if timings is None:
         return missing_tables(claim, "02_generation_timings")
@@ -52,10 +52,13 @@ def vocab_pruning_speeds_up_calm(folder: Path) -> Claim:
     pruned = next((label for label in timings.label.unique() if label.startswith("fixed") and "256" in label), None)
     if pruned is None:
         return missing_tables(claim, "02_generation_timings (no fixed k=256 row)")
-    claim.measured, claim.ci_low, claim.ci_high, claim.n = round_ratio(timings, pruned, "none")
+    speed = paired_speedup(timings, pruned, "none")
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = (speed["mean"], speed["ci_low"], speed["ci_high"],
+                                                            speed["n_prompts"])
     claim.bar = 1.0
     claim.decide(above=True)
-    claim.source = f"02_generation_timings.csv ({timings.model.iloc[0]}; median and range of {claim.n} rounds)"
+    claim.source = (f"02_generation_timings.csv ({timings.model.iloc[0]}; paired ratio, 95% CI over {claim.n} "
+                    f"prompts, {speed['rounds']} rounds)")
     return claim
 
 
@@ -75,12 +78,15 @@ def _trained(table: pd.DataFrame | None) -> pd.DataFrame | None:
 def _fastest(summary: pd.DataFrame, methods: tuple[str, ...], bar: float = 0.9) -> pd.Series | None:
     """The fastest row of ``methods`` whose ROUGE-L vs full depth (its interval's low end) reaches ``bar``."""
     rows = summary[summary.method.isin(methods) & (summary.rougeL_vs_full_ci_low >= bar)]
+    if "speedup_vs_hf" in rows:  # settings run for quality only (not timed) cannot be the fastest
+        rows = rows[rows.speedup_vs_hf.notna()]
     return None if rows.empty else rows.sort_values("speedup_vs_hf").iloc[-1]
 
 
 def free_faster_than_calm(folder: Path, table: str = "08_speed_quality") -> Claim:
     claim = Claim("001", "FREE is faster than CALM at equal quality (fastest of each whose ROUGE-L vs full depth "
-                         "has its 95% low end >= 0.9; tokens/s ratio FREE / CALM above 1)",
+                         "has its 95% low end >= 0.9; paired speed ratio FREE / CALM, its 95% interval over prompts "
+                         "above 1)",
                   "FREE 1.5-2.2x vs CALM's 1.2-1.6x at ~99% of full quality (T5-large, trained exits)")
     summary = _trained(read_table(folder, table))
     timings = _trained(read_table(folder, table.replace("speed_quality", "timings")))
@@ -91,7 +97,9 @@ def free_faster_than_calm(folder: Path, table: str = "08_speed_quality") -> Clai
         claim.source = (f"{table}.csv: no {'FREE' if free is None else 'CALM'} setting reaches ROUGE-L 0.9 "
                         "(low end of its interval)")
         return claim
-    claim.measured, claim.ci_low, claim.ci_high, claim.n = round_ratio(timings, free.label, calm.label)
+    speed = paired_speedup(timings, free.label, calm.label)
+    claim.measured, claim.ci_low, claim.ci_high, claim.n = (speed["mean"], speed["ci_low"], speed["ci_high"],
+                                                            speed["n_prompts"])
     claim.bar = 1.0
     claim.decide(above=True)
     claim.source = f"{table}.csv / {table.replace('speed_quality', 'timings')}.csv ('{free.label}' vs '{calm.label}')"
@@ -100,17 +108,20 @@ def free_faster_than_calm(folder: Path, table: str = "08_speed_quality") -> Clai
 
 def free_speedup(folder: Path, table: str = "08_speed_quality", bar: float = 1.7) -> Claim:
     claim = Claim("001", f"FREE decodes at least {bar}x faster than HF generate while keeping ROUGE-L >= 0.9 against "
-                         "the full-depth output (speed ratio range over rounds above the bar)",
+                         "the full-depth output (paired speed ratio, its 95% interval over prompts above the bar)",
                   "FREE: up to 2.16x at ~99% of full quality")
     summary = _trained(read_table(folder, table))
     if summary is None:
         return missing_tables(claim, table)
+    if "speedup_vs_hf_ci_low" not in summary:
+        return missing_tables(claim, f"{table} (paired speed columns: written before paired timing, re-run 08)")
     free = _fastest(summary, ("free",))
     if free is None:
         claim.source = f"{table}.csv: no FREE setting reaches ROUGE-L 0.9 (low end of its interval)"
         return claim
-    claim.measured, claim.ci_low, claim.ci_high = free.speedup_vs_hf, free.speedup_vs_hf_min, free.speedup_vs_hf_max
-    claim.n = int(free.rounds)
+    claim.measured, claim.ci_low, claim.ci_high = (free.speedup_vs_hf, free.speedup_vs_hf_ci_low,
+                                                   free.speedup_vs_hf_ci_high)
+    claim.n = int(free.n_speed_prompts)
     claim.bar = bar
     claim.decide(above=True)
     claim.source = f"{table}.csv ('{free.label}', ROUGE-L {free.rougeL_vs_full:.3f}, {int(free.n_prompts)} prompts)"
@@ -119,17 +130,21 @@ def free_speedup(folder: Path, table: str = "08_speed_quality", bar: float = 1.7
 
 def self_speculation_lossless_speedup(folder: Path, table: str = "08_speed_quality") -> Claim:
     claim = Claim("001", "Self-speculative decoding gives exactly the full model's tokens and is faster than HF "
-                         "generate (speed ratio range over rounds above 1; every prompt identical)",
+                         "generate (paired speed ratio, its 95% interval over prompts above 1; every prompt "
+                         "identical)",
                   "LayerSkip: 1.8-2.2x on Llama, identical output")
     summary = _trained(read_table(folder, table))
     if summary is None:
         return missing_tables(claim, table)
+    if "speedup_vs_hf_ci_low" not in summary:
+        return missing_tables(claim, f"{table} (paired speed columns: written before paired timing, re-run 08)")
     rows = summary[summary.method == "self-spec"]
     if rows.empty:
         return missing_tables(claim, f"{table} (no self-spec row)")
     best = rows.sort_values("speedup_vs_hf").iloc[-1]
-    claim.measured, claim.ci_low, claim.ci_high = best.speedup_vs_hf, best.speedup_vs_hf_min, best.speedup_vs_hf_max
-    claim.n = int(best.rounds)
+    claim.measured, claim.ci_low, claim.ci_high = (best.speedup_vs_hf, best.speedup_vs_hf_ci_low,
+                                                   best.speedup_vs_hf_ci_high)
+    claim.n = int(best.n_speed_prompts)
     claim.bar = 1.0
     claim.decide(above=True)
     if best.identical_to_full < 1.0:

@@ -3,7 +3,7 @@ GSM8K exact match (zero- or few-shot), translation scored by METEOR on the best 
 evaluation of a (sub-)model (seed 002).
 
     texts = complete(model, tokenizer, prompts, 64)                          # batched HF generate
-    texts = complete(model, tokenizer, prompts, 64, policy=Calm(...))        # any decoding policy, batch 1
+    texts = complete(model, tokenizer, prompts, 64, policy=Calm(...))        # any decoding policy, batched
     humaneval_pass_at_1(model, tokenizer, 40, 256)["pass@1"]
     mbpp_pass_at_1(model, tokenizer, 500, 256, allow_code_execution=True)   # hub data (or stand-ins)
     arithmetic_exact_match(model, tokenizer, 1319, 256, task="gsm8k", shots=8)
@@ -11,9 +11,11 @@ evaluation of a (sub-)model (seed 002).
     evaluate_submodel(model, tokenizer, EvaluationSettings(humaneval_problems=0))
     evaluation = evaluate_submodel_items(model, tokenizer, settings)   # the same, with per-window and per-item rows
 
-Without a policy, generation is HF ``generate`` on left-padded batches (fast for a model-level method such as a
-pruned model); with a policy it is :func:`effllm.decoding.decode`, one prompt at a time, so an early-exit or
-skipping decoder is scored exactly like a pruned model. Every result carries its per-item outcomes, so that
+Generation is greedy and runs to the end of each answer (the model's end of sequence, or ``max_new_tokens``).
+Without a policy it is HF ``generate`` on left-padded batches (fast for a model-level method such as a pruned
+model); with a policy it is :func:`effllm.decoding.batched.decode_rows`, also left-padded batches, each row what
+:func:`effllm.decoding.decode` of that prompt alone gives, so an early-exit or skipping decoder is scored exactly
+like a pruned model. Every result carries its per-item outcomes, so that
 intervals can be computed over items.
 """
 
@@ -30,7 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from effllm import checks, data, metrics, zeroshot
-from effllm.decoding import Policy, decode
+from effllm.decoding import Policy
+from effllm.decoding.batched import decode_rows
 from effllm.domains import PERPLEXITY_CORPORA
 from effllm.execution import require_code_execution, run_program
 
@@ -89,17 +92,19 @@ def complete(
     policy: Policy | None = None, exit_transform: Any = None, batch_size: int = 8, stop_strings: Sequence[str] = (),
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions of token-id ``prompts``: HF ``generate`` in batches without ``policy``, else
-    :func:`effllm.decoding.decode` with it, one prompt at a time (stopping at the model's end of sequence)."""
+    """Greedy completions of token-id ``prompts``, each to the model's end of sequence or ``max_new_tokens``, cut
+    at the first of ``stop_strings``: HF ``generate`` in batches of ``batch_size`` without ``policy``, else
+    :func:`effllm.decoding.batched.decode_rows` with it (left-padded batches of ``batch_size``, each row as
+    decoding it alone gives)."""
     if policy is None:
         return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, stop_strings, progress)
     device = next(model.parameters()).device
     texts = []
-    for prompt in tqdm(prompts, desc=f"generate ({policy.label})", disable=not progress):
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-        out = decode(model, ids, max_new_tokens, policy, exit_transform=exit_transform)
-        new = out.sequences[0, out.sequences.shape[1] - out.exit_layers.shape[1]:]
-        texts.append(_cut(tokenizer.decode(new, skip_special_tokens=True), stop_strings))
+    for first in tqdm(range(0, len(prompts), batch_size), desc=f"generate ({policy.label})", disable=not progress):
+        ids = [torch.tensor([list(p)], dtype=torch.long, device=device) for p in prompts[first: first + batch_size]]
+        for out in decode_rows(model, ids, max_new_tokens, policy, batch_size=batch_size,
+                               exit_transform=exit_transform):
+            texts.append(_cut(tokenizer.decode(out.new_tokens()[0], skip_special_tokens=True), stop_strings))
     return texts
 
 

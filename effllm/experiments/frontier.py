@@ -1,20 +1,28 @@
 """Every method on one model (notebook 07): one row per model-level method (pruning, slicing, layer removal) or
 decode-time method (early exit, skipping, self-speculation, or a combination), all measured the same way.
 
-    table = FrontierTable(dense, tokenizer, prompts, max_new_tokens=32, prefill_ids=ids, eval_tokens=tokens,
-                          settings=FrontierSettings(rounds=5))
+    table = FrontierTable(dense, tokenizer, prompts, max_new_tokens=48, prefill_ids=ids, eval_tokens=tokens,
+                          settings=FrontierSettings(rounds=5, speed_prompts=8))
     table.add_model("Wanda 50%", "wanda", pruned_model)                         # a model-level method
     table.add_decoder("CALM 0.9", "calm", dense, Calm(...), base="dense")        # a decode-time method
     table.frame()                                                                # the tidy table
 
-Quality: ROUGE-L over token ids (and per-position token agreement) of every prompt's generation against the
-dense model's, with a 95% bootstrap interval over prompts; a model-level row also gets held-out perplexity,
-optionally HumanEval pass@1 and a zero-shot task. Speed: tokens/s over the first ``speed_prompts`` prompts in
-``rounds`` rounds, each round timing the row and the dense model in a shuffled order, so that
-``speedup_vs_dense`` is the median of per-round ratios measured back to back. Costs that are counted rather than measured (parameters,
-matmul FLOPs per generated token) come from :mod:`effllm.frontier`.
+Every row decodes to the end of its answer (each prompt stops at the end of sequence or at ``max_new_tokens``;
+``FrontierSettings(stop_at_eos=False)``: exactly ``max_new_tokens``, for micro-benchmarks; the ``decoded_to``
+column says which). Quality: ROUGE-L over token ids (and per-position token agreement) of every prompt's
+generation against the dense model's, with a 95% bootstrap interval over prompts, the generations decoded in
+left-padded batches (:func:`effllm.decoding.batched.decode_rows`: each row as decoded alone); a model-level row
+also gets held-out perplexity, optionally HumanEval pass@1 and a zero-shot task. Speed: the row and the dense
+model decode each of the first ``speed_prompts`` prompts at batch 1, once per round for ``rounds`` rounds, every
+call of a round in a shuffled order; ``speedup_vs_dense`` is the paired ratio (per prompt the median over rounds of
+the row's tokens/s over the dense model's on that prompt in that round, then the mean over prompts), with a 95%
+bootstrap interval over prompts (``speedup_vs_dense_ci_low`` / ``_ci_high``) and the range over rounds of the
+pooled ratio (``speedup_vs_dense_round_min`` / ``_round_max``; a range, not an interval)
+(:func:`effllm.experiments.stats.paired_ratio_summary`). ``tokens_per_s`` / ``dense_tokens_per_s`` (absolute,
+median over rounds) and ``prefill_ms`` (single-shot) are extra columns for reading against the machine, not for
+ranking. Costs that are counted rather than measured (parameters, matmul FLOPs per generated token) come from
+:mod:`effllm.frontier`.
 """
-
 from __future__ import annotations
 
 import math
@@ -22,16 +30,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from effllm import frontier, metrics, zeroshot
 from effllm.decoding import DecodeOutput, Full, Policy, decode
+from effllm.decoding.batched import decode_rows
 from effllm.execution import require_code_execution
 from effllm.experiments.evaluate import humaneval_pass_at_1
 from effllm.experiments.prompts import Prompt, as_ids
-from effllm.experiments.stats import mean_ci, ratio_summary
+from effllm.experiments.runs import decoded_to
+from effllm.experiments.stats import mean_ci, paired_ratio_summary
 from effllm.experiments.timing import prefill_seconds, time_rounds
 
 TABLE_EXITS: Any = object()  # a row that names no exits of its own reads the table's (``exit_transform=``)
@@ -51,18 +62,20 @@ def policy_kv_mode(policy: Any) -> str:
 class FrontierSettings:
     """How a :class:`FrontierTable` measures (see the module docstring).
 
-    Perplexity over ``eval_windows`` windows of ``eval_seq_len`` tokens in batches of ``batch_size``; speed over the
-    first ``speed_prompts`` prompts in ``rounds`` interleaved rounds (order shuffled by ``seed``); prefill time the
-    median over ``prefill_min_run_time`` seconds; optionally a zero-shot task (``zero_shot_task``, its first
-    ``zero_shot_limit`` items) and HumanEval pass@1 (``humaneval_problems`` problems, ``humaneval_max_new_tokens``
-    tokens each; needs ``allow_code_execution``); ``transform_flops``: FLOPs of one exit check of the table's exit
-    map; ``progress``: print each row as it is added."""
+    Perplexity over ``eval_windows`` windows of ``eval_seq_len`` tokens in batches of ``batch_size``; quality
+    generations in batches of ``decode_batch_size``, to the end of sequence (``stop_at_eos=False``: exactly
+    ``max_new_tokens``, fixed length); speed over the first ``speed_prompts`` prompts at batch 1 in ``rounds``
+    interleaved rounds (order shuffled by ``seed``); prefill time the median over ``prefill_min_run_time`` seconds;
+    optionally a zero-shot task (``zero_shot_task``, its first ``zero_shot_limit`` items) and HumanEval pass@1
+    (``humaneval_problems`` problems, ``humaneval_max_new_tokens`` tokens each; needs ``allow_code_execution``);
+    ``transform_flops``: FLOPs of one exit check of the table's exit map; ``progress``: print each row as it is
+    added."""
 
     eval_seq_len: int = 256
     eval_windows: int | None = 4
     batch_size: int = 8
-    speed_prompts: int = 4
-    rounds: int = 3
+    speed_prompts: int = 8
+    rounds: int = 5
     prefill_min_run_time: float = 0.5
     zero_shot_task: str | None = None
     zero_shot_limit: int | None = None
@@ -72,6 +85,8 @@ class FrontierSettings:
     transform_flops: int = 0
     progress: bool = True
     seed: int = 0
+    decode_batch_size: int = 16
+    stop_at_eos: bool = True
 
 
 class FrontierTable:
@@ -92,27 +107,47 @@ class FrontierTable:
             require_code_execution(settings.allow_code_execution)  # before any slow work
         self.exit_transform = exit_transform
         self.rows: list[dict[str, Any]] = []
+        self.eos = None if settings.stop_at_eos else []
         with torch.inference_mode():
             decode(dense, self.prompts[0][:, :4], 2, Full(), eos_token_id=[])  # first-call allocations
             self.reference = [o.new_tokens()[0] for o in self._decode(dense, Full())]
 
-    def _decode(self, model: nn.Module, policy: Policy, prompts: Sequence[torch.LongTensor] | None = None,
-                exit_transform: Any = TABLE_EXITS) -> list[DecodeOutput]:
-        exits = self.exit_transform if exit_transform is TABLE_EXITS else exit_transform
-        return [decode(model, ids, self.max_new_tokens, policy, eos_token_id=[], exit_transform=exits)
-                for ids in (self.prompts if prompts is None else prompts)]
+    def _exits(self, exit_transform: Any) -> Any:
+        return self.exit_transform if exit_transform is TABLE_EXITS else exit_transform
+
+    def _decode(self, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS) -> list[DecodeOutput]:
+        """Every prompt's output (quality), decoded in left-padded batches of ``decode_batch_size``."""
+        return decode_rows(model, self.prompts, self.max_new_tokens, policy, batch_size=self.settings.decode_batch_size,
+                           eos_token_id=self.eos, exit_transform=self._exits(exit_transform))
 
     def _speed(self, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS) -> dict[str, float]:
-        """tokens/s of (model, policy) and its ratio to the dense model's, round by round, interleaved."""
-        timed = self.prompts[: self.speed_prompts]
-        calls = {"row": lambda: self._decode(model, policy, timed, exit_transform),
-                 "dense": lambda: self._decode(self.dense, Full(), timed, exit_transform)}
-        rates: dict[str, list[float]] = {"row": [], "dense": []}
-        for t in sorted(time_rounds(calls, self.settings.rounds, seed=self.settings.seed), key=lambda t: t.round):
-            rates[t.label].append(sum(o.exit_layers.shape[1] for o in t.value) / t.seconds)
-        spread = ratio_summary([row / dense for row, dense in zip(rates["row"], rates["dense"], strict=True)])
-        return {"tokens_per_s": float(pd.Series(rates["row"]).median()), "speedup_vs_dense": spread["median"],
-                "speedup_vs_dense_min": spread["min"], "speedup_vs_dense_max": spread["max"]}
+        """The paired speed of (model, policy) against the dense model: one batch-1 call per (side, prompt) of
+        the first ``speed_prompts`` prompts in every round, the calls of a round shuffled."""
+        exits = self._exits(exit_transform)
+        sides = {"row": (model, policy), "dense": (self.dense, Full())}
+        calls, keys = {}, {}
+        for side, (m, p) in sides.items():
+            for k, ids in enumerate(self.prompts[: self.speed_prompts]):
+                key = f"{side}\x00{k}"
+                keys[key] = (side, k)
+                calls[key] = (lambda m=m, p=p, ids=ids: decode(m, ids, self.max_new_tokens, p, eos_token_id=self.eos,
+                                                               exit_transform=exits))
+        shape = (self.speed_prompts, self.settings.rounds)
+        grids = {(side, what): np.full(shape, np.nan) for side in sides for what in ("tokens", "seconds")}
+        for t in time_rounds(calls, self.settings.rounds, seed=self.settings.seed):
+            side, k = keys[t.label]
+            grids[(side, "tokens")][k, t.round] = t.value.exit_layers.shape[1]
+            grids[(side, "seconds")][k, t.round] = t.seconds
+        paired = paired_ratio_summary(grids[("row", "tokens")], grids[("row", "seconds")], grids[("dense", "tokens")],
+                                      grids[("dense", "seconds")], seed=self.settings.seed)
+
+        def rate(side: str) -> float:
+            return float(np.median(grids[(side, "tokens")].sum(axis=0) / grids[(side, "seconds")].sum(axis=0)))
+
+        return {"speedup_vs_dense": paired["mean"], "speedup_vs_dense_ci_low": paired["ci_low"],
+                "speedup_vs_dense_ci_high": paired["ci_high"], "speedup_vs_dense_round_min": paired["round_min"],
+                "speedup_vs_dense_round_max": paired["round_max"], "n_speed_prompts": paired["n_prompts"],
+                "rounds": paired["rounds"], "tokens_per_s": rate("row"), "dense_tokens_per_s": rate("dense")}
 
     def _row(self, label: str, family: str, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS,
              transform_flops: int | None = None) -> dict[str, Any]:
@@ -126,7 +161,8 @@ class FrontierTable:
         kv = policy_kv_mode(policy)
         per_check = self.settings.transform_flops if transform_flops is None else transform_flops
         checks = per_check if policy.method in ("calm", "free", "static") else 0
-        return {"method": label, "family": family, "policy": policy.method, **speed,
+        return {"method": label, "family": family, "policy": policy.method, "decoded_to": decoded_to(self.eos is None),
+                **speed,
                 "gflops_per_token": frontier.decode_flops(model, outputs, self.prompts, kv, checks) / 1e9,
                 "avg_layers": sum(float(o.num_layers_run.double().sum()) for o in outputs)
                 / sum(o.num_layers_run.numel() for o in outputs),
@@ -138,10 +174,9 @@ class FrontierTable:
                       exit_transform: Any = TABLE_EXITS) -> None:
         settings = self.settings
         if settings.humaneval_problems:
-            exits = self.exit_transform if exit_transform is TABLE_EXITS else exit_transform
             result = humaneval_pass_at_1(model, self.tokenizer, settings.humaneval_problems,
                                          settings.humaneval_max_new_tokens, settings.batch_size, policy=policy,
-                                         exit_transform=exits, allow_code_execution=settings.allow_code_execution)
+                                         exit_transform=self._exits(exit_transform), allow_code_execution=settings.allow_code_execution)
             mean, low, high = mean_ci([float(p) for p in result["passed"]])
             row.update({"humaneval_pass@1": mean, "humaneval_ci_low": low, "humaneval_ci_high": high,
                         "humaneval_n": result["n"]})
@@ -185,7 +220,8 @@ class FrontierTable:
         row.update(extra)
         self.rows.append(row)
         if self.settings.progress:
-            print(f"{row['method']:<30} {row['speedup_vs_dense']:5.2f}x dense  ROUGE-L {row['rougeL_vs_dense']:.3f}  "
+            print(f"{row['method']:<30} {row['speedup_vs_dense']:5.2f}x dense [{row['speedup_vs_dense_ci_low']:.2f}, "
+                  f"{row['speedup_vs_dense_ci_high']:.2f}]  ROUGE-L {row['rougeL_vs_dense']:.3f}  "
                   f"{row['gflops_per_token']:.3f} GFLOPs/token  ppl {row['perplexity']:.2f}")
         return row
 

@@ -31,7 +31,8 @@ PROMPT_FORMATS = ("chat", "plain", "t5")
 # Task -> the split its prompts come from (the evaluation split; Alpaca has only one).
 TASK_SPLITS = {"arithmetic": "test", "humaneval": "test", "docstrings": "test", "squad": "validation", "samsum": "test",
                "cnn_dailymail": "test", "alpaca": "train", "gsm8k": "test"}
-PROMPT_DATA = ("builtin", *TASK_SPLITS)
+PROMPT_DATA = ("builtin", *TASK_SPLITS)  # and any of them joined by "+" (they take turns)
+BUILTIN_MIX = ("arithmetic", "humaneval")  # what ``builtin`` takes turns between
 MAX_PROMPT_TOKENS = 512  # as the seeds' --max_seq_length 512
 
 
@@ -115,20 +116,25 @@ def _item(task: str, row: dict[str, Any], fmt: str) -> tuple[str, str | None, bo
 def task_prompts(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str = "chat",
                  max_tokens: int = MAX_PROMPT_TOKENS, split: str | None = None) -> list[Prompt]:
     """``n`` prompts of ``task``: items ``offset``..``offset + n - 1`` of its evaluation split (see
-    ``TASK_SPLITS``; ``split`` picks another). ``builtin`` alternates arithmetic questions and HumanEval prompts (item i: arithmetic
-    i // 2 for even i, HumanEval i // 2 for odd i). Longer prompts keep their last ``max_tokens`` tokens."""
-    checks.choice("prompt data", task, PROMPT_DATA)
+    ``TASK_SPLITS``; ``split`` picks another). Tasks joined by ``+`` take turns (``"arithmetic+humaneval+docstrings"``:
+    item i is item i // 3 of the (i mod 3)-th task), so that a run's first prompts cover every task and disjoint
+    offsets stay disjoint; ``builtin`` is ``arithmetic+humaneval``. Longer prompts keep their last ``max_tokens``
+    tokens."""
+    tasks = BUILTIN_MIX if task == "builtin" else tuple(task.split("+")) if isinstance(task, str) else (task,)
+    for name in tasks:
+        checks.choice("prompt data", name, PROMPT_DATA)
     checks.choice("prompt format", fmt, PROMPT_FORMATS)
     checks.positive_int("n", n)
     checks.integer("offset", offset, low=0)
-    if task == "builtin":
-        items = range(offset, offset + n)
+    if len(tasks) > 1:
+        items, k = range(offset, offset + n), len(tasks)
         picked = {}
-        for name, parity in (("arithmetic", 0), ("humaneval", 1)):
-            index = [i // 2 for i in items if i % 2 == parity]
-            picked[parity] = iter(task_prompts(tokenizer, name, len(index), index[0], fmt, max_tokens, split)
-                                  if index else [])
-        return [next(picked[i % 2]) for i in items]
+        for turn, name in enumerate(tasks):
+            index = [i // k for i in items if i % k == turn]
+            picked[turn] = iter(task_prompts(tokenizer, name, len(index), index[0], fmt, max_tokens, split)
+                                if index else [])
+        return [next(picked[i % k]) for i in items]
+    task = tasks[0]
     split = split or TASK_SPLITS[task]
     rows = data.load(task, split)
     if offset + n > len(rows):
@@ -147,6 +153,14 @@ def answer_examples(tokenizer: Any, task: str, n: int, offset: int = 0, fmt: str
     reference answer and the end-of-sequence token as labels, cut to ``max_len`` tokens. From the task's train
     split where it has one (None), else from its evaluation split: then use an ``offset`` past the evaluation
     prompts so that the two never share an item."""
+    tasks = BUILTIN_MIX if task == "builtin" else tuple(task.split("+"))
+    if len(tasks) > 1:  # each task's own examples (its train split where it has one), taking turns as task_prompts
+        k = len(tasks)
+        per_task = []
+        for turn, name in enumerate(tasks):
+            index = [i // k for i in range(offset, offset + n) if i % k == turn]
+            per_task.append(answer_examples(tokenizer, name, len(index), index[0], fmt, max_len, split) if index else [])
+        return round_robin(per_task)
     if split is None:
         split = "train" if "train" in data.splits(task) else TASK_SPLITS[task]
     examples = []

@@ -7,16 +7,23 @@ and ``figures/claims.csv``, never typed by hand.
 
 A test regenerates every block from the committed files and compares, so a number in the README cannot drift
 from the file it came from.
+
+Each block opens with the line naming the stamp of the files it was made from (:mod:`effllm.stamps`: commit,
+profile, dtype, machine). The files of a block must come from one run (the run-times block: the same run as the
+figures), or nothing is written (``--check`` exits 1) and the message says which files carry which stamp;
+``--allow-mixed-stamps`` writes anyway, the block then saying "MIXED STAMPS: ...".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from effllm import stamps
 from effllm.experiments import claims as claims_module
 from effllm.paths import REPO_ROOT, write_atomic
 
@@ -44,8 +51,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def early_exit_block(results: Path) -> str:
-    """One table per early-exit benchmark file: every row with its speed (median and range over rounds) and
-    quality against the full-depth output (mean and 95% interval over prompts)."""
+    """One table per early-exit benchmark file: every row with its speed (the paired ratio vs HF generate and its
+    95% interval over prompts) and quality against the full-depth output (mean and 95% interval over prompts)."""
     parts = []
     for path in sorted(results.glob("early_exit_*.json")):
         result = _load(path)
@@ -57,16 +64,18 @@ def early_exit_block(results: Path) -> str:
                               if isinstance(values, dict))
         parts.append(
             f"**{result['model']}**, {result.get('dtype', '?')}, exits: {result.get('exits', '?')}; "
-            f"{result['prompts']} prompts x {result['max_new_tokens']} tokens, speed on "
-            f"{result.get('speed_prompts', result['prompts'])} prompts in {result.get('rounds', 1)} interleaved rounds; "
+            f"{result['prompts']} prompts, at most {result['max_new_tokens']} tokens, decoded to: "
+            f"{result.get('decoded_to', 'fixed length (end of sequence ignored)')}; speed paired on "
+            f"{result.get('speed_prompts', result['prompts'])} prompts at batch 1 in {result.get('rounds', 1)} "
+            "interleaved rounds; "
             f"{result['device']} (`{path.relative_to(results.parent)}`). Weight-read floor (ms/token, measured in "
             f"this run): {per_dtype}; the full-depth engine runs at "
             f"{_fmt(floor.get('full_engine_fraction_of_floor'))} of its dtype's floor.\n")
-        lines = ["| setting | method | tokens/s | speed vs HF (range) | layers/token | ROUGE-L vs full [95% CI] | "
+        lines = ["| setting | method | tokens/s | paired speed vs HF [95% CI over prompts] | layers/token | ROUGE-L vs full [95% CI] | "
                  "identical | acceptance |", "|---|---|---|---|---|---|---|---|"]
         for row in result["rows"]:
-            speed = (f"{_fmt(row.get('speedup_vs_hf'))} ({_fmt(row.get('speedup_vs_hf_min'))}-"
-                     f"{_fmt(row.get('speedup_vs_hf_max'))})")
+            speed = (f"{_fmt(row.get('speedup_vs_hf'))} [{_fmt(row.get('speedup_vs_hf_ci_low'))}, "
+                     f"{_fmt(row.get('speedup_vs_hf_ci_high'))}]")
             rouge = (f"{_fmt(row.get('rougeL_vs_full'))} [{_fmt(row.get('rougeL_vs_full_ci_low'))}, "
                      f"{_fmt(row.get('rougeL_vs_full_ci_high'))}]")
             lines.append(f"| {row['label']} | {row['method']} | {_fmt(row.get('tokens_per_s'))} | {speed} | "
@@ -165,8 +174,44 @@ def decode_profile_block(results: Path) -> str:
     return "\n".join(parts) if parts else "(no decode profile in results/ yet)\n"
 
 
-def claims_block(figures: Path) -> str:
-    return claims_module.markdown(claims_module.build_claims(figures)) + "\n"
+def claims_block(figures: Path, allow_mixed_stamps: bool = False) -> str:
+    return claims_module.markdown(claims_module.build_claims(figures, allow_mixed=allow_mixed_stamps)) + "\n"
+
+
+# The files each block is made from, whose stamps (:mod:`effllm.stamps`, the JSON's "stamp") must agree: the
+# run-times block with the figures of the same run (the claims block checks those itself, build_claims). A file
+# without a stamp beside stamped ones counts as another run.
+BLOCK_FILES: dict[str, tuple[str, ...]] = {
+    "early-exit": ("early_exit_*.json",),
+    "decode-profile": ("decode_profile_*.json",),
+    "exit-training": ("exit_training_*.json",),
+    "compression": ("prune_smollm2-135m.json", "slice_smollm2-135m.json"),
+    "run-times": (RUN_SUMMARY,),
+}
+# Stamp fields the files of one block differ in by design (one benchmark file per dtype).
+BLOCK_VARIES: dict[str, tuple[str, ...]] = {"early-exit": ("dtype",), "decode-profile": ("dtype",)}
+
+
+def _json_stamp(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found.get("stamp") if isinstance(found, dict) and stamps.is_stamp(found.get("stamp")) else None
+
+
+def block_stamps(name: str, results: Path, figures: Path, allow_mixed_stamps: bool = False) -> stamps.StampCheck:
+    """Whether the files block ``name`` is made from come from one run (the run-times block: one run with the
+    figures); raises :class:`effllm.stamps.MixedStampsError` unless ``allow_mixed_stamps``."""
+    sources: dict[str, dict[str, Any] | None] = {}
+    for pattern in BLOCK_FILES.get(name, ()):
+        for path in sorted(results.glob(pattern)):
+            sources[f"{results.name}/{path.name}"] = _json_stamp(path)
+    if name == "run-times" and sources:
+        sources.update({f"{figures.name}/{file}": stamp
+                        for file, stamp in stamps.folder_stamps(figures, exclude=[claims_module.CLAIMS_NAME]).items()})
+    return stamps.check_stamps(sources, f"The files of the README's {name} block", allow_mixed=allow_mixed_stamps,
+                               ignore=BLOCK_VARIES.get(name, ()))
 
 
 BLOCKS: dict[str, Callable[[Path, Path], str]] = {
@@ -179,14 +224,20 @@ BLOCKS: dict[str, Callable[[Path, Path], str]] = {
 }
 
 
-def render(text: str, results: Path, figures: Path) -> str:
-    """``text`` with every generated block that it marks rewritten."""
+def render(text: str, results: Path, figures: Path, allow_mixed_stamps: bool = False) -> str:
+    """``text`` with every generated block that it marks rewritten, each under the line naming the stamp of the
+    files it was made from. Raises :class:`effllm.stamps.MixedStampsError` when a block's files come from
+    different runs, unless ``allow_mixed_stamps`` (the block then says MIXED STAMPS)."""
     for name, make in BLOCKS.items():
         begin, end = _begin(name), _end(name)
         start, stop = text.find(begin), text.find(end)
         if start < 0 or stop < start:
             continue
-        text = text[:start] + begin + "\n" + make(results, figures) + text[stop:]
+        if name == "claims":  # build_claims checks the figures' stamps and heads its table with the line
+            body = claims_block(figures, allow_mixed_stamps)
+        else:
+            body = block_stamps(name, results, figures, allow_mixed_stamps).line() + "\n\n" + make(results, figures)
+        text = text[:start] + begin + "\n" + body + text[stop:]
     return text
 
 
@@ -200,15 +251,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=REPO_ROOT / "figures")
     parser.add_argument("--run-summary", type=Path, default=None,
                         help="a runner summary.json to record as the last default run (make run passes it)")
-    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is stale")
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a block is stale or its "
+                        "files come from different runs")
+    parser.add_argument(stamps.ALLOW_FLAG, dest="allow_mixed_stamps", action="store_true",
+                        help="write even when a block's files come from different runs (their stamps differ); the "
+                        "block then says MIXED STAMPS")
     args = parser.parse_args(argv)
-    if args.run_summary is not None and args.run_summary.is_file():
-        write_atomic(args.results / RUN_SUMMARY, args.run_summary.read_bytes())
-    claims = claims_module.build_claims(args.figures)
+    summary = args.results / RUN_SUMMARY
+    before = summary.read_bytes() if summary.is_file() else None
+    copied = args.run_summary is not None and args.run_summary.is_file()
+    if copied:
+        write_atomic(summary, args.run_summary.read_bytes())
+    text = args.readme.read_text()
+    try:
+        claims = claims_module.build_claims(args.figures, allow_mixed=args.allow_mixed_stamps)
+        new = render(text, args.results, args.figures, args.allow_mixed_stamps)
+    except stamps.MixedStampsError as error:
+        if copied:  # refused: the recorded run summary stays what it was
+            if before is None:
+                summary.unlink(missing_ok=True)
+            else:
+                write_atomic(summary, before)
+        print(f"refused, nothing written: {error}", file=sys.stderr)
+        return 1
     if not args.check:
         claims_module.write_claims(claims, args.figures)
-    text = args.readme.read_text()
-    new = render(text, args.results, args.figures)
     if args.check:
         print("README blocks are current" if new == text else "README blocks are stale: run python -m "
               "effllm.experiments.readme")

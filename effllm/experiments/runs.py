@@ -1,48 +1,75 @@
 """Policies x prompts -> one tidy table: every decoding experiment of the notebooks and benchmarks.
 
     run = run_policies(model, tokenizer, prompts, {"CALM 0.9": Calm(threshold=0.9, candidate_layer=20),
-                                                  "FREE 0.9": Free(shallow_exit_layer=20)}, max_new_tokens=32,
-                       rounds=5)
-    run.summary     # one row per setting: speed (median of interleaved rounds, vs HF and vs the engine's full
-                    # depth), layers per token, quality vs the full-depth output and vs the references, with n
+                                                  "FREE 0.9": Free(shallow_exit_layer=20)}, max_new_tokens=48)
+    run.summary     # one row per setting: paired speed ratios (vs HF and vs the engine's full depth, with a 95%
+                    # bootstrap interval over prompts), layers per token, quality vs the full-depth output and vs
+                    # the references, with n
     run.items       # one row per (setting, prompt): the per-prompt numbers the summary averages
+    run.timings     # one row per (round, setting, timed prompt): seconds and generated tokens of one batch-1 call
     run.outputs     # setting label -> the DecodeOutput of each prompt
 
-Every setting decodes the same prompts, batch 1, greedy, for exactly ``max_new_tokens`` tokens (end of sequence
-ignored, so that every row does the same work) unless ``stop_at_eos``. With ``speed_prompts`` only the first
-prompts are timed (in every round); quality always covers every prompt. Two references always run: ``full``
-(the engine at full depth: the quality reference, and the speed of the engine itself) and, with ``hf=True``,
-``hf_generate`` (HF ``generate``: the speed reference). Timing runs ``rounds`` times with the settings
-interleaved (:func:`effllm.experiments.timing.time_rounds`: the order shuffled each round, ``seed``), and a speed ratio is the median of the per-round ratios, each
-measured within one round: the machine's drift between rounds cancels out of every ratio.
+Every setting decodes the same prompts, greedy, to the end of its answer: each prompt stops at the model's end of
+sequence or at ``max_new_tokens`` (the task's answer limit), whichever comes first, and speed is generated tokens
+per second. Fixed length (exactly ``max_new_tokens`` tokens, the end of sequence ignored, so that every row does
+the same work) is an explicit option for micro-benchmarks, ``stop_at_eos=False``; the summary's ``decoded_to``
+column says which (``"eos"`` or ``"fixed length (end of sequence ignored)"``).
+
+Quality and speed are measured apart. Quality comes from every prompt, decoded in left-padded batches of
+``batch_size`` (:func:`effllm.decoding.batched.decode_rows`: each row's tokens are what decoding it alone gives).
+Speed is timed at batch 1 on the first ``speed_prompts`` prompts, one call per (setting, prompt), ``rounds``
+rounds, every call of a round in an order shuffled afresh (:func:`effllm.experiments.timing.time_rounds`,
+``seed``). Two references always run: ``full`` (the engine at full depth: the quality reference, and the speed of
+the engine itself) and, with ``hf=True``, ``hf_generate`` (HF ``generate``: the speed reference only; its quality
+rows cover the timed prompts, from its first timed call of each).
+
+A speed ratio is paired: for a prompt and a round, the setting's tokens/s over the reference's on the same prompt
+in the same round (the machine's drift between rounds cancels out); a prompt's ratio is the median over rounds;
+``speedup_vs_hf`` / ``speedup_vs_full`` is the mean over prompts of those ratios, ``*_ci_low`` / ``*_ci_high`` the
+95% percentile bootstrap interval over prompts of that mean, and ``*_round_min`` / ``*_round_max`` the range over
+rounds of the pooled ratio (all timed prompts' tokens over their seconds in one round): a range, not an interval
+(:func:`effllm.experiments.stats.paired_ratio_summary`). ``tokens_per_s`` is the absolute rate (median over
+rounds of the pooled rate), for reading against the machine, not for ranking.
 
 Quality against the full-depth output is ROUGE-L over token ids and per-position token agreement
-(:func:`effllm.metrics.token_rouge_l`); against a task's reference answer it is ROUGE-L over text, and for SQuAD
-prompts also exact match and F1 against every gold answer (`squad_exact_match`, `squad_f1`, the official v1.1
-normalisation) on the answer up to the first end of sequence.
+(:func:`effllm.metrics.token_rouge_l`) of the generated tokens; against a task's reference answer it is ROUGE-L
+over text, and for SQuAD prompts also exact match and F1 against every gold answer (`squad_exact_match`,
+`squad_f1`, the official v1.1 normalisation), on the answer: the new tokens up to the first end of sequence.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from effllm import checks, metrics
 from effllm.adapters import get_adapter
 from effllm.decoding import DecodeOutput, Full, Policy, decode
+from effllm.decoding.batched import decode_rows
 from effllm.decoding.core import eos_ids
 from effllm.experiments.prompts import Prompt, as_ids, generated_ids
-from effllm.experiments.stats import mean_ci, ratio_summary
+from effllm.experiments.reference_cache import cached_full_depth
+from effllm.experiments.stats import mean_ci, paired_speedup
 from effllm.experiments.timing import time_rounds
 
 HF_LABEL = "hf_generate"
 FULL_LABEL = "full"
+DECODED_TO_EOS = "eos"
+DECODED_TO_FIXED = "fixed length (end of sequence ignored)"
 
 SettingsLike = Mapping[str, Policy] | Sequence[Policy | tuple[str, Policy]]
+
+
+def decoded_to(stop_at_eos: bool) -> str:
+    """What the ``decoded_to`` column says: ``"eos"`` (to the end of sequence or the answer limit) or that every
+    row decoded a fixed length, the end of sequence ignored."""
+    return DECODED_TO_EOS if stop_at_eos else DECODED_TO_FIXED
 
 
 def normalize_settings(settings: SettingsLike) -> dict[str, Policy]:
@@ -62,8 +89,11 @@ def normalize_settings(settings: SettingsLike) -> dict[str, Policy]:
 
 
 def hf_generate(model: torch.nn.Module, tokenizer: Any, ids: torch.LongTensor, max_new_tokens: int,
-                stop_at_eos: bool = False) -> torch.LongTensor:
-    """HF ``generate``, greedy, batch 1: the speed reference (and, token for token, the engine's full depth)."""
+                stop_at_eos: bool = True) -> torch.LongTensor:
+    """HF ``generate``, greedy, batch 1: the speed reference (and, token for token, the engine's full depth). It
+    stops at the model's end of sequence or after ``max_new_tokens``; ``stop_at_eos=False`` forces exactly
+    ``max_new_tokens`` (``min_new_tokens``: fixed length for micro-benchmarks). In :func:`run_policies` it is
+    timed only, on the timed prompts; its quality rows are those calls' outputs."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bound = {} if stop_at_eos else {"min_new_tokens": max_new_tokens}
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
@@ -74,7 +104,7 @@ def hf_generate(model: torch.nn.Module, tokenizer: Any, ids: torch.LongTensor, m
 class RunResult:
     summary: pd.DataFrame
     items: pd.DataFrame
-    timings: pd.DataFrame  # one row per (round, label): seconds and tokens of decoding every prompt once
+    timings: pd.DataFrame  # one row per (round, label, prompt): seconds and generated tokens of one batch-1 call
     outputs: dict[str, list[DecodeOutput]] = field(default_factory=dict)
 
     def output(self, label: str) -> list[DecodeOutput]:
@@ -88,21 +118,32 @@ class RunOptions:
     """How :func:`run_policies` runs (its keywords; see the module docstring).
 
     ``exit_transform`` applies to every early-exit setting (None: the model's attached exits, if any); ``hf`` adds
-    the ``hf_generate`` speed reference; ``rounds`` timing rounds, the settings' order shuffled each round by
-    ``seed``; ``speed_prompts``: time only the first N prompts in every round (quality always comes from every
-    prompt, decoded once more when N is smaller); ``stop_at_eos``: stop at the end of sequence instead of decoding
-    exactly ``max_new_tokens``; ``progress``: a progress bar over the timed calls."""
+    the ``hf_generate`` speed reference; ``rounds`` timing rounds, every (setting, prompt) call of a round in an
+    order shuffled by ``seed``; ``speed_prompts``: time the first N prompts at batch 1 (None: every prompt);
+    quality always comes from every prompt, decoded in batches of ``batch_size``; ``stop_at_eos``: stop at the
+    end of sequence (or ``max_new_tokens``); False decodes exactly ``max_new_tokens`` tokens (fixed length, for
+    micro-benchmarks; the summary's ``decoded_to`` says so); ``progress``: progress bars over the quality
+    decoding and the timed calls; ``timed``: the settings whose speed is measured (labels, label prefixes or
+    fnmatch patterns; None: every setting): the others get quality only and no speed columns (NaN), which keeps a
+    many-setting table within a time budget; ``full`` and ``hf_generate`` are always timed (the references)."""
 
     exit_transform: Any = None
     hf: bool = True
-    rounds: int = 1
-    speed_prompts: int | None = None
-    stop_at_eos: bool = False
+    rounds: int = 5
+    speed_prompts: int | None = 8
+    stop_at_eos: bool = True
+    batch_size: int = 16
     progress: bool = True
     seed: int = 0
+    timed: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.timed is not None:
+            if isinstance(self.timed, str):
+                object.__setattr__(self, "timed", (self.timed,))
+            object.__setattr__(self, "timed", tuple(str(t) for t in self.timed))
         checks.positive_int("rounds", self.rounds)
+        checks.positive_int("batch_size", self.batch_size)
         if self.speed_prompts is not None:
             checks.positive_int("speed_prompts", self.speed_prompts)
 
@@ -140,7 +181,8 @@ def run_policies(
 ) -> RunResult:
     """Decode every prompt with every setting (plus the references ``full`` and, with ``hf``, ``hf_generate``)
     and measure speed and quality; see the module docstring. ``options`` (:class:`RunOptions`), or its fields as
-    keywords (``rounds=5``, ``exit_transform=...``, ``hf=False``, ``speed_prompts=8``, ``progress=False``)."""
+    keywords (``rounds=5``, ``exit_transform=...``, ``hf=False``, ``speed_prompts=8``, ``batch_size=16``,
+    ``stop_at_eos=False``, ``progress=False``)."""
     unknown = set(keywords) - {f.name for f in fields(RunOptions)}
     if unknown:
         raise TypeError(f"run_policies got unknown keyword(s) {sorted(unknown)}; allowed: "
@@ -151,66 +193,109 @@ def run_policies(
         raise ValueError("prompts is empty; give at least one prompt")
     policies = _with_full(settings)
     ids = as_ids(prompts)
-    results, timings = _timed_decode(model, tokenizer, ids, policies, max_new_tokens, options)
+    n_timed = len(ids) if options.speed_prompts is None else min(options.speed_prompts, len(ids))
+    with torch.inference_mode():
+        outputs = {label: _quality_outputs(model, ids, label, policy, max_new_tokens, options)
+                   for label, policy in tqdm(policies.items(), desc="quality (batched)", disable=not options.progress)}
+    timed = _timed_settings(policies, options.timed)
+    hf_outputs, timings = _timed_decode(model, tokenizer, ids[:n_timed], timed, max_new_tokens, options)
+    decoded = decoded_to(options.stop_at_eos)
     item_rows = []
-    for label, outputs in results.items():
-        item_rows.extend(_item_rows(model, tokenizer, prompts, ids, label, policies.get(label), outputs,
-                                    results[FULL_LABEL]))
+    if options.hf:  # the speed reference: its rows cover the timed prompts only
+        item_rows.extend(_item_rows(model, tokenizer, prompts[:n_timed], HF_LABEL, None, hf_outputs,
+                                    outputs[FULL_LABEL][:n_timed], decoded))
+    for label, policy in policies.items():
+        item_rows.extend(_item_rows(model, tokenizer, prompts, label, policy, outputs[label], outputs[FULL_LABEL],
+                                    decoded))
     items = pd.DataFrame(item_rows)
-    return RunResult(summarize(items, timings, options.hf), items, timings,
-                     {k: v for k, v in results.items() if k != HF_LABEL})
+    return RunResult(summarize(items, timings, options.hf, seed=options.seed), items, timings, outputs)
 
 
-def _timed_decode(model, tokenizer, ids, policies, max_new_tokens, options: RunOptions
-                  ) -> tuple[dict[str, list], pd.DataFrame]:
-    """(label -> output of every prompt, one timing row per (round, label)): interleaved rounds over the first
-    ``speed_prompts`` prompts (:func:`effllm.experiments.timing.time_rounds`); each label's first timed call also
-    gives its outputs, and the untimed prompts are decoded once after it."""
-    speed_prompts = len(ids) if options.speed_prompts is None else min(options.speed_prompts, len(ids))
+def _timed_settings(policies: dict[str, Policy], patterns: tuple[str, ...] | None) -> dict[str, Policy]:
+    """The settings ``patterns`` (labels, prefixes or fnmatch patterns; None: all) name, and ``full``."""
+    if patterns is None:
+        return policies
+    unmatched = [p for p in patterns if not any(label.startswith(p) or fnmatch.fnmatch(label, p) for label in policies)]
+    if unmatched:
+        raise ValueError(f"timed pattern(s) {unmatched} match no setting; settings: {', '.join(policies)}")
+    return {label: policy for label, policy in policies.items()
+            if label == FULL_LABEL or any(label.startswith(p) or fnmatch.fnmatch(label, p) for p in patterns)}
+
+
+def _quality_outputs(model: torch.nn.Module, ids: Sequence[torch.LongTensor], label: str, policy: Policy,
+                     max_new_tokens: int, options: RunOptions) -> list[DecodeOutput]:
+    """The outputs the quality of setting ``label`` is scored on: every prompt decoded by ``policy`` in
+    left-padded batches of ``options.batch_size`` (:func:`effllm.decoding.batched.decode_rows`: each row what
+    decoding it alone gives), to the end of sequence unless ``options.stop_at_eos`` is False. The one place a
+    setting's quality outputs are made (``label`` names the setting: the full-depth reference is
+    :data:`FULL_LABEL`, whose outputs come from the run's cache: decoded once per weights, dtype, prompts and
+    answer limit, :func:`effllm.experiments.reference_cache.cached_full_depth`)."""
+    if label == FULL_LABEL and isinstance(policy, Full):
+        return cached_full_depth(model, list(ids), max_new_tokens, batch_size=options.batch_size,
+                                 eos_token_id=None if options.stop_at_eos else [], exit_transform=options.exit_transform)
+    return decode_rows(model, list(ids), max_new_tokens, policy, batch_size=options.batch_size,
+                       eos_token_id=None if options.stop_at_eos else [], exit_transform=options.exit_transform)
+
+
+def _timed_decode(model, tokenizer, timed, policies, max_new_tokens, options: RunOptions
+                  ) -> tuple[list, pd.DataFrame]:
+    """(HF ``generate``'s output of each timed prompt (its first timed call; empty without ``hf``), one timing row
+    per (round, label, prompt)): every (label, prompt) call at batch 1, once per round, the calls of a round in a
+    shuffled order (:func:`effllm.experiments.timing.time_rounds`); rows in the order the calls ran."""
     eos = None if options.stop_at_eos else []
     runners: dict[str, Any] = {}
     if options.hf:
-        runners[HF_LABEL] = lambda some: [hf_generate(model, tokenizer, i, max_new_tokens, options.stop_at_eos)
-                                          for i in some]
+        runners[HF_LABEL] = lambda i: hf_generate(model, tokenizer, i, max_new_tokens, options.stop_at_eos)
     for label, policy in policies.items():
-        runners[label] = lambda some, policy=policy: [
-            decode(model, i, max_new_tokens, policy, eos_token_id=eos, exit_transform=options.exit_transform)
-            for i in some]
-    timed = ids[:speed_prompts]
+        runners[label] = lambda i, policy=policy: decode(model, i, max_new_tokens, policy, eos_token_id=eos,
+                                                         exit_transform=options.exit_transform)
+    calls, keys = {}, {}
+    for label, run in runners.items():
+        for k, prompt in enumerate(timed):
+            key = f"{label}\x00{k}"
+            calls[key], keys[key] = (lambda run=run, prompt=prompt: run(prompt)), (label, k)
+    hf_outputs: list[Any] = [None] * len(timed) if options.hf else []
+    rows = []
     with torch.inference_mode():  # first-call allocations out of the timings
-        warm = ids[0][:, :4]
+        warm = timed[0][:, :4]
         if options.hf:
             hf_generate(model, tokenizer, warm, 2)
         decode(model, warm, 2, Full(), eos_token_id=[])
-        calls = {label: (lambda run=run: run(timed)) for label, run in runners.items()}
-        results: dict[str, list] = {}
-        timing_rows = []
         for t in time_rounds(calls, options.rounds, seed=options.seed, progress=options.progress, desc="decode"):
-            if t.label not in results:
-                rest = runners[t.label](ids[speed_prompts:]) if speed_prompts < len(ids) else []
-                results[t.label] = [*t.value, *rest]
-            new = sum(len(generated_ids(model, o if isinstance(o, torch.Tensor) else o.sequences, p))
-                      for o, p in zip(t.value, timed, strict=True))
-            timing_rows.append({"round": t.round, "label": t.label, "seconds": t.seconds, "new_tokens": new,
-                                "tokens_per_s": new / t.seconds})
-    return {label: results[label] for label in runners}, pd.DataFrame(timing_rows)  # rows in settings order
+            label, k = keys[t.label]
+            sequences = t.value if isinstance(t.value, torch.Tensor) else t.value.sequences
+            new = len(generated_ids(model, sequences, timed[k]))
+            if label == HF_LABEL and hf_outputs[k] is None:
+                hf_outputs[k] = t.value
+            rows.append({"round": t.round, "label": label, "prompt": k, "seconds": t.seconds, "new_tokens": new,
+                         "tokens_per_s": new / t.seconds})
+    return hf_outputs, pd.DataFrame(rows, columns=["round", "label", "prompt", "seconds", "new_tokens",
+                                                   "tokens_per_s"])
 
 
-def _item_rows(model, tokenizer, prompts, ids, label, policy, outputs, full_outputs) -> list[dict[str, Any]]:
-    """One row per prompt of one setting: quality against the full-depth output and the task's references."""
+def _answer(new: torch.LongTensor, stop_ids: torch.Tensor) -> torch.LongTensor:
+    """The answer within one output's new ids: up to (not including) the first end of sequence."""
+    stops = torch.isin(new, stop_ids.to(new.device)).nonzero()
+    return new[: int(stops[0]) if len(stops) else len(new)]
+
+
+def _item_rows(model, tokenizer, prompts, label, policy, outputs, full_outputs, decoded: str) -> list[dict[str, Any]]:
+    """One row per prompt of one setting (``outputs``: one per prompt of ``prompts``, which may be the first of
+    the run's prompts): quality against the full-depth output and the task's references, on the answer up to the
+    first end of sequence."""
     columns = policy_columns(policy)
     n_layers = get_adapter(model).num_layers
-    stop_ids = eos_ids(model)  # where a SQuAD answer ends
+    stop_ids = eos_ids(model)  # where an answer ends
     rows = []
-    for k, (output, prompt, full) in enumerate(zip(outputs, ids, full_outputs, strict=True)):
+    for k, (output, prompt, full) in enumerate(zip(outputs, as_ids(prompts), full_outputs, strict=True)):
         reference = prompts[k].reference if isinstance(prompts[k], Prompt) else None
         answers = prompts[k].answers if isinstance(prompts[k], Prompt) else ()  # SQuAD: every gold answer
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         new = generated_ids(model, sequences, prompt)
         reference_ids = generated_ids(model, full.sequences, prompt)
         shared = min(len(new), len(reference_ids))
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        row = {"label": label, **columns, "prompt": k, "new_tokens": len(new),
+        text = tokenizer.decode(_answer(new, stop_ids), skip_special_tokens=True)
+        row = {"label": label, **columns, "decoded_to": decoded, "prompt": k, "new_tokens": len(new),
                "avg_layers": float(n_layers) if isinstance(output, torch.Tensor) else output.avg_layers,
                "rougeL_vs_full": metrics.token_rouge_l(new.tolist(), reference_ids.tolist()),
                "token_agreement_vs_full": float((new[:shared] == reference_ids[:shared]).sum()) / max(1, len(new)),
@@ -219,11 +304,8 @@ def _item_rows(model, tokenizer, prompts, ids, label, policy, outputs, full_outp
                "text": text}
         if answers:
             # SQuAD's exact match and F1 against every gold answer (the seeds' metric), on the answer the model
-            # gave: its new tokens up to the first end of sequence (decoding ran past it only to equalise the
-            # timed work), first line
-            stops = torch.isin(new, stop_ids.to(new.device)).nonzero()
-            given = tokenizer.decode(new[: int(stops[0]) if len(stops) else len(new)], skip_special_tokens=True)
-            squad = metrics.squad_scores(given.strip().split("\n")[0], answers)
+            # gave (up to the first end of sequence), first line
+            squad = metrics.squad_scores(text.strip().split("\n")[0], answers)
             row.update(squad_exact_match=squad["exact_match"], squad_f1=squad["f1"])
         if not isinstance(output, torch.Tensor):
             tokens = max(1, len(output.confidence_flops))
@@ -234,23 +316,42 @@ def _item_rows(model, tokenizer, prompts, ids, label, policy, outputs, full_outp
     return rows
 
 
-def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True) -> pd.DataFrame:
-    """One row per setting from a run's per-prompt ``items`` and per-round ``timings`` (see the module
-    docstring): speed ratios are medians of per-round ratios, quality means come with 95% bootstrap intervals
-    over prompts (``*_ci_low`` / ``*_ci_high``) and ``n_prompts``."""
-    per_round = timings.pivot(index="round", columns="label", values="tokens_per_s")
+SPEED_REFERENCES = ((HF_LABEL, "vs_hf"), (FULL_LABEL, "vs_full"))
+
+
+def speed_columns(timings: pd.DataFrame, label: str, hf: bool = True, seed: int = 0) -> dict[str, Any]:
+    """The speed columns of setting ``label`` from a run's ``timings`` (one row per (round, label, prompt)):
+    ``tokens_per_s`` (median over rounds of the pooled rate), ``n_speed_prompts``, ``rounds`` and, against each
+    reference timed (``hf_generate`` only with ``hf``; ``full``), ``speedup_<vs_ref>`` with ``_ci_low`` /
+    ``_ci_high`` (95% bootstrap over prompts) and ``_round_min`` / ``_round_max`` (the range over rounds), the
+    paired ratio of :func:`effllm.experiments.stats.paired_speedup`."""
+    timed = timings[timings.label == label]
+    if timed.empty:  # a setting run for quality only (RunOptions.timed)
+        return {"tokens_per_s": float("nan"), "n_speed_prompts": 0, "rounds": 0}
+    per_round = timed.groupby("round")[["new_tokens", "seconds"]].sum()
+    row: dict[str, Any] = {"tokens_per_s": float((per_round.new_tokens / per_round.seconds).median()),
+                           "n_speed_prompts": int(timed.prompt.nunique()), "rounds": len(per_round)}
+    labels = set(timings.label)
+    for reference, name in SPEED_REFERENCES:
+        if reference in labels and (reference != HF_LABEL or hf):
+            paired = paired_speedup(timings, label, reference, seed=seed)
+            row[f"speedup_{name}"] = paired["mean"]
+            for key in ("ci_low", "ci_high", "round_min", "round_max"):
+                row[f"speedup_{name}_{key}"] = paired[key]
+    return row
+
+
+def summarize(items: pd.DataFrame, timings: pd.DataFrame, hf: bool = True, seed: int = 0) -> pd.DataFrame:
+    """One row per setting from a run's per-prompt ``items`` and its per-(round, label, prompt) ``timings`` (see
+    the module docstring): paired speed ratios with 95% bootstrap intervals over prompts and their range over
+    rounds (:func:`speed_columns`), quality means with 95% bootstrap intervals over prompts (``*_ci_low`` /
+    ``*_ci_high``), ``n_prompts`` (the prompts scored) and ``decoded_to`` (from the items)."""
     rows = []
     for label, group in items.groupby("label", sort=False):
         first = group.iloc[0]
         row = {c: first[c] for c in group.columns if c not in PER_PROMPT_COLUMNS}
         n_tokens = int(group.new_tokens.sum())
-        row.update(n_prompts=len(group), new_tokens=n_tokens, rounds=len(per_round),
-                   tokens_per_s=float(per_round[label].median()))
-        for reference, name in ((HF_LABEL, "vs_hf"), (FULL_LABEL, "vs_full")):
-            if reference in per_round and (reference != HF_LABEL or hf):
-                spread = ratio_summary((per_round[label] / per_round[reference]).tolist())
-                row[f"speedup_{name}"] = spread["median"]
-                row[f"speedup_{name}_min"], row[f"speedup_{name}_max"] = spread["min"], spread["max"]
+        row.update(n_prompts=len(group), new_tokens=n_tokens, **speed_columns(timings, label, hf, seed))
         row["avg_layers"] = float((group.avg_layers * group.new_tokens).sum() / max(1, n_tokens))
         for column in ("rougeL_vs_full", "rougeL_vs_reference", "squad_exact_match", "squad_f1"):
             if column not in group:

@@ -8,7 +8,8 @@ tokenizer, the device, and the machine line every figure's provenance carries.
 bfloat16 where the hardware computes in it, else float32), or a dtype or its name; a notebook with a rule of its
 own (notebook 05: CSR has no bfloat16 on a CPU, :func:`effllm.sparse.default_dtype`) passes its choice here.
 ``device_map`` (e.g. ``"auto"``) spreads a model larger than one device with accelerate instead; the session's
-device is then where the first parameter went.
+device is then where the first parameter went. ``profile=profile`` (the notebook's parameter) names the profile in
+the stamp of every artefact the notebook saves (:mod:`effllm.stamps`) when it runs outside run_all.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from effllm import stamps
 from effllm.experiments.timing import device_description
 from effllm.models import load_model
 
@@ -66,14 +68,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def open_session(model_name: str, device: str | torch.device | None = "auto",
-                 dtype: torch.dtype | str | None = None, *, device_map: str | dict[str, Any] | None = None
-                 ) -> Session:
+                 dtype: torch.dtype | str | None = None, *, device_map: str | dict[str, Any] | None = None,
+                 profile: str | None = None) -> Session:
     """Load ``model_name`` (:func:`effllm.models.load_model`) in ``dtype`` on ``device`` (see the module
-    docstring) and describe the machine it runs on."""
+    docstring) and describe the machine it runs on. ``profile`` (the notebook's parameter) and the model's dtype go
+    into the stamp of every artefact the notebook saves (:func:`effllm.stamps.set_context`; under run_all.py the
+    profile it sets wins)."""
     if device_map is not None:
         model, tokenizer = load_model(model_name, dtype=dtype, device_map=device_map)
         resolved = next(model.parameters()).device
     else:
         resolved = resolve_device(device)
         model, tokenizer = load_model(model_name, dtype=dtype, device=str(resolved))
-    return Session(model, tokenizer, resolved, device_description(resolved))
+    session = Session(model, tokenizer, resolved, device_description(resolved))
+    stamps.set_context(profile=profile, model_dtype=session.dtype)
+    return session

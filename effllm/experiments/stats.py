@@ -1,11 +1,12 @@
 """Intervals for the numbers effllm reports: bootstrap confidence intervals of means and of paired differences,
-and the median and spread of timing ratios over interleaved rounds.
+paired speed ratios over prompts, and the median and spread of timing ratios over interleaved rounds.
 
     mean, low, high = mean_ci(per_prompt_rouge)                       # 95% interval of the mean
     diff, low, high = paired_difference_ci(rouge_pruned, rouge_full)   # same prompts, paired resampling
+    speed = paired_speedup(run.timings, "FREE 0.9", "hf_generate")     # paired per prompt, CI over prompts
 
-The resampling is scipy's ``scipy.stats.bootstrap`` (BCa, percentile where BCa is undefined), seeded so that a
-re-run gives the same interval.
+The resampling of means is scipy's ``scipy.stats.bootstrap`` (BCa, percentile where BCa is undefined); that of
+paired speed ratios a percentile bootstrap over prompts; both seeded so that a re-run gives the same interval.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,3 +68,74 @@ def ratio_summary(ratios: Sequence[float]) -> dict[str, float]:
     if r.size == 0:
         return {"median": math.nan, "min": math.nan, "max": math.nan}
     return {"median": float(np.median(r)), "min": float(r.min()), "max": float(r.max())}
+
+
+PAIRED_RESAMPLES = 2000
+
+
+def paired_ratio_summary(tokens: Any, seconds: Any, reference_tokens: Any, reference_seconds: Any, *,
+                         confidence: float = CONFIDENCE, resamples: int = PAIRED_RESAMPLES, seed: int = 0
+                         ) -> dict[str, float]:
+    """The paired speed ratio of a setting to a reference from timings of the same prompts in the same rounds.
+
+    Each argument is an array [prompts, rounds]: the tokens a call generated and its seconds, for the setting and
+    for the reference (prompt p, round r: the same prompt, timed in the same interleaved round). Per prompt and
+    round the ratio is ``(tokens / seconds) / (reference_tokens / reference_seconds)``; a prompt's ratio is the
+    median over its rounds (NaN rounds left out). Returns ``mean`` (the mean over prompts of the per-prompt
+    ratios), ``ci_low`` / ``ci_high`` (the 95% percentile bootstrap over prompts of that mean, ``resamples``
+    resamples seeded by ``seed``; NaN with fewer than two prompts), ``round_min`` / ``round_max`` (the RANGE over
+    rounds of the pooled ratio: every prompt's tokens over every prompt's seconds in that round, setting against
+    reference; not an interval), ``n_prompts`` and ``rounds``."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in (tokens, seconds, reference_tokens, reference_seconds)]
+    shape = arrays[0].shape
+    if len(shape) != 2 or any(a.shape != shape for a in arrays):
+        raise ValueError(f"paired timings need four [prompts, rounds] arrays of one shape; got shapes "
+                         f"{[a.shape for a in arrays]}")
+    n_prompts, rounds = shape
+    if not n_prompts or not rounds:
+        return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "round_min": math.nan,
+                "round_max": math.nan, "n_prompts": n_prompts, "rounds": rounds}
+    valid = np.logical_and.reduce([np.isfinite(a) for a in arrays])  # a call missing on either side: unpaired
+    t, s, rt, rs = (np.where(valid, a, np.nan) for a in arrays)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a prompt with no finite round: NaN, left out below
+            per_prompt = np.nanmedian((t / s) / (rt / rs), axis=1)
+        pooled = (np.nansum(t, axis=0) / np.nansum(s, axis=0)) / (np.nansum(rt, axis=0) / np.nansum(rs, axis=0))
+    per_prompt = per_prompt[np.isfinite(per_prompt)]
+    pooled = pooled[np.isfinite(pooled)]
+    mean = float(per_prompt.mean()) if per_prompt.size else math.nan
+    low = high = math.nan
+    if per_prompt.size >= 2:
+        picks = np.random.default_rng(seed).integers(0, per_prompt.size, (resamples, per_prompt.size))
+        means = per_prompt[picks].mean(axis=1)
+        alpha = (1 - confidence) / 2
+        low, high = (float(v) for v in np.quantile(means, [alpha, 1 - alpha]))
+    return {"mean": mean, "ci_low": low, "ci_high": high,
+            "round_min": float(pooled.min()) if pooled.size else math.nan,
+            "round_max": float(pooled.max()) if pooled.size else math.nan,
+            "n_prompts": int(per_prompt.size), "rounds": rounds}
+
+
+def paired_speedup(timings: Any, label: str, reference: str, *, confidence: float = CONFIDENCE,
+                   resamples: int = PAIRED_RESAMPLES, seed: int = 0) -> dict[str, float]:
+    """:func:`paired_ratio_summary` of ``label`` against ``reference`` from a tidy timings table with one row per
+    (round, label, prompt) and columns ``round``, ``label``, ``prompt``, ``seconds``, ``new_tokens`` (the
+    ``timings`` of :func:`effllm.experiments.runs.run_policies`). Prompts and rounds that both labels were timed
+    on are paired; a label missing from the table gives NaN. A table without a ``prompt`` column (one row per
+    (round, label) over all timed prompts, as written before per-prompt timing) counts as one prompt: its
+    interval is NaN (undecided), its round range still there."""
+    if "prompt" not in timings:
+        timings = timings.assign(prompt=0)
+    def grid(name: str, column: str) -> Any:
+        rows = timings[timings.label == name]
+        return rows.pivot_table(index="prompt", columns="round", values=column, aggfunc="first")
+
+    if label not in set(timings.label) or reference not in set(timings.label):
+        return paired_ratio_summary(np.empty((0, 0)), np.empty((0, 0)), np.empty((0, 0)), np.empty((0, 0)))
+    frames = [grid(label, "new_tokens"), grid(label, "seconds"), grid(reference, "new_tokens"),
+              grid(reference, "seconds")]
+    prompts = frames[0].index.intersection(frames[2].index)
+    rounds = frames[0].columns.intersection(frames[2].columns)
+    arrays = [f.reindex(index=prompts, columns=rounds).to_numpy() for f in frames]
+    return paired_ratio_summary(*arrays, confidence=confidence, resamples=resamples, seed=seed)

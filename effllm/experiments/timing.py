@@ -105,10 +105,13 @@ def time_rounds(calls: Mapping[str, Callable[[], Any]], rounds: int, *, seed: in
                 progress: bool = False, desc: str = "time") -> list[RoundTiming]:
     """Time every call of ``calls`` (label -> zero-argument callable) once per round, ``rounds`` rounds, the order of
     the labels shuffled afresh each round (``random.Random(seed)``): drift of a shared machine falls on every label
-    alike, and a ratio of two labels taken within one round cancels it (report the median of per-round ratios and
-    their spread, :func:`effllm.experiments.stats.ratio_summary`). ``measure(fn)`` -> (seconds, value) times one call
-    (:func:`wall_time`, :func:`median_time`, :func:`self_timed`). Returns one :class:`RoundTiming` per (round,
-    label), in the order they ran."""
+    alike, and a ratio of two labels taken within one round cancels it. For paired speed ratios over prompts, key
+    one call per (setting, prompt) (e.g. the label and the prompt's index joined by a NUL character) and
+    summarise the per-prompt ratios with :func:`effllm.experiments.stats.paired_ratio_summary` (a bootstrap over
+    prompts); for one call per setting,
+    report the median of per-round ratios and their range (:func:`effllm.experiments.stats.ratio_summary`).
+    ``measure(fn)`` -> (seconds, value) times one call (:func:`wall_time`, :func:`median_time`,
+    :func:`self_timed`). Returns one :class:`RoundTiming` per (round, label), in the order they ran."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}.")
     if not calls:

@@ -48,8 +48,9 @@ class Claim:
         # one item or one timing round has no spread to speak of: nothing can be decided from it
         self.verdict = judge(self.ci_low, self.ci_high, self.bar) if self.n >= 2 else UNDECIDED
         distance = abs(self.measured - self.bar)
-        if self.verdict == UNDECIDED and self.n and math.isfinite(distance) and distance > 0:
-            half_width = (self.ci_high - self.ci_low) / 2
+        half_width = (self.ci_high - self.ci_low) / 2
+        if (self.verdict == UNDECIDED and self.n and math.isfinite(distance) and distance > 0
+                and math.isfinite(half_width)):  # no interval (NaN bounds): nothing says what n would decide it
             self.n_to_decide = float(math.ceil(self.n * (half_width / distance) ** 2))
         return self
 

@@ -37,6 +37,7 @@ from effllm.runner.jobs import (
     land,
     run,
     run_job_isolated,
+    summary_stamp,
     was_interrupted,
     with_dtype,
     write_summary,
@@ -266,7 +267,8 @@ def _main(argv: Sequence[str] | None, repo_root: Path, guard: _SignalGuard) -> i
     results = run(jobs, LocalExecutor(args.jobs))
     guard.stopping = True  # from here on a signal must not cut the summary short
     summary_path = build_dir / args.profile / "summary.json"
-    write_summary(summary_path, args.profile, publish_dir, results, precision=args.dtype_report)
+    write_summary(summary_path, args.profile, publish_dir, results, precision=args.dtype_report,
+                  stamp=summary_stamp(jobs, results, args.profile))
     print()
     print(format_summary(results))
     print(f"executed notebooks in {build_dir / args.profile / 'executed'}; summary in {summary_path}")

@@ -36,6 +36,7 @@ from effllm.runner.notebooks import (
 )
 from effllm.runner.profiles import PROFILES, profile_environment, publish_dir_for
 from effllm.runner.reports import REPORTS_FOLDER, render_report
+from effllm.stamps import COMPARED, STAMP_SUFFIX, now, read_stamp, run_environment, run_stamp
 
 if TYPE_CHECKING:
     pass
@@ -117,6 +118,7 @@ def build_jobs(
     build_dir = Path(build_dir).resolve()
     publish_dir = Path(publish_dir).resolve() if publish_dir else publish_dir_for(profile, build_dir)
     jobs, warnings, declared_anywhere = [], [], set()
+    stamped = run_environment(profile)  # the profile, commit and dirty flag every artefact of this run is stamped with
     for notebook in notebooks:
         notebook = Path(notebook).resolve()
         declared = declared_parameters(notebook)
@@ -136,7 +138,8 @@ def build_jobs(
             staging_dir=staging,
             publish_dir=publish_dir,
             timeout=timeout,
-            env={**profile_environment(profile), "EFFLLM_FIGURES": str(staging)},  # the profile's `environment`
+            # the profile's `environment`, then what run_all itself sets
+            env={**profile_environment(profile), **stamped, "EFFLLM_FIGURES": str(staging)},
             report_path=publish_dir / REPORTS_FOLDER / f"{notebook.stem}.html",
         ))
     unknown = [k for k in overrides if k not in declared_anywhere]
@@ -341,12 +344,25 @@ def with_dtype(jobs: Sequence[Job], dtype: str | None) -> list[Job]:
     return list(jobs) if dtype is None else [replace(job, env={**job.env, DTYPE_ENV: dtype}) for job in jobs]
 
 
+def summary_stamp(jobs: Sequence[Job], results: Sequence[JobResult], profile: str) -> dict[str, Any]:
+    """The run's stamp for its summary: the one every published artefact of the run carries (what the kernels
+    stamped, with their threads and environment), else the stamp this process reads with the jobs' environment."""
+    found = [read_stamp(job.publish_dir / name) for job, r in zip(jobs, results, strict=False)
+             for name in r.figures if name.endswith(STAMP_SUFFIX)]
+    found = [stamp for stamp in found if stamp is not None]
+    if found and len({tuple(str(stamp.get(k)) for k in COMPARED) for stamp in found}) == 1:
+        return {k: v for k, v in found[0].items() if k not in ("files", "model_dtype")} | {"written_at": now()}
+    return run_stamp(profile, environ={**os.environ, **(jobs[0].env if jobs else {})})
+
+
 def write_summary(path: Path, profile: str, publish_dir: Path, results: Sequence[JobResult],
-                  precision: dict[str, Any] | None = None) -> None:
-    """``summary.json``: every notebook's status, seconds, error, published files and report, and the run's
-    precision (:func:`effllm.models.dtype_report`: dtype, EFFLLM_DTYPE, the CPU's bfloat16 support)."""
+                  precision: dict[str, Any] | None = None, stamp: dict[str, Any] | None = None) -> None:
+    """``summary.json``: every notebook's status, seconds, error, published files and report, the run's
+    precision (:func:`effllm.models.dtype_report`: dtype, EFFLLM_DTYPE, the CPU's bfloat16 support) and its stamp
+    (:mod:`effllm.stamps`; ``stamp`` as the jobs' kernels got it, else read now for ``profile``)."""
     payload = {
         "profile": profile,
+        "stamp": stamp if stamp is not None else run_stamp(profile),
         "publish_dir": str(publish_dir),
         "precision": precision,
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

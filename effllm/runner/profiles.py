@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from effllm.paths import REPO_ROOT
+from effllm.stamps import STAMP_ENVIRONMENT
 
 PROFILES_PACKAGE = "effllm.runner"
 PROFILES_FOLDER = "profiles"
@@ -42,7 +43,8 @@ RESERVED_PARAMETERS = ("profile", "figures_dir")
 # A profile file's settings besides `common` and the notebook sections.
 SETTING_KEYS = ("extends", "environment")
 # Set by run_all itself in every kernel (effllm.runner.jobs): a profile's `environment` may not set them.
-RESERVED_ENVIRONMENT = ("EFFLLM_FIGURES", "MPLBACKEND")
+# (EFFLLM_PROFILE, EFFLLM_COMMIT, EFFLLM_DIRTY: what every artefact's stamp says of the run, effllm.stamps)
+RESERVED_ENVIRONMENT = ("EFFLLM_FIGURES", "MPLBACKEND", *STAMP_ENVIRONMENT)
 NOTEBOOK_KEY = re.compile(r"[0-9][0-9]_[A-Za-z0-9_]+")
 PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

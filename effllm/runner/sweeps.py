@@ -42,6 +42,7 @@ from effllm.runner.jobs import Job, JobResult, was_interrupted
 from effllm.runner.notebooks import declared_parameters, notebook_parameters, select_notebooks
 from effllm.runner.profiles import PROFILES, RESERVED_PARAMETERS, profile_environment, publish_dir_for
 from effllm.runner.summaries import SummarySpec, parse_summary, spec_to_json
+from effllm.stamps import run_environment
 
 SWEEP_KEYS = ("name", "notebook", "profile", "parameters", "grid", "resources", "summary")
 RESOURCE_KEYS = ("cpus", "gpus", "memory_gb", "time_limit_min")
@@ -255,6 +256,7 @@ def build_sweep_jobs(
     runs_dir = build_dir / profile / "sweeps" / sweep.name
     figures_root = sweep_publish_dir(sweep.name, profile, build_dir, publish_dir)
     jobs = []
+    stamped = run_environment(profile)  # the profile, commit and dirty flag the runs' artefacts are stamped with
     for run_id, point in zip(run_ids, points, strict=True):
         staging = runs_dir / run_id / "staging"
         wanted = {**sweep.parameters, **overrides, **point}
@@ -265,7 +267,8 @@ def build_sweep_jobs(
             staging_dir=staging,
             publish_dir=figures_root / run_id,
             timeout=timeout,
-            env={**profile_environment(profile), "EFFLLM_FIGURES": str(staging)},  # the profile's `environment`
+            # the profile's `environment`, then what run_all itself sets
+            env={**profile_environment(profile), **stamped, "EFFLLM_FIGURES": str(staging)},
             time_limit=sweep.resources.time_limit_s,
             run_id=run_id,
             report_path=figures_root / run_id / f"{notebook.stem}.html",

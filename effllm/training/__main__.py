@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from effllm import io
+from effllm import io, stamps
 from effllm.paths import REPO_ROOT
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_cpu_minutes": result["teacher_pass_cpu_minutes"] + result["training_cpu_minutes"],
         **result,
     }
-    io.write_json(out, summary)
+    io.write_json(out, {**summary, "stamp": stamps.run_stamp()})
     print(f"wrote {out}")
     for layer in config.exit_layers:
         print(f"layer {layer}: agreement with the last layer {result['agreement_before'][str(layer)]:.3f} -> "
