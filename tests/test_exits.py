@@ -123,10 +123,16 @@ def test_bad_input(params, match):
         exits.generate(model, _prompt(5), 4, **params)
 
 
-def test_calm_needs_batch_one():
+def test_calm_decodes_a_batch_each_row_as_if_alone():
+    """The seeds' front end passes batches on to lock step (tests/test_lockstep.py covers every policy and family)."""
     model, _ = tiny_model("llama")
-    with pytest.raises(ValueError, match="batch 1"):
-        exits.generate(model, _prompt(6, batch=2), 4, method="calm")
+    ids = _prompt(6, batch=2)
+    out = exits.generate(model, ids, 4, method="calm", exit_min_layer=1, exit_conf_threshold=0.0, eos_token_id=[])
+    for row in range(2):
+        alone = exits.generate(model, ids[row : row + 1], 4, method="calm", exit_min_layer=1, exit_conf_threshold=0.0,
+                               eos_token_id=[])
+        assert torch.equal(out.sequences[row : row + 1], alone.sequences)
+        assert out.exit_layers[row].tolist() == alone.exit_layers[0].tolist()
 
 
 @pytest.mark.embedded

@@ -98,7 +98,7 @@ def check_sweep_outcome(code: int, build: Path, figures: Path) -> dict:
     for run in ok:
         folder = figures / run["run_id"]
         assert sorted(run["figures"]) == sorted(f"{run['run_id']}/{name}" for name in
-                                                ("bars.csv", "bars.pdf", "bars.png", "received.json"))
+                                                ("bars.csv", "bars.pdf", "bars.png", "bars.stamp.json", "received.json"))
         assert all((figures / f).is_file() for f in run["figures"])
         received = json.loads((folder / "received.json").read_text())
         assert {k: received[k] for k in ("sparsity", "pattern")} == run["parameters"]

@@ -450,8 +450,6 @@ def test_bad_patterns_and_budgets_are_clear_errors():
         _skip(model, ids, 4, skip_mode="skip")
     with pytest.raises(ValueError, match="unknown skipped_kv"):
         _skip(model, ids, 4, skipped_kv="copy")
-    with pytest.raises(ValueError, match="batch 1"):
-        _skip(model, ids.repeat(2, 1), 4)
     with pytest.raises(ValueError, match="needs controller="):
         _skip(model, ids, 4, skip_mode="controller")
     with pytest.raises(ValueError, match="skip_prompt=True needs"):
