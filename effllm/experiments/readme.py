@@ -65,9 +65,11 @@ def early_exit_block(results: Path) -> str:
         parts.append(
             f"**{result['model']}**, {result.get('dtype', '?')}, exits: {result.get('exits', '?')}; "
             f"{result['prompts']} prompts, at most {result['max_new_tokens']} tokens, decoded to: "
-            f"{result.get('decoded_to', 'fixed length (end of sequence ignored)')}; speed paired on "
-            f"{result.get('speed_prompts', result['prompts'])} prompts at batch 1 in {result.get('rounds', 1)} "
-            "interleaved rounds; "
+            f"{result.get('decoded_to', 'fixed length (end of sequence ignored)')}; "
+            + (f"speed paired on {result.get('speed_prompts', result['prompts'])} prompts at batch 1 in "
+               f"{result.get('rounds', 1)} interleaved rounds; " if "decoded_to" in result else
+               "written before paired timing (its speed columns are empty: rerun `python -m effllm.bench early-exit`); ")
+            +
             f"{result['device']} (`{path.relative_to(results.parent)}`). Weight-read floor (ms/token, measured in "
             f"this run): {per_dtype}; the full-depth engine runs at "
             f"{_fmt(floor.get('full_engine_fraction_of_floor'))} of its dtype's floor.\n")
