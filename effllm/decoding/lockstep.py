@@ -30,16 +30,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from effllm.controllers import SkipControllers
 from effllm.decoding.adaptive_threshold import AdaptiveThreshold
 from effllm.decoding.exits import ExitHead, exit_logits, head_flops
 from effllm.decoding.plans import budget_layer_count, plan_layers
 from effllm.decoding.policies import Calm, Free, Policy, SelfSpec, Skip
+from effllm.decoding.skipping import skip_controllers
 from effllm.decoding.state import DecodeState, Emitted
 
 
@@ -106,16 +105,7 @@ class Lockstep:
     # ---- set-up --------------------------------------------------------------------------------------------
     def _init_skip(self, policy: Skip, model: torch.nn.Module) -> None:
         self.fixed = plan_layers(policy, self.n_layers)
-        self.controllers = None
-        if policy.skip_mode == "controller":
-            controller = policy.controller
-            if isinstance(controller, Path):
-                controller = SkipControllers.load(controller, model)
-            elif not isinstance(controller, SkipControllers):
-                raise ValueError(f"controller must be SkipControllers or the path of a saved file; got "
-                                 f"{type(controller).__name__}")
-            controller.check_model(model)
-            self.controllers = controller
+        self.controllers = skip_controllers(policy, model)
         self.n_random = budget_layer_count(self.n_layers, policy.budget) if policy.skip_mode == "random" else None
         if self.fixed is not None and policy.skip_prompt:
             self.prompt_layers = list(self.fixed)

@@ -33,6 +33,21 @@ from effllm.decoding.policies import Skip
 from effllm.decoding.state import DecodeState, Emitted, StepResult, Strategy
 
 
+def skip_controllers(policy: Skip, model: torch.nn.Module) -> SkipControllers | None:
+    """The controllers a ``controller``-mode policy drives ``model`` with (loaded from a path if need be and checked
+    against the model), None for the other modes."""
+    if policy.skip_mode != "controller":
+        return None
+    controller = policy.controller
+    if isinstance(controller, Path):
+        controller = SkipControllers.load(controller, model)
+    elif not isinstance(controller, SkipControllers):
+        raise ValueError(f"controller must be SkipControllers or the path of a saved file; got "
+                         f"{type(controller).__name__}")
+    controller.check_model(model)
+    return controller
+
+
 class SkipStrategy(Strategy):
     """The skip step: per token, the planned layers run; the others get propagated K/V or none."""
 
@@ -40,16 +55,7 @@ class SkipStrategy(Strategy):
         self.policy, self.adapter = policy, adapter
         self.n_layers = adapter.num_layers
         self.fixed = plan_layers(policy, self.n_layers)
-        self.controllers = None
-        if policy.skip_mode == "controller":
-            controller = policy.controller
-            if isinstance(controller, Path):
-                controller = SkipControllers.load(controller, model)
-            elif not isinstance(controller, SkipControllers):
-                raise ValueError(f"controller must be SkipControllers or the path of a saved file; got "
-                                 f"{type(controller).__name__}")
-            controller.check_model(model)
-            self.controllers = controller
+        self.controllers = skip_controllers(policy, model)
         self.n_random = budget_layer_count(self.n_layers, policy.budget) if policy.skip_mode == "random" else None
         self.generator = torch.Generator(device="cpu").manual_seed(policy.seed)
         # Fixed patterns never run a skipped layer again, so its K/V would never be read (kv_mode "none").
