@@ -138,10 +138,9 @@ class RunOptions:
     timed: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.timed is not None:
-            if isinstance(self.timed, str):
-                object.__setattr__(self, "timed", (self.timed,))
-            object.__setattr__(self, "timed", tuple(str(t) for t in self.timed))
+        if self.timed is not None:  # one pattern or several, kept as a tuple (the dataclass is frozen)
+            timed = (self.timed,) if isinstance(self.timed, str) else self.timed
+            object.__setattr__(self, "timed", tuple(str(t) for t in timed))
         checks.positive_int("rounds", self.rounds)
         checks.positive_int("batch_size", self.batch_size)
         if self.speed_prompts is not None:
