@@ -63,6 +63,7 @@ controller_steps = 30  # one example per step, frozen backbone
 controller_alpha = 1.0  # weight of the layer cost in CE + alpha * fraction of executed layers
 controller_lr = 0.1
 rounds = 5  # interleaved timing rounds (speed: paired per prompt, median over rounds)
+speed_prompts = 0  # the first prompts timed at batch 1 in every round (0: quality only, as the seed's claims are)
 timed_settings = []  # the settings timed at batch 1 (label prefixes); None: all; the rest: quality only
 # The same model with an exit trained by effllm.training (load_model("<model>-ee")): at its exit layer, skipping,
 # early exit through the plain head and early exit through the trained exit side by side (None: skip)
@@ -148,7 +149,8 @@ for b in budgets:
         settings[f"skipping {n}/{n_layers}"] = Skip("static", budget=b)
         settings[f"early exit {n}/{n_layers}"] = Skip("early-exit", budget=b)
         layer_counts |= {f"skipping {n}/{n_layers}": n, f"early exit {n}/{n_layers}": n}
-run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rounds, timed=timed_settings)
+run = run_policies(model, tokenizer, items, settings, max_new_tokens, rounds=rounds, timed=timed_settings,
+                   speed_prompts=speed_prompts)
 generations = run.items[run.items.label != "hf_generate"].copy()
 generations["layers"] = generations.label.map(layer_counts)
 generations["mode"] = generations.label.str.extract(r"^(skipping|early exit|full)")[0]
@@ -187,7 +189,8 @@ best = quality[quality.label != "full"].sort_values("rougeL_vs_full", ascending=
 print(f"Full model: ROUGE-L {full_row.rougeL_vs_reference:.3f} against the references (n = {full_row.n_prompts}). "
       f"Closest to it below full depth: {best.label} (ROUGE-L {best.rougeL_vs_reference:.3f} against the references, "
       f"{best.rougeL_vs_full:.3f} [{best.rougeL_vs_full_ci_low:.3f}, {best.rougeL_vs_full_ci_high:.3f}] against the "
-      f"full model, {best.speedup_vs_full:.2f}x its decoding speed).")
+      f"full model" + (f", {best.speedup_vs_full:.2f}x its decoding speed)." if best.n_speed_prompts else
+                         "; speed not timed: speed_prompts = 0)."))
 
 # %% [markdown]
 # ### Early exit with a trained exit
@@ -209,7 +212,7 @@ if trained_model:
                         f"early exit {at}/{n_layers}": Skip("early-exit", budget=share),
                         f"early exit {at}/{n_layers}, trained exit": StaticExit(at)}
     trained_quality = run_policies(ee, tokenizer, items, trained_settings, max_new_tokens, hf=False,
-                                   rounds=rounds).summary  # exit_transform None: the model's trained exit
+                                   rounds=rounds, speed_prompts=speed_prompts).summary  # exit_transform None: the model's trained exit
     trained_quality = trained_quality[trained_quality.label != "full"]
     display(trained_quality[["label", "avg_layers", "rougeL_vs_reference", "rougeL_vs_reference_ci_low",
                              "rougeL_vs_reference_ci_high", "rougeL_vs_full", "rougeL_vs_full_ci_low",
@@ -289,14 +292,14 @@ plots.save_figure(fig, "03_controller_training", table=histories)
 controller_settings = {f"controller ({kind})": Skip("controller", controller=reloaded[kind], seed=seed)
                        for kind in reloaded}
 controlled = run_policies(model, tokenizer, items, controller_settings, max_new_tokens, hf=False, rounds=rounds,
-                          timed=timed_settings)
+                          timed=timed_settings, speed_prompts=speed_prompts)
 fractions = controlled.summary.set_index("label").avg_layers / n_layers
 random_settings = {f"random at {kind} budget": Skip("random", budget=min(1.0, max(1 / n_layers,
                                                                                    float(fractions[f"controller ({kind})"]))),
                                                     seed=seed)
                    for kind in reloaded}
 randomised = run_policies(model, tokenizer, items, random_settings, max_new_tokens, hf=False, rounds=rounds,
-                          timed=timed_settings)
+                          timed=timed_settings, speed_prompts=speed_prompts)
 controller_quality = pd.concat([controlled.summary, randomised.summary[randomised.summary.label != "full"]],
                                ignore_index=True)
 controller_quality["layer_fraction"] = controller_quality.avg_layers / n_layers

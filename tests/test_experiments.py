@@ -240,11 +240,12 @@ def test_run_policies_options_and_keywords_agree(tiny):
     # one batch-1 call per (label, prompt) per round: 2 labels x 2 prompts x 2 rounds
     assert len(by_options.timings) == 8 and set(by_options.timings.label) == {"full", StaticExit(2).label}
     assert RunOptions().stop_at_eos and RunOptions().rounds == 5 and RunOptions().speed_prompts == 8
-    assert RunOptions().batch_size == 16
+    assert RunOptions().batch_size == 32
     with pytest.raises(TypeError, match="unknown keyword.*'round'.*allowed: exit_transform"):
         run_policies(model, tokenizer, items, [StaticExit(2)], 4, round=2)
+    assert RunOptions(speed_prompts=0).speed_prompts == 0  # quality only
     with pytest.raises(ValueError, match="speed_prompts"):
-        RunOptions(speed_prompts=0)
+        RunOptions(speed_prompts=-1)
 
 
 class _StubPolicy:

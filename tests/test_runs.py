@@ -140,3 +140,28 @@ def test_only_the_timed_settings_get_speed_and_the_full_depth_outputs_come_from_
     assert again.summary.set_index("label").loc["calm"].rougeL_vs_full == first.loc["calm"].rougeL_vs_full
     with pytest.raises(ValueError, match="match no setting"):
         run_policies(model, tokenizer, ids, settings, 4, **{**options, "timed": ("nothing",)})
+
+
+def test_quality_only_runs_time_nothing_and_lightest_keeping_times_the_chosen_setting(tiny, tmp_path, monkeypatch):
+    from effllm.experiments.runs import lightest_keeping
+
+    model, tokenizer = tiny
+    monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
+    ids = [torch.randint(3, 200, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 8, 6)]
+    # static@4 of 4 layers is the full model (quality 1 at 4 layers); static@1 reads layer 1 (quality below 1)
+    settings = {"static@1": StaticExit(1), "static@4": StaticExit(4), "calm": Calm(threshold=0.5, candidate_layer=1)}
+    quality_only = run_policies(model, tokenizer, ids, settings, 4, speed_prompts=0, progress=False)
+    assert quality_only.timings.empty and "hf_generate" not in set(quality_only.items.label)
+    assert (quality_only.summary.n_speed_prompts == 0).all() and (quality_only.summary.n_prompts == 3).all()
+    summary = quality_only.summary.set_index("label")
+    chosen = lightest_keeping(1.0)(quality_only.summary)
+    # per method, the fewest layers among the settings whose interval's low end reaches the bar; none for a
+    # method that never reaches it
+    static_keep = summary[(summary.method == "static") & (summary.rougeL_vs_full_ci_low >= 1.0)]
+    assert [c for c in chosen if c.startswith("static")] == [static_keep.avg_layers.idxmin()]
+    assert ("calm" in chosen) == bool(summary.loc["calm"].rougeL_vs_full_ci_low >= 1.0)
+    run = run_policies(model, tokenizer, ids, settings, 4, speed_prompts=2, rounds=2, hf=False, progress=False,
+                       timed=lightest_keeping(1.0))
+    assert set(run.timings.label) == {"full", *chosen}
+    with pytest.raises(ValueError, match="bar"):
+        lightest_keeping(1.5)

@@ -1,6 +1,6 @@
 """Many prompts at once, each row decoding as it would alone: what quality tables are made of.
 
-    outputs = decode_rows(model, [p.input_ids for p in prompts], 48, Calm(threshold=0.9), batch_size=16)
+    outputs = decode_rows(model, [p.input_ids for p in prompts], 48, Calm(threshold=0.9), batch_size=32)
     outputs[i]            # the DecodeOutput of prompt i, as decode(model, prompts[i], 48, policy) gives it
 
 Quality needs no batch 1 (only speed does), and on a 2-core machine decoding one prompt at a time is what kept
@@ -38,7 +38,7 @@ def pad_left(prompts: Sequence[torch.LongTensor], pad_token_id: int = 0) -> tupl
 
 
 def decode_rows(model: torch.nn.Module, prompts: Sequence[torch.LongTensor], max_new_tokens: int,
-                policy: Policy | None = None, *, batch_size: int = 16, eos_token_id: Any = None,
+                policy: Policy | None = None, *, batch_size: int = 32, eos_token_id: Any = None,
                 exit_transform: Any = None) -> list[DecodeOutput]:
     """One :class:`DecodeOutput` per prompt (``prompts``: [1, p_i] id tensors), each what decoding that prompt alone
     gives, decoded ``batch_size`` prompts at a time: prompts of similar length together (a FREE policy with the

@@ -85,7 +85,7 @@ class FrontierSettings:
     transform_flops: int = 0
     progress: bool = True
     seed: int = 0
-    decode_batch_size: int = 16
+    decode_batch_size: int = 32
     stop_at_eos: bool = True
 
 

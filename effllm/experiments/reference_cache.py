@@ -1,6 +1,6 @@
 """Full-depth outputs computed once (issue 25 item 4): the reference every quality number is measured against.
 
-    references = cached_full_depth(model, [p.input_ids for p in prompts], 48, batch_size=16)
+    references = cached_full_depth(model, [p.input_ids for p in prompts], 48, batch_size=32)
     references[i]   # the DecodeOutput of prompt i at full depth, as decode_rows(..., Full()) gives it
 
 Every notebook of a run compares its policies with the same model's full-depth answers to the same prompts; this
@@ -99,8 +99,11 @@ def _prompts_digest(prompts: Sequence[torch.Tensor]) -> str:
 
 
 def cache_key(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-              eos: Sequence[int]) -> tuple[str, dict[str, Any]]:
-    """``(hex SHA-256, what it was computed over)`` for the full-depth outputs of ``model`` on ``prompts``."""
+              eos: Sequence[int], batch_size: int = 16) -> tuple[str, dict[str, Any]]:
+    """``(hex SHA-256, what it was computed over)`` for the full-depth outputs of ``model`` on ``prompts``.
+    ``batch_size`` is part of it: in bfloat16 a row's arithmetic depends on its batch's padding, so the reference
+    is the one decoded in the batches the settings it is compared with decode in (float32 gives the same either
+    way)."""
     identity = {
         "format": FORMAT_VERSION,
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -111,6 +114,7 @@ def cache_key(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_t
         "n_prompts": len(prompts),
         "max_new_tokens": int(max_new_tokens),
         "eos_token_ids": [int(e) for e in eos],
+        "batch_size": int(batch_size),
     }
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest(), identity
@@ -194,7 +198,7 @@ def _store(path: Path, outputs: list[DecodeOutput], identity: dict[str, Any], ke
 
 
 def cached_full_depth(model: torch.nn.Module, prompts: Sequence[torch.LongTensor], max_new_tokens: int, *,
-                      eos_token_id: int | Sequence[int] | None = None, batch_size: int = 16,
+                      eos_token_id: int | Sequence[int] | None = None, batch_size: int = 32,
                       exit_transform: Any = None, cache_dir: str | Path | None = None) -> list[DecodeOutput]:
     """One full-depth :class:`DecodeOutput` per prompt ([1, p] id tensors), as ``decode_rows(model, prompts,
     max_new_tokens, Full(), ...)`` gives it, decoded once per (model, dtype, prompts, answer limit, end of
@@ -210,7 +214,7 @@ def cached_full_depth(model: torch.nn.Module, prompts: Sequence[torch.LongTensor
 
     num_layers = get_adapter(model).num_layers
     eos = tuple(int(e) for e in eos_ids(model, eos_token_id).tolist())
-    key, identity = cache_key(model, prompts, max_new_tokens, eos)
+    key, identity = cache_key(model, prompts, max_new_tokens, eos, batch_size)
     folder = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / FOLDER
     path = folder / f"{key}.safetensors"
     cached = _load(path, model, prompts, key, max_new_tokens, num_layers, eos)

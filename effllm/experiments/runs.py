@@ -40,7 +40,7 @@ over text, and for SQuAD prompts also exact match and F1 against every gold answ
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -119,32 +119,32 @@ class RunOptions:
 
     ``exit_transform`` applies to every early-exit setting (None: the model's attached exits, if any); ``hf`` adds
     the ``hf_generate`` speed reference; ``rounds`` timing rounds, every (setting, prompt) call of a round in an
-    order shuffled by ``seed``; ``speed_prompts``: time the first N prompts at batch 1 (None: every prompt);
+    order shuffled by ``seed``; ``speed_prompts``: time the first N prompts at batch 1 (None: every prompt; 0: none, quality only);
     quality always comes from every prompt, decoded in batches of ``batch_size``; ``stop_at_eos``: stop at the
     end of sequence (or ``max_new_tokens``); False decodes exactly ``max_new_tokens`` tokens (fixed length, for
     micro-benchmarks; the summary's ``decoded_to`` says so); ``progress``: progress bars over the quality
     decoding and the timed calls; ``timed``: the settings whose speed is measured (labels, label prefixes or
     fnmatch patterns; None: every setting): the others get quality only and no speed columns (NaN), which keeps a
-    many-setting table within a time budget; ``full`` and ``hf_generate`` are always timed (the references)."""
+    many-setting table within a time budget; or a callable that picks them from the quality summary before any
+    timing (:func:`lightest_keeping`); ``full`` and ``hf_generate`` are always timed (the references)."""
 
     exit_transform: Any = None
     hf: bool = True
     rounds: int = 5
     speed_prompts: int | None = 8
     stop_at_eos: bool = True
-    batch_size: int = 16
+    batch_size: int = 32
     progress: bool = True
     seed: int = 0
-    timed: tuple[str, ...] | None = None
+    timed: tuple[str, ...] | Callable[[pd.DataFrame], Sequence[str]] | None = None
 
     def __post_init__(self) -> None:
-        if self.timed is not None:  # one pattern or several, kept as a tuple (the dataclass is frozen)
-            timed = (self.timed,) if isinstance(self.timed, str) else self.timed
-            object.__setattr__(self, "timed", tuple(str(t) for t in timed))
+        if not callable(self.timed):  # one pattern or several, kept as a tuple (the dataclass is frozen)
+            object.__setattr__(self, "timed", _as_patterns(self.timed))
         checks.positive_int("rounds", self.rounds)
         checks.positive_int("batch_size", self.batch_size)
         if self.speed_prompts is not None:
-            checks.positive_int("speed_prompts", self.speed_prompts)
+            checks.integer("speed_prompts", self.speed_prompts, low=0, hint=" (0: quality only; None: every prompt)")
 
 
 # The columns a policy writes into the result tables (one place: a renamed policy field renames its column here
@@ -180,7 +180,7 @@ def run_policies(
 ) -> RunResult:
     """Decode every prompt with every setting (plus the references ``full`` and, with ``hf``, ``hf_generate``)
     and measure speed and quality; see the module docstring. ``options`` (:class:`RunOptions`), or its fields as
-    keywords (``rounds=5``, ``exit_transform=...``, ``hf=False``, ``speed_prompts=8``, ``batch_size=16``,
+    keywords (``rounds=5``, ``exit_transform=...``, ``hf=False``, ``speed_prompts=8``, ``batch_size=32``,
     ``stop_at_eos=False``, ``progress=False``)."""
     unknown = set(keywords) - {f.name for f in fields(RunOptions)}
     if unknown:
@@ -196,18 +196,51 @@ def run_policies(
     with torch.inference_mode():
         outputs = {label: _quality_outputs(model, ids, label, policy, max_new_tokens, options)
                    for label, policy in tqdm(policies.items(), desc="quality (batched)", disable=not options.progress)}
-    timed = _timed_settings(policies, options.timed)
-    hf_outputs, timings = _timed_decode(model, tokenizer, ids[:n_timed], timed, max_new_tokens, options)
     decoded = decoded_to(options.stop_at_eos)
+    quality_rows = []
+    for label, policy in policies.items():
+        quality_rows.extend(_item_rows(model, tokenizer, prompts, label, policy, outputs[label], outputs[FULL_LABEL],
+                                       decoded))
+    patterns = options.timed
+    if callable(patterns):  # chosen from the quality results, before any timing (e.g. lightest_keeping)
+        patterns = _as_patterns(patterns(summarize(pd.DataFrame(quality_rows), _no_timings(), hf=False)))
+    if n_timed:
+        timed = _timed_settings(policies, patterns)
+        hf_outputs, timings = _timed_decode(model, tokenizer, ids[:n_timed], timed, max_new_tokens, options)
+    else:  # speed_prompts=0: quality only, nothing timed (no hf_generate rows)
+        hf_outputs, timings = [], _no_timings()
     item_rows = []
-    if options.hf:  # the speed reference: its rows cover the timed prompts only
+    if options.hf and n_timed:  # the speed reference: its rows cover the timed prompts only
         item_rows.extend(_item_rows(model, tokenizer, prompts[:n_timed], HF_LABEL, None, hf_outputs,
                                     outputs[FULL_LABEL][:n_timed], decoded))
-    for label, policy in policies.items():
-        item_rows.extend(_item_rows(model, tokenizer, prompts, label, policy, outputs[label], outputs[FULL_LABEL],
-                                    decoded))
-    items = pd.DataFrame(item_rows)
+    items = pd.DataFrame(item_rows + quality_rows)
     return RunResult(summarize(items, timings, options.hf, seed=options.seed), items, timings, outputs)
+
+
+TIMING_COLUMNS = ["round", "label", "prompt", "seconds", "new_tokens", "tokens_per_s"]
+
+
+def _no_timings() -> pd.DataFrame:
+    return pd.DataFrame(columns=TIMING_COLUMNS)
+
+
+def _as_patterns(timed: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    return None if timed is None else (timed,) if isinstance(timed, str) else tuple(str(t) for t in timed)
+
+
+def lightest_keeping(bar: float = 0.9, column: str = "rougeL_vs_full") -> Any:
+    """A ``timed`` choice for :func:`run_policies` made from the quality results before any timing: per method,
+    the setting with the fewest layers per generated token whose ``column`` (the low end of its 95% interval)
+    reaches ``bar``: the setting a speed claim at that quality reads, and only it is timed (with the references).
+    A method none of whose settings reaches the bar gets no timed setting."""
+    checks.fraction("bar", bar)
+
+    def choose(quality: pd.DataFrame) -> list[str]:
+        keeps = quality[(quality[f"{column}_ci_low"] >= bar) & (quality.label != FULL_LABEL)]
+        return [str(group.sort_values("avg_layers").label.iloc[0]) for _, group in keeps.groupby("method", sort=False)]
+
+    choose.__doc__ = f"per method, the fewest layers per token with {column} (95% low end) >= {bar}"
+    return choose
 
 
 def _timed_settings(policies: dict[str, Policy], patterns: tuple[str, ...] | None) -> dict[str, Policy]:
@@ -268,8 +301,7 @@ def _timed_decode(model, tokenizer, timed, policies, max_new_tokens, options: Ru
                 hf_outputs[k] = t.value
             rows.append({"round": t.round, "label": label, "prompt": k, "seconds": t.seconds, "new_tokens": new,
                          "tokens_per_s": new / t.seconds})
-    return hf_outputs, pd.DataFrame(rows, columns=["round", "label", "prompt", "seconds", "new_tokens",
-                                                   "tokens_per_s"])
+    return hf_outputs, pd.DataFrame(rows, columns=TIMING_COLUMNS)
 
 
 def _answer(new: torch.LongTensor, stop_ids: torch.Tensor) -> torch.LongTensor:
@@ -325,8 +357,13 @@ def speed_columns(timings: pd.DataFrame, label: str, hf: bool = True, seed: int 
     ``_ci_high`` (95% bootstrap over prompts) and ``_round_min`` / ``_round_max`` (the range over rounds), the
     paired ratio of :func:`effllm.experiments.stats.paired_speedup`."""
     timed = timings[timings.label == label]
-    if timed.empty:  # a setting run for quality only (RunOptions.timed)
-        return {"tokens_per_s": float("nan"), "n_speed_prompts": 0, "rounds": 0}
+    if timed.empty:  # a setting run for quality only (RunOptions.timed, speed_prompts=0): NaN speed columns
+        row = {"tokens_per_s": float("nan"), "n_speed_prompts": 0, "rounds": 0}
+        for reference, name in SPEED_REFERENCES:
+            if reference != HF_LABEL or hf:
+                row |= {f"speedup_{name}{key}": float("nan")
+                        for key in ("", "_ci_low", "_ci_high", "_round_min", "_round_max")}
+        return row
     per_round = timed.groupby("round")[["new_tokens", "seconds"]].sum()
     row: dict[str, Any] = {"tokens_per_s": float((per_round.new_tokens / per_round.seconds).median()),
                            "n_speed_prompts": int(timed.prompt.nunique()), "rounds": len(per_round)}
