@@ -268,7 +268,8 @@ for (name, item), data_name in zip(loaded.items(), prompt_data, strict=True):
     timed_here = timed_models is None or name in timed_models
     # speed against unpruned CALM on the same prompts and rounds (the claim's ratio); no HF generate reference
     run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=item["transform"],
-                       rounds=rounds, speed_prompts=speed_prompts if timed_here else 0, timed=timed_settings, hf=False)
+                       rounds=rounds, speed_prompts=speed_prompts if timed_here else 0, timed=timed_settings, hf=False,
+                       time_full=False)
     vs_none = [{"label": label, "speedup_vs_unpruned": paired["mean"], "speedup_vs_unpruned_ci_low": paired["ci_low"],
                 "speedup_vs_unpruned_ci_high": paired["ci_high"]}
                for label in settings for paired in [paired_speedup(run.timings, label, "none")]]

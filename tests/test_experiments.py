@@ -162,6 +162,11 @@ def test_frontier_table_rows(tiny):
     assert dense["perplexity"] == pytest.approx(metrics.perplexity(model, eval_tokens, seq_len=32, max_windows=2))
     skip = table.add_decoder("skip half", "skip", model, Skip("static", budget=0.5), "dense")
     assert skip["parameters_M"] == dense["parameters_M"] and math.isnan(skip["perplexity"])
+    assert skip["n_speed_prompts"] == 0 and len(table.pending) == 2  # timed together when the table is read
+    frame = table.frame()
+    assert not table.pending and list(frame.method) == ["dense", "skip half"]
+    # the dense row reads the dense model's own calls: exactly 1, and one set of dense calls for every row
+    assert dense["speedup_vs_dense"] == 1.0 and dense["tokens_per_s"] == skip["dense_tokens_per_s"]
     # paired per prompt (2 prompts x 2 rounds, batch 1): the mean ratio inside its interval over prompts
     assert skip["speedup_vs_dense_ci_low"] <= skip["speedup_vs_dense"] <= skip["speedup_vs_dense_ci_high"]
     assert skip["speedup_vs_dense_round_min"] <= skip["speedup_vs_dense_round_max"]
@@ -170,7 +175,29 @@ def test_frontier_table_rows(tiny):
     assert skip["avg_layers"] == pytest.approx((4 + 3 * 2) / 4)  # first token at full depth, then 2 of 4
     with pytest.raises(ValueError, match="no row labelled 'pruned'"):
         table.add_decoder("x", "skip", model, Skip("static", budget=0.5), "pruned")
+    with pytest.raises(ValueError, match="already in the table"):
+        table.add_decoder("skip half", "skip", model, Skip("static", budget=0.5), "dense")
     assert list(table.frame().method) == ["dense", "skip half"]
+
+
+def test_frontier_rows_timed_one_by_one_or_not_at_all(tiny):
+    model, tokenizer = tiny
+    items = prompts.task_prompts(tokenizer, "builtin", 2, fmt="plain")
+    eval_tokens = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(0))
+    settings = FrontierSettings(eval_seq_len=32, eval_windows=2, speed_prompts=2, rounds=2, prefill_min_run_time=0.01,
+                                progress=False, time_together=False, timed=("dense", "skip*"))
+    table = FrontierTable(model, tokenizer, items, 4, prefill_ids=items[0].input_ids, eval_tokens=eval_tokens,
+                          settings=settings)
+    table.add_model("dense", "dense", model)
+    skip = table.add_decoder("skip half", "skip", model, Skip("static", budget=0.5), "dense")
+    assert skip["n_speed_prompts"] == 2 and not table.pending  # timed as it was added
+    calm = table.add_decoder("calm", "calm", model, Calm(threshold=0.5, candidate_layer=1), "dense")
+    assert calm["n_speed_prompts"] == 0 and math.isnan(calm["speedup_vs_dense"])  # not named by `timed`
+    assert calm["rougeL_vs_dense"] >= 0 and calm["n_prompts"] == 2  # its quality stands all the same
+    assert FrontierSettings(timed="skip").timed == ("skip",)
+    table.settings = FrontierSettings(timed=("skip", "CALM", "!* + *"))
+    assert [table._timed(x) for x in ("skip half", "CALM 0.9", "CALM 0.9 + vocab k=4", "dense")] == [
+        True, True, False, False]
 
 
 def test_decode_step_profile_accounts_for_the_whole_step(tiny):

@@ -163,5 +163,9 @@ def test_quality_only_runs_time_nothing_and_lightest_keeping_times_the_chosen_se
     run = run_policies(model, tokenizer, ids, settings, 4, speed_prompts=2, rounds=2, hf=False, progress=False,
                        timed=lightest_keeping(1.0))
     assert set(run.timings.label) == {"full", *chosen}
+    without_full = run_policies(model, tokenizer, ids, settings, 4, speed_prompts=2, rounds=2, hf=False,
+                                progress=False, timed=("static@1",), time_full=False)
+    assert set(without_full.timings.label) == {"static@1"}
+    assert math.isnan(without_full.summary.set_index("label").loc["static@1"].speedup_vs_full)
     with pytest.raises(ValueError, match="bar"):
         lightest_keeping(1.5)

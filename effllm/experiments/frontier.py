@@ -14,7 +14,13 @@ generation against the dense model's, with a 95% bootstrap interval over prompts
 left-padded batches (:func:`effllm.decoding.batched.decode_rows`: each row as decoded alone); a model-level row
 also gets held-out perplexity, optionally HumanEval pass@1 and a zero-shot task. Speed: the row and the dense
 model decode each of the first ``speed_prompts`` prompts at batch 1, once per round for ``rounds`` rounds, every
-call of a round in a shuffled order; ``speedup_vs_dense`` is the paired ratio (per prompt the median over rounds of
+call of a round in a shuffled order. By default (``FrontierSettings(time_together=True)``) every row is timed in
+one interleaved run when the table is read (:meth:`FrontierTable.frame`, or :meth:`FrontierTable.time`): the dense
+model is timed once against all rows, and every row's calls share its rounds (a row's model is kept until then);
+``time_together=False`` times each row against the dense model as it is added (its model can be freed at once:
+the ``paper`` profile's 7B copies). ``FrontierSettings(timed=...)`` (label prefixes or fnmatch patterns) times only
+the rows it names, the others keep NaN speed columns and ``n_speed_prompts`` 0 (their counted costs and quality
+still stand). ``speedup_vs_dense`` is the paired ratio (per prompt the median over rounds of
 the row's tokens/s over the dense model's on that prompt in that round, then the mean over prompts), with a 95%
 bootstrap interval over prompts (``speedup_vs_dense_ci_low`` / ``_ci_high``) and the range over rounds of the
 pooled ratio (``speedup_vs_dense_round_min`` / ``_round_max``; a range, not an interval)
@@ -25,6 +31,7 @@ ranking. Costs that are counted rather than measured (parameters, matmul FLOPs p
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +53,11 @@ from effllm.experiments.stats import mean_ci, paired_ratio_summary
 from effllm.experiments.timing import prefill_seconds, time_rounds
 
 TABLE_EXITS: Any = object()  # a row that names no exits of its own reads the table's (``exit_transform=``)
+DENSE_SIDE = "\x00dense"  # the dense model's calls in a timing run (no row label can be this)
+# the speed columns of a row not (yet) timed
+UNTIMED: dict[str, Any] = {**{f"speedup_vs_dense{key}": math.nan for key in ("", "_ci_low", "_ci_high", "_round_min",
+                                                                               "_round_max")},
+                           "n_speed_prompts": 0, "rounds": 0, "tokens_per_s": math.nan, "dense_tokens_per_s": math.nan}
 
 def policy_kv_mode(policy: Any) -> str:
     """How ``policy`` pays for the K/V of the layers a token skips (:func:`effllm.frontier.decode_flops`): its
@@ -69,7 +81,9 @@ class FrontierSettings:
     optionally a zero-shot task (``zero_shot_task``, its first ``zero_shot_limit`` items) and HumanEval pass@1
     (``humaneval_problems`` problems, ``humaneval_max_new_tokens`` tokens each; needs ``allow_code_execution``);
     ``transform_flops``: FLOPs of one exit check of the table's exit map; ``progress``: print each row as it is
-    added."""
+    added; ``time_together``: time every row in one interleaved run when the table is read (True) or each row as
+    it is added (False); ``timed``: the rows timed (label prefixes or fnmatch patterns, ``"!pattern"`` excludes;
+    None: every row)."""
 
     eval_seq_len: int = 256
     eval_windows: int | None = 4
@@ -87,6 +101,14 @@ class FrontierSettings:
     seed: int = 0
     decode_batch_size: int = 32
     stop_at_eos: bool = True
+    time_together: bool = True
+    timed: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.timed, str):
+            object.__setattr__(self, "timed", (self.timed,))
+        elif self.timed is not None:
+            object.__setattr__(self, "timed", tuple(str(t) for t in self.timed))
 
 
 class FrontierTable:
@@ -107,6 +129,7 @@ class FrontierTable:
             require_code_execution(settings.allow_code_execution)  # before any slow work
         self.exit_transform = exit_transform
         self.rows: list[dict[str, Any]] = []
+        self.pending: list[tuple[dict[str, Any], nn.Module, Policy, Any]] = []  # rows to time together
         self.eos = None if settings.stop_at_eos else []
         with torch.inference_mode():
             decode(dense, self.prompts[0][:, :4], 2, Full(), eos_token_id=[])  # first-call allocations
@@ -120,40 +143,76 @@ class FrontierTable:
         return decode_rows(model, self.prompts, self.max_new_tokens, policy, batch_size=self.settings.decode_batch_size,
                            eos_token_id=self.eos, exit_transform=self._exits(exit_transform))
 
-    def _speed(self, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS) -> dict[str, float]:
-        """The paired speed of (model, policy) against the dense model: one batch-1 call per (side, prompt) of
-        the first ``speed_prompts`` prompts in every round, the calls of a round shuffled."""
-        exits = self._exits(exit_transform)
-        sides = {"row": (model, policy), "dense": (self.dense, Full())}
+    def _timed(self, label: str) -> bool:
+        """Whether ``settings.timed`` names the row: a label prefix or fnmatch pattern matches it and no
+        ``"!pattern"`` excludes it (None: every row)."""
+        patterns = self.settings.timed
+        if patterns is None:
+            return True
+        def hit(p: str) -> bool:
+            return label.startswith(p) or fnmatch.fnmatch(label, p)
+        return (any(hit(p) for p in patterns if not p.startswith("!"))
+                and not any(fnmatch.fnmatch(label, p[1:]) for p in patterns if p.startswith("!")))
+
+    def _speeds(self, sides: dict[str, tuple[nn.Module, Policy, Any]]) -> dict[str, dict[str, float]]:
+        """The paired speed of every side (label -> (model, policy, exits)) against the dense model, all timed in
+        one run: one batch-1 call per (side or dense, prompt) of the first ``speed_prompts`` prompts in every
+        round, the calls of a round shuffled together."""
+        # a side that is the dense model at full depth (the "dense" row) reads the dense calls: its ratio is 1
+        same = {side: DENSE_SIDE if m is self.dense and isinstance(p, Full) else side for side, (m, p, _) in sides.items()}
+        everyone = {DENSE_SIDE: (self.dense, Full(), None), **{s: sides[s] for s in sides if same[s] == s}}
         calls, keys = {}, {}
-        for side, (m, p) in sides.items():
+        for side, (m, p, exits) in everyone.items():
             for k, ids in enumerate(self.prompts[: self.speed_prompts]):
                 key = f"{side}\x00{k}"
                 keys[key] = (side, k)
-                calls[key] = (lambda m=m, p=p, ids=ids: decode(m, ids, self.max_new_tokens, p, eos_token_id=self.eos,
-                                                               exit_transform=exits))
+                calls[key] = (lambda m=m, p=p, ids=ids, exits=exits: decode(
+                    m, ids, self.max_new_tokens, p, eos_token_id=self.eos, exit_transform=exits))
         shape = (self.speed_prompts, self.settings.rounds)
-        grids = {(side, what): np.full(shape, np.nan) for side in sides for what in ("tokens", "seconds")}
+        grids = {(side, what): np.full(shape, np.nan) for side in everyone for what in ("tokens", "seconds")}
         for t in time_rounds(calls, self.settings.rounds, seed=self.settings.seed):
             side, k = keys[t.label]
             grids[(side, "tokens")][k, t.round] = t.value.exit_layers.shape[1]
             grids[(side, "seconds")][k, t.round] = t.seconds
-        paired = paired_ratio_summary(grids[("row", "tokens")], grids[("row", "seconds")], grids[("dense", "tokens")],
-                                      grids[("dense", "seconds")], seed=self.settings.seed)
 
         def rate(side: str) -> float:
             return float(np.median(grids[(side, "tokens")].sum(axis=0) / grids[(side, "seconds")].sum(axis=0)))
 
-        return {"speedup_vs_dense": paired["mean"], "speedup_vs_dense_ci_low": paired["ci_low"],
-                "speedup_vs_dense_ci_high": paired["ci_high"], "speedup_vs_dense_round_min": paired["round_min"],
-                "speedup_vs_dense_round_max": paired["round_max"], "n_speed_prompts": paired["n_prompts"],
-                "rounds": paired["rounds"], "tokens_per_s": rate("row"), "dense_tokens_per_s": rate("dense")}
+        speeds = {}
+        for label, side in same.items():
+            paired = paired_ratio_summary(grids[(side, "tokens")], grids[(side, "seconds")],
+                                          grids[(DENSE_SIDE, "tokens")], grids[(DENSE_SIDE, "seconds")],
+                                          seed=self.settings.seed)
+            speeds[label] = {"speedup_vs_dense": paired["mean"], "speedup_vs_dense_ci_low": paired["ci_low"],
+                            "speedup_vs_dense_ci_high": paired["ci_high"],
+                            "speedup_vs_dense_round_min": paired["round_min"],
+                            "speedup_vs_dense_round_max": paired["round_max"], "n_speed_prompts": paired["n_prompts"],
+                            "rounds": paired["rounds"], "tokens_per_s": rate(side),
+                            "dense_tokens_per_s": rate(DENSE_SIDE)}
+        return speeds
+
+    def time(self) -> None:
+        """Time every row added since the last call in one interleaved run (``time_together``) and fill in their
+        speed columns; :meth:`frame` calls it. The rows' models are released afterwards."""
+        if not self.pending:
+            return
+        with torch.inference_mode():
+            speeds = self._speeds({row["method"]: (model, policy, exits) for row, model, policy, exits in self.pending})
+        for row, *_ in self.pending:
+            row.update(speeds[row["method"]])
+            self._report(row)
+        self.pending.clear()
 
     def _row(self, label: str, family: str, model: nn.Module, policy: Policy, exit_transform: Any = TABLE_EXITS,
              transform_flops: int | None = None) -> dict[str, Any]:
+        if any(r["method"] == label for r in self.rows):
+            raise ValueError(f"a row labelled {label!r} is already in the table; give each row its own label")
         with torch.inference_mode():
             outputs = self._decode(model, policy, exit_transform=exit_transform)
-            speed = self._speed(model, policy, exit_transform)
+        speed: dict[str, Any] = dict(UNTIMED)
+        if self._timed(label) and not self.settings.time_together:
+            with torch.inference_mode():
+                speed = self._speeds({label: (model, policy, self._exits(exit_transform))})[label]
         new = [o.new_tokens()[0] for o in outputs]
         rouge = [metrics.token_rouge_l(a.tolist(), b.tolist()) for a, b in zip(new, self.reference, strict=True)]
         agree = sum(int((a[: len(b)] == b[: len(a)]).sum()) for a, b in zip(new, self.reference, strict=True))
@@ -198,7 +257,7 @@ class FrontierTable:
             row[f"accuracy_{settings.zero_shot_task}"] = scores["accuracy"]
             row["zero_shot_n"] = scores.get("n", settings.zero_shot_limit)
         self._task_quality(model, None, row)
-        return self._add(row, extra)
+        return self._add(row, extra, model, Full())
 
     def add_decoder(self, label: str, family: str, model: nn.Module, policy: Policy, base: str, *,
                     exit_transform: Any = TABLE_EXITS, transform_flops: int | None = None,
@@ -214,16 +273,30 @@ class FrontierTable:
         row.update({key: rows[base][key] for key in ("parameters_M", "nonzero_parameters_M", "prefill_ms")},
                    perplexity=math.nan)
         self._task_quality(model, policy, row, exit_transform)
-        return self._add(row, extra)
+        return self._add(row, extra, model, policy, exit_transform)
 
-    def _add(self, row: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    def _add(self, row: dict[str, Any], extra: dict[str, Any], model: nn.Module, policy: Policy,
+             exit_transform: Any = TABLE_EXITS) -> dict[str, Any]:
+        """Append ``row``; with ``time_together`` a row to be timed waits (with its model) for :meth:`time`."""
         row.update(extra)
         self.rows.append(row)
-        if self.settings.progress:
-            print(f"{row['method']:<30} {row['speedup_vs_dense']:5.2f}x dense [{row['speedup_vs_dense_ci_low']:.2f}, "
-                  f"{row['speedup_vs_dense_ci_high']:.2f}]  ROUGE-L {row['rougeL_vs_dense']:.3f}  "
-                  f"{row['gflops_per_token']:.3f} GFLOPs/token  ppl {row['perplexity']:.2f}")
+        if self.settings.time_together and self._timed(row["method"]):
+            self.pending.append((row, model, policy, self._exits(exit_transform)))
+            if self.settings.progress:
+                print(f"{row['method']:<30} ROUGE-L {row['rougeL_vs_dense']:.3f}  {row['gflops_per_token']:.3f} "
+                      f"GFLOPs/token  ppl {row['perplexity']:.2f}  (timed with the other rows when the table is read)")
+        else:
+            self._report(row)
         return row
 
+    def _report(self, row: dict[str, Any]) -> None:
+        if self.settings.progress:
+            speed = (f"{row['speedup_vs_dense']:5.2f}x dense [{row['speedup_vs_dense_ci_low']:.2f}, "
+                     f"{row['speedup_vs_dense_ci_high']:.2f}]" if row["n_speed_prompts"] else "not timed")
+            print(f"{row['method']:<30} {speed}  ROUGE-L {row['rougeL_vs_dense']:.3f}  "
+                  f"{row['gflops_per_token']:.3f} GFLOPs/token  ppl {row['perplexity']:.2f}")
+
     def frame(self) -> pd.DataFrame:
+        """The tidy table, one row per method (the rows still to be timed are timed first: :meth:`time`)."""
+        self.time()
         return pd.DataFrame(self.rows)

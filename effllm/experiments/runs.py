@@ -126,7 +126,8 @@ class RunOptions:
     decoding and the timed calls; ``timed``: the settings whose speed is measured (labels, label prefixes or
     fnmatch patterns; None: every setting): the others get quality only and no speed columns (NaN), which keeps a
     many-setting table within a time budget; or a callable that picks them from the quality summary before any
-    timing (:func:`lightest_keeping`); ``full`` and ``hf_generate`` are always timed (the references)."""
+    timing (:func:`lightest_keeping`); ``full`` and ``hf_generate`` are timed as the references (``time_full=False``
+    leaves ``full`` out where no ratio against it is read: ``speedup_vs_full`` is then NaN)."""
 
     exit_transform: Any = None
     hf: bool = True
@@ -137,6 +138,7 @@ class RunOptions:
     progress: bool = True
     seed: int = 0
     timed: tuple[str, ...] | Callable[[pd.DataFrame], Sequence[str]] | None = None
+    time_full: bool = True
 
     def __post_init__(self) -> None:
         if not callable(self.timed):  # one pattern or several, kept as a tuple (the dataclass is frozen)
@@ -204,11 +206,13 @@ def run_policies(
     patterns = options.timed
     if callable(patterns):  # chosen from the quality results, before any timing (e.g. lightest_keeping)
         patterns = _as_patterns(patterns(summarize(pd.DataFrame(quality_rows), _no_timings(), hf=False)))
-    if n_timed:
-        timed = _timed_settings(policies, patterns)
+    timed = _timed_settings(policies, patterns) if n_timed else {}
+    if not options.time_full:
+        timed = {label: policy for label, policy in timed.items() if label != FULL_LABEL}
+    if timed or (n_timed and options.hf):
         hf_outputs, timings = _timed_decode(model, tokenizer, ids[:n_timed], timed, max_new_tokens, options)
-    else:  # speed_prompts=0: quality only, nothing timed (no hf_generate rows)
-        hf_outputs, timings = [], _no_timings()
+    else:  # speed_prompts=0 (or nothing named): quality only, nothing timed (no hf_generate rows)
+        hf_outputs, timings, n_timed = [], _no_timings(), 0
     item_rows = []
     if options.hf and n_timed:  # the speed reference: its rows cover the timed prompts only
         item_rows.extend(_item_rows(model, tokenizer, prompts[:n_timed], HF_LABEL, None, hf_outputs,
