@@ -52,7 +52,7 @@ figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 # every model analysed side by side (a "<model>-ee" name: that model with its trained exit); None: [model_name]
-model_names = ["smollm2-135m", "gemma3-270m"]
+model_names = ["smollm2-135m"]
 prompt_data = ["arithmetic+humaneval+docstrings"]  # per model (or one for all): builtin (arithmetic + HumanEval), tasks joined by "+" | squad | samsum
 use_fitted_exits = True  # least-squares exits (decoder-only models); False: the plain logit lens
 exit_min_layer = None  # the pruning layer j (1-based); None: 0.6 L of each model (the paper: 19 of 24)
