@@ -69,6 +69,10 @@ def test_a_hit_returns_what_decoding_afresh_gives_without_decoding(llama, tmp_pa
     counter = Counter(monkeypatch)
     first = rc.cached_full_depth(llama, prompts, LIMIT, eos_token_id=eos, batch_size=2, cache_dir=tmp_path)
     assert counter.calls == 1 and len(list(tmp_path.glob("*.safetensors"))) == 1
+    # the batch size is part of the key (in bfloat16 a row's arithmetic depends on its batch's padding): another
+    # batch size decodes afresh into an entry of its own, the same one reads back
+    rc.cached_full_depth(llama, prompts, LIMIT, eos_token_id=eos, batch_size=3, cache_dir=tmp_path)
+    assert counter.calls == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
     _forbid(monkeypatch)
     cached = rc.cached_full_depth(llama, prompts, LIMIT, eos_token_id=eos, batch_size=3, cache_dir=tmp_path)
     fresh = decode_rows(llama, prompts, LIMIT, Full(), eos_token_id=eos)
