@@ -358,7 +358,8 @@ for name, group in variants.groupby("model", sort=False):
 # %% [markdown]
 # The printout compares each variant with unpruned CALM on the same model and prompts. Pruning can save
 # the most where the head is the largest share of a token's work (Gemma-3-270M's 262k rows) and where many
-# layers are checked per token; compare the two models' speed ratios. Because the pruned confidence tends
+# layers are checked per token (add `gemma3-270m` to `model_names` to compare: the default profile runs SmolLM2
+# only, since Gemma-3's full-vocabulary checks make its quality table the slowest of the run). Because the pruned confidence tends
 # to be higher at a fixed threshold, tokens may also exit earlier (see `avg_layers`), which adds speed and
 # can cost ROUGE-L. Decaying k shrinks the candidates further with depth; adaptive k shrinks them at each check
 # by (1 - 0.9 c) of the previous check's confidence, so it prunes fastest where the model is sure.
