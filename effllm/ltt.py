@@ -62,13 +62,40 @@ def hoeffding_bentkus_p_value(risk: float, delta: float, n: int) -> float:
     return min(1.0, hoeffding, bentkus)
 
 
+def n_to_certify(risk: float, delta: float, epsilon: float, limit: int = 1_000_000) -> float:
+    """About the fewest calibration prompts at which an empirical ``risk`` would be certified (Hoeffding-Bentkus
+    p-value <= ``epsilon``): an exponential then a binary search over n (the p-value falls with n up to the rounding
+    of ceil(n risk)), then a scan of the 10% below its answer for the first certified n; inf when ``risk`` >= ``delta`` (no n certifies it) or beyond ``limit``. At risk 0 it is the
+    smallest n with (1 - delta)^n <= epsilon (Hoeffding's term; Bentkus' is e times it): 9 for delta 0.25,
+    epsilon 0.1, where 0.75^8 = 0.1001 certifies nothing at n = 8."""
+    if not 0 <= risk <= 1:
+        raise ValueError(f"risk must lie in [0, 1]; got {risk!r}")
+    if risk >= delta:
+        return math.inf
+
+    def certified(n: int) -> bool:
+        return hoeffding_bentkus_p_value(risk, delta, n) <= epsilon
+
+    high = 1
+    while not certified(high):
+        high *= 2
+        if high > limit:
+            return math.inf
+    low = high // 2  # not certified (or 0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if certified(middle) else (middle, high)
+    # ceil(n risk) makes the p-value saw-toothed near the answer: the first certified n can lie a little below
+    return float(next(n for n in range(max(1, int(high * 0.9)), high + 1) if certified(n)))
+
+
 @dataclass
 class LTTResult:
     threshold: float | None  # the lowest certified candidate; None when none could be certified
     delta: float
     epsilon: float
     n: int
-    table: pd.DataFrame  # candidate, risk, p_value, rejected (valid), tested, avg_layers
+    table: pd.DataFrame  # candidate, risk, p_value, certified, tested, avg_layers, n_to_certify
     per_prompt: dict[float, list[float]] = field(default_factory=dict)
 
 
@@ -98,7 +125,9 @@ def learn_then_test(risks: dict[float, Sequence[float]], delta: float, epsilon: 
         p_value = hoeffding_bentkus_p_value(risk, delta, n)
         rejected = not stopped and p_value <= epsilon
         rows.append({"candidate": candidate, "risk": risk, "p_value": p_value, "tested": not stopped,
-                     "certified": rejected, "avg_layers": (avg_layers or {}).get(candidate)})
+                     "certified": rejected, "avg_layers": (avg_layers or {}).get(candidate),
+                     # the calibration size at which this empirical risk would be certified (inf: never)
+                     "n_to_certify": n_to_certify(risk, delta, epsilon)})
         if rejected:
             chosen = candidate
         else:

@@ -46,6 +46,7 @@ from effllm.experiments.runs import reference_quality, run_policies
 from effllm.experiments.session import open_session
 from effllm.lens import cached_linear_exits, fit_meta_classifier, logit_lens_agreement
 from effllm.ltt import calibrate_threshold, disagreement
+from effllm.ltt import n_to_certify as ltt_n_to_certify
 
 # %% tags=["parameters"]
 profile = "default"  # smoke | default | paper (set by run_all.py)
@@ -358,9 +359,12 @@ calm_base = Calm("softmax", 0.9, exit_min_layer)
 with torch.inference_mode():
     ltt = calibrate_threshold(model, calibration_set, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
                               calm_base, distance=ltt_distance, decode=tokenizer.decode, exit_transform=transform,
-                              eos_token_id=[], progress=False)
+                              progress=False)  # decoded to the end of sequence, as the prompts it is checked on
 display(ltt.table.round(4))
 print(f"delta = {ltt_delta}, epsilon = {ltt_epsilon}, n = {ltt.n} prompts: chosen threshold {ltt.threshold}")
+# what n would certify: even a zero risk needs (1 - delta)^n <= epsilon, and each candidate's risk needs more
+print(f"calibration prompts that would certify: a zero risk {ltt_n_to_certify(0.0, ltt_delta, ltt_epsilon):.0f}; "
+      + ", ".join(f"{r.candidate}: {r.n_to_certify:.0f}" for r in ltt.table.itertuples()))
 
 fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
 axes[0].plot(ltt.table.candidate, ltt.table.risk, marker="o", color=plots.colour("calm"),
@@ -378,7 +382,9 @@ for ax in axes:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
 fig.suptitle("Learn-then-Test calibration of CALM's threshold: risk against delta (left), p-value against epsilon (right)")
-plots.caption(fig, model=model_name, data=f"n = {ltt.n} calibration prompts x {calibration_tokens} tokens")
+needed = ", ".join(f"{r.candidate}: {r.n_to_certify:.0f}" for r in ltt.table.itertuples())
+plots.caption(fig, model=model_name, data=f"n = {ltt.n} calibration prompts, answers up to {calibration_tokens} "
+              f"tokens; n that would certify each candidate's risk: {needed} (inf: risk >= delta)")
 plots.save_figure(fig, "01_ltt_calibration", table=ltt.table)
 
 # %% [markdown]
@@ -391,8 +397,8 @@ if ltt.threshold is not None:
     certified_policy = Calm("softmax", ltt.threshold, exit_min_layer)
     full_outputs = run.output("full")
     with torch.inference_mode():
-        held_out = [decode(model, p.input_ids, max_new_tokens, certified_policy, eos_token_id=[],
-                           exit_transform=transform) for p in prompts]
+        held_out = [decode(model, p.input_ids, max_new_tokens, certified_policy, exit_transform=transform)
+                    for p in prompts]  # to the end of sequence, as the full-depth outputs it is compared with
     risks = [disagreement(o.new_tokens(0)[0], f.new_tokens(0)[0], ltt_distance, tokenizer.decode)
              for o, f in zip(held_out, full_outputs, strict=True)]
     layers_used = torch.cat([o.exit_layers[0] for o in held_out]).double().mean()
@@ -415,7 +421,7 @@ estimator = AdaptiveThreshold(initial=0.9)
 adaptive_policy = Free(shallow_exit_layer, 0.9, use_adapt_threshold=True, adapt_threshold=estimator)
 with torch.inference_mode():
     for ids in adaptive_set:
-        decode(model, ids, adaptive_tokens, adaptive_policy, eos_token_id=[], exit_transform=transform)
+        decode(model, ids, adaptive_tokens, adaptive_policy, exit_transform=transform)  # deep tokens up to the EOS
 convergence = pd.DataFrame(estimator.history, columns=["sequence", "samples", "threshold"])
 fig, ax = plots.new_figure()
 ax.step(convergence.samples, convergence.threshold, where="post", color=plots.colour("free"))

@@ -203,7 +203,7 @@ variant(f"ShortGPT -{removed} layers", "shortgpt", lambda m: slice_model(
 thresholds = {}
 for name, base in [("calm", Calm("softmax", 0.9, exit_min_layer)), ("free", Free(shallow_exit_layer, 0.9))]:
     ltt = calibrate_threshold(dense, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon, base,
-                              distance="rougeL", decode=tokenizer.decode, exit_transform=transform, eos_token_id=[],
+                              distance="rougeL", decode=tokenizer.decode, exit_transform=transform,
                               progress=False)
     certified = ltt.threshold is not None
     thresholds[name] = (ltt.threshold if certified else max(ltt_candidates), certified)
@@ -247,7 +247,7 @@ if trained_model:
     trained_layer = max(layer for layer in trained_exits.layers if layer < n_layers)
     trained_flops = trained_exits.flops_per_check(trained_layer)
     ltt = calibrate_threshold(ee, ltt_prompts, calibration_tokens, ltt_candidates, ltt_delta, ltt_epsilon,
-                              Free(trained_layer, 0.9), distance="rougeL", decode=tokenizer.decode, eos_token_id=[],
+                              Free(trained_layer, 0.9), distance="rougeL", decode=tokenizer.decode,
                               progress=False)
     trained_threshold, trained_certified = ((ltt.threshold, True) if ltt.threshold is not None
                                             else (max(ltt_candidates), False))

@@ -244,3 +244,45 @@ def test_markdown_says_the_n_that_would_decide_an_undecided_claim():
     lines = claims.markdown(table).splitlines()
     assert lines[0].endswith("| n that would decide it |")
     assert lines[2].endswith("| **undecided at this n** | ~160 |") and lines[3].endswith("| **holds** |  |")
+
+
+def test_a_bar_above_the_ceiling_cannot_hold_whatever_was_measured():
+    """An interval above the bar with the bar above the physical ceiling is a measurement error, not a holds."""
+    claim = claims.Claim("001", "x", "y", measured=1.8, ci_low=1.75, ci_high=1.85, n=8, bar=1.7, ceiling=1.36)
+    assert claim.decide(above=True).verdict == claims.CANNOT
+    reachable = claims.Claim("001", "x", "y", measured=1.2, ci_low=1.1, ci_high=1.3, n=8, bar=1.0, ceiling=1.36)
+    assert reachable.decide(above=True).verdict == claims.HOLDS
+    line = claims.markdown(pd.DataFrame([vars(claim)], columns=claims.COLUMNS)).splitlines()[2]
+    assert "**cannot hold on this model** (ceiling 1.36x, bar 1.7x)" in line
+
+
+def _free_rows(ceiling_at_20: float) -> pd.DataFrame:
+    return pd.DataFrame({
+        "label": ["hf_generate", "full", "free@20 0.9"], "method": ["hf", "full", "free"],
+        "exits": [claims.TRAINED] * 3, "rougeL_vs_full_ci_low": [1.0, 1.0, 0.95],
+        "rougeL_vs_full": [1.0, 1.0, 0.97], "n_prompts": [102] * 3, "n_speed_prompts": [8] * 3,
+        "speedup_vs_hf": [1.0, 1.0, 1.2], "speedup_vs_hf_ci_low": [1.0, 1.0, 1.15],
+        "speedup_vs_hf_ci_high": [1.0, 1.0, 1.25], "speedup_ceiling": [1.0, 1.0, ceiling_at_20]})
+
+
+def test_free_speedup_reads_the_ceiling_of_its_best_setting(tmp_path):
+    _free_rows(1.36).to_csv(tmp_path / "08_speed_quality.csv", index=False)
+    claim = claims.free_speedup(tmp_path)
+    assert claim.verdict == claims.CANNOT and claim.ceiling == 1.36 and claim.measured == 1.2
+    _free_rows(2.1).to_csv(tmp_path / "08_speed_quality.csv", index=False)
+    assert claims.free_speedup(tmp_path).verdict == claims.FAILS  # reachable, and the interval is below the bar
+
+
+def test_vocabulary_claims_have_one_row_per_model(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, loss in (("a", 0.0), ("b", -0.2)):
+        for prompt in range(40):
+            base = rng.uniform(0.5, 1.0)
+            rows.append({"model": model, "label": "none", "prompt": prompt, "rougeL_vs_full": base})
+            rows.append({"model": model, "label": "fixed k=256", "prompt": prompt,
+                         "rougeL_vs_full": base + loss + rng.normal(0, 0.01)})
+    pd.DataFrame(rows).to_csv(tmp_path / "02_generation_items.csv", index=False)
+    made = claims.vocab_pruning_keeps_quality(tmp_path)
+    assert [c.verdict for c in made] == [claims.HOLDS, claims.FAILS]
+    assert "on a " in made[0].claim and "on b " in made[1].claim and all(c.n == 40 for c in made)

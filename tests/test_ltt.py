@@ -97,3 +97,15 @@ def test_calibrate_threshold_on_t5_compares_the_generated_tokens(monkeypatch):
     table = result.table.set_index("candidate")
     assert table.loc[2.0, "risk"] == 0.0 and table.loc[2.0, "avg_layers"] == 4.0
     assert table.loc[0.0, "avg_layers"] < 4.0
+
+
+def test_n_to_certify_is_the_first_n_a_scan_certifies():
+    """Against a straight scan over n: the p-value at the returned n is <= epsilon and at n - 1 it is not."""
+    from effllm.ltt import hoeffding_bentkus_p_value, n_to_certify
+
+    assert n_to_certify(0.0, 0.25, 0.1) == 9  # 0.75^8 = 0.1001 > 0.1 >= 0.75^9: n = 8 certifies nothing
+    for risk, delta, epsilon in ((0.0, 0.25, 0.1), (0.05, 0.25, 0.1), (0.1, 0.2, 0.05), (0.18, 0.2, 0.1)):
+        n = int(n_to_certify(risk, delta, epsilon))
+        scan = next(m for m in range(1, 100_000) if hoeffding_bentkus_p_value(risk, delta, m) <= epsilon)
+        assert n == scan, (risk, delta, epsilon)
+    assert n_to_certify(0.25, 0.25, 0.1) == float("inf") and n_to_certify(0.3, 0.25, 0.1) == float("inf")

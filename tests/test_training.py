@@ -354,3 +354,80 @@ def test_command_writes_the_result_json(tmp_path):
     assert result["agreement_after"]["4"] == result["agreement_before"]["4"] == 1.0  # the last layer agrees with itself
     assert [row["step"] for row in result["loss_history"]] == [1, 2, 3, 4] and "exit_2" in result["loss_history"][0]
     assert result["perplexity_ratio"] == 1.0 and result["total_minutes"] > 0
+
+
+# ---- task-trained exits (prompt -> reference answer, answer tokens only) ----------------------------------
+
+
+def test_task_examples_mask_exactly_the_answer_labels():
+    """The positions the mask keeps are those whose label is a reference-answer token (or the closing EOS)."""
+    from effllm.experiments.prompts import task_prompts
+    from effllm.training.data import task_examples
+
+    model, tokenizer = models.load_model("tiny-llama")
+    ids, mask = task_examples(model, tokenizer, "arithmetic", 3, "train", max_len=512)
+    prompts = task_prompts(tokenizer, "arithmetic", 3, split="train", fmt="plain")
+    for row, prompt in enumerate(prompts):
+        answer = tokenizer(prompt.reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        labels = ids[row, 1:][mask[row, :-1]].tolist()
+        assert labels == answer
+        assert int(mask[row].sum()) == len(answer) and not mask[row, -1]
+
+
+def test_task_config_refuses_tasks_without_a_train_split_and_attention_exits():
+    with pytest.raises(ValueError, match="humaneval and alpaca have none"):
+        ExitTrainingConfig(task="arithmetic+humaneval")
+    with pytest.raises(ValueError, match="position-wise exits"):
+        ExitTrainingConfig(task="arithmetic", exit_module="layer")
+    assert core.cache_key(ExitTrainingConfig(task="arithmetic"), torch.float32) != core.cache_key(
+        ExitTrainingConfig(), torch.float32)
+
+
+def test_task_training_counts_answer_tokens_against_an_hf_forward():
+    """Held-out agreement before training, recomputed from HF's own forward (hidden states through the final norm
+    and head) at the answer positions only, equals what the teacher pass reports."""
+    from effllm.training.teacher import build_examples
+
+    config = tiny_config("task", heldout_task_examples=3, task_examples=6)
+    model, exits, result = _train(config)
+    assert result["loss_history"][-1]["loss"] < result["loss_history"][0]["loss"]
+    _, heldout, _, mask = build_examples(model, models.load_model("tiny-llama")[1], config, progress=False)
+    assert result["heldout_tokens"] == int(mask.sum()) < mask.numel()
+    with torch.no_grad():
+        out = model(heldout, output_hidden_states=True)
+        final = out.logits.argmax(-1)
+        for layer in (1, 2, 3):
+            lens = model.lm_head(model.model.norm(out.hidden_states[layer])).argmax(-1)
+            expected = float((lens == final)[mask].double().mean())
+            assert result["agreement_before"][str(layer)] == pytest.approx(expected, abs=1e-6), layer
+
+
+def test_task_training_on_the_backbone_paths_masks_the_labels(monkeypatch):
+    """The seeds' losses with a trainable backbone (CALM's weighted_ce with LoRA) see the answer labels only: the
+    loss of the first step equals the layer-weighted cross-entropy computed by hand on the answer positions."""
+    config = tiny_config("calm", task="arithmetic", task_examples=4, heldout_task_examples=2, steps=1,
+                         batch_windows=2)
+    seen = {}
+    original = losses.weighted_ce
+
+    def spy(layer_logits, labels, layers):
+        seen["labels"] = labels.clone()
+        return original(layer_logits, labels, layers)
+
+    monkeypatch.setattr(losses, "weighted_ce", spy)
+    _, _, result = _train(config)
+    from effllm.training.teacher import build_examples
+
+    model, tokenizer = models.load_model("tiny-llama")
+    train, _, mask, _ = build_examples(model, tokenizer, config, progress=False)
+    rows = core._batch_rows(len(train), config.batch_windows, config, 0)
+    expected = torch.where(mask[rows], torch.cat([train[rows, 1:], torch.full_like(train[rows, :1], -100)], 1),
+                           torch.full_like(train[rows], -100))
+    assert torch.equal(seen["labels"].cpu(), expected)
+    assert math.isfinite(result["loss_history"][0]["loss"])
+
+
+def test_task_trained_model_by_name_uses_the_task_recipe():
+    model, _ = models.load_model("tiny-llama-ee-task")
+    result = records.EXIT_TRAINING.get(model)
+    assert result["config"]["task"] == "arithmetic+docstrings" and records.EXITS.get(model).layers == [2]

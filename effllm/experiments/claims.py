@@ -13,7 +13,10 @@ report never copies a number by hand. A verdict is one of:
 - ``holds``: the whole interval is on the claim's side of its bar;
 - ``does not hold``: the whole interval is on the other side;
 - ``undecided at this n``: the interval straddles the bar (more items would decide it), or a table it needs
-  is missing (then ``measured`` is empty and ``source`` says which).
+  is missing (then ``measured`` is empty and ``source`` says which);
+- ``cannot hold on this model``: the bar lies above the most the model can give (``ceiling``: a speed-up's
+  weight-read ceiling, :mod:`effllm.decoding.ceilings`, from the table's ``speedup_ceiling`` column), so no n
+  would make it hold; the ceiling is shown beside it.
 
 Every table comes from one run: the stamps beside the tables (:mod:`effllm.stamps`: commit, profile, dtype,
 machine) must agree, or :func:`build_claims` refuses (:class:`effllm.stamps.MixedStampsError` names which files
@@ -54,6 +57,7 @@ from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of 
     vocab_pruning_speeds_up_calm,
 )
 from effllm.experiments.verdicts import (  # noqa: F401  (public names of the claims report)
+    CANNOT,
     COLUMNS,
     FAILS,
     HOLDS,
@@ -114,12 +118,16 @@ def markdown(claims: pd.DataFrame) -> str:
     lines = [line, ""] if line else []
     lines += ["| seed | claim | original | measured [95% CI] | n | verdict | n that would decide it |",
               "|---|---|---|---|---|---|---|"]
+    ceiling = claims.ceiling if "ceiling" in claims else pd.Series(math.nan, index=claims.index)
     for row in claims.itertuples():
         interval = (f"{_number(row.measured)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"
                     if math.isfinite(row.measured) else f"not measured ({row.source})")
         # undecided: about how many items would put the interval clear of the bar at the same spread
         to_decide = f"~{int(row.n_to_decide)}" if row.verdict == UNDECIDED and math.isfinite(row.n_to_decide) else ""
-        lines.append(f"| {row.seed} | {row.claim} | {row.original} | {interval} | {row.n or ''} | **{row.verdict}** | "
+        verdict = f"**{row.verdict}**"
+        if row.verdict == CANNOT:  # the reason beside it: the ceiling against the bar
+            verdict += f" (ceiling {_number(ceiling[row.Index])}x, bar {_number(row.bar)}x)"
+        lines.append(f"| {row.seed} | {row.claim} | {row.original} | {interval} | {row.n or ''} | {verdict} | "
                      f"{to_decide} |")
     return "\n".join(lines)
 

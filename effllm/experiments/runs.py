@@ -52,6 +52,7 @@ from effllm import checks, metrics
 from effllm.adapters import get_adapter
 from effllm.decoding import DecodeOutput, Full, Policy, decode
 from effllm.decoding.batched import decode_rows
+from effllm.decoding.ceilings import ceilings
 from effllm.decoding.core import eos_ids
 from effllm.experiments.prompts import Prompt, as_ids, generated_ids
 from effllm.experiments.reference_cache import cached_full_depth
@@ -218,7 +219,11 @@ def run_policies(
         item_rows.extend(_item_rows(model, tokenizer, prompts[:n_timed], HF_LABEL, None, hf_outputs,
                                     outputs[FULL_LABEL][:n_timed], decoded))
     items = pd.DataFrame(item_rows + quality_rows)
-    return RunResult(summarize(items, timings, options.hf, seed=options.seed), items, timings, outputs)
+    summary = summarize(items, timings, options.hf, seed=options.seed)
+    # the best speed-up each setting could reach on this model: the weights its tokens read (effllm.decoding.ceilings)
+    ceiling = ceilings(model, {HF_LABEL: None, **policies}, options.exit_transform)
+    summary["speedup_ceiling"] = summary.label.map(ceiling)
+    return RunResult(summary, items, timings, outputs)
 
 
 TIMING_COLUMNS = ["round", "label", "prompt", "seconds", "new_tokens", "tokens_per_s"]

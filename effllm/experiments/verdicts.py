@@ -1,6 +1,6 @@
 """What a claim of the claims report is and how it is decided (:mod:`effllm.experiments.claims`): the
 :class:`Claim` record, the verdicts ``holds`` / ``does not hold`` / ``undecided at this n`` of an interval against
-a bar, and the readers every claim shares (a notebook's table, a paired difference over items, the ratio of two
+a bar (and ``cannot hold on this model`` where the bar lies above the model's ceiling), and the readers every claim shares (a notebook's table, a paired difference over items, the ratio of two
 settings' speeds within each timing round).
 """
 
@@ -16,7 +16,9 @@ import pandas as pd
 from effllm.experiments.stats import paired_difference_ci
 
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "undecided at this n"
-COLUMNS = ["seed", "claim", "original", "measured", "ci_low", "ci_high", "n", "verdict", "bar", "n_to_decide", "source"]
+CANNOT = "cannot hold on this model"  # the bar lies beyond the model's physical ceiling: no n decides otherwise
+COLUMNS = ["seed", "claim", "original", "measured", "ci_low", "ci_high", "n", "verdict", "bar", "ceiling",
+           "n_to_decide", "source"]
 QUALITY_TOLERANCE = 0.05  # "keeps quality": a ROUGE-L loss smaller than this
 
 
@@ -31,6 +33,8 @@ class Claim:
     n: int = 0
     verdict: str = UNDECIDED
     bar: float = math.nan  # the value the interval is compared with
+    # the most the quantity can be on this model (a speed-up's weight-read ceiling, effllm.decoding.ceilings)
+    ceiling: float = math.nan
     n_to_decide: float = math.nan  # undecided: about how many items would put the interval clear of the bar
     source: str = ""
 
@@ -44,6 +48,10 @@ class Claim:
     def decide(self, above: bool) -> Claim:
         """Set the verdict ("the quantity is above / below ``bar``") and, when undecided, the n that would
         decide it at the same spread: an interval's half-width shrinks as 1 / sqrt(n)."""
+        if above and math.isfinite(self.ceiling) and self.ceiling < self.bar:
+            # whatever was measured: the claim asks for more than the model can physically give
+            self.verdict = CANNOT
+            return self
         judge = verdict_above if above else verdict_below
         # one item or one timing round has no spread to speak of: nothing can be decided from it
         self.verdict = judge(self.ci_low, self.ci_high, self.bar) if self.n >= 2 else UNDECIDED

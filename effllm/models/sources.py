@@ -24,6 +24,8 @@ from typing import Any
 TINY_PREFIX = "tiny-"
 # "smollm2-135m-ee", "tiny-llama-ee": the model with exits trained by effllm.training (see load_exit_trained)
 EXIT_TRAINED_SUFFIX = "-ee"
+# "smollm2-135m-ee-task": exits trained on the built-in tasks the claims are scored on (recipe "task")
+TASK_TRAINED_SUFFIX = "-ee-task"
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -78,3 +80,5 @@ def source_for(name: str) -> ModelSource | None:
 
 register_source(EXIT_TRAINED_SUFFIX, "effllm.training:load_exit_trained",
                 "fine-tuned to exit early (effllm.training: trained on first use, then cached)")
+register_source(TASK_TRAINED_SUFFIX, "effllm.training:load_task_trained",
+                "exits trained on the built-in tasks, prompt -> reference answer (effllm.training recipe 'task')")

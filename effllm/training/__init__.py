@@ -27,6 +27,13 @@ layer) every token reaches it, so the decoder fills that cache as each token's h
 exit layer's K/V projections on it (or the whole exit layer where it checks the exit); a token that left at
 a lower layer would need its state copied up first (CALM's state propagation). Not worth it on SmolLM2: 0.40 agreement against 0.46 for a position-wise exit at equal minutes (below).
 
+**Task-trained exits** (``recipe("task")``, ``python -m effllm.training --recipe task``): the seeds fine-tune on
+each task, input -> target. With ``task=`` (built-in: ``arithmetic``, ``docstrings``, joined by ``+``; the seeds'
+data sets by name) the data are the task's prompts followed by their reference answers from its train split, held
+out on its validation split, and the losses and the agreement count the answer positions only (the positions whose
+label is an answer token); any loss and backbone of the recipes applies. Decoder-only models (a T5 model trains on
+corpora here).
+
 **Data without a hub** (:mod:`effllm.training.data`): windows of the built-in corpora and the original
 model's own greedy answers to built-in prompts (self-distillation); the seeds' data sets by name
 (``corpora=("samsum",)``, the ``paper`` recipe) through :func:`effllm.data.load`.
@@ -84,7 +91,7 @@ from effllm.training.core import (
 )
 from effllm.training.modules import ExitModules, build_exit_modules
 
-__all__ = ["RECIPES", "ExitModules", "ExitTrainingConfig", "cache_key", "load_exit_trained", "recipe",
+__all__ = ["RECIPES", "ExitModules", "ExitTrainingConfig", "cache_key", "load_exit_trained", "load_task_trained", "recipe",
            "result_folder", "train", "train_exits"]
 
 EXIT_MODULES_KIND = "exit-modules"
@@ -167,9 +174,10 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
     attached as ``records.EXITS`` (see the package docstring); returns ``(model, tokenizer)``. load_model reaches
     it through the ``-ee`` source of :mod:`effllm.models.sources`, which names it by its import path: rename
     it there too."""
-    from effllm.models import EXIT_TRAINED_SUFFIX, resolve_dtype
+    from effllm.models import resolve_dtype
+    from effllm.models.sources import EXIT_TRAINED_SUFFIX, TASK_TRAINED_SUFFIX
 
-    base = name.removesuffix(EXIT_TRAINED_SUFFIX)
+    base = name.removesuffix(TASK_TRAINED_SUFFIX).removesuffix(EXIT_TRAINED_SUFFIX)
     model, tokenizer, exits, result = train_exits(recipe(recipe_name, model=base), progress=progress)
     dtype = resolve_dtype(dtype)
     if dtype is not None or device is not None:
@@ -179,3 +187,10 @@ def load_exit_trained(name: str, dtype: torch.dtype | str | None = None, device:
     records.EXITS.set(model, exits)
     records.EXIT_TRAINING.set(model, result)
     return model.eval(), tokenizer
+
+
+def load_task_trained(name: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                      progress: bool = True):
+    """``load_model("<model>-ee-task")``: :func:`load_exit_trained` with the ``task`` recipe (exits trained on the
+    built-in tasks' answers, prompt -> reference)."""
+    return load_exit_trained(name, dtype, device, recipe_name="task", progress=progress)

@@ -1,5 +1,6 @@
 """``python -m effllm.training``: train a model's exits with a recipe (or load the cached result) and write
-``results/exit_training_<model>.json``: minutes, configuration, held-out perplexity of the last layer before
+``results/exit_training_<model>.json`` (``_<task>`` added for task-trained exits, ``--recipe task``: held-out numbers
+on the task's validation answers): minutes, configuration, held-out perplexity of the last layer before
 and after, top-1 agreement with the untouched last layer per layer before and after, the loss per exit over
 the steps and the agreement-vs-minutes curve."""
 
@@ -38,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true", help="train even when a cached result exists")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/exit_training_<model>.json)")
     args = parser.parse_args(argv)
-    out = io.check_writable(args.out or REPO_ROOT / "results" / f"exit_training_{args.model.replace('/', '--')}.json")
     try:
         config = recipe(args.recipe, model=args.model, **dict(args.overrides))
     except (TypeError, ValueError) as error:
         parser.error(str(error))
+    name = args.model.replace("/", "--") + (f"_{config.task}" if config.task else "")
+    out = io.check_writable(args.out or REPO_ROOT / "results" / f"exit_training_{name}.json")
     started = time.perf_counter()
     _, _, exits, result = train_exits(config, retrain=args.retrain)
     summary = {

@@ -56,6 +56,12 @@ class ExitTrainingConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_top_layer: int | None = None
+    # task-trained exits: the task's answer examples (prompt -> reference answer, the seeds' fine-tuning data) in
+    # place of the corpora and the self-distillation answers; the loss and the agreement count answer tokens only
+    task: str | None = None
+    task_examples: int = 256
+    heldout_task_examples: int = 32
+    task_max_len: int = 256
     corpora: tuple[str, ...] = ("python-docs", "python-code")
     windows_per_corpus: int = 64
     seq_len: int = 128
@@ -112,6 +118,15 @@ class ExitTrainingConfig:
         checks.number("lora_alpha", self.lora_alpha, low=0, low_open=True)
         if self.lora_top_layer is not None:
             checks.positive_int("lora_top_layer", self.lora_top_layer)
+        if self.task is not None:
+            _check_task(self.task)
+            checks.positive_int("task_examples", self.task_examples)
+            checks.positive_int("heldout_task_examples", self.heldout_task_examples)
+            checks.integer("task_max_len", self.task_max_len, low=8)
+            if self.exit_module == "layer":
+                raise ValueError("task training counts answer tokens only, which needs position-wise exits; "
+                                 f"exit_module='layer' (an attention exit) trains on whole windows: choose one of "
+                                 f"{', '.join(k for k in EXIT_KINDS if k != 'layer')}")
         if not self.corpora:
             raise ValueError("corpora must name at least one data set (e.g. 'python-docs')")
         checks.integer("windows_per_corpus", self.windows_per_corpus, low=0)
@@ -139,8 +154,30 @@ class ExitTrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def key_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` for cache keys: without the task fields when no task is set, so that the keys (and the
+        cached results) of the corpus recipes stay what they were before task training existed."""
+        settings = self.to_dict()
+        if self.task is None:
+            for name in TASK_FIELDS:
+                settings.pop(name)
+        return settings
+
     def replace(self, **changes: Any) -> ExitTrainingConfig:
         return dataclasses.replace(self, **changes)
+
+
+TASK_FIELDS = ("task", "task_examples", "heldout_task_examples", "task_max_len")
+# The built-in tasks with a train and a validation split (task training never sees an evaluation prompt)
+TRAINABLE_TASKS = ("arithmetic", "docstrings", "squad", "samsum", "cnn_dailymail", "gsm8k")
+
+
+def _check_task(task: Any) -> None:
+    names = task.split("+") if isinstance(task, str) else [task]
+    for name in names:
+        if name not in TRAINABLE_TASKS:
+            raise ValueError(f"task must be one of {', '.join(TRAINABLE_TASKS)} or several joined by '+' (tasks "
+                             f"with a train split: humaneval and alpaca have none to train on); got {task!r}")
 
 
 # The recipes. `default` is the measured best within 20 minutes on a 2-core CPU (see the package docstring);
@@ -154,13 +191,16 @@ RECIPES: dict[str, dict[str, Any]] = {
                   "curriculum_rotation": 4, "exit_layers": (), "steps": 60},
     "lora-anchor": {"exit_module": "mlp", "backbone": "lora", "loss": "distill", "steps": 60, "eval_every": 100},
     "paper": {"corpora": ("samsum",), "self_distill_prompts": 0},
+    # exits trained on the tasks the claims are scored on (prompt -> reference answer, loss on the answer)
+    "task": {"task": "arithmetic+docstrings", "exit_layers": (10, 15, 20)},
 }
 # Tiny models: seconds, for tests (exits on layer 2 of 4).
 TINY_OVERRIDES: dict[str, Any] = {"exit_layers": (2,), "corpora": ("python-docs",), "windows_per_corpus": 4,
                                   "seq_len": 32, "self_distill_prompts": 1, "answer_tokens": 8,
                                   "heldout_windows_per_corpus": 2,
                                   "steps": 6, "batch_tokens": 64, "batch_windows": 2, "eval_every": 3,
-                                  "checkpoint_every": 3, "warmup_steps": 1, "top_k": 8}
+                                  "checkpoint_every": 3, "warmup_steps": 1, "top_k": 8,
+                                  "task_examples": 8, "heldout_task_examples": 4, "task_max_len": 256}
 
 
 def recipe(name: str = "default", model: str = "smollm2-135m", **overrides: Any) -> ExitTrainingConfig:
@@ -190,7 +230,7 @@ def autocast_dtype(config: ExitTrainingConfig, device: torch.device) -> torch.dt
 
 def cache_key(config: ExitTrainingConfig, compute_dtype: torch.dtype) -> str:
     """A hash of the configuration, the compute precision and the format version: the result cache's name."""
-    payload = json.dumps({"config": config.to_dict(), "dtype": str(compute_dtype), "version": FORMAT_VERSION},
+    payload = json.dumps({"config": config.key_dict(), "dtype": str(compute_dtype), "version": FORMAT_VERSION},
                          sort_keys=True, default=list)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -199,6 +239,8 @@ def data_key(config: ExitTrainingConfig, compute_dtype: torch.dtype, layers: tup
     fields = ("model", "corpora", "windows_per_corpus", "seq_len", "self_distill_prompts", "answer_tokens",
               "heldout_windows_per_corpus", "top_k", "seed")
     payload = {f: getattr(config, f) for f in fields}
+    if config.task is not None:
+        payload.update({f: getattr(config, f) for f in TASK_FIELDS})
     payload.update(layers=list(layers), dtype=str(compute_dtype), version=FORMAT_VERSION)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 

@@ -174,6 +174,8 @@ def _window_loss(model, exits: ExitModules | None, config: ExitTrainingConfig, t
     if skip is not None:
         skip = [None if m is None else m.to(device) for m in skip]
     states, labels = run_layers(model, ids, skip)
+    counted = teacher.counted("train")[rows].to(device)  # task examples: the answer positions only
+    labels = torch.where(counted, labels.to(device), torch.full_like(labels.to(device), losses.IGNORE_INDEX))
 
     parts: dict[str, torch.Tensor] = {}
     if config.loss == "distill":
@@ -182,12 +184,12 @@ def _window_loss(model, exits: ExitModules | None, config: ExitTrainingConfig, t
         total, weights = 0.0, 0
         for layer in config.exit_layers:
             logits, index = _candidate_logits(adapter, layer, states[layer], exits, topk_ids, config.vocab)
-            parts[f"exit_{layer}"] = losses.distillation(logits, index, topk_logprobs)
+            parts[f"exit_{layer}"] = losses.distillation(logits, index, topk_logprobs, counted)
             total, weights = total + layer * parts[f"exit_{layer}"], weights + layer
         loss = total / weights
         if config.backbone != "frozen" and config.anchor_weight > 0:
             logits, index = _candidate_logits(adapter, n_layers, states[-1], None, topk_ids, config.vocab)
-            parts["anchor"] = losses.distillation(logits, index, topk_logprobs)
+            parts["anchor"] = losses.distillation(logits, index, topk_logprobs, counted)
             loss = loss + config.anchor_weight * parts["anchor"]
     elif config.loss == "weighted_ce":
         layers = list(range(1, n_layers + 1))
@@ -250,6 +252,9 @@ def _fast_path_rows(teacher: TeacherData, config: ExitTrainingConfig, hidden_siz
                             for layer in config.exit_layers}
     flat["ids"] = teacher.train_topk_ids.reshape(*shape, config.top_k)
     flat["logprobs"] = teacher.train_topk_logprobs.reshape(*shape, config.top_k)
+    if tokens and teacher.train_mask is not None:  # task examples: train on the answer positions only
+        keep = teacher.train_mask.reshape(-1)
+        flat = {key: value[keep] for key, value in flat.items()}
     return flat
 
 
@@ -377,7 +382,7 @@ def _final_metrics(model, exits: ExitModules | None, config: ExitTrainingConfig,
     else:
         after, nll_after = heldout_metrics(model, exits, teacher)
     return {
-        "heldout_tokens": int(teacher.heldout_argmax.numel()),
+        "heldout_tokens": int(teacher.counted("heldout").sum()),
         "agreement_before": {str(layer): before[layer - 1] for layer in range(1, n_layers + 1)},
         "agreement_after": {str(layer): after[layer - 1] for layer in range(1, n_layers + 1)},
         "perplexity_before": math.exp(teacher.heldout_nll),

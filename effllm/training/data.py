@@ -9,6 +9,10 @@
   on them keeps the exits on the text the model itself generates, which is what an early-exit decoder sees.
   Sequences are concatenated and cut into windows of one length.
 - Held-out windows: the validation splits of the same corpora (never trained on).
+- Task examples (``task=``, the seeds' fine-tuning data): a task's prompts followed by their reference answers and
+  the end of sequence, from its train split, held out from its validation split; one example a row, right-padded
+  (causal attention: no position sees the padding after it), with a mask of the positions whose next token is an
+  answer token: the loss and the agreement count those only.
 """
 
 from __future__ import annotations
@@ -86,3 +90,25 @@ def pack(sequences: list[list[int]], seq_len: int) -> torch.LongTensor:
     flat = [t for sequence in sequences for t in sequence]
     n = len(flat) // seq_len
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def task_examples(model, tokenizer, task: str, n: int, split: str, max_len: int
+                  ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """``n`` answer examples of ``task`` (several joined by ``+`` take turns) from ``split``: ids [n, q] right-padded
+    to the longest (at most ``max_len``) and the mask [n, q] of positions t whose label ids[t + 1] is an answer
+    token (prompt format as the model is prompted: :func:`effllm.experiments.prompts.prompt_format`)."""
+    from effllm.experiments.prompts import answer_examples, prompt_format
+
+    fmt = prompt_format(model, tokenizer, getattr(model, "name_or_path", ""))
+    examples = answer_examples(tokenizer, task, n, fmt=fmt, max_len=max_len, split=split)
+    if not examples:
+        raise ValueError(f"{task} ({split}) gave no answer example within {max_len} tokens")
+    length = max(ids.shape[1] for ids, _ in examples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(examples), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.bool)
+    for row, (example, answer) in enumerate(examples):
+        m = example.shape[1]
+        ids[row, :m] = example[0]
+        mask[row, :m - 1] = answer[0, 1:m]  # position t counts where its label (token t + 1) is an answer token
+    return ids, mask

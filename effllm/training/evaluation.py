@@ -28,13 +28,15 @@ def exit_agreement(model, exits: ExitModules, teacher: TeacherData, layers: list
     else:
         states, target = teacher.train_states, teacher.train_topk_ids[..., 0]
     target = target[:windows]
+    counted = teacher.counted(split)[:windows]  # task examples: the answer positions only
     result = {}
     for layer in layers:
         hits = 0
         for start in range(0, len(target), 4):  # 4 windows at a time: whole windows suit every exit kind
             hidden = exits(layer, states[layer][start:min(start + 4, len(target))].to(device)).to(dtype)
-            hits += agreement_counts(adapter, layer, hidden, target[start:start + 4])[0]  # the exit already applied
-        result[layer] = hits / target.numel()
+            keep = counted[start:start + 4].to(device)
+            hits += agreement_counts(adapter, layer, hidden[keep], target[start:start + 4].to(device)[keep])[0]
+        result[layer] = hits / max(int(counted.sum()), 1)
     return result
 
 
@@ -52,13 +54,18 @@ def heldout_metrics(model, exits: ExitModules | None, teacher: TeacherData, batc
         ids = teacher.heldout_ids[start:start + batch_size].to(device)
         states, labels = run_layers(model, ids)
         target = teacher.heldout_argmax[offset:offset + len(ids)].to(device)
+        keep = teacher.counted("heldout")[offset:offset + len(ids)].to(device)  # tasks: the answer positions
         offset += len(ids)
         for layer in range(1, n_layers + 1):
-            agree[layer - 1] += agreement_counts(adapter, layer, states[layer], target, exits)[0]
+            if teacher.heldout_mask is None:  # whole windows (an attention exit needs them)
+                agree[layer - 1] += agreement_counts(adapter, layer, states[layer], target, exits)[0]
+            else:  # task examples: the answer positions, through position-wise exits (task training's only kind)
+                agree[layer - 1] += agreement_counts(adapter, layer, states[layer][keep].unsqueeze(0),
+                                                     target[keep].unsqueeze(0), exits)[0]
         final = exit_logits(adapter, n_layers, states[-1]).float()
-        mask = labels != losses.IGNORE_INDEX
+        mask = (labels != losses.IGNORE_INDEX) & keep
         nll += float(torch.nn.functional.cross_entropy(final[mask], labels[mask], reduction="sum"))
         counted += int(mask.sum())
-    return (agree.double() / teacher.heldout_argmax.numel()).tolist(), nll / max(counted, 1)
+    return (agree.double() / max(int(teacher.counted("heldout").sum()), 1)).tolist(), nll / max(counted, 1)
 
 

@@ -15,7 +15,13 @@ from effllm.adapters import get_adapter
 from effllm.decoding.exits import agreement_counts, exit_logits
 from effllm.training import losses
 from effllm.training.config import STATES_KIND, ExitTrainingConfig, data_key, training_dir
-from effllm.training.data import corpus_windows, pack, self_distillation_prompts, self_distillation_sequences
+from effllm.training.data import (
+    corpus_windows,
+    pack,
+    self_distillation_prompts,
+    self_distillation_sequences,
+    task_examples,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Running the model layer by layer (with gradients where they are wanted, and optional layer skipping)
@@ -65,7 +71,8 @@ class TeacherData:
 
     train_ids: torch.LongTensor  # [n, q]
     heldout_ids: torch.LongTensor  # [m, q]
-    train_topk_ids: torch.LongTensor  # [n, q', k] (q' = q, or the target half for T5)
+    train_topk_ids: torch.LongTensor  # [n, q', k] (q' = q, or the target half for T5; [1, t, k] for task examples
+    # on the fast path: their t answer positions only, as one row; train_states likewise)
     train_topk_logprobs: torch.Tensor  # [n, q', k]
     heldout_argmax: torch.LongTensor  # [m, q'] the final layer's greedy token
     train_states: dict[int, torch.Tensor]  # layer -> [n, q', d] (the fast path's inputs)
@@ -73,11 +80,37 @@ class TeacherData:
     heldout_agreement: list[float]  # per layer 1..L: argmax of the logit lens == final argmax
     heldout_nll: float  # mean next-token negative log-likelihood of the last layer
     meta: dict[str, Any] = field(default_factory=dict)
+    # task examples: the positions that count (their label is an answer token) [n, q'] / [m, q']; None: every one
+    train_mask: torch.BoolTensor | None = None
+    heldout_mask: torch.BoolTensor | None = None
+
+    def counted(self, split: str) -> torch.BoolTensor:
+        """The positions of ``split`` (``train`` / ``heldout``) that the loss and the agreement count."""
+        mask = self.train_mask if split == "train" else self.heldout_mask
+        shape = (self.train_topk_ids.shape[:2] if split == "train" else self.heldout_argmax.shape)
+        return torch.ones(shape, dtype=torch.bool) if mask is None else mask
 
 
 def build_windows(model, tokenizer, config: ExitTrainingConfig, progress: bool = True
                   ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Training windows (corpus windows + packed self-distillation answers) and held-out windows."""
+    """Training windows and held-out windows (:func:`build_examples` without the masks)."""
+    return build_examples(model, tokenizer, config, progress)[:2]
+
+
+def build_examples(model, tokenizer, config: ExitTrainingConfig, progress: bool = True
+                   ) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor | None, torch.BoolTensor | None]:
+    """(train, held-out, train mask, held-out mask): with ``config.task`` the task's answer examples (train and
+    validation splits) and the masks of their answer positions; else corpus windows + packed self-distillation
+    answers and held-out corpus windows, every position counted (masks None)."""
+    if config.task is not None:
+        if get_adapter(model).family == "t5":
+            raise ValueError("task training feeds decoder-only models (prompt -> answer in one sequence); a T5 "
+                             "model trains on corpora here (leave task=None)")
+        train, train_mask = task_examples(model, tokenizer, config.task, config.task_examples, "train",
+                                          config.task_max_len)
+        heldout, heldout_mask = task_examples(model, tokenizer, config.task, config.heldout_task_examples,
+                                              "validation", config.task_max_len)
+        return train, heldout, train_mask, heldout_mask
     train = corpus_windows(tokenizer, config.corpora, config.windows_per_corpus, config.seq_len, config.seed)
     if config.self_distill_prompts and get_adapter(model).family != "t5":
         prompts = self_distillation_prompts(config.self_distill_prompts, config.seed)
@@ -85,7 +118,7 @@ def build_windows(model, tokenizer, config: ExitTrainingConfig, progress: bool =
         train = torch.cat([train, pack(answers, config.seq_len)])
     heldout = corpus_windows(tokenizer, config.corpora, config.heldout_windows_per_corpus, config.seq_len,
                              config.seed, split="validation")
-    return train, heldout
+    return train, heldout, None, None
 
 
 @torch.no_grad()
@@ -103,15 +136,20 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     started, cpu_started = time.perf_counter(), time.process_time()
-    train_ids, heldout_ids = build_windows(model, tokenizer, config, progress)
+    train_ids, heldout_ids, train_mask, heldout_mask = build_examples(model, tokenizer, config, progress)
     n_layers = adapter.num_layers
     tensors: dict[str, torch.Tensor] = {"train_ids": train_ids, "heldout_ids": heldout_ids}
+    compact = train_mask is not None and config.fast_path  # train rows stored as one row of answer positions
+    if train_mask is not None:
+        tensors.update(heldout_mask=heldout_mask)
+        if not compact:
+            tensors.update(train_mask=train_mask)
     topk_ids, topk_logprobs, train_states = [], [], {layer: [] for layer in layers}
     heldout_states = {layer: [] for layer in layers}
     batches = [("train", s) for s in range(0, len(train_ids), batch_size)]
     batches += [("heldout", s) for s in range(0, len(heldout_ids), batch_size)]
     agree = torch.zeros(n_layers, dtype=torch.long)
-    nll, counted, argmaxes = 0.0, 0, []
+    nll, counted, argmaxes = 0.0, 0, []  # counted: positions with a label (and, for tasks, an answer token)
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
         for part, start in tqdm(batches, desc="teacher pass", disable=not progress):
             ids = (train_ids if part == "train" else heldout_ids)[start:start + batch_size].to(device)
@@ -119,24 +157,37 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
             final = exit_logits(adapter, n_layers, states[-1]).float()  # [b, q', V]
             if part == "train":
                 values, indices = torch.log_softmax(final, -1).topk(config.top_k, dim=-1)
-                topk_ids.append(indices.int().cpu())
-                topk_logprobs.append(values.cpu())
+                # compact: on the fast path the task examples keep their answer positions only (prompts are long,
+                # answers short; the position-wise exits train on token rows anyway)
+                keep = (train_mask[start:start + batch_size].to(device) if compact
+                        else torch.ones(values.shape[:2], dtype=torch.bool, device=device))
+                topk_ids.append(indices[keep].int().cpu() if compact else indices.int().cpu())
+                topk_logprobs.append(values[keep].cpu() if compact else values.cpu())
                 for layer in layers:
-                    train_states[layer].append(states[layer].float().cpu())
+                    train_states[layer].append(states[layer][keep].float().cpu() if compact
+                                               else states[layer].float().cpu())
                 continue
             target = final.argmax(-1)
             argmaxes.append(target.cpu())
-            for layer in range(1, n_layers + 1):
-                agree[layer - 1] += agreement_counts(adapter, layer, states[layer], target)[0]
+            counted_here = (torch.ones_like(target, dtype=torch.bool) if heldout_mask is None
+                            else heldout_mask[start:start + batch_size].to(device))
+            for layer in range(1, n_layers + 1):  # the counted positions only, as one row
+                agree[layer - 1] += agreement_counts(adapter, layer, states[layer][counted_here].unsqueeze(0),
+                                                     target[counted_here].unsqueeze(0))[0]
             for layer in layers:
                 heldout_states[layer].append(states[layer].float().cpu())
-            mask = labels != losses.IGNORE_INDEX
+            mask = (labels.to(device) != losses.IGNORE_INDEX) & counted_here
             nll += float(torch.nn.functional.cross_entropy(final[mask], labels[mask].to(device), reduction="sum"))
             counted += int(mask.sum())
     tensors["train_topk_ids"] = torch.cat(topk_ids)
     tensors["train_topk_logprobs"] = torch.cat(topk_logprobs)
+    if compact:  # [t, ...] -> [1, t, ...]: one "window" of every answer position, all of them counted
+        tensors["train_topk_ids"] = tensors["train_topk_ids"].unsqueeze(0)
+        tensors["train_topk_logprobs"] = tensors["train_topk_logprobs"].unsqueeze(0)
+        train_states = {layer: [torch.cat(train_states[layer]).unsqueeze(0)] for layer in layers}
     tensors["heldout_argmax"] = torch.cat(argmaxes)
-    tensors["heldout_agreement"] = (agree.double() / tensors["heldout_argmax"].numel()).float()
+    n_counted = tensors["heldout_argmax"].numel() if heldout_mask is None else int(heldout_mask.sum())
+    tensors["heldout_agreement"] = (agree.double() / max(n_counted, 1)).float()
     for layer in layers:
         tensors[f"train_states.{layer}"] = torch.cat(train_states[layer])
         tensors[f"heldout_states.{layer}"] = torch.cat(heldout_states[layer])
@@ -155,6 +206,8 @@ def _teacher_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
         tensors["train_topk_logprobs"].float(), tensors["heldout_argmax"].long(),
         {layer: tensors[f"train_states.{layer}"] for layer in layers},
         {layer: tensors[f"heldout_states.{layer}"] for layer in layers},
-        tensors["heldout_agreement"].tolist(), float(meta["heldout_nll"]), meta)
+        tensors["heldout_agreement"].tolist(), float(meta["heldout_nll"]), meta,
+        tensors["train_mask"].bool() if "train_mask" in tensors else None,
+        tensors["heldout_mask"].bool() if "heldout_mask" in tensors else None)
 
 
