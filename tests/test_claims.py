@@ -279,10 +279,16 @@ def test_vocabulary_claims_have_one_row_per_model(tmp_path):
     for model, loss in (("a", 0.0), ("b", -0.2)):
         for prompt in range(40):
             base = rng.uniform(0.5, 1.0)
-            rows.append({"model": model, "label": "none", "prompt": prompt, "rougeL_vs_full": base})
+            reference = rng.uniform(0.2, 0.4)
+            rows.append({"model": model, "label": "none", "prompt": prompt, "rougeL_vs_full": base,
+                         "rougeL_vs_reference": reference})
             rows.append({"model": model, "label": "fixed k=256", "prompt": prompt,
-                         "rougeL_vs_full": base + loss + rng.normal(0, 0.01)})
+                         "rougeL_vs_full": base + loss + rng.normal(0, 0.01),
+                         "rougeL_vs_reference": reference + loss / 10 + rng.normal(0, 0.001)})
     pd.DataFrame(rows).to_csv(tmp_path / "02_generation_items.csv", index=False)
     made = claims.vocab_pruning_keeps_quality(tmp_path)
     assert [c.verdict for c in made] == [claims.HOLDS, claims.FAILS]
     assert "on a " in made[0].claim and "on b " in made[1].claim and all(c.n == 40 for c in made)
+    # the seed's metric and bar: ROUGE-L vs references within ~1 point (model b loses 2 points)
+    seed_metric = claims.vocab_pruning_keeps_reference_quality(tmp_path)
+    assert [c.verdict for c in seed_metric] == [claims.HOLDS, claims.FAILS] and seed_metric[0].bar == -0.01

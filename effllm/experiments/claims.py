@@ -54,6 +54,7 @@ from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of 
     skipping_beats_early_exit,
     sparse_2_4_speedup,
     vocab_pruning_keeps_quality,
+    vocab_pruning_keeps_reference_quality,
     vocab_pruning_speeds_up_calm,
 )
 from effllm.experiments.verdicts import (  # noqa: F401  (public names of the claims report)
@@ -74,7 +75,8 @@ CLAIMS_NAME = "claims"  # claims.csv and its claims.stamp.json: written from the
 
 
 BUILDERS: list[Callable[[Path], Claim | list[Claim]]] = [
-    vocab_pruning_keeps_quality, vocab_pruning_speeds_up_calm, free_faster_than_calm, free_speedup,
+    vocab_pruning_keeps_quality, vocab_pruning_keeps_reference_quality, vocab_pruning_speeds_up_calm,
+    free_faster_than_calm, free_speedup,
     self_speculation_lossless_speedup, in_domain_calibration_wins, same_domain_masks_more_alike, sparse_2_4_speedup,
     skipping_beats_early_exit, oracle_layer_share, dynamic_beats_constant,
     lambda folder: dynamic_beats_constant(folder, "parameters"), dynamic_accuracy,
