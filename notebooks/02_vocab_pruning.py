@@ -282,8 +282,9 @@ plots.save_table(pd.concat(generation_items, ignore_index=True), "02_generation_
 plots.save_table(pd.concat(generation_timings, ignore_index=True), "02_generation_timings")
 generation["reduction"] = generation.type_vocab_reduct.fillna("none")
 display(generation[["model", "label", "reduction", "k", "speedup_vs_unpruned", "speedup_vs_unpruned_ci_low", "speedup_vs_unpruned_ci_high",
-                    "avg_layers", "rougeL_vs_full",
-                    "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "confidence_flops_per_token",
+                    "avg_layers", "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high",
+                    "rougeL_vs_reference", "rougeL_vs_reference_ci_low", "rougeL_vs_reference_ci_high",
+                    "speedup_ceiling", "confidence_flops_per_token",
                     "confidence_ms_per_token", "n_prompts"]].round(3))
 
 # %%
@@ -322,6 +323,7 @@ variants = generation[generation.reduction.isin(["none", "decaying", "adaptive"]
 variants["variant"] = variants.reduction + variants.k.map(lambda v: "" if pd.isna(v) else f" (k = {int(v)})")
 columns = {"speedup_vs_unpruned": "paired speed ratio vs unpruned CALM (x),\n95% CI over prompts",
            "rougeL_vs_full": "ROUGE-L vs full depth",
+           "rougeL_vs_reference": "ROUGE-L vs reference\n(the seed's metric)",
            "avg_layers": "layers per token", "confidence_flops_per_token": "check FLOPs per token",
            "confidence_ms_per_token": "check time per token (ms)"}
 fig, axes = plots.new_figure(1, len(columns), figsize=(2.6 * len(columns), 3.0))
