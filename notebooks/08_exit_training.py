@@ -167,7 +167,10 @@ display(agreement[agreement.layer == exit_layer].set_index("exits").agreement.ro
 # run (per prompt the median over interleaved rounds of the ratio on that prompt, then the mean over prompts; bars:
 # the 95% bootstrap interval over prompts), quality is ROUGE-L against the engine's
 # full-depth output (mean over prompts with its 95% interval). Self-speculation's output is the full model's by
-# construction: its quality is 1 and only its speed can move.
+# construction: its quality is 1 and only its speed can move. The dashed line is the weight-read ceiling of an exit
+# at this layer (`effllm.decoding.ceilings`): decoding at batch 1 is memory-bound, and a token that leaves at layer E
+# still reads layers 1..E and the whole LM head (21% of SmolLM2's weights), so no setting here can pass it; a claim
+# whose bar lies beyond it is reported as "cannot hold on this model".
 
 # %%
 fmt = prompt_format(model, tokenizer, model_name)
@@ -193,13 +196,16 @@ speed_quality = pd.concat(summaries, ignore_index=True)
 plots.save_table(pd.concat(timings, ignore_index=True), "08_timings")
 display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "avg_layers",
                        "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
-                       "acceptance_rate", "n_prompts"]].round(3))
+                       "acceptance_rate", "speedup_ceiling", "n_prompts"]].round(3))
 
 # %%
 fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
     plots.speed_quality(ax, group)
+    # the most an exit at this layer could give: every token leaving there (the weights read, ceilings module)
+    ceiling = group.loc[group.method == "static", "speedup_ceiling"].max()
+    ax.axvline(ceiling, color="0.5", ls="--", lw=0.8, label=f"weight-read ceiling at layer {exit_layer}: {ceiling:.2f}x")
     ax.set(xlabel="paired speed ratio vs HF generate (x), 95% CI over prompts", title=exits)
 axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
 axes[1].legend(fontsize=7)
