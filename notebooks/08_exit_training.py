@@ -65,11 +65,12 @@ timed_settings = None  # the settings timed at batch 1 (label prefixes); None: a
 # the rows the claims read (the fastest setting keeping quality), and only those cost batch-1 time
 timed_quality_bar = 0.9
 time_fitted_exits = False  # False: the fitted-exit ("before") rows get quality only (the claims read the trained ones)
+fitted_prompts = 34  # the first prompts the fitted-exit ("before") rows decode; None: all n_prompts
 max_new_tokens = 48
 thresholds = [0.9, 0.7]  # CALM / FREE confidence thresholds
 draft_lengths = [4]  # self-speculation: tokens drafted per verification
 draft_layers = None  # None: the trained exit's layer and two lower ones
-spec_prompts = 102  # prompts for the acceptance-rate grid (decoded in batches)
+spec_prompts = 34  # prompts for the acceptance-rate grid (decoded in batches)
 spec_speed_prompts = 0  # of which the first are timed at batch 1 (0: acceptance and its bound only)
 agreement_windows = 2  # held-out windows per corpus for the per-layer agreement (fitted exits)
 agreement_seq_len = 128
@@ -186,7 +187,8 @@ for exits, transform in (("before: fitted linear", fitted), ("after: trained", N
     timed_here = exits == "after: trained" or time_fitted_exits
     # the speed reference is HF generate (the claims' ratio); the engine's own full depth is scored, not timed here
     # (python -m effllm.bench early-exit times it against HF generate)
-    runs[exits] = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform,
+    decoded = prompts if exits == "after: trained" or fitted_prompts is None else prompts[:fitted_prompts]
+    runs[exits] = run_policies(model, tokenizer, decoded, settings, max_new_tokens, exit_transform=transform,
                                rounds=rounds, speed_prompts=speed_prompts if timed_here else 0, timed=chosen,
                                time_full=False)
     print(f"{exits}: timed at batch 1:", ", ".join(sorted(set(runs[exits].timings.label))) or "nothing")
@@ -199,6 +201,7 @@ display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_ci_low"
                        "acceptance_rate", "speedup_ceiling", "n_prompts"]].round(3))
 
 # %%
+before_n = len(prompts) if fitted_prompts is None else min(fitted_prompts, len(prompts))
 fig, axes = plots.new_figure(1, 2, figsize=(10, 3.8), sharex=True, sharey=True)  # one scale: the panels compare
 for ax, (exits, group) in zip(axes, speed_quality[speed_quality.method != "hf"].groupby("exits", sort=False),
                               strict=True):
@@ -211,7 +214,7 @@ axes[0].set(ylabel="ROUGE-L vs full-depth output (95% CI)", ylim=(-0.02, 1.05))
 axes[1].legend(fontsize=7)
 fig.suptitle(f"Early exit at layer {exit_layer} before and after exit training")
 plots.caption(fig, model=model_name, data=prompt_data,
-              extra=f"n = {n_prompts} prompts, decoded to {speed_quality.decoded_to.iloc[0]} (at most {max_new_tokens} "
+              extra=f"n = {before_n} (before) / {n_prompts} (after) prompts, decoded to {speed_quality.decoded_to.iloc[0]} (at most {max_new_tokens} "
                     f"tokens), batched; speed: {speed_prompts} prompts x {rounds} rounds at batch 1, paired, greedy "
                     f"· {machine}")
 plots.save_figure(fig, "08_speed_quality", table=speed_quality)
