@@ -169,3 +169,16 @@ def test_quality_only_runs_time_nothing_and_lightest_keeping_times_the_chosen_se
     assert math.isnan(without_full.summary.set_index("label").loc["static@1"].speedup_vs_full)
     with pytest.raises(ValueError, match="bar"):
         lightest_keeping(1.5)
+
+
+def test_one_rule_names_the_timed_labels_for_runs_and_frontier_tables():
+    from effllm.decoding import Calm, Full, StaticExit
+    from effllm.experiments.runs import _timed_settings, names_label
+
+    assert names_label("CALM 0.9", ["CALM"]) and names_label("CALM 0.9", ["*0.9"]) and names_label("x", None)
+    assert not names_label("CALM 0.9 + vocab", ["CALM", "!* + *"]) and names_label("CALM 0.9", ["CALM", "!* + *"])
+    policies = {"full": Full(), "static@2": StaticExit(2), "CALM 0.9": Calm("softmax", 0.9, 1),
+                "CALM 0.9 + vocab": Calm("softmax", 0.9, 1)}
+    assert list(_timed_settings(policies, ("CALM", "!* + *"))) == ["full", "CALM 0.9"]
+    with pytest.raises(ValueError, match=r"\['FREE'\] match no setting"):
+        _timed_settings(policies, ("FREE",))

@@ -31,7 +31,6 @@ ranking. Costs that are counted rather than measured (parameters, matmul FLOPs p
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from effllm.decoding.batched import decode_rows
 from effllm.execution import require_code_execution
 from effllm.experiments.evaluate import humaneval_pass_at_1
 from effllm.experiments.prompts import Prompt, as_ids
-from effllm.experiments.runs import decoded_to
+from effllm.experiments.runs import decoded_to, names_label
 from effllm.experiments.stats import mean_ci, paired_ratio_summary
 from effllm.experiments.timing import prefill_seconds, time_rounds
 
@@ -146,13 +145,7 @@ class FrontierTable:
     def _timed(self, label: str) -> bool:
         """Whether ``settings.timed`` names the row: a label prefix or fnmatch pattern matches it and no
         ``"!pattern"`` excludes it (None: every row)."""
-        patterns = self.settings.timed
-        if patterns is None:
-            return True
-        def hit(p: str) -> bool:
-            return label.startswith(p) or fnmatch.fnmatch(label, p)
-        return (any(hit(p) for p in patterns if not p.startswith("!"))
-                and not any(fnmatch.fnmatch(label, p[1:]) for p in patterns if p.startswith("!")))
+        return names_label(label, self.settings.timed)
 
     def _speeds(self, sides: dict[str, tuple[nn.Module, Policy, Any]]) -> dict[str, dict[str, float]]:
         """The paired speed of every side (label -> (model, policy, exits)) against the dense model, all timed in

@@ -252,15 +252,29 @@ def lightest_keeping(bar: float = 0.9, column: str = "rougeL_vs_full") -> Any:
     return choose
 
 
+def names_label(label: str, patterns: Sequence[str] | None) -> bool:
+    """Whether ``patterns`` name ``label``: a label prefix or fnmatch pattern matches it and no ``"!pattern"``
+    (fnmatch) excludes it; None names every label. The one rule for every ``timed`` option (run_policies,
+    FrontierSettings)."""
+    if patterns is None:
+        return True
+
+    def hit(pattern: str) -> bool:
+        return label.startswith(pattern) or fnmatch.fnmatch(label, pattern)
+
+    return (any(hit(p) for p in patterns if not p.startswith("!"))
+            and not any(fnmatch.fnmatch(label, p[1:]) for p in patterns if p.startswith("!")))
+
+
 def _timed_settings(policies: dict[str, Policy], patterns: tuple[str, ...] | None) -> dict[str, Policy]:
-    """The settings ``patterns`` (labels, prefixes or fnmatch patterns; None: all) name, and ``full``."""
+    """The settings ``patterns`` name (:func:`names_label`; None: all), and ``full``."""
     if patterns is None:
         return policies
-    unmatched = [p for p in patterns if not any(label.startswith(p) or fnmatch.fnmatch(label, p) for label in policies)]
+    unmatched = [p for p in patterns if not p.startswith("!") and not any(names_label(label, [p]) for label in policies)]
     if unmatched:
         raise ValueError(f"timed pattern(s) {unmatched} match no setting; settings: {', '.join(policies)}")
     return {label: policy for label, policy in policies.items()
-            if label == FULL_LABEL or any(label.startswith(p) or fnmatch.fnmatch(label, p) for p in patterns)}
+            if label == FULL_LABEL or names_label(label, patterns)}
 
 
 def _quality_outputs(model: torch.nn.Module, ids: Sequence[torch.LongTensor], label: str, policy: Policy,
