@@ -38,6 +38,7 @@ from effllm import plots, records
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import Calm, Free, SelfSpec, StaticExit
+from effllm.decoding.ceilings import WeightReads, self_spec_bound
 from effllm.decoding.speculative import expected_speedup, speedup_at_acceptance_rate
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import lightest_keeping, run_policies
@@ -258,14 +259,20 @@ grid = grid[grid.method == "self-spec"].copy()
 # what the measured acceptance allows with verification as cheap as one token (the bound of this round structure)
 grid["bound_at_this_acceptance"] = [speedup_at_acceptance_rate(r.acceptance_rate, int(r.num_draft_tokens),
                                                                 int(r.draft_exit_layer), L) for r in grid.itertuples()]
+# the same in weights read (each draft also reads the whole LM head: at batch 1 the bound that speed is read against)
+reads = WeightReads.of(model, trained_exits)  # the fitted linear exits' d x d maps are left out (small)
+grid["weight_read_bound_at_this_acceptance"] = [
+    self_spec_bound(reads, r.acceptance_rate, int(r.num_draft_tokens), int(r.draft_exit_layer))
+    for r in grid.itertuples()]
 display(grid[["label", "draft_exit_layer", "num_draft_tokens", "acceptance_rate", "bound_at_this_acceptance",
+              "weight_read_bound_at_this_acceptance",
               "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "identical_to_full", "n_prompts"]].round(3))
 fig, axes = plots.new_figure(1, 2, figsize=(9, 3.2))
 for layer, rows in grid.groupby("draft_exit_layer"):
     rows = rows.sort_values("num_draft_tokens")
     axes[0].plot(rows.num_draft_tokens, rows.acceptance_rate, marker="o", label=f"draft at layer {layer}")
-    line = axes[1].plot(rows.num_draft_tokens, rows.bound_at_this_acceptance, marker="x", ls="--", lw=0.8,
-                        label=f"layer {layer}: bound at its acceptance")[0]
+    line = axes[1].plot(rows.num_draft_tokens, rows.weight_read_bound_at_this_acceptance, marker="x", ls="--",
+                        lw=0.8, label=f"layer {layer}: bound at its acceptance (weights read)")[0]
     if rows.speedup_vs_hf.notna().any():
         axes[1].errorbar(rows.num_draft_tokens, rows.speedup_vs_hf,
                          yerr=[rows.speedup_vs_hf - rows.speedup_vs_hf_ci_low,
@@ -292,14 +299,18 @@ plots.save_figure(fig, "08_acceptance", table=grid)
 for layer in draft_layers:
     if layer < L:
         best = max(expected_speedup(1.0, g, layer, L) for g in draft_lengths)
+        weights = max(self_spec_bound(reads, 1.0, g, layer) for g in draft_lengths)
         print(f"drafts at layer {layer}: even with every draft accepted and verification as cheap as one token, at "
-              f"most {best:.2f}x full-depth decoding (draft lengths {draft_lengths})")
+              f"most {best:.2f}x full-depth decoding counting layers, {weights:.2f}x counting the weights read (each "
+              f"draft reads the LM head too; draft lengths {draft_lengths})")
 
 # %% [markdown]
 # Every row's `identical_to_full` is 1: self-speculation never changes the output, whatever its drafts. Whether it
 # is faster is the acceptance rate against the draft's cost: a deeper draft is accepted more often but costs more
 # per drafted token, and a longer draft pays off only while the acceptance stays high. `bound_at_this_acceptance` is
 # the speed-up over full-depth decoding that the measured acceptance allows if verifying g + 1 tokens cost what one
-# token costs (`effllm.decoding.speculative.speedup_at_acceptance_rate`: 1 + rate x g tokens a round); the measured
-# speed falls below it by what
+# token costs (`effllm.decoding.speculative.speedup_at_acceptance_rate`: 1 + rate x g tokens a round, costs in
+# layers); `weight_read_bound_at_this_acceptance` (plotted) counts the weights each round reads instead, the LM head
+# of every draft included (`effllm.decoding.ceilings.self_spec_bound`), which is what bounds batch-1 decoding here.
+# The measured speed falls below it by what
 # verification and the draft's own bookkeeping really cost on this machine (`python -m effllm.bench decode-profile`).

@@ -86,3 +86,15 @@ def test_out_of_range_layer_is_refused():
     model, _ = tiny_model("llama")
     with pytest.raises(ValueError, match="1-based"):
         WeightReads.of(model).exit_at(0)
+
+
+def test_self_spec_bound_at_full_acceptance_is_the_ceiling():
+    model, _ = tiny_model("llama")
+    reads = WeightReads.of(model)
+    from effllm.decoding.ceilings import self_spec_bound
+
+    assert self_spec_bound(reads, 1.0, 4, 1) == pytest.approx(ceiling(reads, SelfSpec(draft_exit_layer=1,
+                                                                                       num_draft_tokens=4)))
+    assert self_spec_bound(reads, 0.0, 4, 1) < 1  # nothing accepted: the drafts are pure cost
+    with pytest.raises(ValueError, match="rate"):
+        self_spec_bound(reads, 1.5, 4, 1)

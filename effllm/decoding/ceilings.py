@@ -134,6 +134,20 @@ def _skip_ceiling(reads: WeightReads, policy: Skip) -> float:
     return math.nan  # controllers choose per token: no fixed best case
 
 
+def self_spec_bound(reads: WeightReads, rate: float, draft_length: int, draft_layer: int) -> float:
+    """Self-speculation's speed-up over full depth at a measured acceptance ``rate`` (accepted drafts over drafted,
+    as the decoder reports it), in weight reads: a round emits 1 + rate x g tokens and reads what
+    :func:`ceiling`'s round reads (g + 1 passes through layers 1..E, g draft heads and exits, the deep layers and one
+    head to verify). The weight-read version of :func:`effllm.decoding.speculative.speedup_at_acceptance_rate`,
+    which counts layers only and so leaves out the head each draft reads."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate must lie in [0, 1]; got {rate!r}")
+    e, g = draft_layer, draft_length
+    round_reads = ((g + 1) * sum(reads.layers[:e]) + g * (reads.exits.get(e, 0) + reads.head)
+                   + sum(reads.layers[e:]) + reads.head)
+    return (1 + rate * g) * reads.full / round_reads
+
+
 def ceilings(model: nn.Module, policies: dict[str, Policy | None],
              exit_transform: Callable[..., Any] | None = None) -> dict[str, float]:
     """:func:`ceiling` of every labelled policy on ``model`` (the ``speedup_ceiling`` column of result tables)."""
