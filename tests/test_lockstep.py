@@ -146,3 +146,18 @@ def test_batches_lock_step_cannot_decode_go_row_by_row():
     out = decode(model, ids, 6, policy, eos_token_id=[], attention_mask=mask)
     for ids_k, row in zip(prompts, out.split(), strict=True):
         assert torch.equal(row.sequences, decode(model, ids_k, 6, policy, eos_token_id=[]).sequences)
+
+
+def test_self_speculation_counts_a_round_its_end_of_sequence_cut_short():
+    """The end of sequence on a draft ("draft", j, g, n) or on the bonus token after every draft matched ("bonus", g,
+    n): the row stops and the round's g drafts and n matches are counted (08's default run once ended a row on a
+    bonus token and failed on the draft-phase layout)."""
+    from types import SimpleNamespace
+
+    from effllm.decoding.state import Emitted
+
+    engine = SimpleNamespace(max_new_tokens=10, eos=torch.tensor([7]), spec=True)
+    for phase, counted in ((("draft", 1, 3, 1), (3, 1)), (("bonus", 2, 2), (2, 2))):
+        row = lockstep._Row(prompt_len=4, phase=phase)
+        lockstep.Lockstep._append(engine, row, Emitted(torch.tensor([[7]]), exit_layer=2))
+        assert row.finished and (row.drafted, row.accepted) == counted and row.phase == ("start",), phase

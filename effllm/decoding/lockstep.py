@@ -189,7 +189,8 @@ class Lockstep:
         if self.eos.numel() and bool(torch.isin(record.token.reshape(-1).to(self.eos.device), self.eos).any()):
             row.finished = True
             if self.spec and row.phase[0] != "start":  # the round the end of sequence cut short
-                row.drafted, row.accepted = row.drafted + row.phase[2], row.accepted + row.phase[3]
+                g, n = row.phase[-2:]  # ("draft", j, g, n) or ("bonus", g, n): the round's drafts and matches
+                row.drafted, row.accepted = row.drafted + g, row.accepted + n
                 row.phase = ("start",)
 
     def _apply(self, row: _Row, r: int, result: tuple[Emitted, int | None], valid: torch.Tensor) -> torch.Tensor:
