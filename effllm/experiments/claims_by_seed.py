@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,30 +36,37 @@ def _per_model(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(model), table[table.model == model]) for model in table.model.unique()]
 
 
+def _each_model(folder: Path, table: str, claim: Any, measure: Any) -> list[Claim]:
+    """``claim(model)`` for each model of notebook 02's ``table``, measured by ``measure(claim, rows, pruned, model)``
+    on that model's rows with its fixed k = 256 label (the seed's claims are about each model it prunes)."""
+    found = read_table(folder, table)
+    if found is None:
+        return [missing_tables(claim(), table)]
+    made = []
+    for model, rows in _per_model(found):
+        pruned = _fixed_256(rows.label.unique())
+        made.append(missing_tables(claim(model), f"{table} (no fixed k=256 row)") if pruned is None
+                    else measure(claim(model), rows, pruned, model))
+    return made
+
+
+def _on(model: str) -> str:
+    return f" on {model}" if model else ""
+
+
 def vocab_pruning_keeps_quality(folder: Path) -> list[Claim]:
-    """One claim per model of notebook 02 (the seed's claim is about each model it prunes)."""
     def claim(model: str = "") -> Claim:
-        on = f" on {model}" if model else ""
         return Claim("000", f"CALM with the exit check pruned to the top-k candidates keeps the output of CALM without "
-                            f"pruning{on} (ROUGE-L vs full depth, pruned minus unpruned, above -0.05)",
+                            f"pruning{_on(model)} (ROUGE-L vs full depth, pruned minus unpruned, above -0.05)",
                      "T5-large SQuAD / SAMSum: quality within ~1 point of unpruned CALM at k = 256")
 
-    items = read_table(folder, "02_generation_items")
-    if items is None:
-        return [missing_tables(claim(), "02_generation_items")]
-    made = []
-    for model, rows in _per_model(items):
-        one = claim(model)
-        pruned = _fixed_256(rows.label.unique())
-        if pruned is None:
-            made.append(missing_tables(one, "02_generation_items (no fixed k=256 row)"))
-            continue
+    def measure(one: Claim, rows: pd.DataFrame, pruned: str, model: str) -> Claim:
         one.measured, one.ci_low, one.ci_high, one.n = paired_difference(rows, pruned, "none", "rougeL_vs_full")
         one.bar = -QUALITY_TOLERANCE
-        one.decide(above=True)
         one.source = f"02_generation_items.csv ({model}, '{pruned}' vs 'none', paired over prompts)"
-        made.append(one)
-    return made
+        return one.decide(above=True)
+
+    return _each_model(folder, "02_generation_items", claim, measure)
 
 
 SEED_000_POINTS = 0.01  # "within ~1 point" of the seed's metric (ROUGE / F1 on a 0-1 scale)
@@ -68,58 +76,39 @@ def vocab_pruning_keeps_reference_quality(folder: Path) -> list[Claim]:
     """The seed's own metric and bar: the answer's ROUGE-L against the task's reference, pruned minus unpruned CALM,
     within about one point (above -0.01), one claim per model."""
     def claim(model: str = "") -> Claim:
-        on = f" on {model}" if model else ""
         return Claim("000", f"CALM with the exit check pruned to k = 256 candidates scores within ~1 point of unpruned "
-                            f"CALM on the seed's metric{on} (ROUGE-L of the answer vs the reference, pruned minus "
-                            "unpruned, above -0.01)",
+                            f"CALM on the seed's metric{_on(model)} (ROUGE-L of the answer vs the reference, pruned "
+                            "minus unpruned, above -0.01)",
                      "T5-large SQuAD F1 / SAMSum ROUGE: within ~1 point of unpruned CALM at k = 256")
 
-    items = read_table(folder, "02_generation_items")
-    if items is None or "rougeL_vs_reference" not in items:
-        return [missing_tables(claim(), "02_generation_items (with rougeL_vs_reference)")]
-    made = []
-    for model, rows in _per_model(items):
-        one = claim(model)
-        pruned = _fixed_256(rows.label.unique())
+    def measure(one: Claim, rows: pd.DataFrame, pruned: str, model: str) -> Claim:
+        if "rougeL_vs_reference" not in rows or rows.rougeL_vs_reference.isna().all():
+            return missing_tables(one, "02_generation_items (no rougeL_vs_reference)")
         rows = rows.dropna(subset=["rougeL_vs_reference"])
-        if pruned is None or rows.empty:
-            made.append(missing_tables(one, "02_generation_items (no fixed k=256 row with references)"))
-            continue
         one.measured, one.ci_low, one.ci_high, one.n = paired_difference(rows, pruned, "none", "rougeL_vs_reference")
         one.bar = -SEED_000_POINTS
-        one.decide(above=True)
         one.source = f"02_generation_items.csv ({model}, '{pruned}' vs 'none', paired over prompts with a reference)"
-        made.append(one)
-    return made
+        return one.decide(above=True)
+
+    return _each_model(folder, "02_generation_items", claim, measure)
 
 
 def vocab_pruning_speeds_up_calm(folder: Path) -> list[Claim]:
-    """One claim per model notebook 02 timed."""
     def claim(model: str = "") -> Claim:
-        on = f" on {model}" if model else ""
-        return Claim("000", f"Pruning the exit check to k = 256 candidates makes CALM faster{on} (paired speed ratio, "
-                            "pruned / unpruned, its 95% interval over prompts above 1)",
+        return Claim("000", f"Pruning the exit check to k = 256 candidates makes CALM faster{_on(model)} (paired speed "
+                            "ratio, pruned / unpruned, its 95% interval over prompts above 1)",
                      "fewer FLOPs per check: (2d - 1) k instead of (2d - 1) V")
 
-    timings = read_table(folder, "02_generation_timings")
-    if timings is None:
-        return [missing_tables(claim(), "02_generation_timings")]
-    made = []
-    for model, rows in _per_model(timings):
-        one = claim(model)
-        pruned = _fixed_256(rows.label.unique())
-        if pruned is None:
-            made.append(missing_tables(one, "02_generation_timings (no fixed k=256 row)"))
-            continue
+    def measure(one: Claim, rows: pd.DataFrame, pruned: str, model: str) -> Claim:
         speed = paired_speedup(rows, pruned, "none")
         one.measured, one.ci_low, one.ci_high, one.n = (speed["mean"], speed["ci_low"], speed["ci_high"],
                                                         speed["n_prompts"])
         one.bar = 1.0
-        one.decide(above=True)
         one.source = (f"02_generation_timings.csv ({model}; paired ratio, 95% CI over {one.n} prompts, "
                       f"{speed['rounds']} rounds)")
-        made.append(one)
-    return made
+        return one.decide(above=True)
+
+    return _each_model(folder, "02_generation_timings", claim, measure)
 
 
 # ---- seed 001: early exit (FREE, CALM, self-speculation) ----------------------------------------------
