@@ -159,13 +159,11 @@ def teacher_pass(model, tokenizer, config: ExitTrainingConfig, compute_dtype: to
                 values, indices = torch.log_softmax(final, -1).topk(config.top_k, dim=-1)
                 # compact: on the fast path the task examples keep their answer positions only (prompts are long,
                 # answers short; the position-wise exits train on token rows anyway)
-                keep = (train_mask[start:start + batch_size].to(device) if compact
-                        else torch.ones(values.shape[:2], dtype=torch.bool, device=device))
-                topk_ids.append(indices[keep].int().cpu() if compact else indices.int().cpu())
-                topk_logprobs.append(values[keep].cpu() if compact else values.cpu())
+                keep = train_mask[start:start + batch_size].to(device) if compact else slice(None)
+                topk_ids.append(indices[keep].int().cpu())
+                topk_logprobs.append(values[keep].cpu())
                 for layer in layers:
-                    train_states[layer].append(states[layer][keep].float().cpu() if compact
-                                               else states[layer].float().cpu())
+                    train_states[layer].append(states[layer][keep].float().cpu())
                 continue
             target = final.argmax(-1)
             argmaxes.append(target.cpu())
