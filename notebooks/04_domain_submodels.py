@@ -374,8 +374,9 @@ if compare_submodels and len(bank.masks) >= 2:
 # %% [markdown]
 # The shaded band is the range of every cross-domain pair at each layer and the grey line its mean; each coloured
 # line is one same-domain pair. Same-domain masks that are more alike lie above the band's mean, layer after
-# layer: the verdict table is the claims report's statistic, same-domain minus cross-domain mean Jaccard per
-# layer, paired over layers, with its 95% interval. The further every pair lies above the random baseline, the
+# layer: the verdict table is the claims report's statistic, each pair's mean Jaccard over layers, same-domain pairs
+# minus cross-domain pairs, with its 95% interval over pairs (one calibration set decides every layer of a pair, so
+# the pair is the unit, and with few same-domain pairs the interval is wide). The further every pair lies above the random baseline, the
 # more the weight magnitudes (shared by every sub-model) decide the mask rather than the calibration data. The
 # table by projection kind shows which linears depend on the data most.
 

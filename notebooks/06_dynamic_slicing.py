@@ -63,6 +63,12 @@ dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the
 calibration_data = "python-docs"  # built-in corpus (train split) or a hub name such as wikitext2
 calibration_samples = 8  # calibration windows (SliceGPT: 128 x 2048 tokens of wikitext2)
 calibration_seq_len = 256  # tokens per calibration window
+# The corpus the layer scores (LR, and BI for ShortGPT) are computed on, apart from SliceGPT's calibration set: the
+# authors' --source-for-vector (calculate_LR.py reads pg19). None: the calibration windows themselves.
+vector_data = "docstrings"
+vector_samples = 8  # windows of vector_seq_len tokens (train split)
+vector_seq_len = 256
+vector_split = "train"  # the authors read pg19's validation split
 eval_data = "python-docs"  # held-out perplexity corpus
 eval_split = "test"
 eval_windows = 16  # perplexity windows of eval_seq_len tokens (None: every window of the split)
@@ -89,14 +95,19 @@ adapter = get_adapter(model)
 n_layers = adapter.num_layers
 calibration = data.calibration(calibration_data, tokenizer, n_samples=calibration_samples,
                                seq_len=calibration_seq_len, seed=seed, split="train")
+vector_windows = calibration if vector_data is None else data.calibration(
+    vector_data, tokenizer, n_samples=vector_samples, seq_len=vector_seq_len, seed=seed, split=vector_split)
+vector_source = calibration_data if vector_data is None else vector_data
 eval_tokens = data.calibration_tokens(eval_data, tokenizer, split=eval_split)
-setting = f"calibration: {calibration_data} {calibration_samples}x{calibration_seq_len} tokens · {machine}"
+setting = (f"calibration: {calibration_data} {calibration_samples}x{calibration_seq_len} tokens; layer scores: "
+           f"{vector_source} {vector_windows.shape[0]}x{vector_windows.shape[1]} · {machine}")
 print(f"{model_name}: {n_layers} layers, d = {adapter.hidden_size}; {setting}")
 
 # %% [markdown]
 # ## Step 1: layer scores
 #
-# One pass over the calibration windows, layer by layer (`effllm.capture.LayerByLayer`, the loop pruning
+# One pass over the windows of `vector_data` (a corpus apart from SliceGPT's calibration set, as the authors compute
+# their slicing vector from another source than the one they calibrate on), layer by layer (`effllm.capture.LayerByLayer`, the loop pruning
 # and slicing share). **LR** (layer redundancy): v_i = 1 - minmax(sum over tokens of (1 - cos(h_{i-1}, h_i))),
 # so 1 marks the layer that changes its input least. **BI** (ShortGPT's block influence):
 # 1 - mean cos(h_{i-1}, h_i), so low BI marks a layer that is cheap to remove. Both come from the same cosine;
@@ -104,8 +115,8 @@ print(f"{model_name}: {n_layers} layers, d = {adapter.hidden_size}; {setting}")
 # the authors' code does (it reads HF's hidden states, whose last one is normed); BI compares the raw output.
 
 # %%
-lr = layer_scores(model, calibration, "lr", batch_size=batch_size)
-bi = layer_scores(model, calibration, "bi", batch_size=batch_size)
+lr = layer_scores(model, vector_windows, "lr", batch_size=batch_size)
+bi = layer_scores(model, vector_windows, "bi", batch_size=batch_size)
 scores = pd.DataFrame({"layer": range(n_layers), "layer_redundancy": lr.numpy(), "block_influence": bi.numpy()})
 
 fig, (ax_lr, ax_bi) = plots.new_figure(1, 2)
@@ -115,7 +126,7 @@ ax_bi.bar(scores.layer, scores.block_influence, color=plots.colour("shortgpt"))
 ax_bi.set(xlabel="layer", ylabel="BI = 1 - mean cos", title="Block influence (ShortGPT)", yscale="log")
 for ax in (ax_lr, ax_bi):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-fig.suptitle(plots.provenance(model=model_name, data=calibration_data, extra=setting), fontsize="small")
+fig.suptitle(plots.provenance(model=model_name, data=vector_source, extra=setting), fontsize="small")
 plots.save_figure(fig, "06_layer_scores", table=scores)
 most_redundant = scores.nlargest(3, "layer_redundancy").layer.tolist()
 print(f"most redundant layers (highest LR): {most_redundant}; least redundant: {scores.layer_redundancy.idxmin()}")
@@ -158,7 +169,7 @@ for a, group in vectors.groupby("amplitude"):
 ax.set(xlabel="layer", ylabel="slice fraction p_i", ylim=(0, None))
 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 ax.legend(title=f"M = {vector_mean}", ncol=2 if len(amplitudes) > 6 else 1, fontsize="x-small")
-ax.set_title("Slicing vectors: constant vs dynamic (LR)\n" + plots.provenance(model=model_name, data=calibration_data))
+ax.set_title("Slicing vectors: constant vs dynamic (LR)\n" + plots.provenance(model=model_name, data=vector_source))
 plots.save_figure(fig, "06_slicing_vectors", table=vectors)
 assert (summary.mean_fraction - vector_mean).abs().max() < 1e-12  # the defining property of dynamic slicing
 
@@ -288,6 +299,11 @@ for m in means:
         for variant, row in (("constant", constant_row), ("dynamic", dynamic_row)):
             window_rows += [{"level": m, "matched": matched, "variant": variant, "window": w, "nll": nll,
                              "parameters": int(row.parameters)} for w, nll in enumerate(row.window_nll)]
+    shortgpt_row = level[level.method == "shortgpt"]
+    if len(shortgpt_row) and int(shortgpt_row.layers.iloc[0]) < n_layers:  # removing no layer is the dense model
+        window_rows += [{"level": m, "matched": "parameters", "variant": "shortgpt", "window": w, "nll": nll,
+                         "parameters": int(shortgpt_row.parameters.iloc[0])}
+                        for w, nll in enumerate(shortgpt_row.window_nll.iloc[0])]
 slicing_windows = pd.DataFrame(window_rows)
 plots.save_table(slicing_windows, "06_slicing_windows")
 
@@ -303,7 +319,8 @@ if not zero_shot_items.empty:
     plots.save_table(zero_shot_items, "06_zero_shot_items")
 
 differences = []
-for (m, matched), group in slicing_windows.groupby(["level", "matched"], sort=True):
+for (m, matched), group in slicing_windows[slicing_windows.variant != "shortgpt"].groupby(["level", "matched"],
+                                                                                          sort=True):
     pivot = group.pivot(index="window", columns="variant", values="nll")
     diff, low, high = paired_difference_ci(pivot.dynamic, pivot.constant)
     sizes_at = group.groupby("variant").parameters.first()

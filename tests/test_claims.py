@@ -167,15 +167,28 @@ def _pairs(same_gap: float, layers: int = 12) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_same_domain_claim_is_paired_over_layers(tmp_path):
+def test_same_domain_claim_resamples_pairs_not_layers(tmp_path):
     assert claims.same_domain_claim(_pairs(0.03)).verdict == claims.HOLDS
     assert claims.same_domain_claim(_pairs(-0.03)).verdict == claims.FAILS
     claim = claims.same_domain_claim(_pairs(0.03))
-    assert claim.n == 12 and claim.measured == pytest.approx(0.03, abs=0.003)
+    # 2 same-domain and 3 cross-domain pairs: n counts pairs, whatever the number of layers
+    assert claim.n == 5 and claims.same_domain_claim(_pairs(0.03, layers=30)).n == 5
+    assert claim.measured == pytest.approx(0.03, abs=0.003) and "2 same-domain and 3 cross-domain" in claim.source
+    # the statistic by hand: each pair's mean over layers, then the difference of the two groups' means
+    per_pair = _pairs(0.03).groupby(["set_a", "set_b", "same_domain"]).jaccard.mean().reset_index()
+    by_hand = per_pair[per_pair.same_domain].jaccard.mean() - per_pair[~per_pair.same_domain].jaccard.mean()
+    assert claim.measured == pytest.approx(by_hand)
     _pairs(0.03).to_csv(tmp_path / "04_jaccard_pairs.csv", index=False)  # same_domain read back as text
     assert claims.same_domain_masks_more_alike(tmp_path).verdict == claims.HOLDS
     only_cross = _pairs(0.03)
     assert "within and across" in claims.same_domain_claim(only_cross[~only_cross.same_domain]).source
+
+
+def test_same_domain_claim_with_one_pair_per_side_is_undecided():
+    pairs = _pairs(0.03)
+    pairs = pairs[pairs.set_b.isin(["humaneval", "python-docs"]) & (pairs.set_a == "python-code")]
+    claim = claims.same_domain_claim(pairs)
+    assert claim.n == 2 and claim.verdict == claims.UNDECIDED  # one unit a side has no spread to resample
 
 
 def _slicing_windows(gap_mean: float, gap_parameters: float, n: int = 30) -> pd.DataFrame:
@@ -201,6 +214,30 @@ def test_dynamic_beats_constant_per_level_and_matching(tmp_path):
     assert all(c.n == 30 for c in by_mean) and "equal parameter count" in by_parameters[0].claim
 
 
+def test_dynamic_against_shortgpt_where_it_removes_layers(tmp_path):
+    windows = _slicing_windows(0.05, 0.0)
+    assert claims.dynamic_beats_shortgpt(tmp_path)[0].source.startswith("missing: 06_slicing_windows")
+    windows.to_csv(tmp_path / "06_slicing_windows.csv", index=False)
+    assert "no ShortGPT rows" in claims.dynamic_beats_shortgpt(tmp_path)[0].source
+    dynamic = windows[(windows.level == 0.3) & (windows.variant == "dynamic") & (windows.matched == "mean")]
+    shortgpt = dynamic.assign(variant="shortgpt", matched="parameters", nll=dynamic.nll + 0.4, parameters=90)
+    pd.concat([windows, shortgpt]).to_csv(tmp_path / "06_slicing_windows.csv", index=False)
+    (claim,) = claims.dynamic_beats_shortgpt(tmp_path)  # only M = 0.3 has ShortGPT rows
+    assert "M = 0.3" in claim.claim and claim.verdict == claims.HOLDS and claim.n == 30
+    assert claim.measured == pytest.approx(-0.4) and "90 parameters" in claim.source
+
+
+def test_dynamic_magnitudes_at_the_best_level(tmp_path):
+    # dynamic 0.05 lower log-perplexity at every level: a 4.9% lower perplexity, short of the paper's 7%
+    _slicing_windows(0.05, 0.0).to_csv(tmp_path / "06_slicing_windows.csv", index=False)
+    perplexity, accuracy = claims.dynamic_magnitudes(tmp_path)
+    assert perplexity.measured == pytest.approx(math.expm1(-0.05), abs=2e-3)
+    assert perplexity.verdict == claims.FAILS and perplexity.bar == -0.07
+    assert accuracy.source.startswith("missing: 06_zero_shot_items")
+    _slicing_windows(0.12, 0.0).to_csv(tmp_path / "06_slicing_windows.csv", index=False)
+    assert claims.dynamic_magnitudes(tmp_path)[0].verdict == claims.HOLDS
+
+
 def test_dynamic_accuracy_pairs_items_at_each_level(tmp_path):
     rng = np.random.default_rng(3)
     rows = []
@@ -217,18 +254,27 @@ def test_dynamic_accuracy_pairs_items_at_each_level(tmp_path):
     assert "M = 0.3" in claim.claim and claim.n == 300 and claim.measured > 0 and claim.verdict == claims.HOLDS
 
 
-def test_sparse_claim_is_undecided_without_a_2_4_kernel(tmp_path):
-    table = pd.DataFrame({"shapes": ["CodeLlama-13B (shapes)"] * 2, "kind": ["q", "q"], "tokens": [1, 16],
-                          "format": ["csr", "csr"], "speedup": [0.5, 0.6], "speedup_min": [0.4, 0.5],
-                          "speedup_max": [0.6, 0.7], "rounds": [5, 5], "device": ["CPU", "CPU"]})
+def test_sparse_claims_per_projection_group_are_undecided_without_a_2_4_kernel(tmp_path):
+    kinds = ["q", "k", "v", "o", "up", "gate", "down"]
+    table = pd.DataFrame({"shapes": "CodeLlama-13B (shapes)", "kind": kinds * 2, "tokens": [1] * 7 + [16] * 7,
+                          "format": "csr", "speedup": 0.5, "speedup_min": 0.4, "speedup_max": 0.6, "rounds": 5,
+                          "device": "CPU"})
     table.to_csv(tmp_path / "05_projection_speedup.csv", index=False)
-    claim = claims.sparse_2_4_speedup(tmp_path)
-    assert claim.verdict == claims.UNDECIDED and "csr only" in claim.source
+    made = claims.sparse_2_4_speedup(tmp_path)
+    assert [c.claim.split("13B's ")[1].split(" ")[0] for c in made] == ["q/k/v/o", "up/gate", "down"]
+    assert all(c.verdict == claims.UNDECIDED and "csr only" in c.source for c in made)
+    assert [c.original.split(" ")[-1] for c in made] == ["1.36x", "1.01x", "1.20x"]  # the seed's table
     table["format"] = "semi-structured"
-    table["speedup_min"] = [1.1, 1.2]
+    table[["speedup", "speedup_min", "speedup_max"]] = [1.2, 1.1, 1.3]
+    table.loc[table.kind == "down", ["speedup", "speedup_min", "speedup_max"]] = [0.9, 0.8, 0.95]
+    table.loc[(table.kind == "k") & (table.tokens == 16), ["speedup", "speedup_min", "speedup_max"]] = [1.15, 1.05, 1.2]
+    table.loc[(table.kind == "q") & (table.tokens == 16), ["speedup", "speedup_min", "speedup_max"]] = [1.5, 1.4, 1.6]
     table.to_csv(tmp_path / "05_projection_speedup.csv", index=False)
-    claim = claims.sparse_2_4_speedup(tmp_path)
-    assert claim.verdict == claims.HOLDS and claim.n == 5 and "16 tokens" in claim.source
+    attention, mlp_in, down = claims.sparse_2_4_speedup(tmp_path)
+    # the group's slowest projection at the most tokens: k at 16 tokens (q is faster there, every 1-token row too)
+    assert attention.measured == 1.15 and "(k, the slowest of k/o/q/v, 16 tokens" in attention.source
+    assert attention.verdict == claims.HOLDS and attention.n == 5
+    assert down.verdict == claims.FAILS and mlp_in.verdict == claims.HOLDS
 
 
 def test_build_claims_on_an_empty_folder_is_all_undecided(tmp_path):

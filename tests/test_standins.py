@@ -172,6 +172,7 @@ CARD_COLUMNS = {
     "samsum": ["id", "dialogue", "summary"],
     "cnn_dailymail": ["article", "highlights", "id"],
     "wikitext2": ["text"],
+    "pg19": ["short_book_title", "publication_date", "url", "text"],
     "c4": ["text", "timestamp", "url"],
     "gsm8k": ["question", "answer"],
     "hellaswag": ["ind", "activity_label", "ctx_a", "ctx_b", "ctx", "endings", "source_id", "split", "split_type",

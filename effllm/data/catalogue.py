@@ -110,6 +110,9 @@ HUB: dict[str, HubDataset] = {
     "samsum": HubDataset("knkarthick/samsum", text_field="dialogue"),
     "cnn_dailymail": HubDataset("abisee/cnn_dailymail", "3.0.0", text_field="article"),
     "wikitext2": HubDataset("Salesforce/wikitext", "wikitext-2-raw-v1", text_field="text"),
+    # Project Gutenberg books before 1919: seed 004's corpus for the layer scores (calculate_LR.py reads its
+    # validation split); the repository is a loading script, its parquet export is read
+    "pg19": HubDataset("deepmind/pg19", revision="refs/convert/parquet", text_field="text"),
     # The first shard of C4's English split, as in Wanda and SparseGPT (the full split is 300+ GB).
     "c4": HubDataset(
         "allenai/c4",

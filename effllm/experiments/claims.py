@@ -43,6 +43,8 @@ from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of 
     TRAINED,
     dynamic_accuracy,
     dynamic_beats_constant,
+    dynamic_beats_shortgpt,
+    dynamic_magnitudes,
     free_faster_than_calm,
     free_speedup,
     in_domain_calibration_wins,
@@ -78,8 +80,11 @@ BUILDERS: list[Callable[[Path], Claim | list[Claim]]] = [
     vocab_pruning_keeps_quality, vocab_pruning_keeps_reference_quality, vocab_pruning_speeds_up_calm,
     free_faster_than_calm, free_speedup,
     self_speculation_lossless_speedup, in_domain_calibration_wins, same_domain_masks_more_alike, sparse_2_4_speedup,
-    skipping_beats_early_exit, oracle_layer_share, dynamic_beats_constant,
-    lambda folder: dynamic_beats_constant(folder, "parameters"), dynamic_accuracy,
+    skipping_beats_early_exit, oracle_layer_share,
+    # seed 004's headline like for like (equal parameter count: at equal mean the dynamic model is the larger one),
+    # then the paper's comparison at equal mean, its magnitudes, accuracy and ShortGPT
+    lambda folder: dynamic_beats_constant(folder, "parameters"), dynamic_beats_constant, dynamic_magnitudes,
+    dynamic_accuracy, dynamic_beats_shortgpt,
 ]
 
 

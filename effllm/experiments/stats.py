@@ -3,6 +3,7 @@ paired speed ratios over prompts, and the median and spread of timing ratios ove
 
     mean, low, high = mean_ci(per_prompt_rouge)                       # 95% interval of the mean
     diff, low, high = paired_difference_ci(rouge_pruned, rouge_full)   # same prompts, paired resampling
+    diff, low, high = difference_ci(same_domain_pairs, cross_pairs)    # two independent groups
     speed = paired_speedup(run.timings, "FREE 0.9", "hf_generate")     # paired per prompt, CI over prompts
 
 The resampling of means is scipy's ``scipy.stats.bootstrap`` (BCa, percentile where BCa is undefined); that of
@@ -60,6 +61,24 @@ def paired_difference_ci(a: Sequence[float], b: Sequence[float], confidence: flo
     if x.shape != y.shape:
         raise ValueError(f"paired samples need equal lengths; got {x.size} and {y.size}")
     return mean_ci(x - y, confidence, seed)
+
+
+def difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """(mean of a - mean of b, low, high) for two independent groups (say, same-domain and cross-domain pairs of
+    masks): each group is resampled on its own, so the interval reflects how many units each side has. With fewer
+    than two units on a side the interval is (nan, nan)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size == 0 or y.size == 0:
+        return math.nan, math.nan, math.nan
+    difference = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return difference, math.nan, math.nan
+    if np.all(x == x[0]) and np.all(y == y[0]):
+        return difference, difference, difference
+    low, high = _bootstrap((x, y), lambda s, t, axis: np.mean(s, axis=axis) - np.mean(t, axis=axis), False,
+                           confidence, seed)
+    return difference, low, high
 
 
 def ratio_summary(ratios: Sequence[float]) -> dict[str, float]:

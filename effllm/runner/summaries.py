@@ -8,7 +8,7 @@ calibration sets needs the masks of all runs. A sweep file declares such a step 
     summary:
       kind: mask_overlap           # the kinds: SUMMARY_KINDS
       compare: calibration_sets    # the swept parameter that names each run's mask set
-      weight_view_pairs: [[math_instruct, math_orca], [python_alpaca, math_orca]]   # optional
+      weight_view_pairs: [[math_orca, math_qa], [math_orca, opus_books]]   # optional
 
 ``run_all.py --sweep FILE`` runs it after the runs, on the runs that succeeded, and writes into
 ``<figures>/sweeps/<sweep>/summary/``; ``python -m effllm.runner.summaries <that sweep folder>`` runs it again
@@ -91,7 +91,7 @@ def parse_summary(raw: Any, swept: Sequence[str], where: str) -> SummarySpec:
             isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) and n for n in p) and p[0] != p[1]
             for p in pairs):
         raise ValueError(f"{where}.weight_view_pairs must be a list of pairs of two different mask set names, "
-                         f"e.g. [[math_instruct, math_orca]]; got {pairs!r}")
+                         f"e.g. [[math_orca, math_qa]]; got {pairs!r}")
     return SummarySpec(kind=kind, compare=compare, weight_view_pairs=tuple(tuple(p) for p in pairs))
 
 

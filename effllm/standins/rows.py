@@ -133,6 +133,13 @@ def _wikitext(rng, i, split):
     return {"text": " " + _paragraph(rng, 8) + " \n"}
 
 
+def _pg19(rng, i, split):
+    chapters = "\n\n".join(_paragraph(rng, 12) for _ in range(6))
+    return {"short_book_title": f"The {rng.choice(_NOUNS)[0].title()} of the {rng.choice(_TOPICS)}",
+            "publication_date": rng.randint(1700, 1918), "url": f"http://www.gutenberg.org/ebooks/{10000 + i}",
+            "text": chapters}
+
+
 def _c4(rng, i, split):
     return {"text": _paragraph(rng, 8), "timestamp": datetime(2019, 4, rng.randint(1, 28), rng.randint(0, 23)),
             "url": f"https://example.{rng.choice(['com', 'org', 'net'])}/{rng.choice(_NOUNS)[0]}/{i}"}
@@ -295,7 +302,7 @@ def _iwslt2017(rng, i, split):
 
 
 _ROW_MAKERS: dict[str, Callable[[random.Random, int, str], dict[str, Any]]] = {
-    "squad": _squad, "samsum": _samsum, "cnn_dailymail": _cnn, "wikitext2": _wikitext, "c4": _c4, "gsm8k": _gsm8k,
+    "squad": _squad, "samsum": _samsum, "cnn_dailymail": _cnn, "wikitext2": _wikitext, "pg19": _pg19, "c4": _c4, "gsm8k": _gsm8k,
     "hellaswag": _hellaswag, "winogrande": _winogrande,
     "arc_easy": lambda rng, i, split: _arc(rng, i, split, "Mercury"),
     "arc_challenge": lambda rng, i, split: _arc(rng, i, split, "MCAS"),

@@ -24,6 +24,8 @@ def _features() -> dict[str, Any]:
         "samsum": Features({"id": string, "dialogue": string, "summary": string}),  # knkarthick/samsum
         "cnn_dailymail": Features({"article": string, "highlights": string, "id": string}),  # abisee/cnn_dailymail 3.0.0
         "wikitext2": Features({"text": string}),  # Salesforce/wikitext wikitext-2-raw-v1
+        # deepmind/pg19: one row per book
+        "pg19": Features({"short_book_title": string, "publication_date": int32, "url": string, "text": string}),
         # allenai/c4 en shards: the card lists three strings, but effllm reads the json.gz shards through the json
         # builder, whose pyarrow reader types the ISO timestamps ("2019-04-25T12:57:54Z") as timestamp[s]
         # (measured with datasets 5.2 on a file of that format; copies of C4 made that way show the same)
