@@ -192,6 +192,7 @@ settings[f"FREE {rollback_at} + rollback"] = Free(shallow_exit_layer, rollback_a
 run = run_policies(model, tokenizer, prompts, settings, max_new_tokens, exit_transform=transform, rounds=rounds,
                    speed_prompts=speed_prompts, timed=timed_settings, hf=False)  # speed vs the engine's full depth
 curve = run.summary
+plots.save_table(run.items.drop(columns="text", errors="ignore"), "01_generation_items")  # per prompt, per setting
 # CALM and FREE both name their exit threshold `threshold`: one column for both
 curve["variant"] = curve.label.str.replace(r" [0-9.]+$", "", regex=True).str.replace(r" [0-9.]+ ", " ", regex=True)
 display(curve[["label", "method", "threshold", "speedup_vs_full", "speedup_vs_full_ci_low", "speedup_vs_full_ci_high",

@@ -302,6 +302,8 @@ randomised = run_policies(model, tokenizer, items, random_settings, max_new_toke
                           timed=timed_settings, speed_prompts=speed_prompts)
 controller_quality = pd.concat([controlled.summary, randomised.summary[randomised.summary.label != "full"]],
                                ignore_index=True)
+controller_items = pd.concat([controlled.items, randomised.items[randomised.items.label != "full"]], ignore_index=True)
+plots.save_table(controller_items.drop(columns="text", errors="ignore"), "03_controller_items")  # the claims' pairs
 controller_quality["layer_fraction"] = controller_quality.avg_layers / n_layers
 display(controller_quality[["label", "layer_fraction", "rougeL_vs_reference", "rougeL_vs_full",
                             "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "n_prompts"]].round(3))

@@ -197,6 +197,8 @@ for exits, transform in (("before: fitted linear", fitted), ("after: trained", N
     timings.append(runs[exits].timings.assign(exits=exits))
 speed_quality = pd.concat(summaries, ignore_index=True)
 plots.save_table(pd.concat(timings, ignore_index=True), "08_timings")
+plots.save_table(pd.concat([run.items.assign(exits=exits) for exits, run in runs.items()], ignore_index=True)
+                 .drop(columns="text", errors="ignore"), "08_generation_items")  # per prompt: the claims' pairs
 display(speed_quality[["exits", "label", "speedup_vs_hf", "speedup_vs_hf_ci_low", "speedup_vs_hf_ci_high", "avg_layers",
                        "rougeL_vs_full", "rougeL_vs_full_ci_low", "rougeL_vs_full_ci_high", "identical_to_full",
                        "acceptance_rate", "speedup_ceiling", "n_prompts"]].round(3))

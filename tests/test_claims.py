@@ -112,11 +112,11 @@ def test_run_times_block_names_the_precision_and_cpu_of_its_run(tmp_path):
 
 def test_update_readme_replaces_only_the_block(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{claims.README_BEGIN}\nold\n{claims.README_END}\noutro\n")
+    readme.write_text(f"intro\n{claims.README_BEGIN}\nstale block\n{claims.README_END}\noutro\n")
     table = claims.build_claims(tmp_path)
     assert claims.update_readme(readme, table)
     text = readme.read_text()
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale block" not in text
     assert not claims.update_readme(readme, table)  # idempotent
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no claims block"):
@@ -338,3 +338,80 @@ def test_vocabulary_claims_have_one_row_per_model(tmp_path):
     # the seed's metric and bar: ROUGE-L vs references within ~1 point (model b loses 2 points)
     seed_metric = claims.vocab_pruning_keeps_reference_quality(tmp_path)
     assert [c.verdict for c in seed_metric] == [claims.HOLDS, claims.FAILS] and seed_metric[0].bar == -0.01
+
+
+def _rows(labels: dict[str, tuple[float, float]], n: int = 40, column: str = "rougeL_vs_reference",
+           seed: int = 5) -> pd.DataFrame:
+    """Per-prompt rows: label -> (mean of ``column``, avg_layers), a shared per-prompt level plus small noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.2, 0.4, n)
+    rows = []
+    for label, (mean, layers) in labels.items():
+        method = label.split(" ")[0].lower()
+        for prompt in range(n):
+            rows.append({"label": label, "method": method, "prompt": prompt, "avg_layers": layers,
+                         column: max(0.0, base[prompt] * mean / 0.3 + rng.normal(0, 0.005))})
+    return pd.DataFrame(rows)
+
+
+def test_early_exit_reference_share_per_budget_of_the_seed(tmp_path):
+    items = _rows({"full": (0.3, 30), "early exit 5/30": (0.27, 5), "early exit 10/30": (0.15, 10)})
+    items.to_csv(tmp_path / "03_generation_items.csv", index=False)
+    quarter, third, half = claims.early_exit_reference_share(tmp_path)
+    assert quarter.verdict == claims.HOLDS and quarter.measured == pytest.approx(0.9, abs=0.02)  # bar 0.249/0.342
+    assert quarter.bar == pytest.approx(0.249 / 0.342) and quarter.n == 40
+    assert third.verdict == claims.FAILS and third.measured == pytest.approx(0.5, abs=0.02)
+    assert half.verdict == claims.UNDECIDED and "no early-exit budget at 0.5" in half.source
+
+
+def test_controllers_are_compared_by_their_gain_over_random_at_their_budget(tmp_path):
+    assert claims.controllers_barely_beat_fixed(tmp_path).source == "missing: 03_controller_items.csv"
+    labels = {"controller (hidden state)": (0.20, 12), "random at hidden state budget": (0.15, 12),
+              "controller (fixed input)": (0.30, 20), "random at fixed input budget": (0.25, 20)}
+    _rows(labels).to_csv(tmp_path / "03_controller_items.csv", index=False)
+    claim = claims.controllers_barely_beat_fixed(tmp_path)
+    # raw scores differ by -0.10, but both gain 0.05 over random at their budget: the difference of gains is ~0
+    assert claim.measured == pytest.approx(0.0, abs=0.01) and claim.verdict == claims.HOLDS and claim.n == 40
+    labels["controller (hidden state)"] = (0.40, 12)  # a gain of 0.25 over random: more than barely
+    _rows(labels).to_csv(tmp_path / "03_controller_items.csv", index=False)
+    assert claims.controllers_barely_beat_fixed(tmp_path).verdict == claims.FAILS
+
+
+def test_adaptive_threshold_is_compared_with_the_fixed_one_nearest_in_layers(tmp_path):
+    labels = {"FREE 0.9": (0.9, 24), "FREE 0.7": (0.5, 21), "FREE adaptive": (0.88, 23.5),
+              "FREE 0.7 + rollback": (0.95, 22)}
+    _rows(labels, column="rougeL_vs_full").to_csv(tmp_path / "01_generation_items.csv", index=False)
+    claim = claims.adaptive_matches_fixed(tmp_path)
+    assert "'FREE adaptive' at 23.5 layers/token vs 'FREE 0.9' at 24.0" in claim.source
+    assert claim.verdict == claims.HOLDS and claim.measured == pytest.approx(-0.02, abs=0.01)
+
+
+def _speed_quality(calm_speed: tuple[float, float, float], free_speed: tuple[float, float, float]) -> pd.DataFrame:
+    rows = []
+    for label, method, speed in (("CALM 0.9", "calm", calm_speed), ("FREE 0.9", "free", free_speed)):
+        rows.append({"exits": claims.TRAINED, "label": label, "method": method, "rougeL_vs_full": 0.97,
+                     "rougeL_vs_full_ci_low": 0.95, "avg_layers": 20.0, "speedup_vs_hf": speed[0],
+                     "speedup_vs_hf_ci_low": speed[1], "speedup_vs_hf_ci_high": speed[2], "n_speed_prompts": 8,
+                     "n_prompts": 40})
+    return pd.DataFrame(rows)
+
+
+def test_calm_no_real_speedup_and_free_reference_share(tmp_path):
+    _speed_quality((0.8, 0.75, 0.85), (1.2, 1.1, 1.3)).to_csv(tmp_path / "08_speed_quality.csv", index=False)
+    calm = claims.calm_no_real_speedup(tmp_path)
+    assert calm.verdict == claims.HOLDS and calm.measured == 0.8 and "'CALM 0.9'" in calm.source
+    _speed_quality((1.3, 1.2, 1.4), (1.2, 1.1, 1.3)).to_csv(tmp_path / "08_speed_quality.csv", index=False)
+    assert claims.calm_no_real_speedup(tmp_path).verdict == claims.FAILS
+    items = _rows({"full": (0.3, 30), "FREE 0.9": (0.3 * 0.995, 20)}).assign(exits=claims.TRAINED)
+    before = items.assign(exits="before: fitted linear", rougeL_vs_reference=0.0)  # not read: the trained rows are
+    pd.concat([items, before]).to_csv(tmp_path / "08_generation_items.csv", index=False)
+    free = claims.free_keeps_reference_quality(tmp_path)
+    assert free.measured == pytest.approx(0.995, abs=0.01) and free.n == 40 and free.bar == 0.99
+
+
+def test_vocab_check_flops_ratio_is_paired_over_prompts(tmp_path):
+    rows = [{"model": "m", "label": label, "prompt": p, "confidence_flops_per_token": flops * (1 + p / 10)}
+            for label, flops in (("none", 1e6), ("fixed k=256", 1e5)) for p in range(10)]
+    pd.DataFrame(rows).to_csv(tmp_path / "02_generation_items.csv", index=False)
+    (claim,) = claims.vocab_pruning_cuts_check_flops(tmp_path)
+    assert claim.measured == pytest.approx(0.1) and claim.verdict == claims.HOLDS and claim.n == 10

@@ -41,11 +41,16 @@ import pandas as pd
 from effllm import stamps
 from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of the claims report)
     TRAINED,
+    adaptive_matches_fixed,
+    calm_no_real_speedup,
+    controllers_barely_beat_fixed,
     dynamic_accuracy,
     dynamic_beats_constant,
     dynamic_beats_shortgpt,
     dynamic_magnitudes,
+    early_exit_reference_share,
     free_faster_than_calm,
+    free_keeps_reference_quality,
     free_speedup,
     in_domain_calibration_wins,
     in_domain_claims,
@@ -55,6 +60,7 @@ from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of 
     self_speculation_lossless_speedup,
     skipping_beats_early_exit,
     sparse_2_4_speedup,
+    vocab_pruning_cuts_check_flops,
     vocab_pruning_keeps_quality,
     vocab_pruning_keeps_reference_quality,
     vocab_pruning_speeds_up_calm,
@@ -78,9 +84,10 @@ CLAIMS_NAME = "claims"  # claims.csv and its claims.stamp.json: written from the
 
 BUILDERS: list[Callable[[Path], Claim | list[Claim]]] = [
     vocab_pruning_keeps_quality, vocab_pruning_keeps_reference_quality, vocab_pruning_speeds_up_calm,
-    free_faster_than_calm, free_speedup,
+    vocab_pruning_cuts_check_flops,
+    free_faster_than_calm, free_speedup, free_keeps_reference_quality, calm_no_real_speedup, adaptive_matches_fixed,
     self_speculation_lossless_speedup, in_domain_calibration_wins, same_domain_masks_more_alike, sparse_2_4_speedup,
-    skipping_beats_early_exit, oracle_layer_share,
+    skipping_beats_early_exit, oracle_layer_share, early_exit_reference_share, controllers_barely_beat_fixed,
     # seed 004's headline like for like (equal parameter count: at equal mean the dynamic model is the larger one),
     # then the paper's comparison at equal mean, its magnitudes, accuracy and ShortGPT
     lambda folder: dynamic_beats_constant(folder, "parameters"), dynamic_beats_constant, dynamic_magnitudes,

@@ -81,6 +81,26 @@ def difference_ci(a: Sequence[float], b: Sequence[float], confidence: float = CO
     return difference, low, high
 
 
+def paired_ratio_ci(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE, seed: int = 0
+                    ) -> tuple[float, float, float]:
+    """(mean of a / mean of b, low, high) with paired resampling: the share of a reference's score that a setting
+    keeps on the same items (say, ROUGE-L against the references of an early exit over that of full depth)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples need equal lengths; got {x.size} and {y.size}")
+    if x.size == 0 or y.mean() == 0:
+        return math.nan, math.nan, math.nan
+    ratio = float(x.mean() / y.mean())
+    if x.size < 2:
+        return ratio, math.nan, math.nan
+    if np.all(x == x[0]) and np.all(y == y[0]):
+        return ratio, ratio, ratio
+    with np.errstate(divide="ignore", invalid="ignore"):
+        low, high = _bootstrap((x, y), lambda s, t, axis: np.mean(s, axis=axis) / np.mean(t, axis=axis), True,
+                               confidence, seed)
+    return ratio, low, high
+
+
 def ratio_summary(ratios: Sequence[float]) -> dict[str, float]:
     """Median, min and max of per-round speed ratios (each measured within one round, settings interleaved)."""
     r = np.asarray(ratios, dtype=np.float64)
