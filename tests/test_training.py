@@ -431,3 +431,59 @@ def test_task_trained_model_by_name_uses_the_task_recipe():
     model, _ = models.load_model("tiny-llama-ee-task")
     result = records.EXIT_TRAINING.get(model)
     assert result["config"]["task"] == "arithmetic+docstrings" and records.EXITS.get(model).layers == [2]
+
+
+def test_t5_task_examples_put_the_prompt_in_the_encoder_and_the_answer_in_the_decoder():
+    """Seed 001's seq2seq fine-tuning: source and target side by side; the target half holds the reference answer
+    and EOS, the mask exactly its tokens; the decoder's final states through run_layers, the padded source masked,
+    give HF's logits for the same pair unpadded."""
+    from effllm.adapters import get_adapter
+    from effllm.decoding.exits import exit_logits
+    from effllm.experiments.prompts import prompt_format, task_prompts
+    from effllm.training.data import task_examples
+    from effllm.training.teacher import run_layers
+
+    model, tokenizer = models.load_model("tiny-t5")
+    ids, mask = task_examples(model, tokenizer, "arithmetic", 3, "train", max_len=256)
+    width = ids.shape[1] // 2
+    prompts = task_prompts(tokenizer, "arithmetic", 3, split="train", fmt=prompt_format(model, tokenizer, "tiny-t5"))
+    pad = tokenizer.pad_token_id
+    for row, prompt in enumerate(prompts):
+        answer = tokenizer(prompt.reference, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        assert ids[row, width:][mask[row]].tolist() == answer and int(mask[row].sum()) == len(answer)
+        source = ids[row, :width]
+        assert source[source != pad].tolist() == prompt.input_ids[0].tolist()
+    padded_row = int(torch.argmin((ids[:, :width] != pad).sum(1)))  # the shortest source: padded
+    assert bool((ids[padded_row, :width] == pad).any())
+    with torch.no_grad():
+        states, labels = run_layers(model, ids)
+        ours = exit_logits(get_adapter(model), get_adapter(model).num_layers, states[-1])[padded_row]
+        source = ids[padded_row:padded_row + 1, :width]
+        source = source[:, source[0] != pad]
+        target = ids[padded_row:padded_row + 1, width:]
+        hf = model(input_ids=source, labels=torch.where(target == pad, -100, target)).logits[0]
+    kept = mask[padded_row]
+    assert torch.allclose(ours[kept].float(), hf[kept].float(), atol=1e-4)
+    assert torch.equal(labels[padded_row][kept], target[0][kept])
+
+
+def test_t5_trains_exits_on_a_task():
+    config = tiny_config("free", model="tiny-t5", task="arithmetic", task_examples=6, heldout_task_examples=3,
+                         steps=3)
+    model, exits, result = _train(config)
+    assert all(math.isfinite(r["loss"]) for r in result["loss_history"])
+    from effllm.training.teacher import build_examples
+
+    _, _, _, mask = build_examples(model, models.load_model("tiny-t5")[1], config, progress=False)
+    assert result["heldout_tokens"] == int(mask.sum()) < mask.numel()
+
+
+@pytest.mark.parametrize("recipe_name", ["seed001-calm", "seed001-free"])
+def test_seed_001_recipes_fine_tune_t5_on_a_task(recipe_name):
+    """The seed's per-data-set fine-tuning (the whole model, its losses), source -> target, on a tiny T5 with a
+    built-in task in place of SAMSum."""
+    config = tiny_config(recipe_name, model="tiny-t5", task="arithmetic", task_examples=4, heldout_task_examples=2,
+                         steps=2, batch_windows=2)
+    assert config.backbone == "full" and config.loss in ("weighted_ce", "shallowdeep_kd_dyna")
+    _, _, result = _train(config)
+    assert all(math.isfinite(r["loss"]) for r in result["loss_history"]) and result["heldout_tokens"] > 0

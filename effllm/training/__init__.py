@@ -31,8 +31,9 @@ a lower layer would need its state copied up first (CALM's state propagation). N
 each task, input -> target. With ``task=`` (built-in: ``arithmetic``, ``docstrings``, joined by ``+``; the seeds'
 data sets by name) the data are the task's prompts followed by their reference answers from its train split, held
 out on its validation split, and the losses and the agreement count the answer positions only (the positions whose
-label is an answer token); any loss and backbone of the recipes applies. Decoder-only models (a T5 model trains on
-corpora here).
+label is an answer token); any loss and backbone of the recipes applies. Decoder-only models get prompt and answer in
+one row; T5 gets the prompt as the encoder's input and the answer as the decoder's target (seed 001's seq2seq
+fine-tuning), the source padding masked in the encoder and the cross-attention.
 
 **Data without a hub** (:mod:`effllm.training.data`): windows of the built-in corpora and the original
 model's own greedy answers to built-in prompts (self-distillation); the seeds' data sets by name

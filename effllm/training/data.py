@@ -12,7 +12,9 @@
 - Task examples (``task=``, the seeds' fine-tuning data): a task's prompts followed by their reference answers and
   the end of sequence, from its train split, held out from its validation split; one example a row, right-padded
   (causal attention: no position sees the padding after it), with a mask of the positions whose next token is an
-  answer token: the loss and the agreement count those only.
+  answer token: the loss and the agreement count those only. For T5 (seq2seq, as seed 001 fine-tunes T5-large)
+  a row is source and target side by side, each right-padded to half the row: the prompt goes to the encoder
+  (padding masked), the reference answer and end of sequence are the decoder's targets.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def task_examples(model, tokenizer, task: str, n: int, split: str, max_len: int
     from effllm.experiments.prompts import answer_examples, prompt_format
 
     fmt = prompt_format(model, tokenizer, getattr(model, "name_or_path", ""))
+    if getattr(model.config, "is_encoder_decoder", False):
+        return seq2seq_examples(tokenizer, task, n, split, max_len, fmt)
     examples = answer_examples(tokenizer, task, n, fmt=fmt, max_len=max_len, split=split)
     if not examples:
         raise ValueError(f"{task} ({split}) gave no answer example within {max_len} tokens")
@@ -111,4 +115,32 @@ def task_examples(model, tokenizer, task: str, n: int, split: str, max_len: int
         m = example.shape[1]
         ids[row, :m] = example[0]
         mask[row, :m - 1] = answer[0, 1:m]  # position t counts where its label (token t + 1) is an answer token
+    return ids, mask
+
+
+def seq2seq_examples(tokenizer, task: str, n: int, split: str, max_len: int, fmt: str
+                     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """T5's task examples: ids [n, 2h], the prompt (encoder input) in the first h columns and the reference answer
+    with the end of sequence (decoder target) in the last h, each right-padded with the pad id and cut to h =
+    ``max_len`` // 2; the mask [n, h] of the target positions that are answer tokens (not padding)."""
+    from effllm.experiments.prompts import task_prompts
+
+    half = max_len // 2
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("seq2seq task examples need the tokenizer's pad token (T5's is id 0)")
+    rows = []
+    for item in task_prompts(tokenizer, task, n, fmt=fmt, split=split):
+        target = tokenizer(item.reference or "", add_special_tokens=False).input_ids[:half - 1]
+        if target:
+            rows.append((item.input_ids[0, :half].tolist(), [*target, tokenizer.eos_token_id]))
+    if not rows:
+        raise ValueError(f"{task} ({split}) gave no example with a reference answer")
+    width = max(max(len(source), len(target)) for source, target in rows)
+    ids = torch.full((len(rows), 2 * width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for row, (source, target) in enumerate(rows):
+        ids[row, :len(source)] = torch.tensor(source)
+        ids[row, width:width + len(target)] = torch.tensor(target)
+        mask[row, :len(target)] = True
     return ids, mask

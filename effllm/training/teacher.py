@@ -43,9 +43,14 @@ def run_layers(model, ids: torch.LongTensor, skip: list[torch.Tensor | None] | N
         source, target = _split_t5(ids)
         start = model.config.decoder_start_token_id
         decoder_input = torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], dim=1)
-        encoder = adapter.encode(source)
+        # task examples pad their sources (seq2seq_examples): the encoder and the cross-attention skip the padding;
+        # corpus windows hold no pad token (T5's pad id 0 never comes out of its tokenizer on text)
+        padded = source == model.config.pad_token_id
+        source_mask = (~padded).long() if bool(padded.any()) else None
+        encoder = adapter.encode(source, attention_mask=source_mask)
         hidden = adapter.embed(decoder_input)
-        context = adapter.context(hidden, encoder_hidden_states=encoder)
+        extras = {} if source_mask is None else {"encoder_attention_mask": source_mask}
+        context = adapter.context(hidden, encoder_hidden_states=encoder, **extras)
         labels = target
     else:
         hidden = adapter.embed(ids)
@@ -102,10 +107,7 @@ def build_examples(model, tokenizer, config: ExitTrainingConfig, progress: bool 
     """(train, held-out, train mask, held-out mask): with ``config.task`` the task's answer examples (train and
     validation splits) and the masks of their answer positions; else corpus windows + packed self-distillation
     answers and held-out corpus windows, every position counted (masks None)."""
-    if config.task is not None:
-        if get_adapter(model).family == "t5":
-            raise ValueError("task training feeds decoder-only models (prompt -> answer in one sequence); a T5 "
-                             "model trains on corpora here (leave task=None)")
+    if config.task is not None:  # decoder-only: prompt -> answer in one row; T5: source and target side by side
         train, train_mask = task_examples(model, tokenizer, config.task, config.task_examples, "train",
                                           config.task_max_len)
         heldout, heldout_mask = task_examples(model, tokenizer, config.task, config.heldout_task_examples,
