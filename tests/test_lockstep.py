@@ -161,3 +161,13 @@ def test_self_speculation_counts_a_round_its_end_of_sequence_cut_short():
         row = lockstep._Row(prompt_len=4, phase=phase)
         lockstep.Lockstep._append(engine, row, Emitted(torch.tensor([[7]]), exit_layer=2))
         assert row.finished and (row.drafted, row.accepted) == counted and row.phase == ("start",), phase
+
+
+def test_rows_split_into_even_batches_without_a_remainder_batch():
+    from effllm.decoding.batched import _chunks
+
+    for n, size, expected in [(102, 32, [34, 34, 34]), (34, 32, [34]), (100, 32, [34, 33, 33]), (1, 32, [1]),
+                              (16, 32, [16]), (7, 2, [2, 2, 2, 1])]:
+        chunks = _chunks(list(range(n)), size)
+        assert [len(c) for c in chunks] == expected
+        assert [i for c in chunks for i in c] == list(range(n))  # every row once, in order
