@@ -166,7 +166,7 @@ def test_bad_summary_entries_say_what_is_allowed(tmp_path, summary, expected):
 def test_the_wanda_sweep_declares_the_mask_summary_and_its_runs_save_masks():
     sweep = load_sweep(runner.REPO_ROOT / "sweeps" / "wanda_calibration_sets.yaml")
     assert sweep.summary == SummarySpec("mask_overlap", "calibration_sets",
-                                        (("math_instruct", "math_orca"), ("python_alpaca", "math_orca")))
+                                        (("math_orca", "math_qa"), ("math_orca", "opus_books")))
     assert sweep.parameters == {"prune_method": "wanda", "save_submodel_masks": True, "compare_submodels": False}
     names = {name for point in sweep.points() for name in point["calibration_sets"]}
     assert {name for pair in sweep.summary.weight_view_pairs for name in pair} <= names

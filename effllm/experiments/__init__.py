@@ -13,7 +13,7 @@ of the methods in :mod:`effllm`. Nothing is imported here; import the module you
     analyses.py        teacher-forced analyses behind the notebooks' figures
     masks.py           pruning-mask analysis (seed 002: overlap of the domains' masks)
     slicing_compare.py slicing methods compared on one model
-    claims.py          the claims report (claims.csv, the README block); claims_by_seed.py holds the claims,
-                       verdicts.py the Claim record and its verdicts
+    claims.py          the claims report (claims.csv, the README block); claims_by_seed.py (seeds 000, 001, 003)
+                       and claims_compression.py (002, 004) hold the claims, verdicts.py the Claim record
     readme.py          the README's generated tables of measured numbers
 """

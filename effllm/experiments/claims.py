@@ -24,7 +24,8 @@ carry which stamp); tables without a stamp beside stamped ones count as another 
 all predate stamping is accepted with a warning. ``--allow-mixed-stamps`` writes anyway, with a line
 "MIXED STAMPS: ..." in the report. The report states the stamp it was made from in its first line.
 
-The claims themselves are in :mod:`effllm.experiments.claims_by_seed` (one section per seed paper), the
+The claims themselves are in :mod:`effllm.experiments.claims_by_seed` (seeds 000, 001, 003) and
+:mod:`effllm.experiments.claims_compression` (002, 004), the
 :class:`Claim` record and its verdicts in :mod:`effllm.experiments.verdicts`; this module runs them all and
 writes the report (claims.csv, the README block).
 """
@@ -44,26 +45,28 @@ from effllm.experiments.claims_by_seed import (  # noqa: F401  (public names of 
     adaptive_matches_fixed,
     calm_no_real_speedup,
     controllers_barely_beat_fixed,
-    dynamic_accuracy,
-    dynamic_beats_constant,
-    dynamic_beats_shortgpt,
-    dynamic_magnitudes,
     early_exit_reference_share,
     free_faster_than_calm,
     free_keeps_reference_quality,
     free_speedup,
-    in_domain_calibration_wins,
-    in_domain_claims,
     oracle_layer_share,
-    same_domain_claim,
-    same_domain_masks_more_alike,
     self_speculation_lossless_speedup,
     skipping_beats_early_exit,
-    sparse_2_4_speedup,
     vocab_pruning_cuts_check_flops,
     vocab_pruning_keeps_quality,
     vocab_pruning_keeps_reference_quality,
     vocab_pruning_speeds_up_calm,
+)
+from effllm.experiments.claims_compression import (  # noqa: F401  (public names of the claims report)
+    dynamic_accuracy,
+    dynamic_beats_constant,
+    dynamic_beats_shortgpt,
+    dynamic_magnitudes,
+    in_domain_calibration_wins,
+    in_domain_claims,
+    same_domain_claim,
+    same_domain_masks_more_alike,
+    sparse_2_4_speedup,
 )
 from effllm.experiments.verdicts import (  # noqa: F401  (public names of the claims report)
     CANNOT,
