@@ -40,6 +40,7 @@ from effllm import models, plots, records
 from effllm.adapters import get_adapter
 from effllm.data import calibration as calibration_windows
 from effllm.decoding import AdaptiveThreshold, Calm, Free, StaticExit, decode
+from effllm.decoding.batched import decode_rows
 from effllm.experiments.analyses import exit_histogram, token_exits
 from effllm.experiments.prompts import prompt_budget, prompt_format, task_prompts
 from effllm.experiments.runs import reference_quality, run_policies
@@ -56,7 +57,7 @@ figures_dir = None  # None: the repository's figures/ folder
 dtype = None  # None: EFFLLM_DTYPE (run_all.py --dtype), else bfloat16 where the hardware computes in it, else float32
 device = "auto"  # auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda
 prompt_data = ["arithmetic+humaneval+docstrings"]  # builtin (arithmetic + HumanEval), tasks joined by "+" (they take turns) | squad | samsum (hub, `paper` profile)
-n_prompts = 34  # timed prompts per data set, decoded by every setting
+n_prompts = 24  # timed prompts per data set, decoded by every setting
 max_new_tokens = 48  # answer limit: decoding stops at the end of sequence or after this many tokens
 rounds = 5  # interleaved timing rounds; a speed ratio is paired per prompt (median over rounds), then averaged
 speed_prompts = 8  # the first prompts are timed at batch 1 in every round (quality: every prompt, in batches)
@@ -398,8 +399,9 @@ if ltt.threshold is not None:
     certified_policy = Calm("softmax", ltt.threshold, exit_min_layer)
     full_outputs = run.output("full")
     with torch.inference_mode():
-        held_out = [decode(model, p.input_ids, max_new_tokens, certified_policy, exit_transform=transform)
-                    for p in prompts]  # to the end of sequence, as the full-depth outputs it is compared with
+        # in batches, each row what decoding it alone gives, to its end of sequence (as the full-depth outputs)
+        held_out = decode_rows(model, [p.input_ids for p in prompts], max_new_tokens, certified_policy,
+                               exit_transform=transform)
     risks = [disagreement(o.new_tokens(0)[0], f.new_tokens(0)[0], ltt_distance, tokenizer.decode)
              for o, f in zip(held_out, full_outputs, strict=True)]
     layers_used = torch.cat([o.exit_layers[0] for o in held_out]).double().mean()

@@ -66,7 +66,7 @@ timed_settings = None  # the settings timed at batch 1 (label prefixes); None: a
 # the rows the claims read (the fastest setting keeping quality), and only those cost batch-1 time
 timed_quality_bar = 0.9
 time_fitted_exits = False  # False: the fitted-exit ("before") rows get quality only (the claims read the trained ones)
-fitted_prompts = 34  # the first prompts the fitted-exit ("before") rows decode; None: all n_prompts
+fitted_prompts = 24  # the first prompts the fitted-exit ("before") rows decode; None: all n_prompts
 max_new_tokens = 48
 thresholds = [0.9, 0.7]  # CALM / FREE confidence thresholds
 draft_lengths = [4]  # self-speculation: tokens drafted per verification
@@ -181,6 +181,9 @@ prompts = [p.to(device) for p in task_prompts(tokenizer, prompt_data, n_prompts,
 settings = {f"static@{exit_layer}": StaticExit(exit_layer)}
 settings |= {f"CALM {t}": Calm("softmax", t, exit_layer) for t in thresholds}
 settings |= {f"FREE {t}": Free(exit_layer, t) for t in thresholds}
+# FREE's adaptive threshold from the first threshold, one estimator over the prompts in order (each batch calibrating
+# on the batches before): the claim compares it with the fixed threshold nearest it in layers per token
+settings["FREE adaptive"] = Free(exit_layer, thresholds[0], use_adapt_threshold=True)
 settings[f"self-spec@{exit_layer}x4"] = SelfSpec(exit_layer, 4)
 runs, summaries, timings = {}, [], []
 for exits, transform in (("before: fitted linear", fitted), ("after: trained", None)):

@@ -380,10 +380,17 @@ def test_controllers_are_compared_by_their_gain_over_random_at_their_budget(tmp_
 def test_adaptive_threshold_is_compared_with_the_fixed_one_nearest_in_layers(tmp_path):
     labels = {"FREE 0.9": (0.9, 24), "FREE 0.7": (0.5, 21), "FREE adaptive": (0.88, 23.5),
               "FREE 0.7 + rollback": (0.95, 22)}
-    _rows(labels, column="rougeL_vs_full").to_csv(tmp_path / "01_generation_items.csv", index=False)
+    trained = _rows(labels, column="rougeL_vs_full").assign(exits=claims.TRAINED)
+    # notebook 08's fitted-exit ("before") rows are left out: here their adaptive row would fail the bar
+    before = _rows({"FREE 0.9": (0.9, 24), "FREE adaptive": (0.2, 23.5)}, column="rougeL_vs_full")
+    pd.concat([trained, before.assign(exits="before: fitted linear")]).to_csv(
+        tmp_path / "08_generation_items.csv", index=False)
     claim = claims.adaptive_matches_fixed(tmp_path)
     assert "'FREE adaptive' at 23.5 layers/token vs 'FREE 0.9' at 24.0" in claim.source
     assert claim.verdict == claims.HOLDS and claim.measured == pytest.approx(-0.02, abs=0.01)
+    assert claim.n == 40 and "08_generation_items" in claim.source
+    _rows(labels, column="rougeL_vs_full").to_csv(tmp_path / "01_generation_items.csv", index=False)  # 01's fitted exits
+    assert claims.adaptive_matches_fixed(tmp_path, "01_generation_items").verdict == claims.HOLDS
 
 
 def _speed_quality(calm_speed: tuple[float, float, float], free_speed: tuple[float, float, float]) -> pd.DataFrame:
