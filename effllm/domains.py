@@ -5,6 +5,7 @@ and evaluate every sub-model on every domain.
     submodels = build_submodels(model, tokenizer, sets, method="wanda", sparsity=0.5)   # name -> masks
     results = {name: evaluate_submodel(with_masks(model, masks), tokenizer) for name, masks in ...}
     table = domain_table(results)            # rows: calibration sets + dense; columns: domain metrics
+    means = domain_means(table)              # the seed's table: one column per domain, the mean of its benchmarks
 
 Calibration sets (``CALIBRATION_SETS``), two per domain so that masks of the same domain can be compared with
 masks of different domains: code = ``python-code`` (standard-library source) and ``humaneval`` (prompt +
@@ -281,6 +282,42 @@ def domain_table(results: Mapping[str, Mapping[str, float]], calibration_column:
         rows.append({calibration_column: name, "domain": domain, **results[name]})
     table = pd.DataFrame(rows)
     return table.fillna(value=math.nan)
+
+
+# Task metric column (evaluate_submodel's names) -> the seed's domain it counts toward. The seed's table scores code
+# by HumanEval / MBPP, commonsense by the zero-shot suite, translation by METEOR (best of 5) and math by 8-shot GSM8K;
+# the built-in stand-ins: arithmetic exact match and arithmetic-mc for math, prose-mc (English sentence endings) for
+# the commonsense column. Perplexities (ppl_*) are not task metrics and count toward no domain.
+TASK_METRIC_DOMAINS: dict[str, str] = {
+    "humaneval_pass@1": "code", "mbpp_pass@1": "code",
+    "zs_boolq": "commonsense", "zs_rte": "commonsense", "zs_hellaswag": "commonsense", "zs_winogrande": "commonsense",
+    "zs_arc_easy": "commonsense", "zs_arc_challenge": "commonsense", "zs_openbookqa": "commonsense",
+    "zs_piqa": "commonsense", "zs_prose-mc": "commonsense",
+    "wmt14_meteor": "translation", "opus_books_meteor": "translation", "song_translation_meteor": "translation",
+    "gsm8k_em": "math", "arithmetic_em": "math", "zs_arithmetic-mc": "math",
+}
+
+
+def domain_means(table: Any, metric_domains: Mapping[str, str] | None = None,
+                 calibration_column: str = "calibration") -> Any:
+    """The seed's headline table: per row (dense, then each calibration set) the mean over each domain's benchmarks
+    (``metric_domains``: metric column -> domain, default :data:`TASK_METRIC_DOMAINS`), one column per domain, plus
+    ``benchmarks_<domain>``, how many of its metrics the row had (a mean over fewer benchmarks is not comparable).
+    Only columns present in ``table`` count; a row missing every metric of a domain gets NaN there."""
+    import pandas as pd
+
+    metric_domains = TASK_METRIC_DOMAINS if metric_domains is None else metric_domains
+    present = {column: domain for column, domain in metric_domains.items() if column in table.columns}
+    if not present:
+        raise ValueError(f"No task metric column in the table (columns: {', '.join(map(str, table.columns))}); "
+                         f"known task metrics: {', '.join(metric_domains)}.")
+    out = table[[calibration_column, "domain"]].copy() if "domain" in table else table[[calibration_column]].copy()
+    for domain in dict.fromkeys(present.values()):
+        columns = [column for column, d in present.items() if d == domain]
+        values = table[columns].astype(float)
+        out[domain] = values.mean(axis=1, skipna=True)
+        out[f"benchmarks_{domain}"] = values.notna().sum(axis=1)
+    return pd.DataFrame(out).reset_index(drop=True)
 
 
 def best_per_column(table: Any, calibration_column: str = "calibration") -> dict[str, str]:

@@ -197,6 +197,11 @@ task_items = pd.concat([e.items.assign(calibration=name, calibration_domain=cali
 task_items = task_items[["calibration", "calibration_domain", "metric", "item", "value"]]
 plots.save_table(task_items, "04_task_items")
 display(table.round(3))
+if any(column in domains.TASK_METRIC_DOMAINS for column in table.columns):
+    # the seed's headline table: per domain the mean over its benchmarks (benchmarks_<domain>: how many the row had)
+    means = domains.domain_means(table)
+    plots.save_table(means, "04_domain_means")
+    display(means.round(3))
 
 # %%
 # Every metric with its 95% interval over windows (perplexity: exp of the mean NLL's interval) or items.

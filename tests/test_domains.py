@@ -170,6 +170,27 @@ def test_domain_table_rows_columns_and_best():
         domains.domain_table({})
 
 
+def test_domain_means_average_each_domains_benchmarks_as_the_seed_does():
+    results = {
+        "dense": {"ppl_code": 4.0, "humaneval_pass@1": 0.10, "mbpp_pass@1": 0.30, "zs_boolq": 0.6,
+                  "zs_hellaswag": 0.4, "zs_arc_easy": 0.5, "wmt14_meteor": 0.2, "gsm8k_em": 0.05},
+        "python_alpaca": {"ppl_code": 4.5, "humaneval_pass@1": 0.12, "mbpp_pass@1": 0.20, "zs_boolq": 0.5,
+                          "zs_hellaswag": 0.3, "wmt14_meteor": 0.1, "gsm8k_em": 0.02},
+    }
+    table = domains.domain_table(results)
+    means = domains.domain_means(table)
+    # brute force: each domain's mean over the metrics that row has
+    assert means.loc[0, "code"] == pytest.approx((0.10 + 0.30) / 2)
+    assert means.loc[0, "commonsense"] == pytest.approx((0.6 + 0.4 + 0.5) / 3)
+    assert means.loc[1, "commonsense"] == pytest.approx((0.5 + 0.3) / 2)  # zs_arc_easy missing: 2 benchmarks
+    assert means.benchmarks_commonsense.tolist() == [3, 2]
+    assert means.loc[1, "translation"] == pytest.approx(0.1) and means.loc[1, "math"] == pytest.approx(0.02)
+    assert means.calibration.tolist() == ["dense", "python_alpaca"] and "ppl_code" not in means
+    assert list(means.columns[2::2]) == ["code", "commonsense", "translation", "math"]
+    with pytest.raises(ValueError, match="No task metric column"):
+        domains.domain_means(table[["calibration", "domain", "ppl_code"]])
+
+
 # --------------------------------------------------------------------------------------------------
 # Weight views
 

@@ -113,6 +113,33 @@ def test_mask_overlap_matches_pairwise_jaccard_per_setting(swept, tmp_path):
     assert any("same-domain" in line and "cross-domain" in line for line in result.lines)
 
 
+def test_the_summary_assembles_seed_002s_domain_table_over_the_runs(swept, tmp_path):
+    folder = copy_of(swept, tmp_path)
+    payload = json.loads((folder / "summary.json").read_text())
+    scores = {"math_instruct": 0.30, "math_orca": 0.20, "python_alpaca": 0.10}
+    runs = [run for run in payload["runs"] if run["status"] == "ok"]
+    for run in runs[1:]:  # the first run wrote no table (as if notebook 04 failed after saving its masks)
+        (name,) = run["parameters"]["calibration_sets"]
+        pd.DataFrame([{"calibration": "dense", "domain": "dense", "ppl_code": 4.0, "gsm8k_em": 0.5,
+                       "zs_boolq": 0.7, "zs_hellaswag": 0.3},
+                      {"calibration": name, "domain": "math", "ppl_code": 5.0, "gsm8k_em": scores[name],
+                       "zs_boolq": 0.6, "zs_hellaswag": 0.2}]).to_csv(folder / run["run_id"] / "04_domain_table.csv",
+                                                                      index=False)
+    result = run_summary(folder)
+    assert any(f"no 04_domain_table.csv in run(s) {runs[0]['run_id']}" in line for line in result.lines)
+    for group in ("pattern-unstructured_sparsity-0.5", "pattern-2-4"):
+        table = pd.read_csv(folder / "summary" / f"domain_table_{group}.csv")
+        means = pd.read_csv(folder / "summary" / f"domain_means_{group}.csv").set_index("calibration")
+        assert table.calibration.iloc[0] == "dense" and (table.calibration == "dense").sum() == 1
+        assert means.loc["dense", "commonsense"] == pytest.approx(0.5)  # (0.7 + 0.3) / 2
+        for name in table.calibration.iloc[1:]:
+            assert means.loc[name, "math"] == pytest.approx(scores[name])
+            assert means.loc[name, "commonsense"] == pytest.approx(0.4)
+    rows = sum(len(pd.read_csv(folder / "summary" / f"domain_table_{g}.csv")) - 1
+               for g in ("pattern-unstructured_sparsity-0.5", "pattern-2-4"))
+    assert rows == len(runs) - 1  # every run that wrote a table, once
+
+
 def test_failed_runs_are_left_out_and_lone_sets_skipped(swept, tmp_path, capsys):
     folder = copy_of(swept, tmp_path)
     payload = json.loads((folder / "summary.json").read_text())

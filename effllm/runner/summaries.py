@@ -20,7 +20,10 @@ differ in a swept parameter other than ``compare`` (pattern, sparsity) form sepa
 different pruning settings do not compare. Per group: the whole-model Jaccard matrix of the pruned positions
 (sets ordered by domain), the full pairwise table (per linear, per layer, whole model), the mean Jaccard of
 same-domain and of cross-domain pairs against the random-mask baseline, and the weight views of the
-``weight_view_pairs`` (the q projection of the runs' ``weight_view_layer``, as in notebook 04). Every mask set
+``weight_view_pairs`` (the q projection of the runs' ``weight_view_layer``, as in notebook 04). From the same runs,
+seed 002's table over every calibration set: ``domain_table_<group>.csv`` (the dense row once, then each run's
+row of notebook 04's ``04_domain_table.csv``) and ``domain_means_<group>.csv`` (per domain the mean of its task
+metrics, ``effllm.domains.domain_means``). Every mask set
 must come from one model (one fingerprint); for the weight views the model is loaded (with the sweep
 profile's environment, so stand-ins for ``paper-standins``) in the runs' dtype, and every mask set is checked
 against it.
@@ -47,6 +50,7 @@ from effllm.paths import write_atomic
 SUMMARY_KEYS = ("kind", "compare", "weight_view_pairs")
 SUMMARY_FOLDER = "summary"  # inside the sweep's figure folder
 MASKS_FOLDER = "masks"  # inside a run's figure folder (notebook 04, save_submodel_masks)
+DOMAIN_TABLE = "04_domain_table.csv"  # inside a run's figure folder: dense + the run's calibration set(s)
 
 
 class SummaryError(ValueError):
@@ -133,6 +137,12 @@ def _one(values: list[Any], what: str) -> Any:
 # mask_overlap
 
 
+def _group_of(run: dict[str, Any], compare: str) -> str:
+    """A run's group: its swept values besides ``compare`` (the pruning setting), as a file name."""
+    rest = {k: v for k, v in run["parameters"].items() if k != compare}
+    return _file_stem("_".join(f"{k}-{v}" for k, v in rest.items())) if rest else "all"
+
+
 def _collect(folder: Path, runs: list[dict[str, Any]], compare: str) -> dict[str, dict[str, Path]]:
     """``{group: {mask set: file}}``: every ok run's saved masks, grouped by the swept values besides
     ``compare``."""
@@ -144,8 +154,7 @@ def _collect(folder: Path, runs: list[dict[str, Any]], compare: str) -> dict[str
             raise SummaryError(
                 f"run {run['run_id']} saved no masks (no {MASKS_FOLDER}/*.safetensors in {folder / run['run_id']}); "
                 "the sweep's runs must set save_submodel_masks: true (notebook 04) under 'parameters'")
-        rest = {k: v for k, v in run["parameters"].items() if k != compare}
-        group = _file_stem("_".join(f"{k}-{v}" for k, v in rest.items())) if rest else "all"
+        group = _group_of(run, compare)
         for file in files:
             name = file.name[: -len(".safetensors")].replace("--", "/")
             if name in groups.setdefault(group, {}):
@@ -289,7 +298,47 @@ def summarize_mask_overlap(folder: Path, payload: dict[str, Any], spec: SummaryS
     return result
 
 
-SUMMARY_KINDS = {"mask_overlap": summarize_mask_overlap}
+def _domain_tables(result: SummaryResult, folder: Path, runs: list[dict[str, Any]], compare: str) -> None:
+    """Seed 002's table over the whole sweep: per group the dense row (once) and every run's calibration-set row of
+    notebook 04's ``DOMAIN_TABLE``, then the per-domain means of the task metrics (``effllm.domains.domain_means``);
+    runs without the table (notebook 04 failed before it) are left out and named."""
+    import pandas as pd
+
+    from effllm import domains
+
+    by_group: dict[str, list[Any]] = {}
+    missing = []
+    for run in runs:
+        file = folder / run["run_id"] / DOMAIN_TABLE
+        if file.is_file():
+            by_group.setdefault(_group_of(run, compare), []).append(pd.read_csv(file))
+        else:
+            missing.append(run["run_id"])
+    if missing:
+        result.lines.append(f"  domain table: no {DOMAIN_TABLE} in run(s) {', '.join(missing)}: left out")
+    for group, tables in by_group.items():
+        rows = pd.concat(tables, ignore_index=True)
+        dense = rows[rows.calibration == domains.DENSE].head(1)  # every run scores the same dense model
+        table = pd.concat([dense, rows[rows.calibration != domains.DENSE].drop_duplicates("calibration")],
+                          ignore_index=True)
+        for name, frame in (("domain_table", table),) + (
+                (("domain_means", domains.domain_means(table)),)
+                if any(c in domains.TASK_METRIC_DOMAINS for c in table.columns) else ()):
+            write_atomic(result.folder / f"{name}_{group}.csv", frame.to_csv(index=False).encode())
+            result.files.append(f"{name}_{group}.csv")
+        result.lines.append(f"  {group}: domain table of {len(table) - len(dense)} calibration set(s)"
+                            + (" and dense" if len(dense) else ""))
+
+
+def summarize_sweep_masks(folder: Path, payload: dict[str, Any], spec: SummarySpec, device: str = "cpu") -> SummaryResult:
+    """``mask_overlap``: the masks' overlap (:func:`summarize_mask_overlap`) and, from the same runs, seed 002's
+    domain table over every calibration set (:func:`_domain_tables`)."""
+    result = summarize_mask_overlap(folder, payload, spec, device)
+    _domain_tables(result, folder, [run for run in payload["runs"] if run["status"] == "ok"], spec.compare)
+    return result
+
+
+SUMMARY_KINDS = {"mask_overlap": summarize_sweep_masks}
 
 
 def run_summary(folder: str | Path, spec: SummarySpec | None = None, device: str = "cpu",
