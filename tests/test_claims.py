@@ -153,6 +153,45 @@ def test_in_domain_claims_read_the_table_from_a_folder(tmp_path):
     assert claims.in_domain_calibration_wins(tmp_path)[0].verdict == claims.HOLDS
 
 
+def _task_items(math_gap: float) -> pd.DataFrame:
+    """04_task_items rows: two math benchmarks of different sizes (gsm8k 30 items, arithmetic-mc 10), a code one;
+    math_orca is ahead of the best other set by ``math_gap`` on both math benchmarks."""
+    rng = np.random.default_rng(3)
+    rows = []
+    level = {"math_orca": 0.4 + math_gap, "math_qa": 0.35, "python_alpaca": 0.4, "humaneval": 0.1}
+    domain = {"math_orca": "math", "math_qa": "math", "python_alpaca": "code", "humaneval": "code"}
+    for name, p in level.items():
+        for metric, n in (("gsm8k_em", 30), ("zs_arithmetic-mc", 10), ("humaneval_pass@1", 20)):
+            for item in range(n):
+                rows.append({"calibration": name, "calibration_domain": domain[name], "metric": metric,
+                             "item": item, "value": float(rng.random() < p)})
+    rows += [{"calibration": "dense", "calibration_domain": "dense", "metric": "gsm8k_em", "item": i, "value": 1.0}
+             for i in range(30)]  # dense is not a competitor
+    return pd.DataFrame(rows)
+
+
+def test_in_domain_task_claims_weight_each_benchmark_equally_as_the_seeds_mean():
+    items = _task_items(0.3)
+    math, code = claims.in_domain_task_claims(items)
+    # brute force: each side's domain score is the mean of its benchmark means
+    score = items.groupby(["calibration", "metric"]).value.mean()
+    def domain_score(name):
+        return (score[name, "gsm8k_em"] + score[name, "zs_arithmetic-mc"]) / 2
+    others = {n: domain_score(n) for n in ("python_alpaca", "humaneval")}
+    best_other = max(others, key=others.get)
+    assert math.measured == pytest.approx(domain_score("math_orca") - others[best_other])
+    assert f"'{best_other}'" in math.source and "'math_orca'" in math.source and math.n == 40
+    assert math.ci_low <= math.measured <= math.ci_high and "math task score" in math.claim
+    assert "code task score" in code.claim
+    # a sub-model not scored on every benchmark of the domain does not compete
+    partial = items[~((items.calibration == "math_orca") & (items.metric == "zs_arithmetic-mc"))]
+    claim = claims.in_domain_task_claims(partial)[0]
+    assert "'math_qa'" in claim.source and claim.measured < 0.1
+    only_math = items[items.calibration_domain.isin(["math", "dense"])]
+    assert claims.in_domain_task_claims(only_math)[0].verdict == claims.UNDECIDED
+    assert "math needs sub-models of math and of another domain" in claims.in_domain_task_claims(only_math)[0].source
+
+
 def _pairs(same_gap: float, layers: int = 12) -> pd.DataFrame:
     rng = np.random.default_rng(1)
     rows = []

@@ -53,6 +53,54 @@ def in_domain_calibration_wins(folder: Path) -> list[Claim]:
     return in_domain_claims(windows)
 
 
+def in_domain_task_claims(items: pd.DataFrame, source: str = "04_task_items.csv") -> list[Claim]:
+    """Seed 002's headline, per domain of its table: the task score (the mean over the domain's benchmarks of each
+    benchmark's mean, ``effllm.domains.TASK_METRIC_DOMAINS``) of the best in-domain sub-model minus the best other
+    one, paired over the benchmarks' items (each item weighted so every benchmark counts equally, as in the mean),
+    above 0. Only sub-models scored on every benchmark of the domain compete. ``items`` has the columns of
+    ``04_task_items.csv``: calibration, calibration_domain, metric, item, value."""
+    from effllm.domains import TASK_METRIC_DOMAINS
+
+    claims = []
+    items = items[items.metric.isin(TASK_METRIC_DOMAINS) & (items.calibration_domain != "dense")]
+    for domain in dict.fromkeys(TASK_METRIC_DOMAINS[m] for m in items.metric.unique()):
+        claim = Claim("002", f"In-domain calibration gives the best {domain} task score (mean over the domain's "
+                             f"benchmarks, best {domain}-calibrated sub-model minus the best other one, above 0)",
+                      "seed 002's table: each domain's calibration wins its own column of task accuracy")
+        group = items[items.metric.map(TASK_METRIC_DOMAINS) == domain]
+        metrics = sorted(group.metric.unique())
+        scored = [name for name, rows in group.groupby("calibration") if set(rows.metric) == set(metrics)]
+        group = group[group.calibration.isin(scored)]
+        score = group.groupby(["calibration", "metric"]).value.mean().groupby("calibration").mean()
+        own = [name for name in score.index if (group[group.calibration == name].calibration_domain == domain).all()]
+        others = [name for name in score.index if name not in own]
+        if not own or not others:
+            claim.source = (f"{source}: {domain} needs sub-models of {domain} and of another domain scored on "
+                            f"{', '.join(metrics)} (scored: {', '.join(scored) or 'none'}; notebook 04's "
+                            "task_submodels)")
+            claims.append(claim)
+            continue
+        own_name, best_other = score[own].idxmax(), score[others].idxmax()
+        pivot = (group[group.calibration.isin([own_name, best_other])]
+                 .pivot_table(index=["metric", "item"], columns="calibration", values="value").dropna())
+        weight = len(pivot) / (len(metrics) * pivot.groupby(level="metric").size())  # each benchmark equally
+        scale = pivot.index.get_level_values("metric").map(weight).to_numpy()
+        claim.paired(pivot[own_name] * scale, pivot[best_other] * scale, above=True)
+        claim.source = (f"{source} (best in-domain '{own_name}' vs the best other, '{best_other}', on "
+                        f"{', '.join(metrics)}; paired over items)")
+        claims.append(claim)
+    return claims
+
+
+def in_domain_calibration_wins_tasks(folder: Path) -> list[Claim]:
+    """:func:`in_domain_task_claims` from ``04_task_items.csv`` in ``folder``."""
+    items = read_table(folder, "04_task_items")
+    if items is None:
+        return [missing_tables(Claim("002", "In-domain calibration gives the best task score on its own domain",
+                                     "seed 002's table of task accuracy"), "04_task_items")]
+    return in_domain_task_claims(items)
+
+
 def same_domain_claim(pairs: pd.DataFrame, source: str = "04_jaccard_pairs.csv") -> Claim:
     """Mean Jaccard of same-domain pairs of calibration sets minus that of cross-domain pairs, the pair the unit:
     each pair's mean over layers, the two groups resampled on their own (above 0: masks of one domain are more
