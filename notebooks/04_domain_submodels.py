@@ -46,6 +46,7 @@ from effllm import domains, execution, plots, pruning
 from effllm.adapters import get_adapter
 from effllm.experiments import claims, evaluate
 from effllm.experiments.compression import WANDA_GOAL, prune_rows
+from effllm.experiments.masks import three_way_view
 from effllm.experiments.session import open_session
 from effllm.experiments.stats import mean_ci
 from effllm.pruning import jaccard_matrix, linear_roles, pairwise_jaccard, random_mask_jaccard
@@ -93,6 +94,8 @@ task_submodels = ["python-code"]
 batch_size = 8
 weight_view_layer = None  # None: the middle layer
 weight_view_pair = ["python-code", "python-docs"]
+# the seed's three-way mask comparison (math_qa / math_orca / opus_books): two sets of one domain and one of another
+weight_view_triple = ["arithmetic", "arithmetic-mc", "python-docs"]
 speed_samples = 8  # a small in-notebook timing; `python -m effllm.bench prune` measures 64 x 256
 speed_seq_len = 128
 speed_patterns = ["unstructured"]
@@ -391,7 +394,9 @@ if compare_submodels and len(bank.masks) >= 2:
 # The seed shows `q_proj` of layer 12 of two Gemma sub-models and where their masks differ. Here: the
 # `q` projection of the middle layer (or `weight_view_layer`), as a static figure of the whole matrix, and an
 # interactive treescope render (HTML; hover over a cell for its value) of the 64 x 64 block where the two masks
-# differ most.
+# differ most. Then the seed's three-way comparison (`weight_view_triple`: two sets of one domain and one of
+# another): which of the three sub-models prune each weight of the same projection, and how many weights only one
+# or two of them prune.
 
 # %%
 if compare_submodels and len(bank.masks) >= 2:
@@ -421,6 +426,16 @@ if compare_submodels and len(bank.masks) >= 2:
     print(f"interactive view: {html_path.name} ({html_path.stat().st_size / 1e3:.0f} kB): rows {rows.start}-"
           f"{rows.stop - 1}, columns {columns.start}-{columns.stop - 1} of {tuple(mask_a.shape)}, where the masks "
           f"differ at {block} of {mask_a[rows, columns].numel()} weights")
+
+# %%
+if compare_submodels and weight_view_triple and set(weight_view_triple) <= set(bank.masks):
+    fig, three_way = three_way_view(model, weight_view_layer, bank.masks, tuple(weight_view_triple),
+                                    plots.provenance(model=model_name, extra=machine))
+    plots.save_figure(fig, "04_weight_views_three_way", table=three_way)
+    display(three_way)
+elif compare_submodels and weight_view_triple:
+    print("three-way view skipped:", ", ".join(sorted(set(weight_view_triple) - set(bank.masks))),
+          "not among the calibration sets")
 
 # %% [markdown]
 # Pruned weights are white in the first two panels. Look for vertical stripes: the input norm multiplies

@@ -48,7 +48,8 @@ def make_sweep_folder(root: Path, model_name: str = "tiny-llama") -> tuple[Path,
     sweep = Sweep(name="wanda", notebook="04_domain_submodels",
                   grid=[{"calibration_sets": [[s] for s in SETS], **{k: [v] for k, v in setting.items()}}
                         for setting in SETTINGS],
-                  summary=SummarySpec(weight_view_pairs=(("math_instruct", "math_orca"),)))
+                  summary=SummarySpec(weight_view_pairs=(("math_instruct", "math_orca"),),
+                                      weight_view_triples=(("math_instruct", "math_orca", "python_alpaca"),)))
     folder = root / "figures" / "sweeps" / "wanda"
     points, jobs, results, kept = sweep.points(), [], [], {}
     for run_id, point in zip(sweep.run_ids(), points, strict=True):
@@ -111,6 +112,16 @@ def test_mask_overlap_matches_pairwise_jaccard_per_setting(swept, tmp_path):
     assert view.weights.tolist() == [int((~masks[0] & ~masks[1]).sum()), int((masks[0] & ~masks[1]).sum()),
                                      int((~masks[0] & masks[1]).sum()), int((masks[0] & masks[1]).sum())]
     assert any("same-domain" in line and "cross-domain" in line for line in result.lines)
+    # the three-way view: every weight of the q projection in one of the 8 patterns, counted brute force
+    for group in ("pattern-unstructured_sparsity-0.5", "pattern-2-4"):
+        three = pd.read_csv(out / f"three_way_{group}_math_instruct_math_orca_python_alpaca.csv")
+        a, b, c = (kept[(name, group)][q_proj] for name in ("math_instruct", "math_orca", "python_alpaca"))
+        for row in three.itertuples():
+            want = [(row.code >> i) & 1 for i in range(3)]
+            expected = ((a == bool(want[0])) & (b == bool(want[1])) & (c == bool(want[2]))).sum()
+            assert row.weights == int(expected)
+        assert three.weights.sum() == a.numel() and three.pruned_in[7] == "math_instruct, math_orca, python_alpaca"
+        assert (out / f"three_way_{group}_math_instruct_math_orca_python_alpaca.png").is_file()
 
 
 def test_the_summary_assembles_seed_002s_domain_table_over_the_runs(swept, tmp_path):
@@ -180,6 +191,7 @@ def test_missing_masks_and_missing_summary_say_what_to_do(swept, tmp_path):
     ("summary: {kind: nope}\n", "summary.kind must be one of mask_overlap"),
     ("summary: {kind: mask_overlap, compare: pattern}\n", "summary.compare must name a swept parameter"),
     ("summary: {kind: mask_overlap, weight_view_pairs: [[a]]}\n", "pairs of two different mask set names"),
+    ("summary: {kind: mask_overlap, weight_view_triples: [[a, b, a]]}\n", "three different mask set names"),
     ("summary: {kind: mask_overlap, when: end}\n", "unknown key(s) ['when']"),
 ])
 def test_bad_summary_entries_say_what_is_allowed(tmp_path, summary, expected):
@@ -193,10 +205,12 @@ def test_bad_summary_entries_say_what_is_allowed(tmp_path, summary, expected):
 def test_the_wanda_sweep_declares_the_mask_summary_and_its_runs_save_masks():
     sweep = load_sweep(runner.REPO_ROOT / "sweeps" / "wanda_calibration_sets.yaml")
     assert sweep.summary == SummarySpec("mask_overlap", "calibration_sets",
-                                        (("math_orca", "math_qa"), ("math_orca", "opus_books")))
+                                        (("math_orca", "math_qa"), ("math_orca", "opus_books")),
+                                        (("math_qa", "math_orca", "opus_books"),))
     assert sweep.parameters == {"prune_method": "wanda", "save_submodel_masks": True, "compare_submodels": False}
     names = {name for point in sweep.points() for name in point["calibration_sets"]}
     assert {name for pair in sweep.summary.weight_view_pairs for name in pair} <= names
+    assert sweep.summary.weight_view_triples == (("math_qa", "math_orca", "opus_books"),)
     jobs, _ = runner.build_sweep_jobs(sweep, runner.discover_notebooks(runner.REPO_ROOT / "notebooks"),
                                       "paper-standins", Path("/tmp/unused"))
     assert len(jobs) == 52 and all(job.parameters["prune_method"] == "wanda" for job in jobs)

@@ -4,7 +4,8 @@ Given mask sets of one model (calibration set -> {linear: bool mask}), :func:`co
 domain and returns the pairwise Jaccard of their pruned positions (per linear, per layer, whole model), the
 whole-model pairs with their domains and the random-mask baseline of each pair, the whole-model matrix, and one
 row of means: same-domain pairs against cross-domain pairs. :func:`weight_view` shows where two sets differ on
-the q projection of one layer, as notebook 04 does. The sweep step ``mask_overlap``
+the q projection of one layer, as notebook 04 does, and :func:`three_way_view` which of three sets prune each weight
+there (the seed's math_qa / math_orca / opus_books comparison). The sweep step ``mask_overlap``
 (:mod:`effllm.runner.summaries`) runs these on the masks a sweep's runs saved and writes what they return.
 
 Plotting functions only plot: they take the tables the computing functions return.
@@ -125,6 +126,56 @@ def difference_table(mask_a: torch.Tensor, mask_b: torch.Tensor, first: str, sec
     meanings = [meaning.format(first=first, second=second) for meaning in DIFFERENCE_MEANINGS]
     return pd.DataFrame({"code": range(4), "meaning": meanings,
                          "weights": [int((difference == k).sum()) for k in range(4)]})
+
+
+def three_way_codes(masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per weight, which of three masks prune it: bit i (1, 2, 4) set where mask i is True (0: kept by all three,
+    7: pruned in all three)."""
+    if len(masks) != 3 or len({tuple(m.shape) for m in masks}) != 1:
+        raise MaskComparisonError(f"a three-way view needs three masks of one shape; got shapes "
+                                  f"{[tuple(m.shape) for m in masks]}")
+    return sum(m.to(torch.int64) << i for i, m in enumerate(masks))
+
+
+def three_way_table(masks: tuple[torch.Tensor, ...], names: tuple[str, str, str]) -> pd.DataFrame:
+    """How many weights each of the 8 patterns of :func:`three_way_codes` holds, with the sets that prune them."""
+    codes = three_way_codes(masks)
+    counts = torch.bincount(codes.flatten(), minlength=8)
+    pruned_in = [", ".join(n for i, n in enumerate(names) if code >> i & 1) or "none (kept by all)"
+                 for code in range(8)]
+    return pd.DataFrame({"code": range(8), "pruned_in": pruned_in, "sets_pruning": [bin(c).count("1") for c in range(8)],
+                         "weights": counts.tolist(), "share": (counts.double() / codes.numel()).tolist()})
+
+
+def three_way_view(model: Any, layer: int | None, masks: dict[str, dict[str, Any]], names: tuple[str, str, str],
+                   title: str, max_pixels: int = 1024) -> tuple[Any, pd.DataFrame]:
+    """The seed's three-way comparison (math_qa / math_orca / opus_books) on the q projection of ``layer``: a map of
+    which of the three sub-models prune each weight (only the weights where they disagree coloured) and the
+    :func:`three_way_table` there."""
+    import matplotlib.colors as mcolors
+
+    linear, _ = viewed_linear(model, layer)
+    chosen = tuple(masks[name][linear] for name in names)
+    table = three_way_table(chosen, names)
+    codes = three_way_codes(chosen)
+    module = dict(model.named_modules())[linear]
+    if get_adapter(model).weight(module) is not module.weight:  # GPT-2's Conv1D stores the transpose
+        codes = codes.t()
+    rows, columns = codes.shape
+    r, c = min(rows, max_pixels), min(columns, max_pixels)
+    crop = "" if (r, c) == (rows, columns) else f" (top-left {r} x {c} of {rows} x {columns})"
+    # kept by all: white; pruned by all: grey; pruned by one set only: its colour; by two: a darker mix
+    colours = ["white", "tab:red", "tab:blue", "purple", "tab:green", "olive", "teal", "0.8"]
+    fig, (ax, bar) = plots.new_figure(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [2, 1]})
+    ax.imshow(codes[:r, :c].numpy(), cmap=mcolors.ListedColormap(colours), vmin=-0.5, vmax=7.5,
+              interpolation="nearest", aspect="auto")
+    ax.grid(False)
+    ax.set(xlabel="input column", ylabel="output row", title=f"which sub-models prune each weight{crop}")
+    disagree = table[(table.sets_pruning > 0) & (table.sets_pruning < 3)]
+    bar.barh(disagree.pruned_in, disagree.share, color=[colours[c] for c in disagree.code])
+    bar.set(xlabel="share of the projection's weights", title="pruned by one or two of the three only")
+    fig.suptitle(f"{linear}: {', '.join(names)} · {title}")
+    return fig, table
 
 
 # --------------------------------------------------------------------------------------------------

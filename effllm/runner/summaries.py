@@ -47,7 +47,7 @@ from typing import Any, TextIO
 
 from effllm.paths import write_atomic
 
-SUMMARY_KEYS = ("kind", "compare", "weight_view_pairs")
+SUMMARY_KEYS = ("kind", "compare", "weight_view_pairs", "weight_view_triples")
 SUMMARY_FOLDER = "summary"  # inside the sweep's figure folder
 MASKS_FOLDER = "masks"  # inside a run's figure folder (notebook 04, save_submodel_masks)
 DOMAIN_TABLE = "04_domain_table.csv"  # inside a run's figure folder: dense + the run's calibration set(s)
@@ -64,6 +64,7 @@ class SummarySpec:
     kind: str = "mask_overlap"
     compare: str = "calibration_sets"
     weight_view_pairs: tuple[tuple[str, str], ...] = ()
+    weight_view_triples: tuple[tuple[str, str, str], ...] = ()  # the seed's three-way comparisons
 
 
 @dataclass
@@ -96,11 +97,19 @@ def parse_summary(raw: Any, swept: Sequence[str], where: str) -> SummarySpec:
             for p in pairs):
         raise ValueError(f"{where}.weight_view_pairs must be a list of pairs of two different mask set names, "
                          f"e.g. [[math_orca, math_qa]]; got {pairs!r}")
-    return SummarySpec(kind=kind, compare=compare, weight_view_pairs=tuple(tuple(p) for p in pairs))
+    triples = raw.get("weight_view_triples") or []
+    if not isinstance(triples, list) or not all(
+            isinstance(t, list) and len(t) == 3 and all(isinstance(n, str) and n for n in t) and len(set(t)) == 3
+            for t in triples):
+        raise ValueError(f"{where}.weight_view_triples must be a list of three different mask set names each, "
+                         f"e.g. [[math_qa, math_orca, opus_books]]; got {triples!r}")
+    return SummarySpec(kind=kind, compare=compare, weight_view_pairs=tuple(tuple(p) for p in pairs),
+                       weight_view_triples=tuple(tuple(t) for t in triples))
 
 
 def spec_to_json(spec: SummarySpec) -> dict[str, Any]:
-    return {**asdict(spec), "weight_view_pairs": [list(p) for p in spec.weight_view_pairs]}
+    return {**asdict(spec), "weight_view_pairs": [list(p) for p in spec.weight_view_pairs],
+            "weight_view_triples": [list(t) for t in spec.weight_view_triples]}
 
 
 @contextmanager
@@ -195,8 +204,8 @@ def _mask_runs(folder: Path, payload: dict[str, Any], spec: SummarySpec, device:
     model_name = _one([p.get("model_name") for p in all_parameters], "model_name")
     dtype = _one([p.get("dtype") for p in all_parameters], "dtype")
     layer = _one([p.get("weight_view_layer") for p in all_parameters], "weight_view_layer")
-    wanted_views = [pair for pair in spec.weight_view_pairs
-                    if any(set(pair) <= set(files) for files in groups.values())]
+    wanted_views = [names for names in spec.weight_view_pairs + spec.weight_view_triples
+                    if any(set(names) <= set(files) for files in groups.values())]
     model = None
     if wanted_views:  # the dense weights of the viewed linear; every mask set is checked against this model
         with _environment(profile_environment(payload["profile"])):
@@ -217,7 +226,7 @@ def _save(result: SummaryResult, fig: Any, name: str, table: Any) -> None:
 
 def _weight_views(result: SummaryResult, spec: SummarySpec, runs: _MaskRuns, group: str,
                   masks: dict[str, dict[str, Any]]) -> None:
-    from effllm.experiments.masks import MaskComparisonError, weight_view
+    from effllm.experiments.masks import MaskComparisonError, three_way_view, weight_view
 
     for pair in spec.weight_view_pairs:
         if not set(pair) <= set(masks):
@@ -232,6 +241,19 @@ def _weight_views(result: SummaryResult, spec: SummarySpec, runs: _MaskRuns, gro
         changed = int(table.weights[1] + table.weights[2])
         result.lines.append(f"  {group}: weight view {pair[0]} / {pair[1]}: masks differ at {changed} of "
                             f"{int(table.weights.sum())} weights")
+    for names in spec.weight_view_triples:
+        if not set(names) <= set(masks):
+            result.lines.append(f"  {group}: three-way view {' / '.join(names)} skipped: no ok run saved "
+                                f"{', '.join(sorted(set(names) - set(masks)))}")
+            continue
+        try:
+            fig, table = three_way_view(runs.model, runs.layer, masks, names, f"{group} · {runs.provenance}")
+        except MaskComparisonError as error:
+            raise SummaryError(f"three-way view: {error}") from None
+        _save(result, fig, _file_stem(f"three_way_{group}_{'_'.join(names)}"), table)
+        split = float(table[(table.sets_pruning > 0) & (table.sets_pruning < 3)].share.sum())
+        result.lines.append(f"  {group}: three-way view {' / '.join(names)}: pruned by one or two of the three "
+                            f"only at {split:.1%} of the weights")
 
 
 def _summarize_group(result: SummaryResult, spec: SummarySpec, runs: _MaskRuns, group: str,
@@ -358,7 +380,8 @@ def run_summary(folder: str | Path, spec: SummarySpec | None = None, device: str
             raise SummaryError(f"the sweep in {folder} declares no summary step ('summary' in its sweep file); "
                                "give one, e.g. --kind mask_overlap")
         spec = SummarySpec(kind=recorded["kind"], compare=recorded["compare"],
-                           weight_view_pairs=tuple(tuple(p) for p in recorded.get("weight_view_pairs", [])))
+                           weight_view_pairs=tuple(tuple(p) for p in recorded.get("weight_view_pairs", [])),
+                           weight_view_triples=tuple(tuple(t) for t in recorded.get("weight_view_triples", [])))
     if not any(run["status"] == "ok" for run in payload["runs"]):
         raise SummaryError(f"no run of sweep {payload['sweep']} succeeded: nothing to summarize")
     result = SUMMARY_KINDS[spec.kind](folder, payload, spec, device=device)
