@@ -343,9 +343,10 @@ def _domain_tables(result: SummaryResult, folder: Path, runs: list[dict[str, Any
         dense = rows[rows.calibration == domains.DENSE].head(1)  # every run scores the same dense model
         table = pd.concat([dense, rows[rows.calibration != domains.DENSE].drop_duplicates("calibration")],
                           ignore_index=True)
-        for name, frame in (("domain_table", table),) + (
-                (("domain_means", domains.domain_means(table)),)
-                if any(c in domains.TASK_METRIC_DOMAINS for c in table.columns) else ()):
+        frames = {"domain_table": table}
+        if any(column in domains.TASK_METRIC_DOMAINS for column in table.columns):
+            frames["domain_means"] = domains.domain_means(table)
+        for name, frame in frames.items():
             write_atomic(result.folder / f"{name}_{group}.csv", frame.to_csv(index=False).encode())
             result.files.append(f"{name}_{group}.csv")
         result.lines.append(f"  {group}: domain table of {len(table) - len(dense)} calibration set(s)"
